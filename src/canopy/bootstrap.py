@@ -1,0 +1,244 @@
+"""Paired bootstrap of prompt metrics, base versus fine-tuned.
+
+Each prompt is answered by both variants of a model family, so the natural comparison is paired:
+resample *prompts* with replacement (the prompt is the unit that varies between studies), keep
+each prompt's base and fine-tuned values together, and read the difference of means
+(fine-tuned − base) and their ratio off the resampled distribution. Intervals are percentile
+intervals; the two-sided p-value is the smallest level at which the percentile interval of the
+difference excludes zero.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["BootstrapSettings", "BOOTSTRAP_COLUMNS", "paired_bootstrap"]
+
+#: Columns of the table :func:`paired_bootstrap` returns.
+BOOTSTRAP_COLUMNS: tuple[str, ...] = (
+    "family",
+    "task",
+    "metric",
+    "n_prompts",
+    "base_mean",
+    "finetuned_mean",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "ratio",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "p_value",
+    "resamples",
+    "confidence",
+    "seed",
+)
+
+ALL_TASKS = "all"
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """The ``metrics.bootstrap`` block of config.yaml."""
+
+    resamples: int = 2000
+    confidence: float = 0.95
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if int(self.resamples) != self.resamples or self.resamples < 1:
+            raise ValueError(
+                f"metrics.bootstrap.resamples must be a positive integer, got {self.resamples!r}"
+            )
+        if not 0.0 < float(self.confidence) < 1.0:
+            raise ValueError(
+                f"metrics.bootstrap.confidence must lie in (0, 1), got {self.confidence!r}"
+            )
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(
+                f"metrics.bootstrap.seed must be a non-negative integer, got {self.seed!r}"
+            )
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any] | None) -> BootstrapSettings:
+        """Build from the ``metrics.bootstrap`` block; unknown keys are rejected by name."""
+        block = dict(block or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) in config metrics.bootstrap: {', '.join(unknown)} "
+                f"(allowed: {', '.join(sorted(known))})"
+            )
+        return cls(**block)
+
+
+def _stream_seed(seed: int, *names: Any) -> np.random.Generator:
+    """A generator for one (family, task, metric): reproducible, and independent of which other
+    families, tasks or metrics are in the panel (so a subset reproduces the full run's rows)."""
+    key = "\x1f".join(str(n) for n in names).encode()
+    return np.random.default_rng([int(seed), zlib.crc32(key)])
+
+
+def _resampled_means(
+    values: np.ndarray, strata: np.ndarray, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Bootstrap means of the rows of ``values`` (shape (n, k)), resampling within each stratum.
+
+    Returns shape (resamples, k). Resampling within strata keeps each task's share of prompts
+    fixed in the pooled "all tasks" comparison; with one stratum it is the ordinary bootstrap.
+    """
+    n = values.shape[0]
+    totals = np.zeros((resamples, values.shape[1]))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        draws = members[rng.integers(0, members.size, size=(resamples, members.size))]
+        # values[draws] has shape (resamples, n_stratum, k); summing over prompts keeps it small.
+        totals += values[draws].sum(axis=1)
+    return totals / n
+
+
+def _summarise(
+    base: np.ndarray,
+    finetuned: np.ndarray,
+    strata: np.ndarray,
+    settings: BootstrapSettings,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    n = base.size
+    base_mean, ft_mean = float(base.mean()), float(finetuned.mean())
+    alpha = 1.0 - settings.confidence
+    quantiles = [alpha / 2.0, 1.0 - alpha / 2.0]
+    means = _resampled_means(
+        np.column_stack([base, finetuned]), strata, settings.resamples, rng
+    )
+    diffs = means[:, 1] - means[:, 0]
+    ci_low, ci_high = np.quantile(diffs, quantiles)
+    # Smallest level at which the percentile interval excludes 0; the +1 keeps p away from an
+    # impossible 0 with finitely many resamples.
+    below = (np.count_nonzero(diffs <= 0) + 1) / (settings.resamples + 1)
+    above = (np.count_nonzero(diffs >= 0) + 1) / (settings.resamples + 1)
+    p_value = min(1.0, 2.0 * min(below, above))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = means[:, 1] / means[:, 0]
+    if base_mean != 0 and np.isfinite(ratios).all():
+        ratio = ft_mean / base_mean
+        ratio_low, ratio_high = np.quantile(ratios, quantiles)
+    else:
+        # A resampled base mean of zero makes the ratio meaningless (e.g. a rate that is 0 on
+        # most prompts): report NaN rather than an infinite interval.
+        ratio = ratio_low = ratio_high = math.nan
+    return {
+        "n_prompts": n,
+        "base_mean": base_mean,
+        "finetuned_mean": ft_mean,
+        "difference": ft_mean - base_mean,
+        "ci_low": float(ci_low),
+        "ci_high": float(ci_high),
+        "ratio": float(ratio),
+        "ratio_ci_low": float(ratio_low),
+        "ratio_ci_high": float(ratio_high),
+        "p_value": float(p_value),
+    }
+
+
+def paired_bootstrap(
+    panel: pd.DataFrame,
+    metrics: Sequence[str],
+    *,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 42,
+) -> pd.DataFrame:
+    """Paired prompt bootstrap of fine-tuned − base for every (family, task, metric).
+
+    ``panel`` has columns ``family``, ``variant`` (``"base"`` / ``"finetuned"``), ``task``,
+    ``prompt_id`` and the ``metrics`` columns. Rows are paired by ``prompt_id`` within a family
+    and task; prompts present in only one variant are dropped with a warning, and so (per
+    metric) are pairs where either value is NaN. Each family also gets a ``task = "all"`` row
+    per metric that pools its tasks, resampling prompts within each task.
+
+    Returns :data:`BOOTSTRAP_COLUMNS`, one row per (family, task, metric), tasks in panel order
+    with ``"all"`` last. Seeded per (family, task, metric): the same ``seed`` gives the same
+    table.
+    """
+    settings = BootstrapSettings(resamples=resamples, confidence=confidence, seed=seed)
+    metrics = list(metrics)
+    needed = ["family", "variant", "task", "prompt_id", *metrics]
+    missing = [c for c in needed if c not in panel.columns]
+    if missing:
+        raise ValueError(f"panel lacks column(s) {', '.join(missing)}")
+    variants = set(panel["variant"].unique())
+    unknown = sorted(map(str, variants - {"base", "finetuned"}))
+    if unknown:
+        raise ValueError(f"panel variant must be 'base' or 'finetuned', found {unknown}")
+    key = ["family", "task", "prompt_id", "variant"]
+    duplicated = panel.duplicated(key)
+    if duplicated.any():
+        first = panel.loc[duplicated, key].iloc[0].to_dict()
+        raise ValueError(f"panel has more than one row for {first}")
+
+    wide = panel.pivot(index=["family", "task", "prompt_id"], columns="variant", values=metrics)
+    # A prompt is paired when both variants have a row; a row's metric values may still be NaN.
+    present = panel.assign(_present=True).pivot(
+        index=["family", "task", "prompt_id"], columns="variant", values="_present"
+    )
+    present = present.reindex(columns=["base", "finetuned"]).fillna(False).astype(bool)
+    unpaired = ~(present["base"] & present["finetuned"])
+    if unpaired.any():
+        lost = present.index[unpaired.to_numpy()]
+        shown = ", ".join(f"{f}/{t}/{p}" for f, t, p in lost[:10])
+        more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+        warnings.warn(
+            f"paired bootstrap: {len(lost)} prompt(s) present in only one variant dropped: "
+            f"{shown}{more}",
+            stacklevel=2,
+        )
+    wide = wide.loc[present.index[~unpaired.to_numpy()]]
+
+    task_order = list(dict.fromkeys(panel["task"]))
+    rows: list[dict[str, Any]] = []
+    nan_dropped: list[str] = []
+    for family in dict.fromkeys(panel["family"]):
+        if family not in wide.index.get_level_values("family"):
+            continue
+        fam = wide.xs(family, level="family")
+        fam_tasks = fam.index.get_level_values("task").to_numpy()
+        for metric in metrics:
+            base_all = fam[(metric, "base")].to_numpy(dtype=np.float64)
+            ft_all = fam[(metric, "finetuned")].to_numpy(dtype=np.float64)
+            valid = np.isfinite(base_all) & np.isfinite(ft_all)
+            if not valid.all():
+                nan_dropped.append(f"{family}/{metric}: {int((~valid).sum())}")
+            groups = [t for t in task_order if t in set(fam_tasks)] + [ALL_TASKS]
+            for task in groups:
+                mask = valid if task == ALL_TASKS else valid & (fam_tasks == task)
+                row: dict[str, Any] = {"family": family, "task": task, "metric": metric}
+                if mask.sum() == 0:
+                    row.update(n_prompts=0)
+                else:
+                    rng = _stream_seed(settings.seed, family, task, metric)
+                    row.update(
+                        _summarise(base_all[mask], ft_all[mask], fam_tasks[mask], settings, rng)
+                    )
+                rows.append(row)
+    if nan_dropped:
+        warnings.warn(
+            "paired bootstrap: pairs with a NaN value dropped per metric (family/metric: count): "
+            + ", ".join(nan_dropped),
+            stacklevel=2,
+        )
+    table = pd.DataFrame(rows, columns=list(BOOTSTRAP_COLUMNS))
+    table["resamples"] = settings.resamples
+    table["confidence"] = settings.confidence
+    table["seed"] = settings.seed
+    table["n_prompts"] = table["n_prompts"].astype(np.int64)
+    return table
