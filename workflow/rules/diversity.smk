@@ -1,0 +1,36 @@
+# Stage 5: semantic diversity of each prompt's rollouts. Embeddings are cached per model and task,
+# so a change to a diversity setting recomputes the scores without re-embedding.
+
+
+rule embed_rollouts:
+    input:
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+    output:
+        "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
+    params:
+        settings=lambda wildcards: config["embedders"][wildcards.embedder],
+    threads: 2
+    resources:
+        gpu=lambda wildcards: device_gpus(config["embedders"][wildcards.embedder]["device"]),
+    log:
+        "logs/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/embed_rollouts.py"
+
+
+rule diversity:
+    input:
+        embeddings="results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
+        rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+    output:
+        "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet",
+    params:
+        settings=config["diversity"],
+    log:
+        "logs/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/diversity.py"

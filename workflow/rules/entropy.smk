@@ -1,0 +1,17 @@
+# Stage 4: Canopy Entropy and the other per-prompt metrics of DESIGN section 1.
+
+
+rule prompt_metrics:
+    input:
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+    output:
+        metrics="results/metrics/{sampling}/{family}/{variant}/{task}.parquet",
+        trajectory="results/metrics/{sampling}/{family}/{variant}/{task}.trajectory.parquet",
+    params:
+        settings={k: v for k, v in config["metrics"].items() if k != "bootstrap"},
+    log:
+        "logs/metrics/{sampling}/{family}/{variant}/{task}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/prompt_metrics.py"

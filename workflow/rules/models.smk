@@ -1,0 +1,60 @@
+# Stage 2: model pairs. Families with `source: train` are pre-trained and fine-tuned here (the
+# offline default); `source: hub` models are downloaded once into resources/models; `source: local`
+# directories are used where they are.
+
+
+rule pretrain_base_model:
+    input:
+        corpus="resources/corpus/pretrain.jsonl",
+    output:
+        directory("resources/models/{family}/base"),
+    params:
+        recipe=lambda wildcards: config["training"]["recipes"][
+            config["families"][wildcards.family]["base"]["recipe"]
+        ],
+    wildcard_constraints:
+        family=_one_of(TRAINED_FAMILIES),
+    threads: 2
+    log:
+        "logs/models/{family}/base.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/pretrain_base_model.py"
+
+
+rule finetune_model:
+    input:
+        base="resources/models/{family}/base",
+        pairs="resources/corpus/sft.jsonl",
+    output:
+        directory("resources/models/{family}/finetuned"),
+    params:
+        recipe=lambda wildcards: config["training"]["recipes"][
+            config["families"][wildcards.family]["finetuned"]["recipe"]
+        ],
+    wildcard_constraints:
+        family=_one_of(TRAINED_FAMILIES),
+    threads: 2
+    log:
+        "logs/models/{family}/finetuned.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/finetune_model.py"
+
+
+rule download_model:
+    output:
+        directory("resources/models/{family}/{variant}"),
+    params:
+        spec=lambda wildcards: config["families"][wildcards.family][wildcards.variant],
+    wildcard_constraints:
+        family=_one_of(HUB_FAMILIES),
+    log:
+        "logs/models/{family}/{variant}.download.log",
+    conda:
+        "../../envs/torch.yaml"
+    localrule: True
+    script:
+        "../scripts/download_model.py"

@@ -1,0 +1,33 @@
+# Stage 8: the headline table and the Snakemake report (`snakemake --report results/report.html`).
+
+
+report: "../report/workflow.rst"
+
+
+rule headline:
+    input:
+        summaries=expand(
+            "results/stats/{sampling}/{embedder}/glmm/summary.json",
+            sampling=SAMPLINGS,
+            embedder=EMBEDDERS,
+        ),
+        panels=expand(
+            "results/panel/{sampling}/{embedder}.parquet",
+            sampling=SAMPLINGS,
+            embedder=EMBEDDERS,
+        ),
+    output:
+        report(
+            "results/headline.tsv",
+            caption="../report/headline.rst",
+            category="Headline",
+        ),
+    params:
+        combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
+    log:
+        "logs/headline.log",
+    conda:
+        "../../envs/analysis.yaml"
+    localrule: True
+    script:
+        "../scripts/headline.py"

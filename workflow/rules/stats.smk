@@ -1,0 +1,167 @@
+# Stage 6: the panel, the Beta mixed-effects regression, its diagnostics and robustness checks.
+
+MATRIX = [(f, v, t) for f in FAMILIES for v in VARIANTS for t in TASKS]
+
+
+def matrix_paths(pattern):
+    """Input function: the pattern's path for every (family, variant, task), in MATRIX order."""
+
+    def paths(wildcards):
+        return [
+            pattern.format(family=f, variant=v, task=t, **wildcards) for f, v, t in MATRIX
+        ]
+
+    return paths
+
+
+rule panel:
+    input:
+        metrics=matrix_paths("results/metrics/{sampling}/{family}/{variant}/{task}.parquet"),
+        diversity=matrix_paths(
+            "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet"
+        ),
+    output:
+        "results/panel/{sampling}/{embedder}.parquet",
+    params:
+        matrix=MATRIX,
+    log:
+        "logs/panel/{sampling}/{embedder}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    localrule: True
+    script:
+        "../scripts/build_panel.py"
+
+
+rule fit_glmm:
+    input:
+        "results/panel/{sampling}/{embedder}.parquet",
+    output:
+        coefficients=report(
+            "results/stats/{sampling}/{embedder}/glmm/coefficients.tsv",
+            caption="../report/glmm_coefficients.rst",
+            category="Statistics",
+        ),
+        slopes=report(
+            "results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
+            caption="../report/glmm_slopes.rst",
+            category="Statistics",
+        ),
+        variance="results/stats/{sampling}/{embedder}/glmm/variance_components.tsv",
+        convergence="results/stats/{sampling}/{embedder}/glmm/convergence.json",
+        summary="results/stats/{sampling}/{embedder}/glmm/summary.json",
+        model="results/stats/{sampling}/{embedder}/glmm/model.rds",
+    params:
+        settings=config["stats"],
+    threads: 2
+    log:
+        "logs/stats/{sampling}/{embedder}/glmm.log",
+    conda:
+        "../../envs/stats.yaml"
+    script:
+        "../scripts/fit_glmm.py"
+
+
+rule glmm_diagnostics:
+    input:
+        model="results/stats/{sampling}/{embedder}/glmm/model.rds",
+        summary="results/stats/{sampling}/{embedder}/glmm/summary.json",
+    output:
+        residuals="results/stats/{sampling}/{embedder}/diagnostics/residuals.tsv",
+        tests=report(
+            "results/stats/{sampling}/{embedder}/diagnostics/tests.tsv",
+            caption="../report/diagnostics_tests.rst",
+            category="Statistics",
+        ),
+        tests_json="results/stats/{sampling}/{embedder}/diagnostics/tests.json",
+    params:
+        settings=config["stats"],
+    threads: 2
+    log:
+        "logs/stats/{sampling}/{embedder}/diagnostics.log",
+    conda:
+        "../../envs/stats.yaml"
+    script:
+        "../scripts/glmm_diagnostics.py"
+
+
+rule robustness_lmm:
+    input:
+        "results/panel/{sampling}/{embedder}.parquet",
+    output:
+        report(
+            "results/stats/{sampling}/{embedder}/robustness/lmm.tsv",
+            caption="../report/robustness.rst",
+            category="Robustness",
+        ),
+    params:
+        settings=config["stats"],
+    log:
+        "logs/stats/{sampling}/{embedder}/robustness_lmm.log",
+    conda:
+        "../../envs/stats.yaml"
+    script:
+        "../scripts/robustness_lmm.py"
+
+
+rule robustness_fixed_effects:
+    input:
+        "results/panel/{sampling}/{embedder}.parquet",
+    output:
+        report(
+            "results/stats/{sampling}/{embedder}/robustness/fixed_effects.tsv",
+            caption="../report/robustness.rst",
+            category="Robustness",
+        ),
+    params:
+        settings=config["stats"],
+    log:
+        "logs/stats/{sampling}/{embedder}/robustness_fixed_effects.log",
+    conda:
+        "../../envs/stats.yaml"
+    script:
+        "../scripts/robustness_fixed_effects.py"
+
+
+rule robustness_length_matched:
+    input:
+        rollouts=matrix_paths("results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"),
+        embeddings=matrix_paths(
+            "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz"
+        ),
+    output:
+        report(
+            "results/stats/{sampling}/{embedder}/robustness/length_matched.tsv",
+            caption="../report/robustness.rst",
+            category="Robustness",
+        ),
+    params:
+        matrix=MATRIX,
+        settings=config["stats"],
+    threads: 2
+    log:
+        "logs/stats/{sampling}/{embedder}/robustness_length_matched.log",
+    conda:
+        "../../envs/stats.yaml"
+    script:
+        "../scripts/robustness_length_matched.py"
+
+
+rule paired_bootstrap:
+    input:
+        "results/panel/{sampling}/{embedder}.parquet",
+    output:
+        report(
+            "results/stats/{sampling}/{embedder}/paired_bootstrap.tsv",
+            caption="../report/paired_bootstrap.rst",
+            category="Statistics",
+        ),
+    params:
+        settings=config["metrics"]["bootstrap"],
+    log:
+        "logs/stats/{sampling}/{embedder}/paired_bootstrap.log",
+    conda:
+        "../../envs/analysis.yaml"
+    localrule: True
+    script:
+        "../scripts/paired_bootstrap.py"

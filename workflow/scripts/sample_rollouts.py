@@ -1,0 +1,17 @@
+"""Sample rollouts of one model on one task, with the exact entropy of every step (resumable)."""
+
+from script_setup import setup
+
+log = setup(snakemake)
+
+from canopy.sampling import SamplingSettings, sample_task  # noqa: E402
+
+settings = SamplingSettings.from_config(snakemake.params.settings)
+sample_task(
+    snakemake.input.model,
+    snakemake.input.prompts,
+    snakemake.wildcards.variant,
+    settings,
+    snakemake.output[0],
+    progress=log,
+)

@@ -1,0 +1,46 @@
+"""Shared start of every workflow script: make the library importable and send logging to the rule's log.
+
+Snakemake puts this directory on ``sys.path`` before running a ``script:``, so each script starts
+with ``from script_setup import setup`` followed by ``log = setup(snakemake)``. The library under
+``src/`` is used from the checkout even when it is not pip-installed (a conda env built from
+``envs/`` holds only third-party packages), so results always come from the code beside the
+Snakefile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+_SRC = Path(__file__).resolve().parents[2] / "src"
+if str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+
+def setup(smk) -> logging.Logger:  # noqa: ANN001 - the snakemake object has no importable type
+    """Configure logging to the rule's log file (and stderr) and return the rule's logger."""
+    # No hub is ever reached from a job: models and data are placed in resources/ by their rules.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    log_files = list(getattr(smk, "log", []))
+    if log_files:
+        Path(log_files[0]).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_files[0], mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    threads = int(getattr(smk, "threads", 1) or 1)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # the statistics and figure envs carry no torch
+        pass
+    return logging.getLogger(f"canopy.rule.{smk.rule}")
