@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Install what is missing for the pip/apt path, and nothing else:
+#   1. R with glmmTMB and the other R packages of requirements-apt.txt (Debian packages);
+#   2. the exact Python pins of requirements.txt, torch first;
+#   3. this library (editable), so notebooks can `import canopy`.
+# Conda users skip this and run `snakemake --use-conda` (envs/ pins the same versions).
+# Everything is checked first, so a second run takes about a second.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+log() { printf '[setup] %s\n' "$*"; }
+
+r_ready() {
+    command -v Rscript >/dev/null 2>&1 &&
+        TZ=UTC Rscript -e 'ok <- sapply(c("glmmTMB", "lme4", "lmerTest", "emmeans"), requireNamespace, quietly = TRUE); quit(status = if (all(ok)) 0 else 1)' >/dev/null 2>&1
+}
+
+if r_ready; then
+    log "R and its packages: present"
+else
+    packages=$(grep -v '^#' requirements-apt.txt | grep -v '^$' | tr '\n' ' ')
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "R with glmmTMB is missing and this is not a Debian/Ubuntu system."
+        log "Install R >= 4.2 with the CRAN packages glmmTMB, lme4, lmerTest and emmeans, or use conda:"
+        log "  snakemake --cores all --use-conda    (envs/stats.yaml)"
+        exit 1
+    fi
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    log "installing R packages with apt: $packages"
+    $sudo apt-get update -qq
+    # Exact Debian versions first; if the mirror has moved on, the same packages unpinned.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $packages ||
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+            $(echo "$packages" | sed 's/=[^ ]*//g')
+    r_ready || { log "R packages still missing after apt-get; see the messages above"; exit 1; }
+fi
+
+# Which pins of requirements.txt are not installed at exactly that version (local tags like +cpu
+# are ignored: a CUDA or CPU build of the same torch release is the same pin).
+missing=$("$PYTHON" - <<'PY'
+import re
+from importlib import metadata
+
+for line in open("requirements.txt"):
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        continue
+    name, version = re.match(r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==(\S+)", line).groups()
+    try:
+        installed = metadata.version(name).split("+", 1)[0]
+    except metadata.PackageNotFoundError:
+        installed = None
+    if installed != version:
+        print(line)
+PY
+)
+if [ -z "$missing" ]; then
+    log "Python packages: all pins present"
+else
+    log "installing Python packages: $(echo "$missing" | tr '\n' ' ')"
+    # torch first and alone: otherwise another package's looser requirement could pull a
+    # different (multi-GB) build before the pin is seen.
+    "$PYTHON" -m pip install -q "$(grep '^torch==' requirements.txt)"
+    "$PYTHON" -m pip install -q -r requirements.txt
+fi
+
+if ! "$PYTHON" -c "import canopy" >/dev/null 2>&1; then
+    log "installing the canopy library (editable)"
+    "$PYTHON" -m pip install -q --no-deps -e .
+fi
+log "ready"
