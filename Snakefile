@@ -5,6 +5,8 @@
 # `snakemake --cores all --configfile config/paper.yaml` runs the paper's experiment on GPUs.
 
 
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -14,7 +16,7 @@ min_version("9.0")
 # merged into it, so config/paper.yaml never inherits the default's small model families.
 if not workflow.config_settings.configfiles:
 
-    configfile: "config.yaml"
+    configfile: Path(workflow.basedir) / "config.yaml"
 
 
 

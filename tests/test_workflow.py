@@ -1,0 +1,121 @@
+"""The workflow as users run it: real Snakemake runs of small configs, offline, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from workflow_helpers import REPO, planned_jobs, snakemake
+
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "paper.yaml"))
+    jobs = planned_jobs(result.stdout)
+    # 3 families x 2 variants x 4 tasks, each sampled, scored and embedded once.
+    assert jobs["sample_rollouts"] >= 24
+    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["embed_rollouts"]
+    assert jobs["download_model"] == 6
+    assert jobs["fit_glmm"] == 1
+    assert "pretrain_base_model" not in jobs
+
+
+def test_default_config_plans_every_stage(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "-n")
+    jobs = planned_jobs(result.stdout)
+    for rule in (
+        "prepare_prompts",
+        "pretrain_base_model",
+        "finetune_model",
+        "sample_rollouts",
+        "prompt_metrics",
+        "embed_rollouts",
+        "diversity",
+        "panel",
+        "fit_glmm",
+        "glmm_diagnostics",
+        "headline",
+    ):
+        assert jobs.get(rule, 0) >= 1, rule
+    assert jobs["sample_rollouts"] == 2 * 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["sampling"]["default"].update(top_k="many"), "sampling.default.top_k"),
+        (lambda c: c["sampling"]["default"].update(topk=5), "sampling.default.topk"),
+        (lambda c: c["tasks"]["math"].pop("n_prompts"), "n_prompts"),
+        (lambda c: c["families"]["tinygpt"]["base"].update(recipe="nope"), "families.tinygpt.base.recipe"),
+    ],
+    ids=["wrong-type", "unknown-key", "missing-key", "dangling-reference"],
+)
+def test_broken_config_fails_before_any_job_naming_the_key(tmp_path: Path, edit, expected) -> None:
+    config = yaml.safe_load(TINY.read_text())
+    edit(config)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--configfile", str(broken), check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert expected in message, message[-3000:]
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real end-to-end run of the tiny config (every stage, real models, R included)."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = workdir / "tiny.yaml"
+    shutil.copy(TINY, config)
+    snakemake(workdir, "--cores", "2", "--configfile", str(config))
+    snakemake(workdir, "--configfile", str(config), "--report", str(workdir / "report.html"))
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
+    results = tiny_run / "results"
+    panel = pd.read_parquet(results / "panel/default/minilm.parquet")
+    assert len(panel) == 2 * 2 * 2 * 4
+    assert set(panel["variant"]) == {"base", "finetuned"}
+    assert panel["D"].between(0, 1).all() and (panel["VS"] >= 1 - 1e-9).all()
+    # The decomposition is an identity on every prompt of every model.
+    np.testing.assert_allclose(
+        panel["CE"], panel["decomposition_product"] + panel["cov_length_rate"], atol=1e-9
+    )
+    rollouts = pd.read_parquet(results / "rollouts/default/tinyllama/finetuned/math.parquet")
+    assert len(rollouts) == 4 * 6
+    assert (rollouts["n_steps"] <= 16).all()
+    np.testing.assert_allclose(
+        rollouts["sum_entropy"], [np.sum(h) for h in rollouts["step_entropy"]], rtol=1e-9
+    )
+    summary = json.loads((results / "stats/default/minilm/glmm/summary.json").read_text())
+    assert summary
+    slopes = pd.read_csv(results / "stats/default/minilm/glmm/slopes.tsv", sep="\t")
+    assert {"base", "finetuned", "ratio"} <= set(slopes["variant"])
+    for path in (
+        "stats/default/minilm/diagnostics/tests.json",
+        "stats/default/minilm/robustness/lmm.tsv",
+        "stats/default/minilm/robustness/fixed_effects.tsv",
+        "stats/default/minilm/robustness/length_matched.tsv",
+        "stats/default/minilm/paired_bootstrap.tsv",
+        "headline.tsv",
+    ):
+        assert (results / path).stat().st_size > 0, path
+    assert list((results / "figures").rglob("*.pdf")), "no figure was drawn"
+    assert (tiny_run / "report.html").stat().st_size > 10_000
+    # A finished run leaves no resumable shards behind.
+    assert not list((results / "rollouts").rglob("*.shards"))
+
+
+@pytest.mark.slow
+def test_finished_run_plans_nothing(tiny_run: Path) -> None:
+    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"))
+    assert planned_jobs(result.stdout) == {}, result.stdout[-2000:]

@@ -1,0 +1,45 @@
+"""Running the real Snakemake workflow from tests: in a scratch directory, offline, on the CPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: float = 1200
+) -> subprocess.CompletedProcess[str]:
+    """Run ``snakemake`` on this repository's Snakefile with ``workdir`` as the working directory.
+
+    The workflow profile profiles/default applies as it does for users.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TZ="UTC")
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts by rule from the 'Job stats' table of a (dry) run."""
+    counts: dict[str, int] = {}
+    table = output.split("Job stats:", 1)
+    if len(table) < 2:
+        return counts
+    for line in table[1].splitlines():
+        match = re.match(r"^([A-Za-z_][\w]*)\s+(\d+)\s*$", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+        elif line.strip().startswith("total"):
+            break
+    return counts
