@@ -19,7 +19,6 @@ if not workflow.config_settings.configfiles:
     configfile: Path(workflow.basedir) / "config.yaml"
 
 
-
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
@@ -32,7 +31,7 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         analysis_targets(),
         figure_targets(),
-    default_target: True

@@ -13,7 +13,12 @@ from canopy.config import ConfigError, check_references, validate_config
 CONFIG_CONSUMERS = {
     "seed": ["prepare_prompts"],
     "tasks": ["prepare_prompts"],
-    "families": ["pretrain_base_model", "finetune_model", "download_model", "sample_rollouts"],
+    "families": [
+        "pretrain_base_model",
+        "finetune_model",
+        "download_model",
+        "sample_rollouts",
+    ],
     "training": ["build_corpus", "pretrain_base_model", "finetune_model"],
     "sampling": ["sample_rollouts"],
     "metrics": ["prompt_metrics", "paired_bootstrap"],
@@ -39,7 +44,9 @@ try:
     )
     check_references(config)
 except ConfigError as error:
-    raise WorkflowError(f"{error}\nFix these keys in your config file (see config.yaml for a valid example).")
+    raise WorkflowError(
+        f"{error}\nFix these keys in your config file (see config.yaml for a valid example)."
+    )
 
 
 VARIANTS = ["base", "finetuned"]
@@ -86,7 +93,9 @@ def device_gpus(device):
 def keyed_paths(pattern, **fixed):
     """{(family, variant, task): path} for every model and task of the matrix."""
     return {
-        (family, variant, task): pattern.format(family=family, variant=variant, task=task, **fixed)
+        (family, variant, task): pattern.format(
+            family=family, variant=variant, task=task, **fixed
+        )
         for family in FAMILIES
         for variant in VARIANTS
         for task in TASKS

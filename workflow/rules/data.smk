@@ -4,14 +4,14 @@
 rule prepare_prompts:
     output:
         "resources/prompts/{task}.jsonl",
+    log:
+        "logs/prompts/{task}.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
     params:
         spec=lambda wildcards: config["tasks"][wildcards.task],
         seed=config["seed"],
-    log:
-        "logs/prompts/{task}.log",
-    conda:
-        "../../envs/data.yaml"
-    localrule: True
     script:
         "../scripts/prepare_prompts.py"
 
@@ -20,12 +20,12 @@ rule build_corpus:
     output:
         pretrain="resources/corpus/pretrain.jsonl",
         sft="resources/corpus/sft.jsonl",
-    params:
-        settings=config["training"]["corpus"],
     log:
         "logs/corpus.log",
+    localrule: True
     conda:
         "../../envs/data.yaml"
-    localrule: True
+    params:
+        settings=config["training"]["corpus"],
     script:
         "../scripts/build_corpus.py"

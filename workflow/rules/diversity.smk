@@ -7,15 +7,17 @@ rule embed_rollouts:
         "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
     output:
         "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
-    params:
-        settings=lambda wildcards: config["embedders"][wildcards.embedder],
-    threads: 2
-    resources:
-        gpu=lambda wildcards: device_gpus(config["embedders"][wildcards.embedder]["device"]),
     log:
         "logs/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.log",
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=lambda wildcards: device_gpus(
+            config["embedders"][wildcards.embedder]["device"]
+        ),
+    params:
+        settings=lambda wildcards: config["embedders"][wildcards.embedder],
     script:
         "../scripts/embed_rollouts.py"
 
@@ -26,11 +28,11 @@ rule diversity:
         rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
     output:
         "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet",
-    params:
-        settings=config["diversity"],
     log:
         "logs/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        settings=config["diversity"],
     script:
         "../scripts/diversity.py"

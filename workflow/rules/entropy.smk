@@ -7,11 +7,11 @@ rule prompt_metrics:
     output:
         metrics="results/metrics/{sampling}/{family}/{variant}/{task}.parquet",
         trajectory="results/metrics/{sampling}/{family}/{variant}/{task}.trajectory.parquet",
-    params:
-        settings={k: v for k, v in config["metrics"].items() if k != "bootstrap"},
     log:
         "logs/metrics/{sampling}/{family}/{variant}/{task}.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        settings={k: v for k, v in config["metrics"].items() if k != "bootstrap"},
     script:
         "../scripts/prompt_metrics.py"

@@ -8,17 +8,17 @@ rule pretrain_base_model:
         corpus="resources/corpus/pretrain.jsonl",
     output:
         directory("resources/models/{family}/base"),
+    log:
+        "logs/models/{family}/base.log",
+    wildcard_constraints:
+        family=_one_of(TRAINED_FAMILIES),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
     params:
         recipe=lambda wildcards: config["training"]["recipes"][
             config["families"][wildcards.family]["base"]["recipe"]
         ],
-    wildcard_constraints:
-        family=_one_of(TRAINED_FAMILIES),
-    threads: 2
-    log:
-        "logs/models/{family}/base.log",
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/pretrain_base_model.py"
 
@@ -29,17 +29,17 @@ rule finetune_model:
         pairs="resources/corpus/sft.jsonl",
     output:
         directory("resources/models/{family}/finetuned"),
+    log:
+        "logs/models/{family}/finetuned.log",
+    wildcard_constraints:
+        family=_one_of(TRAINED_FAMILIES),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
     params:
         recipe=lambda wildcards: config["training"]["recipes"][
             config["families"][wildcards.family]["finetuned"]["recipe"]
         ],
-    wildcard_constraints:
-        family=_one_of(TRAINED_FAMILIES),
-    threads: 2
-    log:
-        "logs/models/{family}/finetuned.log",
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/finetune_model.py"
 
@@ -47,14 +47,14 @@ rule finetune_model:
 rule download_model:
     output:
         directory("resources/models/{family}/{variant}"),
-    params:
-        spec=lambda wildcards: config["families"][wildcards.family][wildcards.variant],
-    wildcard_constraints:
-        family=_one_of(HUB_FAMILIES),
     log:
         "logs/models/{family}/{variant}.download.log",
+    wildcard_constraints:
+        family=_one_of(HUB_FAMILIES),
+    localrule: True
     conda:
         "../../envs/torch.yaml"
-    localrule: True
+    params:
+        spec=lambda wildcards: config["families"][wildcards.family][wildcards.variant],
     script:
         "../scripts/download_model.py"

@@ -22,12 +22,12 @@ rule headline:
             caption="../report/headline.rst",
             category="Headline",
         ),
-    params:
-        combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
     log:
         "logs/headline.log",
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
-    localrule: True
+    params:
+        combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
     script:
         "../scripts/headline.py"

@@ -9,14 +9,16 @@ rule sample_rollouts:
         prompts="resources/prompts/{task}.jsonl",
     output:
         "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
-    params:
-        settings=lambda wildcards: config["sampling"][wildcards.sampling],
-    threads: 2
-    resources:
-        gpu=lambda wildcards: device_gpus(config["sampling"][wildcards.sampling]["device"]),
     log:
         "logs/rollouts/{sampling}/{family}/{variant}/{task}.log",
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=lambda wildcards: device_gpus(
+            config["sampling"][wildcards.sampling]["device"]
+        ),
+    params:
+        settings=lambda wildcards: config["sampling"][wildcards.sampling],
     script:
         "../scripts/sample_rollouts.py"

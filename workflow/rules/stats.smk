@@ -8,7 +8,8 @@ def matrix_paths(pattern):
 
     def paths(wildcards):
         return [
-            pattern.format(family=f, variant=v, task=t, **wildcards) for f, v, t in MATRIX
+            pattern.format(family=f, variant=v, task=t, **wildcards)
+            for f, v, t in MATRIX
         ]
 
     return paths
@@ -16,19 +17,21 @@ def matrix_paths(pattern):
 
 rule panel:
     input:
-        metrics=matrix_paths("results/metrics/{sampling}/{family}/{variant}/{task}.parquet"),
+        metrics=matrix_paths(
+            "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"
+        ),
         diversity=matrix_paths(
             "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet"
         ),
     output:
         "results/panel/{sampling}/{embedder}.parquet",
-    params:
-        matrix=MATRIX,
     log:
         "logs/panel/{sampling}/{embedder}.log",
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
-    localrule: True
+    params:
+        matrix=MATRIX,
     script:
         "../scripts/build_panel.py"
 
@@ -51,13 +54,13 @@ rule fit_glmm:
         convergence="results/stats/{sampling}/{embedder}/glmm/convergence.json",
         summary="results/stats/{sampling}/{embedder}/glmm/summary.json",
         model="results/stats/{sampling}/{embedder}/glmm/model.rds",
-    params:
-        settings=config["stats"],
-    threads: 2
     log:
         "logs/stats/{sampling}/{embedder}/glmm.log",
     conda:
         "../../envs/stats.yaml"
+    threads: 2
+    params:
+        settings=config["stats"],
     script:
         "../scripts/fit_glmm.py"
 
@@ -74,13 +77,13 @@ rule glmm_diagnostics:
             category="Statistics",
         ),
         tests_json="results/stats/{sampling}/{embedder}/diagnostics/tests.json",
-    params:
-        settings=config["stats"],
-    threads: 2
     log:
         "logs/stats/{sampling}/{embedder}/diagnostics.log",
     conda:
         "../../envs/stats.yaml"
+    threads: 2
+    params:
+        settings=config["stats"],
     script:
         "../scripts/glmm_diagnostics.py"
 
@@ -94,12 +97,12 @@ rule robustness_lmm:
             caption="../report/robustness.rst",
             category="Robustness",
         ),
-    params:
-        settings=config["stats"],
     log:
         "logs/stats/{sampling}/{embedder}/robustness_lmm.log",
     conda:
         "../../envs/stats.yaml"
+    params:
+        settings=config["stats"],
     script:
         "../scripts/robustness_lmm.py"
 
@@ -113,19 +116,21 @@ rule robustness_fixed_effects:
             caption="../report/robustness.rst",
             category="Robustness",
         ),
-    params:
-        settings=config["stats"],
     log:
         "logs/stats/{sampling}/{embedder}/robustness_fixed_effects.log",
     conda:
         "../../envs/stats.yaml"
+    params:
+        settings=config["stats"],
     script:
         "../scripts/robustness_fixed_effects.py"
 
 
 rule robustness_length_matched:
     input:
-        rollouts=matrix_paths("results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"),
+        rollouts=matrix_paths(
+            "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
+        ),
         embeddings=matrix_paths(
             "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz"
         ),
@@ -135,14 +140,14 @@ rule robustness_length_matched:
             caption="../report/robustness.rst",
             category="Robustness",
         ),
-    params:
-        matrix=MATRIX,
-        settings=config["stats"],
-    threads: 2
     log:
         "logs/stats/{sampling}/{embedder}/robustness_length_matched.log",
     conda:
         "../../envs/stats.yaml"
+    threads: 2
+    params:
+        matrix=MATRIX,
+        settings=config["stats"],
     script:
         "../scripts/robustness_length_matched.py"
 
@@ -156,12 +161,12 @@ rule paired_bootstrap:
             caption="../report/paired_bootstrap.rst",
             category="Statistics",
         ),
-    params:
-        settings=config["metrics"]["bootstrap"],
     log:
         "logs/stats/{sampling}/{embedder}/paired_bootstrap.log",
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
-    localrule: True
+    params:
+        settings=config["metrics"]["bootstrap"],
     script:
         "../scripts/paired_bootstrap.py"
