@@ -166,10 +166,14 @@ def _flatten_lists(column: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray
     return flat, lengths
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalar -> Python scalar, so messages read ``sample 3`` not ``np.int64(3)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _row_label(rollouts: pd.DataFrame, row: int) -> str:
-    return (
-        f"prompt {rollouts['prompt_id'].iloc[row]!r}, sample {rollouts['sample'].iloc[row]!r}"
-    )
+    prompt_id = _plain(rollouts["prompt_id"].iloc[row])
+    return f"prompt {prompt_id!r}, sample {_plain(rollouts['sample'].iloc[row])!r}"
 
 
 def _validate(rollouts: pd.DataFrame) -> None:
@@ -190,21 +194,21 @@ def _validate(rollouts: pd.DataFrame) -> None:
     if bad.size:
         raise ValueError(
             f"{_row_label(rollouts, int(bad[0]))}: n_steps must be >= 1 "
-            f"(the EOS step counts), got {n_steps[bad[0]]}"
+            f"(the EOS step counts), got {_plain(n_steps[bad[0]])}"
         )
 
     sum_entropy = rollouts["sum_entropy"].to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(sum_entropy) | (sum_entropy < -_NEGATIVE_TOLERANCE))
     if bad.size:
         raise ValueError(
-            f"{_row_label(rollouts, int(bad[0]))}: sum_entropy is {sum_entropy[bad[0]]!r}; "
+            f"{_row_label(rollouts, int(bad[0]))}: sum_entropy is {_plain(sum_entropy[bad[0]])!r}; "
             "entropies must be finite and non-negative — regenerate this rollout"
         )
     sum_logprob = rollouts["sum_logprob"].to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(sum_logprob) | (sum_logprob > _NEGATIVE_TOLERANCE))
     if bad.size:
         raise ValueError(
-            f"{_row_label(rollouts, int(bad[0]))}: sum_logprob is {sum_logprob[bad[0]]!r}; "
+            f"{_row_label(rollouts, int(bad[0]))}: sum_logprob is {_plain(sum_logprob[bad[0]])!r}; "
             "a log-probability must be finite and <= 0 — regenerate this rollout"
         )
 
@@ -219,7 +223,7 @@ def _validate(rollouts: pd.DataFrame) -> None:
         if bad.size:
             raise ValueError(
                 f"{_row_label(rollouts, int(bad[0]))}: {list_col} has {lengths[bad[0]]} values "
-                f"but n_steps is {n_steps[bad[0]]}"
+                f"but n_steps is {_plain(n_steps[bad[0]])}"
             )
         # sign flips log-probabilities so that both checks read "finite and >= 0".
         bad_value = np.flatnonzero(~np.isfinite(flat) | (sign * flat < -_NEGATIVE_TOLERANCE))
@@ -230,7 +234,7 @@ def _validate(rollouts: pd.DataFrame) -> None:
             kind = "entropy" if sign > 0 else "log-probability"
             raise ValueError(
                 f"{_row_label(rollouts, row)}: {list_col} at step {step} is "
-                f"{flat[bad_value[0]]!r}, not a valid {kind} — regenerate this rollout"
+                f"{_plain(flat[bad_value[0]])!r}, not a valid {kind} — regenerate this rollout"
             )
         if flat.size:
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -241,7 +245,7 @@ def _validate(rollouts: pd.DataFrame) -> None:
                 summed = "sum_entropy" if sign > 0 else "sum_logprob"
                 raise ValueError(
                     f"{_row_label(rollouts, int(bad[0]))}: {list_col} sums to "
-                    f"{sums[bad[0]]!r} but {summed} is {sum_values[bad[0]]!r}"
+                    f"{_plain(sums[bad[0]])!r} but {summed} is {_plain(sum_values[bad[0]])!r}"
                 )
 
 
