@@ -508,6 +508,8 @@ def vendi_score(vectors: np.ndarray, order: float = 1.0) -> float:
     m, d = x.shape
     if m == 0:
         raise ValueError("the Vendi score needs at least one rollout")
+    if m == 1:
+        return 1.0  # K/M = [1] exactly; the eigen-solver would return 1 ± round-off
     gram = (x @ x.T) if m <= d else (x.T @ x)
     eigenvalues = np.linalg.eigvalsh(gram / m)
     tolerance = max(m, d) * np.finfo(np.float64).eps * max(float(eigenvalues.max()), 0.0)
