@@ -135,11 +135,19 @@ fit_one <- function(panel_path, out_dir) {
   max_gradient <- if (length(gradient)) max(abs(gradient)) else 0
   pd_hess <- isTRUE(fit$sdr$pdHess)
   optimizer_ok <- identical(as.integer(fit$fit$convergence), 0L)
+  # The raw gradient's size depends on the parameters' scales; judge convergence the way lme4
+  # does, on the gradient scaled by the Hessian's Cholesky factor (the remaining Newton step in
+  # standard-error units), taking the smaller of scaled and raw per parameter.
+  scaled <- tryCatch({
+    hessian <- solve(fit$sdr$cov.fixed)
+    max(pmin(abs(solve(chol(hessian), gradient)), abs(gradient)))
+  }, error = function(e) NaN)
   convergence <- list(
-    converged = pd_hess && optimizer_ok && is.finite(max_gradient) &&
-      max_gradient < job$gradient_tolerance,
+    converged = pd_hess && optimizer_ok && is.finite(scaled) &&
+      scaled < job$gradient_tolerance,
     pdHess = pd_hess,
     max_abs_gradient = max_gradient,
+    max_scaled_gradient = scaled,
     gradient_tolerance = job$gradient_tolerance,
     optimizer_code = as.integer(fit$fit$convergence),
     optimizer_message = as.character(fit$fit$message),
@@ -154,7 +162,11 @@ fit_one <- function(panel_path, out_dir) {
   write_tsv(variance_table(fit), file.path(out_dir, "variance_components.tsv"))
   write_json(convergence, file.path(out_dir, "convergence.json"), auto_unbox = TRUE,
              digits = NA, pretty = TRUE)
-  if (isTRUE(job$save_model)) saveRDS(fit, file.path(out_dir, "model.rds"))
+  if (isTRUE(job$save_model)) {
+    # The identifiers travel with the model so the diagnostics can label their residuals.
+    attr(fit, "canopy_ids") <- panel[, c("prompt_uid", "family", "variant", "task")]
+    saveRDS(fit, file.path(out_dir, "model.rds"))
+  }
 }
 
 for (entry in job$jobs) {
