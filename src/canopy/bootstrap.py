@@ -188,10 +188,14 @@ def paired_bootstrap(
 
     wide = panel.pivot(index=["family", "task", "prompt_id"], columns="variant", values=metrics)
     # A prompt is paired when both variants have a row; a row's metric values may still be NaN.
-    present = panel.assign(_present=True).pivot(
-        index=["family", "task", "prompt_id"], columns="variant", values="_present"
+    present = (
+        panel.groupby(["family", "task", "prompt_id", "variant"], sort=True)
+        .size()
+        .unstack("variant", fill_value=0)
+        .reindex(columns=["base", "finetuned"], fill_value=0)
+        .reindex(wide.index, fill_value=0)
+        > 0
     )
-    present = present.reindex(columns=["base", "finetuned"]).fillna(False).astype(bool)
     unpaired = ~(present["base"] & present["finetuned"])
     if unpaired.any():
         lost = present.index[unpaired.to_numpy()]
