@@ -1,0 +1,223 @@
+"""What every figure shares besides its look: settings validation, table loading, small helpers.
+
+Figure functions take plain DataFrames (the concatenation of the per-(family, variant, task)
+tables with those three columns added), so a notebook or a test can draw them from synthetic
+frames; :func:`read_matrix_tables` builds such a frame from the workflow's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from canopy.figures.style import FULL_WIDTH, VARIANTS
+
+__all__ = [
+    "TableKey",
+    "FigureSettings",
+    "keyed_paths",
+    "read_matrix_tables",
+    "require_columns",
+    "check_variants",
+    "ordered_families",
+    "ordered_tasks",
+    "standard_error",
+]
+
+#: (family, variant, task) of one table of the experiment matrix.
+TableKey = tuple[str, str, str]
+
+_S = TypeVar("_S", bound="FigureSettings")
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureSettings:
+    """Settings every figure has; each figure's settings class adds its own.
+
+    ``width`` and ``height`` are in inches (the paper's column is about 3.4 in wide, the full page
+    about 7 in); ``height`` None picks a height from the number of panel rows. ``dpi`` applies to
+    the PNG (the PDF is vector).
+    """
+
+    #: The figure's key under ``config["figures"]``; used in error messages.
+    figure: ClassVar[str] = "figure"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+
+    @classmethod
+    def from_config(cls: type[_S], config: Mapping[str, Any] | None) -> _S:
+        """Build the settings from the figure's config subtree, rejecting unknown keys by name."""
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"figures.{cls.figure} must be a mapping of settings, got {type(config).__name__}"
+            )
+        allowed = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(config) - set(allowed))
+        if unknown:
+            names = ", ".join(f"figures.{cls.figure}.{key}" for key in unknown)
+            raise ValueError(
+                f"unknown figure setting {names}; allowed keys: {', '.join(allowed)}"
+            )
+        return cls(**dict(config))
+
+    def __post_init__(self) -> None:
+        self._positive_number("width")
+        if self.height is not None:
+            self._positive_number("height")
+        self._positive_int("dpi")
+        if "tasks" in {field.name for field in dataclasses.fields(self)}:
+            tasks = getattr(self, "tasks")
+            if tasks is not None:
+                if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+                    self._fail("tasks", tasks, "a list of task names (or null for all tasks)")
+                if len(tasks) == 0:
+                    self._fail("tasks", tasks, "a non-empty list (or null for all tasks)")
+                # Frozen dataclasses must stay hashable: store the list as a tuple.
+                object.__setattr__(self, "tasks", tuple(tasks))
+
+    def figure_height(self, rows: int, row_height: float, extra: float) -> float:
+        """``height`` if set, otherwise ``rows * row_height + extra`` (legend and labels)."""
+        return self.height if self.height is not None else rows * row_height + extra
+
+    # Validation helpers used by the subclasses' __post_init__.
+    def _fail(self, name: str, value: Any, expected: str) -> None:
+        raise ValueError(f"figures.{self.figure}.{name} = {value!r}: expected {expected}")
+
+    def _positive_number(self, name: str) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value <= 0:
+            self._fail(name, value, "a positive number")
+
+    def _positive_int(self, name: str, allow_none: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            self._fail(name, value, "a positive integer" + (" or null" if allow_none else ""))
+
+    def _bool(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, bool):
+            self._fail(name, value, "true or false")
+
+    def _choice(self, name: str, choices: Sequence[str]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            self._fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def keyed_paths(
+    matrix: Sequence[Sequence[str]], paths: Sequence[str | os.PathLike[str]]
+) -> dict[TableKey, str | os.PathLike[str]]:
+    """Pair the workflow's ``params.matrix`` (family, variant, task triples) with its input paths."""
+    if len(matrix) != len(paths):
+        raise ValueError(
+            f"{len(matrix)} (family, variant, task) keys but {len(paths)} input files: "
+            "the rule's params.matrix and its input list must have the same order and length"
+        )
+    keyed: dict[TableKey, str | os.PathLike[str]] = {}
+    for key, path in zip(matrix, paths):
+        family, variant, task = key
+        keyed[(str(family), str(variant), str(task))] = path
+    return keyed
+
+
+def read_matrix_tables(
+    paths: Mapping[TableKey, str | os.PathLike[str]],
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Concatenate one parquet table per (family, variant, task), adding those three columns.
+
+    Only ``columns`` are read (rollout tables hold per-step lists and text and can be large).
+    A table that lacks one of them raises an error naming the file and the missing columns.
+    """
+    if not paths:
+        raise ValueError("no input tables were given")
+    frames = []
+    for (family, variant, task), path in paths.items():
+        if variant not in VARIANTS:
+            raise ValueError(f"{path}: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        if columns is not None:
+            present = set(pq.read_schema(path).names)
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise ValueError(
+                    f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(sorted(present))}); "
+                    "rebuild it with the current version of the stage that writes it"
+                )
+        table = pd.read_parquet(path, columns=list(columns) if columns is not None else None)
+        table.insert(0, "task", task)
+        table.insert(0, "variant", variant)
+        table.insert(0, "family", family)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """Raise a clear error when ``frame`` lacks any of ``columns``."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"the {what} table lacks column(s) {', '.join(missing)}; "
+            f"it has {', '.join(map(str, frame.columns))}"
+        )
+
+
+def check_variants(frame: pd.DataFrame, what: str) -> list[str]:
+    """The variants present in ``frame`` in drawing order; unknown variant names raise."""
+    present = set(frame["variant"].astype(str))
+    unknown = sorted(present - set(VARIANTS))
+    if unknown:
+        raise ValueError(
+            f"the {what} table has variant(s) {', '.join(unknown)}; expected {', '.join(VARIANTS)}"
+        )
+    return [v for v in VARIANTS if v in present]
+
+
+def ordered_families(frame: pd.DataFrame) -> list[str]:
+    """Families in the order they first appear (the config's order when loaded by the workflow)."""
+    return [str(f) for f in pd.unique(frame["family"])]
+
+
+def ordered_tasks(frame: pd.DataFrame, tasks: Sequence[str] | None, what: str) -> list[str]:
+    """The tasks to draw: ``tasks`` in the given order, or all tasks in order of appearance."""
+    present = [str(t) for t in pd.unique(frame["task"])]
+    if tasks is None:
+        return present
+    missing = [t for t in tasks if t not in present]
+    if missing:
+        raise ValueError(
+            f"the {what} table has no rows for task(s) {', '.join(missing)} named in the figure's "
+            f"'tasks' setting (tasks present: {', '.join(present)})"
+        )
+    return list(tasks)
+
+
+def standard_error(values: np.ndarray | pd.Series) -> float:
+    """Standard error of the mean of the finite ``values`` (NaN with fewer than two)."""
+    array = np.asarray(values, dtype=float)
+    array = array[np.isfinite(array)]
+    if array.size < 2:
+        return float("nan")
+    return float(array.std(ddof=1) / np.sqrt(array.size))
+
+
+def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a TSV (statistics outputs) or parquet table by its suffix."""
+    suffix = Path(path).suffix
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep="\t")

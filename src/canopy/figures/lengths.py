@@ -1,0 +1,188 @@
+"""Figure 3: sequence-length distributions (N, EOS step included), base vs fine-tuned.
+
+One panel per (family, task). Each variant's lengths are drawn as a histogram of the share of
+its rollouts per bin over bins shared by both variants, so the two outlines compare directly.
+A dashed line marks the ``max_new_tokens`` cap: rollouts piled up there were truncated (no EOS),
+which biases CE* downwards, so a reader must see how many there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from canopy.figures.common import (
+    FigureSettings,
+    TableKey,
+    check_variants,
+    ordered_families,
+    ordered_tasks,
+    read_matrix_tables,
+    require_columns,
+)
+from canopy.figures.style import (
+    FULL_WIDTH,
+    NEUTRAL_COLOR,
+    VARIANT_COLORS,
+    VARIANT_LABELS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    label_grid,
+    save_figure,
+    variant_handles,
+)
+
+__all__ = [
+    "LengthsSettings",
+    "LENGTH_COLUMNS",
+    "length_bins",
+    "infer_length_cap",
+    "plot_lengths",
+    "render_lengths",
+]
+
+#: Rollout-table columns the figure reads (the rest of a rollout table can be large).
+LENGTH_COLUMNS = ["prompt_id", "n_steps", "hit_eos"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthsSettings(FigureSettings):
+    """Settings of the lengths figure (``config["figures"]["lengths"]``).
+
+    ``bins``: number of histogram bins per panel. ``log_scale``: logarithmic length axis with
+    log-spaced bins (for lengths spanning orders of magnitude).
+    """
+
+    figure = "lengths"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    tasks: tuple[str, ...] | None = None
+    bins: int = 30
+    log_scale: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._positive_int("bins")
+        self._bool("log_scale")
+
+
+def infer_length_cap(rollouts: pd.DataFrame) -> int | None:
+    """The ``max_new_tokens`` cap as seen in the data: the longest rollout that hit no EOS.
+
+    None when every rollout ended on EOS (the cap is then not visible in the data).
+    """
+    truncated = rollouts.loc[~rollouts["hit_eos"].astype(bool), "n_steps"]
+    return int(truncated.max()) if len(truncated) else None
+
+
+def length_bins(lengths: np.ndarray, bins: int, log_scale: bool) -> np.ndarray:
+    """Bin edges shared by both variants of a panel: linear, or log-spaced for ``log_scale``."""
+    lengths = np.asarray(lengths, dtype=float)
+    low, high = float(lengths.min()), float(lengths.max())
+    if log_scale:
+        low = max(low, 1.0)
+        if high <= low:
+            high = low * 1.5
+        return np.geomspace(low, high * 1.0001, bins + 1)
+    # Edges at half-integers keep every integer length inside one bin; with fewer distinct
+    # lengths than bins, one bin per length avoids a comb of empty bins.
+    if high - low + 1 <= bins:
+        return np.arange(low - 0.5, high + 1.0, 1.0)
+    return np.linspace(low - 0.5, high + 0.5, bins + 1)
+
+
+def plot_lengths(
+    rollouts: pd.DataFrame, settings: LengthsSettings, max_new_tokens: int | None = None
+) -> Figure:
+    """Draw the length histograms from the concatenated rollout tables.
+
+    ``max_new_tokens`` marks the sampling cap; None infers it from truncated rollouts (the
+    longest rollout without EOS) and draws no line when there are none.
+    """
+    require_columns(rollouts, ["family", "variant", "task", "n_steps", "hit_eos"], "rollouts")
+    variants = check_variants(rollouts, "rollouts")
+    tasks = ordered_tasks(rollouts, settings.tasks, "rollouts")
+    families = ordered_families(rollouts)
+    rollouts = rollouts[rollouts["task"].isin(tasks)]
+    if (rollouts["n_steps"] < 1).any():
+        bad = rollouts.loc[rollouts["n_steps"] < 1].iloc[0]
+        raise ValueError(
+            f"{bad['family']}/{bad['variant']}/{bad['task']}: a rollout with n_steps "
+            f"{bad['n_steps']} < 1 (N counts the EOS step, so every rollout has at least one)"
+        )
+    cap = max_new_tokens if max_new_tokens is not None else infer_length_cap(rollouts)
+
+    height = settings.figure_height(len(families), 1.3, 0.45)
+    with figure_style():
+        figure = new_figure(settings.width, height)
+        axes = figure.subplots(len(families), len(tasks), squeeze=False)
+        for row, family in enumerate(families):
+            for column, task in enumerate(tasks):
+                ax = axes[row, column]
+                panel = rollouts[(rollouts["family"] == family) & (rollouts["task"] == task)]
+                lengths = panel["n_steps"].to_numpy(dtype=float)
+                if lengths.size:
+                    edges = length_bins(
+                        np.append(lengths, cap) if cap is not None else lengths,
+                        settings.bins, settings.log_scale,
+                    )
+                    for variant in variants:
+                        values = panel.loc[panel["variant"] == variant, "n_steps"]
+                        values = values.to_numpy(dtype=float)
+                        if values.size == 0:
+                            continue
+                        weights = np.full(values.size, 1.0 / values.size)
+                        color = VARIANT_COLORS[variant]
+                        ax.hist(
+                            values, bins=edges, weights=weights, histtype="stepfilled",
+                            color=color, alpha=0.25, linewidth=0,
+                        )
+                        ax.hist(
+                            values, bins=edges, weights=weights, histtype="step", color=color,
+                            linewidth=1.0, label=VARIANT_LABELS[variant],
+                            gid=f"hist/{family}/{variant}/{task}",
+                        )
+                if cap is not None:
+                    ax.axvline(cap, color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8,
+                               gid="cap")
+                if settings.log_scale:
+                    ax.set_xscale("log")
+                if row == len(families) - 1:
+                    ax.set_xlabel("length $N$ (tokens)")
+                if column == 0:
+                    ax.set_ylabel("share of rollouts")
+        label_grid(axes, families, tasks)
+        handles = variant_handles(variants, kind="patch")
+        if cap is not None:
+            handles.append(
+                Line2D([], [], color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8,
+                       label=f"max_new_tokens = {cap}")
+            )
+        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
+        return finish_figure(figure)
+
+
+def render_lengths(
+    rollout_paths: Mapping[TableKey, str | os.PathLike[str]],
+    settings: Mapping[str, Any] | LengthsSettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    max_new_tokens: int | None = None,
+) -> Figure:
+    """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
+    if not isinstance(settings, LengthsSettings):
+        settings = LengthsSettings.from_config(settings)
+    rollouts = read_matrix_tables(rollout_paths, columns=LENGTH_COLUMNS)
+    figure = plot_lengths(rollouts, settings, max_new_tokens=max_new_tokens)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure

@@ -1,0 +1,231 @@
+"""Figure 6: DHARMa-style diagnostics of the Beta GLMM.
+
+Scaled (quantile) residuals are the share of responses simulated from the fitted model that fall
+below the observed one; for a well-specified model they are uniform on [0, 1] whatever the
+response distribution. Left: their QQ plot against uniform quantiles, with the KS, dispersion and
+outlier tests' p-values (whichever the diagnostics stage wrote). Right: scaled residual against
+the rank-transformed prediction, with the empirical 25/50/75 % quantiles of the residuals in
+equal-count bins of the prediction; for a good fit these lie on the dashed lines at 0.25/0.5/0.75.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
+from canopy.figures.style import (
+    FULL_WIDTH,
+    NEUTRAL_COLOR,
+    VARIANT_COLORS,
+    VARIANTS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    save_figure,
+    variant_handles,
+)
+from canopy.io import read_json
+
+__all__ = [
+    "ResidualsSettings",
+    "RESIDUAL_COLUMNS",
+    "QUANTILE_LEVELS",
+    "diagnostic_p_values",
+    "uniform_qq",
+    "binned_quantiles",
+    "plot_residuals",
+    "render_residuals",
+]
+
+#: Columns of ``diagnostics/residuals.tsv`` the figure reads.
+RESIDUAL_COLUMNS = ["variant", "predicted", "scaled_residual"]
+#: Residual quantiles drawn against the prediction (DHARMa draws the same three).
+QUANTILE_LEVELS = (0.25, 0.5, 0.75)
+
+# Known test keys of tests.json and how the figure names them, in display order.
+_KNOWN_TESTS = {"ks_p": "KS", "dispersion_p": "dispersion", "outlier_p": "outliers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualsSettings(FigureSettings):
+    """Settings of the residuals figure (``config["figures"]["residuals"]``).
+
+    ``quantile_bins``: number of equal-count bins of the rank-transformed prediction in which the
+    residual quantiles are computed. ``point_alpha``: opacity of the residual points.
+    """
+
+    figure = "residuals"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    quantile_bins: int = 10
+    point_alpha: float = 0.4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._positive_int("quantile_bins")
+        self._positive_number("point_alpha")
+        if self.point_alpha > 1:
+            self._fail("point_alpha", self.point_alpha, "a number in (0, 1]")
+
+
+def diagnostic_p_values(tests: Mapping[str, Any]) -> dict[str, float]:
+    """Display name -> p-value for every test p-value found in ``tests.json``.
+
+    Reads defensively: the known keys ks_p, dispersion_p and outlier_p first, then any other
+    numeric entry whose key ends in ``_p``, ``p_value`` or ``pvalue``, also one level down in
+    nested objects (``{"ks": {"p_value": 0.3}}`` shows as "ks"). Missing or non-numeric values
+    are skipped rather than failing the figure.
+    """
+    found: dict[str, float] = {}
+
+    def number(value: Any) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+    for key, name in _KNOWN_TESTS.items():
+        value = number(tests.get(key))
+        if value is not None:
+            found[name] = value
+    suffixes = ("_p", "p_value", "pvalue", "p.value")
+    for key, value in tests.items():
+        if key in _KNOWN_TESTS:
+            continue
+        if isinstance(value, Mapping):
+            for inner_key, inner in value.items():
+                p = number(inner)
+                if p is not None and (inner_key in ("p", *suffixes) or inner_key.endswith(suffixes)):
+                    found.setdefault(str(key), p)
+                    break
+        elif key.endswith(suffixes):
+            p = number(value)
+            if p is not None:
+                found.setdefault(key.removesuffix("_p").removesuffix("_pvalue"), p)
+    return found
+
+
+def uniform_qq(residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(expected uniform quantiles (i - 0.5) / n, sorted residuals) for a QQ plot."""
+    observed = np.sort(np.asarray(residuals, dtype=float))
+    n = observed.size
+    expected = (np.arange(1, n + 1) - 0.5) / n
+    return expected, observed
+
+
+def binned_quantiles(
+    x: np.ndarray, y: np.ndarray, bins: int, levels: tuple[float, ...] = QUANTILE_LEVELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles of ``y`` in ``bins`` equal-count bins of ``x``.
+
+    Returns (bin centres as mean x of each bin, array of shape (bins, len(levels))). Fewer bins
+    are used when there are fewer points than bins.
+    """
+    order = np.argsort(np.asarray(x, dtype=float), kind="stable")
+    x_sorted, y_sorted = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
+    groups = [g for g in np.array_split(np.arange(x_sorted.size), min(bins, x_sorted.size)) if g.size]
+    centres = np.array([x_sorted[g].mean() for g in groups])
+    quantiles = np.array([np.quantile(y_sorted[g], levels) for g in groups])
+    return centres, quantiles.reshape(len(groups), len(levels))
+
+
+def plot_residuals(
+    residuals: pd.DataFrame, tests: Mapping[str, Any], settings: ResidualsSettings
+) -> Figure:
+    """Draw the QQ and residual-vs-prediction panels from ``residuals.tsv`` and ``tests.json``."""
+    require_columns(residuals, RESIDUAL_COLUMNS, "residuals")
+    variants = check_variants(residuals, "residuals")
+    scaled = residuals["scaled_residual"].to_numpy(dtype=float)
+    predicted = residuals["predicted"].to_numpy(dtype=float)
+    usable = np.isfinite(scaled) & np.isfinite(predicted)
+    if not usable.any():
+        raise ValueError("the residuals table has no row with a finite scaled residual and prediction")
+    if ((scaled[usable] < 0) | (scaled[usable] > 1)).any():
+        raise ValueError("scaled residuals must lie in [0, 1] (they are simulation quantiles); "
+                         "check the diagnostics stage's residuals.tsv")
+    residuals = residuals[usable]
+    scaled, predicted = scaled[usable], predicted[usable]
+    # Rank-transform the prediction to (0, 1) as DHARMa does, so points spread evenly along x.
+    rank = (pd.Series(predicted).rank(method="average").to_numpy() - 0.5) / predicted.size
+    p_values = diagnostic_p_values(tests)
+
+    # Side by side at full width; stacked at column width, where side by side would be cramped.
+    stacked = settings.width < 5.0
+    height = settings.figure_height(2 if stacked else 1, 2.3, 0.35)
+    with figure_style():
+        figure = new_figure(settings.width, height)
+        ax_qq, ax_res = figure.subplots(2, 1) if stacked else figure.subplots(1, 2)
+
+        expected, observed = uniform_qq(scaled)
+        ax_qq.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=0.8)
+        ax_qq.plot(expected, observed, linestyle="none", marker="o", markersize=1.5,
+                   color=NEUTRAL_COLOR, alpha=0.7, gid="qq", rasterized=True)
+        ax_qq.set_xlabel("expected (uniform quantile)")
+        ax_qq.set_ylabel("observed scaled residual")
+        title = "QQ plot"
+        if "KS" in p_values:
+            title += f" (KS p = {p_values['KS']:.3g})"
+        ax_qq.set_title(title)
+        if p_values:
+            text = "\n".join(f"{name} p = {value:.3g}" for name, value in p_values.items())
+            ax_qq.text(0.97, 0.03, text, transform=ax_qq.transAxes, ha="right", va="bottom",
+                       fontsize=6.5, bbox={"facecolor": "white", "edgecolor": "0.7",
+                                           "linewidth": 0.5, "boxstyle": "round,pad=0.3"})
+        ax_qq.set_xlim(0, 1)
+        ax_qq.set_ylim(0, 1)
+        ax_qq.set_aspect("equal", adjustable="box")
+
+        for variant in VARIANTS:
+            if variant not in variants:
+                continue
+            mask = (residuals["variant"] == variant).to_numpy()
+            ax_res.scatter(rank[mask], scaled[mask], s=2.5, color=VARIANT_COLORS[variant],
+                           alpha=settings.point_alpha, linewidths=0, gid=f"residuals/{variant}",
+                           rasterized=True)
+        for level in QUANTILE_LEVELS:
+            ax_res.axhline(level, color="0.5", linestyle="--", linewidth=0.7)
+        centres, quantiles = binned_quantiles(rank, scaled, settings.quantile_bins)
+        for j, level in enumerate(QUANTILE_LEVELS):
+            ax_res.plot(centres, quantiles[:, j], color=NEUTRAL_COLOR, linewidth=1.1,
+                        marker="o", markersize=1.8, gid=f"quantile/{level}")
+        ax_res.grid(False)  # the dashed reference quantiles are the only horizontal lines
+        ax_res.set_xlim(0, 1)
+        ax_res.set_ylim(0, 1)
+        ax_res.set_xlabel("prediction (rank-transformed)")
+        ax_res.set_ylabel("scaled residual")
+        ax_res.set_title("residual vs prediction")
+        handles = variant_handles(variants, kind="marker")
+        handles.append(Line2D([], [], color=NEUTRAL_COLOR, linewidth=1.1,
+                              label="25/50/75% quantiles"))
+        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
+        return finish_figure(figure)
+
+
+def render_residuals(
+    residuals_path: str | os.PathLike[str],
+    tests_path: str | os.PathLike[str],
+    settings: Mapping[str, Any] | ResidualsSettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+) -> Figure:
+    """Read ``residuals.tsv`` and ``tests.json``, draw and write PDF and PNG."""
+    if not isinstance(settings, ResidualsSettings):
+        settings = ResidualsSettings.from_config(settings)
+    residuals = read_table(residuals_path)
+    tests = read_json(tests_path)
+    if not isinstance(tests, Mapping):
+        raise ValueError(f"{tests_path}: expected a JSON object of test results, got "
+                         f"{type(tests).__name__}")
+    figure = plot_residuals(residuals, tests, settings)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure

@@ -1,0 +1,171 @@
+"""Figure 5: the headline, the entropy-rate slope of semantic diversity by variant.
+
+Left: the Beta GLMM's slope of logit D on the standardised mean entropy rate R_sc for base and
+fine-tuned models, with 95 % confidence intervals. Middle: their ratio (fine-tuned / base), one
+point per method in the slopes table (delta method, bootstrap), with the no-change line at 1.
+Right (optional): the panel's prompts, D against R̄ by variant, so the reader sees the data
+behind the slopes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
+from canopy.figures.style import (
+    FULL_WIDTH,
+    NEUTRAL_COLOR,
+    VARIANT_COLORS,
+    VARIANT_LABELS,
+    VARIANTS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    save_figure,
+    variant_handles,
+)
+
+__all__ = ["SlopesSettings", "SLOPE_COLUMNS", "plot_slopes", "render_slopes"]
+
+#: Columns of ``glmm/slopes.tsv`` the figure reads.
+SLOPE_COLUMNS = ["variant", "slope", "ci_low", "ci_high"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlopesSettings(FigureSettings):
+    """Settings of the slopes figure (``config["figures"]["slopes"]``).
+
+    ``show_scatter``: add the panel's D vs R̄ scatter (needs the panel file as input).
+    ``scatter_alpha``: opacity of the scatter points (many prompts overlap).
+    """
+
+    figure = "slopes"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    show_scatter: bool = True
+    scatter_alpha: float = 0.35
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._bool("show_scatter")
+        self._positive_number("scatter_alpha")
+        if self.scatter_alpha > 1:
+            self._fail("scatter_alpha", self.scatter_alpha, "a number in (0, 1]")
+
+
+def plot_slopes(
+    slopes: pd.DataFrame, settings: SlopesSettings, panel: pd.DataFrame | None = None
+) -> Figure:
+    """Draw slopes by variant with their CIs, the ratio, and optionally the D vs R̄ scatter.
+
+    ``slopes`` is ``glmm/slopes.tsv``: rows with variant base, finetuned and ratio (ratio rows
+    name their ``method``). ``panel`` (columns variant, D, R) is drawn when ``show_scatter``.
+    """
+    require_columns(slopes, SLOPE_COLUMNS, "slopes")
+    variant_rows = slopes[slopes["variant"].isin(VARIANTS)]
+    ratio_rows = slopes[slopes["variant"] == "ratio"]
+    unknown = sorted(set(slopes["variant"].astype(str)) - set(VARIANTS) - {"ratio"})
+    if unknown:
+        raise ValueError(f"the slopes table has unexpected variant(s) {', '.join(unknown)}")
+    if variant_rows.empty:
+        raise ValueError("the slopes table has no base or finetuned row")
+    variants = [v for v in VARIANTS if v in set(variant_rows["variant"])]
+    scatter = settings.show_scatter and panel is not None
+    if settings.show_scatter and panel is None:
+        raise ValueError("show_scatter is true but no panel was given: pass the panel table "
+                         "or set figures.slopes.show_scatter to false")
+    if scatter:
+        require_columns(panel, ["variant", "D", "R"], "panel")
+        check_variants(panel, "panel")
+
+    height = settings.figure_height(1, 2.3, 0.3)
+    ratios = [1.1] + ([1.0] if not ratio_rows.empty else []) + ([2.2] if scatter else [])
+    with figure_style():
+        figure = new_figure(settings.width, height)
+        grid = figure.add_gridspec(1, len(ratios), width_ratios=ratios)
+        ax_slope = figure.add_subplot(grid[0, 0])
+        for i, variant in enumerate(variants):
+            row = variant_rows[variant_rows["variant"] == variant].iloc[0]
+            _interval(ax_slope, i, row, VARIANT_COLORS[variant], f"slope/{variant}")
+        ax_slope.axhline(0.0, color=NEUTRAL_COLOR, linewidth=0.6)
+        ax_slope.set_xticks(range(len(variants)), [VARIANT_LABELS[v] for v in variants])
+        ax_slope.set_xlim(-0.6, len(variants) - 0.4)
+        ax_slope.set_ylabel(r"slope of logit $D$ per SD of $\bar R$")
+        ax_slope.set_title("slope (95% CI)")
+
+        if not ratio_rows.empty:
+            ax_ratio = figure.add_subplot(grid[0, 1])
+            if "method" in ratio_rows.columns:
+                methods = [str(m) for m in ratio_rows["method"]]
+            else:
+                methods = ["ratio"] * len(ratio_rows)
+            for i, (method, (_, row)) in enumerate(zip(methods, ratio_rows.iterrows())):
+                _interval(ax_ratio, i, row, NEUTRAL_COLOR, f"ratio/{method}")
+                ax_ratio.annotate(
+                    f"{row['slope']:.2f}", (i, row["slope"]), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=6,
+                )
+            ax_ratio.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
+            ax_ratio.set_xticks(range(len(methods)), methods)
+            ax_ratio.set_xlim(-0.6, len(methods) - 0.4)
+            ax_ratio.set_ylabel("Fine-tuned / Base slope")
+            ax_ratio.set_title("ratio (95% CI)")
+
+        if scatter:
+            ax_scatter = figure.add_subplot(grid[0, len(ratios) - 1])
+            for variant in variants:
+                part = panel[panel["variant"] == variant]
+                ax_scatter.scatter(
+                    part["R"].to_numpy(dtype=float), part["D"].to_numpy(dtype=float), s=3,
+                    color=VARIANT_COLORS[variant], alpha=settings.scatter_alpha, linewidths=0,
+                    label=VARIANT_LABELS[variant], gid=f"scatter/{variant}", rasterized=True,
+                )
+            ax_scatter.set_xlabel(r"mean entropy rate $\bar R$ (nats/token)")
+            ax_scatter.set_ylabel("semantic diversity $D$")
+            ax_scatter.set_title("prompts")
+            ax_scatter.legend(handles=variant_handles(variants, kind="marker"), loc="best")
+        return finish_figure(figure)
+
+
+def render_slopes(
+    slopes_path: str | os.PathLike[str],
+    settings: Mapping[str, Any] | SlopesSettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    panel_path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Read ``glmm/slopes.tsv`` (and the panel when scattering), draw and write PDF and PNG."""
+    if not isinstance(settings, SlopesSettings):
+        settings = SlopesSettings.from_config(settings)
+    slopes = read_table(slopes_path)
+    panel = None
+    if settings.show_scatter:
+        if panel_path is None:
+            raise ValueError("figures.slopes.show_scatter is true but no panel file was given")
+        panel = pd.read_parquet(panel_path, columns=["family", "variant", "task", "D", "R"])
+    figure = plot_slopes(slopes, settings, panel)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure
+
+
+def _interval(ax: Any, x: float, row: pd.Series, color: str, gid: str) -> None:
+    """A point estimate with its (possibly asymmetric) confidence interval."""
+    estimate = float(row["slope"])
+    low, high = float(row["ci_low"]), float(row["ci_high"])
+    error = np.array([[estimate - low], [high - estimate]])
+    if not np.all(np.isfinite(error)):
+        error = None
+    else:
+        # A percentile interval may exclude its own point estimate; draw no negative arm.
+        error = np.clip(error, 0.0, None)
+    ax.errorbar([x], [estimate], yerr=error, fmt="o", color=color, markersize=3.5,
+                elinewidth=1.0, capsize=2.5, gid=gid)

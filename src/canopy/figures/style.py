@@ -1,0 +1,173 @@
+"""Shared look of the paper's figures: variant names and colours, the Matplotlib style, saving.
+
+Every figure is drawn inside :func:`figure_style` (the rc settings of ``canopy.mplstyle``) on a
+:class:`matplotlib.figure.Figure` created without pyplot, so plotting never touches global
+pyplot state and works on any backend. The workflow declares this module and the style file as
+inputs of every figure rule: Snakemake does not track imported modules, so that is what makes an
+edit here redraw all figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib as mpl
+import matplotlib.style
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.artist import Artist
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from canopy.io import atomic_path
+
+__all__ = [
+    "VARIANTS",
+    "VARIANT_LABELS",
+    "VARIANT_COLORS",
+    "NEUTRAL_COLOR",
+    "COLUMN_WIDTH",
+    "FULL_WIDTH",
+    "STYLE_PATH",
+    "figure_style",
+    "new_figure",
+    "finish_figure",
+    "save_figure",
+    "variant_handles",
+    "label_grid",
+    "set_category_ticks",
+]
+
+#: The two variants of every model family, in the order they are drawn.
+VARIANTS: tuple[str, ...] = ("base", "finetuned")
+#: How the variants are named in legends and tick labels.
+VARIANT_LABELS: dict[str, str] = {"base": "Base", "finetuned": "Fine-tuned"}
+#: Fixed colours (Okabe-Ito blue and vermillion: distinct for colour-blind readers and in grey).
+VARIANT_COLORS: dict[str, str] = {"base": "#0072B2", "finetuned": "#D55E00"}
+#: Reference lines, totals and anything that belongs to no variant.
+NEUTRAL_COLOR = "#333333"
+
+#: Width in inches of one column and of the full page of a two-column paper.
+COLUMN_WIDTH = 3.4
+FULL_WIDTH = 7.0
+
+STYLE_PATH = Path(__file__).with_name("canopy.mplstyle")
+
+
+@contextlib.contextmanager
+def figure_style() -> Iterator[None]:
+    """Apply the paper's rc settings for the duration of the block (restored afterwards)."""
+    with mpl.style.context(STYLE_PATH):
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A pyplot-free figure of ``width`` x ``height`` inches with constrained layout.
+
+    Call it inside :func:`figure_style` so that the figure picks up the paper's settings.
+    """
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def finish_figure(figure: Figure) -> Figure:
+    """Pin the style's tick settings onto every axes.
+
+    Matplotlib creates tick labels lazily, reading rcParams when they are first drawn; a figure
+    returned from inside :func:`figure_style` and shown later (say in a notebook) would otherwise
+    get default-sized ticks. Storing the sizes on each axis makes it look the same wherever it is
+    drawn. (:func:`save_figure` draws inside the style anyway.)
+    """
+    rc = mpl.rcParams
+    for axes in figure.axes:
+        for axis_name in ("x", "y"):
+            axes.tick_params(
+                axis=axis_name,
+                which="major",
+                labelsize=rc[f"{axis_name}tick.labelsize"],
+                width=rc[f"{axis_name}tick.major.width"],
+                length=rc[f"{axis_name}tick.major.size"],
+                pad=rc[f"{axis_name}tick.major.pad"],
+            )
+            axes.tick_params(
+                axis=axis_name, which="minor", length=rc[f"{axis_name}tick.minor.size"]
+            )
+    return figure
+
+
+def save_figure(
+    figure: Figure,
+    pdf: str | os.PathLike[str] | None,
+    png: str | os.PathLike[str] | None,
+    dpi: int = 300,
+) -> None:
+    """Write ``figure`` as PDF and/or PNG, each atomically (temporary file, then rename).
+
+    The PDF carries no creation date, so redrawing unchanged data gives an identical file.
+    """
+    with figure_style():
+        if pdf is not None:
+            with atomic_path(pdf) as tmp:
+                figure.savefig(tmp, format="pdf", metadata={"CreationDate": None})
+        if png is not None:
+            with atomic_path(png) as tmp:
+                figure.savefig(tmp, format="png", dpi=dpi)
+
+
+def variant_handles(variants: list[str] | tuple[str, ...], kind: str = "patch") -> list[Artist]:
+    """Legend handles naming each variant ("Base", "Fine-tuned") in its colour.
+
+    ``kind`` "patch" suits bars, histograms and bands, "line" lines, "marker" scatter points.
+    """
+    handles: list[Artist] = []
+    for variant in variants:
+        color, label = VARIANT_COLORS[variant], VARIANT_LABELS[variant]
+        if kind == "patch":
+            handles.append(Patch(facecolor=color, edgecolor=color, alpha=0.8, label=label))
+        elif kind == "line":
+            handles.append(Line2D([], [], color=color, label=label))
+        elif kind == "marker":
+            handles.append(
+                Line2D([], [], color=color, marker="o", linestyle="none", label=label)
+            )
+        else:
+            raise ValueError(f"kind must be 'patch', 'line' or 'marker', got {kind!r}")
+    return handles
+
+
+def label_grid(axes: np.ndarray, row_labels: list[str], column_labels: list[str]) -> None:
+    """Facet labels of a panel grid: column names as titles of the top row, row names as
+    vertical strips right of the last column (one label per row, not per panel, saves room)."""
+    for column, label in enumerate(column_labels):
+        axes[0, column].set_title(label)
+    if len(row_labels) == 1 and len(column_labels) > 1:
+        # A single row needs no strip: say the row's name in the titles instead.
+        for column, label in enumerate(column_labels):
+            axes[0, column].set_title(f"{row_labels[0]} · {label}")
+        return
+    for row, label in enumerate(row_labels):
+        axes[row, -1].annotate(
+            label, xy=(1.02, 0.5), xycoords="axes fraction", rotation=270, ha="left",
+            va="center", fontweight="bold", fontsize=mpl.rcParams["axes.titlesize"],
+        )
+
+
+def set_category_ticks(axes: Axes, positions: np.ndarray, labels: list[str], width: float) -> None:
+    """Category tick labels that stay readable: slanted when they would not fit side by side.
+
+    ``width`` is the panel's width in inches; a label needs roughly 0.6 em per character.
+    """
+    size_in = mpl.rcParams["xtick.labelsize"]
+    if isinstance(size_in, str):  # "small" etc.: fall back to the default font size
+        size_in = mpl.rcParams["font.size"]
+    char_width = 0.6 * float(size_in) / 72.0
+    needed = sum(len(label) * char_width + 0.08 for label in labels)
+    axes.set_xticks(positions, labels)
+    if needed > 0.7 * width:  # the axes get about 70 % of a panel: the rest is labels
+        axes.tick_params(axis="x", labelrotation=30)
+        for text in axes.get_xticklabels():
+            text.set_horizontalalignment("right")
+            text.set_rotation_mode("anchor")

@@ -1,0 +1,153 @@
+"""Figure 2: mean per-step entropy by generation step, base vs fine-tuned, with an SE band.
+
+One panel per (family, task): rows are families, columns tasks. The input is the entropy stage's
+trajectory tables (position, mean_entropy, se, n_active): the mean of h_t over the rollouts still
+running at step t. Late steps are averaged over few rollouts, so ``min_active`` hides positions
+with too few of them, and ``max_positions`` cuts the x axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from canopy.figures.common import (
+    FigureSettings,
+    TableKey,
+    check_variants,
+    ordered_families,
+    ordered_tasks,
+    read_matrix_tables,
+    require_columns,
+)
+from canopy.figures.style import (
+    FULL_WIDTH,
+    VARIANT_COLORS,
+    VARIANT_LABELS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    label_grid,
+    save_figure,
+    variant_handles,
+)
+
+__all__ = [
+    "TrajectorySettings",
+    "TRAJECTORY_COLUMNS",
+    "trajectory_lines",
+    "plot_trajectory",
+    "render_trajectory",
+]
+
+#: Trajectory-table columns the figure reads.
+TRAJECTORY_COLUMNS = ["position", "mean_entropy", "se", "n_active"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectorySettings(FigureSettings):
+    """Settings of the trajectory figure (``config["figures"]["trajectory"]``).
+
+    ``max_positions``: draw steps 1..max_positions only (null: all). ``min_active``: hide steps
+    averaged over fewer rollouts than this. ``band_se``: half-width of the band in standard
+    errors (1: ±1 SE; 1.96: a 95 % interval). ``log_x``: logarithmic step axis.
+    """
+
+    figure = "trajectory"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    tasks: tuple[str, ...] | None = None
+    max_positions: int | None = None
+    min_active: int = 5
+    band_se: float = 1.0
+    log_x: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._positive_int("max_positions", allow_none=True)
+        self._positive_int("min_active")
+        self._positive_number("band_se")
+        self._bool("log_x")
+
+
+def trajectory_lines(trajectory: pd.DataFrame, settings: TrajectorySettings) -> pd.DataFrame:
+    """The rows that are drawn: positions within ``max_positions`` with enough active rollouts."""
+    require_columns(trajectory, ["family", "variant", "task", *TRAJECTORY_COLUMNS], "trajectory")
+    keep = trajectory["n_active"] >= settings.min_active
+    if settings.max_positions is not None:
+        keep &= trajectory["position"] <= settings.max_positions
+    return trajectory[keep].sort_values(["family", "variant", "task", "position"], kind="stable")
+
+
+def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> Figure:
+    """Draw the per-step entropy trajectories from the concatenated trajectory tables."""
+    require_columns(trajectory, ["family", "variant", "task"], "trajectory")
+    variants = check_variants(trajectory, "trajectory")
+    tasks = ordered_tasks(trajectory, settings.tasks, "trajectory")
+    families = ordered_families(trajectory)
+    lines = trajectory_lines(trajectory[trajectory["task"].isin(tasks)], settings)
+
+    height = settings.figure_height(len(families), 1.35, 0.45)
+    with figure_style():
+        figure = new_figure(settings.width, height)
+        axes = figure.subplots(len(families), len(tasks), squeeze=False, sharex=True, sharey="row")
+        for row, family in enumerate(families):
+            for column, task in enumerate(tasks):
+                ax = axes[row, column]
+                for variant in variants:
+                    part = lines[
+                        (lines["family"] == family)
+                        & (lines["variant"] == variant)
+                        & (lines["task"] == task)
+                    ]
+                    if part.empty:
+                        continue
+                    position = part["position"].to_numpy(dtype=float)
+                    mean = part["mean_entropy"].to_numpy(dtype=float)
+                    half = settings.band_se * part["se"].to_numpy(dtype=float)
+                    color = VARIANT_COLORS[variant]
+                    ax.fill_between(
+                        position, mean - half, mean + half, color=color, alpha=0.25,
+                        linewidth=0, gid=f"band/{family}/{variant}/{task}",
+                    )
+                    ax.plot(
+                        position, mean, color=color, linewidth=1.0,
+                        label=VARIANT_LABELS[variant], gid=f"line/{family}/{variant}/{task}",
+                    )
+                if settings.log_x:
+                    ax.set_xscale("log")
+                if row == len(families) - 1:
+                    ax.set_xlabel("step $t$ (tokens)")
+                if column == 0:
+                    ax.set_ylabel("mean $h_t$ (nats/token)")
+                ax.set_ylim(bottom=0.0)
+        label_grid(axes, families, tasks)
+        handles = variant_handles(variants, kind="line")
+        band = "±1 SE" if settings.band_se == 1.0 else f"±{settings.band_se:g} SE"
+        handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0, label=band))
+        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
+        return finish_figure(figure)
+
+
+def render_trajectory(
+    trajectory_paths: Mapping[TableKey, str | os.PathLike[str]],
+    settings: Mapping[str, Any] | TrajectorySettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+) -> Figure:
+    """Read the trajectory tables, draw the figure and write it as PDF and PNG."""
+    if not isinstance(settings, TrajectorySettings):
+        settings = TrajectorySettings.from_config(settings)
+    trajectory = read_matrix_tables(trajectory_paths, columns=TRAJECTORY_COLUMNS)
+    figure = plot_trajectory(trajectory, settings)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure
+

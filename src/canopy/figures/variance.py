@@ -1,0 +1,189 @@
+"""Figure 4: how much rollouts of one prompt vary, base vs fine-tuned.
+
+For every prompt the within-prompt sample variance (ddof 1) over its M rollouts is computed for
+the summed entropy H_i, the length N_i and the entropy rate r_i = H_i / N_i. The figure shows the
+distribution of those variances across prompts: rows are families, columns the three
+quantities, and each task is a pair of box plots (Base, Fine-tuned) on a log axis by default.
+A variance of exactly zero (e.g. every rollout truncated at the same length) has no place on a
+log axis; such prompts are counted in the panel instead of silently vanishing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from canopy.figures.common import (
+    FigureSettings,
+    TableKey,
+    check_variants,
+    ordered_families,
+    ordered_tasks,
+    read_matrix_tables,
+    require_columns,
+)
+from canopy.figures.style import (
+    FULL_WIDTH,
+    VARIANT_COLORS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    label_grid,
+    save_figure,
+    set_category_ticks,
+    variant_handles,
+)
+
+__all__ = [
+    "VarianceSettings",
+    "VARIANCE_COLUMNS",
+    "VARIANCE_QUANTITIES",
+    "within_prompt_variances",
+    "plot_variance",
+    "render_variance",
+]
+
+log = logging.getLogger(__name__)
+
+#: Rollout-table columns the figure reads.
+VARIANCE_COLUMNS = ["prompt_id", "n_steps", "sum_entropy"]
+
+#: column of :func:`within_prompt_variances` -> (panel title, axis label with units).
+VARIANCE_QUANTITIES: dict[str, tuple[str, str]] = {
+    "var_entropy": ("summed entropy $H_i$", r"Var$(H_i)$ (nats$^2$)"),
+    "var_length": ("length $N_i$", r"Var$(N_i)$ (tokens$^2$)"),
+    "var_rate": ("entropy rate $r_i$", r"Var$(r_i)$ ((nats/token)$^2$)"),
+}
+
+_BOX_WIDTH = 0.36
+
+
+@dataclasses.dataclass(frozen=True)
+class VarianceSettings(FigureSettings):
+    """Settings of the variance figure (``config["figures"]["variance"]``).
+
+    ``log_scale``: logarithmic variance axis (variances across prompts span orders of magnitude).
+    ``show_outliers``: draw the points beyond the whiskers.
+    """
+
+    figure = "variance"
+
+    width: float = FULL_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    tasks: tuple[str, ...] | None = None
+    log_scale: bool = True
+    show_outliers: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._bool("log_scale")
+        self._bool("show_outliers")
+
+
+def within_prompt_variances(rollouts: pd.DataFrame) -> pd.DataFrame:
+    """Per (family, variant, task, prompt): the sample variances (ddof 1) of H_i, N_i and r_i.
+
+    Returns columns family, variant, task, prompt_id, n_rollouts, var_entropy, var_length,
+    var_rate; a prompt with a single rollout gets NaN variances.
+    """
+    keys = ["family", "variant", "task", "prompt_id"]
+    require_columns(rollouts, [*keys, "n_steps", "sum_entropy"], "rollouts")
+    if (rollouts["n_steps"] < 1).any():
+        bad = rollouts.loc[rollouts["n_steps"] < 1].iloc[0]
+        raise ValueError(
+            f"{bad['family']}/{bad['variant']}/{bad['task']} prompt {bad['prompt_id']}: a rollout "
+            f"with n_steps {bad['n_steps']} < 1 has no entropy rate (N counts the EOS step)"
+        )
+    frame = rollouts[keys].copy()
+    frame["H"] = rollouts["sum_entropy"].astype(float)
+    frame["N"] = rollouts["n_steps"].astype(float)
+    frame["r"] = frame["H"] / frame["N"]
+    grouped = frame.groupby(keys, sort=False)
+    result = grouped[["H", "N", "r"]].var(ddof=1)
+    result.columns = ["var_entropy", "var_length", "var_rate"]
+    result.insert(0, "n_rollouts", grouped.size())
+    return result.reset_index()
+
+
+def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
+    """Draw the distributions of within-prompt variances from the concatenated rollout tables."""
+    require_columns(rollouts, ["family", "variant", "task"], "rollouts")
+    variants = check_variants(rollouts, "rollouts")
+    tasks = ordered_tasks(rollouts, settings.tasks, "rollouts")
+    families = ordered_families(rollouts)
+    variances = within_prompt_variances(rollouts[rollouts["task"].isin(tasks)])
+
+    height = settings.figure_height(len(families), 1.45, 0.45)
+    offsets = {v: (i - (len(variants) - 1) / 2) * (_BOX_WIDTH + 0.04) for i, v in enumerate(variants)}
+    x = np.arange(len(tasks), dtype=float)
+    with figure_style():
+        figure = new_figure(settings.width, height)
+        axes = figure.subplots(len(families), len(VARIANCE_QUANTITIES), squeeze=False)
+        for row, family in enumerate(families):
+            for column, (quantity, (title, label)) in enumerate(VARIANCE_QUANTITIES.items()):
+                ax = axes[row, column]
+                n_zero = 0
+                for variant in variants:
+                    color = VARIANT_COLORS[variant]
+                    for position, task in zip(x + offsets[variant], tasks):
+                        values = variances.loc[
+                            (variances["family"] == family)
+                            & (variances["variant"] == variant)
+                            & (variances["task"] == task),
+                            quantity,
+                        ].to_numpy(dtype=float)
+                        values = values[np.isfinite(values)]
+                        if settings.log_scale:
+                            n_zero += int((values <= 0).sum())
+                            values = values[values > 0]
+                        if values.size == 0:
+                            continue
+                        ax.boxplot(
+                            values, positions=[position], widths=_BOX_WIDTH, patch_artist=True,
+                            showfliers=settings.show_outliers, manage_ticks=False,
+                            boxprops={"facecolor": color, "edgecolor": color, "alpha": 0.45,
+                                      "linewidth": 0.6},
+                            medianprops={"color": color, "linewidth": 1.2,
+                                         "gid": f"median/{family}/{variant}/{task}/{quantity}"},
+                            whiskerprops={"color": color, "linewidth": 0.6},
+                            capprops={"color": color, "linewidth": 0.6},
+                            flierprops={"marker": "o", "markersize": 1.5, "markeredgecolor": color,
+                                        "markerfacecolor": color, "alpha": 0.5},
+                        )
+                if n_zero:
+                    log.warning("%s, %s: %d prompt(s) with zero variance not on the log axis",
+                                family, quantity, n_zero)
+                    ax.text(0.98, 0.97, f"{n_zero} zero", transform=ax.transAxes, ha="right",
+                            va="top", fontsize=6, color="0.35")
+                if settings.log_scale:
+                    ax.set_yscale("log")
+                set_category_ticks(ax, x, tasks, settings.width / len(VARIANCE_QUANTITIES))
+                ax.set_xlim(-0.6, len(tasks) - 0.4)
+                ax.set_ylabel(label)
+        label_grid(axes, families, [title for title, _ in VARIANCE_QUANTITIES.values()])
+        figure.legend(handles=variant_handles(variants, kind="patch"),
+                      loc="outside upper center", ncols=len(variants))
+        return finish_figure(figure)
+
+
+def render_variance(
+    rollout_paths: Mapping[TableKey, str | os.PathLike[str]],
+    settings: Mapping[str, Any] | VarianceSettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+) -> Figure:
+    """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
+    if not isinstance(settings, VarianceSettings):
+        settings = VarianceSettings.from_config(settings)
+    rollouts = read_matrix_tables(rollout_paths, columns=VARIANCE_COLUMNS)
+    figure = plot_variance(rollouts, settings)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure
