@@ -1,0 +1,192 @@
+"""Loading one member of a model pair and turning a prompt into the token ids it is sampled from.
+
+The same code path serves the tiny models the embedded default trains on a CPU and the 8B hub
+models of the paper: both are ordinary transformers model directories under
+``resources/models/{family}/{variant}/``. Nothing is ever fetched from a hub here
+(``local_files_only=True``); a missing directory is a :class:`ModelNotFoundError` that says how to
+make it.
+
+Prompt formatting follows the paper: a ``base`` model gets the raw prompt text (with the BOS token
+when its tokenizer adds one), a ``finetuned`` model gets its chat template with one user turn and
+``add_generation_prompt=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ModelNotFoundError",
+    "LoadedModel",
+    "VARIANTS",
+    "resolve_device",
+    "resolve_dtype",
+    "load_model",
+    "format_prompt",
+    "eos_token_ids",
+    "context_length",
+    "check_model_dir",
+]
+
+#: The two members of a model pair (the ``variant`` wildcard).
+VARIANTS: tuple[str, ...] = ("base", "finetuned")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model directory is missing or is not a transformers model directory."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for sampling, with the tokenizer, device and dtype it was loaded with."""
+
+    model: Any  # a transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: Any  # the matching transformers tokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` means CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:<index>") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use auto or cpu")
+    return resolved
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA device that supports it (else float16), float32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise :class:`ModelNotFoundError` unless ``path`` looks like a transformers model directory."""
+    hint = (
+        "Run the workflow's model rule for it (e.g. `snakemake resources/models/<family>/<variant>`"
+        " through the models stage), or fix `families.<family>.<variant>.path` in the config."
+    )
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model directory {str(path)!r} does not exist. {hint}")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model directory {str(path)!r} has no config.json, so it is not a transformers model "
+            f"directory (an interrupted download or training run?). {hint}"
+        )
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local transformers model directory.
+
+    ``device``: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+    ``dtype``: ``auto`` (bfloat16 on CUDA when supported, else float16; float32 on CPU),
+    ``float32``, ``bfloat16`` or ``float16``. The model is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(path)
+    check_model_dir(model_dir)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype)
+    model.to(torch_device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
+
+
+def format_prompt(tokenizer: Any, text: str, variant: str, *, prompt_id: str | None = None) -> list[int]:
+    """Token ids a model of ``variant`` is sampled from for the prompt ``text``.
+
+    ``base``: the raw text, with the BOS token when the tokenizer adds special tokens by default.
+    ``finetuned``: the tokenizer's chat template applied to one user turn, with the generation prompt.
+    """
+    name = f"prompt {prompt_id!r}" if prompt_id is not None else "the prompt"
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name} is empty: every prompt needs text (check resources/prompts/)")
+    if variant == "base":
+        ids = tokenizer(text)["input_ids"]
+    elif variant == "finetuned":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"cannot format {name} for a finetuned model: its tokenizer "
+                f"({getattr(tokenizer, 'name_or_path', '?')!r}) has no chat template. Fine-tuned "
+                "(instruct) models must ship one (chat_template in tokenizer_config.json or "
+                "chat_template.jinja); use variant 'base' for a model without one."
+            )
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here; older versions a plain list.
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+    else:
+        raise ValueError(f"unknown variant {variant!r} for {name}: use one of {', '.join(VARIANTS)}")
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError(f"{name} formats to zero tokens for variant {variant!r}")
+    return ids
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, Iterable):
+        return [int(v) for v in value if v is not None]
+    return []
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a rollout: the union of the generation config's ``eos_token_id``
+    (an int or a list: Llama 3.1 and Gemma 3 name several), the model config's and the tokenizer's.
+    """
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        ids.update(_as_id_list(getattr(generation_config, "eos_token_id", None)))
+    config = getattr(model, "config", None)
+    if config is not None:
+        ids.update(_as_id_list(getattr(config, "eos_token_id", None)))
+        get_text_config = getattr(config, "get_text_config", None)
+        if callable(get_text_config):
+            ids.update(_as_id_list(getattr(get_text_config(), "eos_token_id", None)))
+    ids.update(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
+    if not ids:
+        raise ValueError(
+            f"model {getattr(config, 'name_or_path', '?')!r} names no end-of-sequence token (none in "
+            "generation_config.json, config.json or the tokenizer): set eos_token_id in its "
+            "generation_config.json"
+        )
+    return sorted(ids)
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length (``max_position_embeddings``), or None if it names none."""
+    config = model.config
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    for candidate in (text_config, config):
+        value = getattr(candidate, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

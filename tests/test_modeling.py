@@ -1,0 +1,194 @@
+"""canopy.modeling: loading a model directory, prompt formatting per variant, EOS ids.
+
+The tiny model builders here are shared with the sampling tests (imported from this module): real
+transformers models built from a config with random weights under a fixed seed, and real
+``tokenizers`` word-level tokenizers, saved as ordinary model directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from canopy.modeling import (  # noqa: E402
+    LoadedModel,
+    ModelNotFoundError,
+    context_length,
+    eos_token_ids,
+    format_prompt,
+    load_model,
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<user> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "far", "away", "big"]
+
+
+def build_tokenizer(words: list[str] = WORDS, *, chat_template: str | None = CHAT_TEMPLATE):
+    """A word-level fast tokenizer: specials first, then ``words``; the base encoding adds BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>", "<end_turn>"]
+    vocab = {token: index for index, token in enumerate(specials + list(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<user>", "<assistant>", "<end_turn>"],
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_llama(vocab_size: int, *, hidden: int = 32, layers: int = 2, context: int = 128, seed: int = 0,
+                eos: int | list[int] = 2, logit_scale: float = 1.0):
+    """A tiny Llama-style causal LM with random weights (fixed seed)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=1,
+        eos_token_id=eos,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5 if parameter.ndim > 1 else 0.1)
+        model.lm_head.weight.mul_(logit_scale)
+    model.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=1, pad_token_id=0)
+    return model
+
+
+def build_gpt2(vocab_size: int, *, hidden: int = 32, layers: int = 2, context: int = 128, seed: int = 0,
+               eos: int = 2):
+    """A tiny GPT-2-style causal LM with random weights (fixed seed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=context,
+        bos_token_id=1, eos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def save_model_dir(path: Path, model, tokenizer) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_model_dir(path: Path, *, chat_template: str | None = CHAT_TEMPLATE, **model_kwargs) -> Path:
+    """A complete tiny Llama model directory with the word-level tokenizer."""
+    tokenizer = build_tokenizer(chat_template=chat_template)
+    return save_model_dir(path, build_llama(len(tokenizer), **model_kwargs), tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_model_reads_a_local_directory_on_cpu(tmp_path: Path) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    loaded = load_model(model_dir)
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.device == torch.device("cpu")
+    assert loaded.dtype == torch.float32
+    assert not loaded.model.training
+    assert loaded.model.config.vocab_size == len(loaded.tokenizer)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    half = load_model(model_dir, device="cpu", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_or_incomplete_model_directory_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "resources" / "models" / "fam" / "base"
+    with pytest.raises(ModelNotFoundError, match="families.<family>.<variant>.path") as error:
+        load_model(missing)
+    assert str(missing) in str(error.value)
+    assert isinstance(error.value, FileNotFoundError)
+    missing.mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(missing)
+
+
+def test_unknown_dtype_and_device_are_clear_errors(tmp_path: Path) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        load_model(model_dir, dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_model(model_dir, device="cuda")
+
+
+def test_base_prompt_is_raw_text_with_bos() -> None:
+    tokenizer = build_tokenizer()
+    ids = format_prompt(tokenizer, "the cat sat", "base")
+    vocab = tokenizer.get_vocab()
+    assert ids == [vocab["<bos>"], vocab["the"], vocab["cat"], vocab["sat"]]
+
+
+def test_finetuned_prompt_uses_the_chat_template_with_generation_prompt() -> None:
+    tokenizer = build_tokenizer()
+    ids = format_prompt(tokenizer, "the cat sat", "finetuned")
+    vocab = tokenizer.get_vocab()
+    assert ids == [vocab[w] for w in ["<user>", "the", "cat", "sat", "<assistant>"]]
+    assert all(isinstance(i, int) for i in ids)
+
+
+def test_prompt_formatting_errors_name_the_prompt() -> None:
+    with pytest.raises(ValueError, match="no chat template"):
+        format_prompt(build_tokenizer(chat_template=None), "the cat", "finetuned", prompt_id="p7")
+    with pytest.raises(ValueError, match="'p3' is empty"):
+        format_prompt(build_tokenizer(), "   ", "base", prompt_id="p3")
+    with pytest.raises(ValueError, match="unknown variant 'instruct'"):
+        format_prompt(build_tokenizer(), "the cat", "instruct", prompt_id="p3")
+
+
+def test_eos_ids_are_the_union_of_generation_config_config_and_tokenizer() -> None:
+    tokenizer = build_tokenizer()
+    model = build_llama(len(tokenizer), eos=[2, 6])
+    model.generation_config.eos_token_id = [6, 9]
+    assert eos_token_ids(model, tokenizer) == [2, 6, 9]
+
+
+def test_eos_ids_missing_everywhere_is_an_error() -> None:
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    model = build_gpt2(len(tokenizer))
+    model.config.eos_token_id = None
+    model.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="no end-of-sequence token"):
+        eos_token_ids(model, tokenizer)
+
+
+def test_context_length_reads_gpt2_and_llama_configs() -> None:
+    assert context_length(build_gpt2(20, context=64)) == 64
+    assert context_length(build_llama(20, context=96)) == 96

@@ -1,0 +1,100 @@
+"""The sampler against the exact canopy of a real transformers model with a 5-token vocabulary.
+
+The next-token distributions for the enumeration come from full forward passes of the model on
+prompt + prefix (no KV cache, no batching, no compaction) passed through processed_distribution;
+the sampler's cached, batched, compacting loop must reproduce them step by step, and its rollout
+frequencies must follow the enumerated leaf probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from canopy.enumeration import enumerate_canopy, exact_canopy
+from canopy.modeling import LoadedModel
+from canopy.sampling import SamplingSettings, processed_distribution, sample_prompt
+from test_modeling import build_gpt2, build_llama
+
+VOCAB = 5
+EOS_IDS = [3, 4]  # two end-of-sequence ids, as real instruct models have
+PROMPT = [1, 0, 2]
+MAX_NEW = 5
+SAMPLES = 4000
+
+
+def next_distribution_from(model, settings: SamplingSettings):
+    """Exact q_t(. | prefix) over the whole vocabulary, from an uncached forward pass."""
+
+    def next_distribution(prefix) -> np.ndarray:
+        ids = torch.tensor([PROMPT + list(prefix)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -1, :]
+        probs, token_ids = processed_distribution(logits, settings)
+        full = np.zeros(VOCAB)
+        full[token_ids[0].numpy()] = probs[0].double().numpy()
+        return full / full.sum()  # float32 -> float64 rounding only
+
+    return next_distribution
+
+
+CASES = {
+    "llama-filters-off": (build_llama, dict(temperature=1.0, top_k=0, top_p=1.0)),
+    "llama-filters-on": (build_llama, dict(temperature=0.7, top_k=3, top_p=0.8)),
+    "gpt2-temperature-topp": (build_gpt2, dict(temperature=1.3, top_k=0, top_p=0.9)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampler_matches_the_enumerated_canopy(case: str) -> None:
+    builder, filters = CASES[case]
+    model = builder(VOCAB, hidden=16, seed=3)
+    settings = SamplingSettings(
+        rollouts=SAMPLES, max_new_tokens=MAX_NEW, seed=11, max_batch_rows=1500, **filters
+    )
+    leaves = enumerate_canopy(next_distribution_from(model, settings), EOS_IDS, MAX_NEW)
+    exact = exact_canopy(leaves)
+    by_tokens = {leaf.tokens: leaf for leaf in leaves}
+    assert math.isclose(sum(leaf.prob for leaf in leaves), 1.0, abs_tol=1e-9)
+
+    loaded = LoadedModel(model=model, tokenizer=None, device=torch.device("cpu"), dtype=torch.float32)
+    rows = sample_prompt(loaded, PROMPT, settings, prompt_id="p", eos_ids=EOS_IDS)
+    assert [row["sample"] for row in rows] == list(range(SAMPLES))
+
+    # Every rollout is a leaf of the canopy, with its exact step entropies and probability.
+    for row in rows:
+        leaf = by_tokens[tuple(row["token_ids"])]
+        assert row["n_steps"] == leaf.length
+        assert row["hit_eos"] == leaf.hit_eos and row["truncated"] == (not leaf.hit_eos)
+        np.testing.assert_allclose(row["step_entropy"], leaf.step_entropies, rtol=0, atol=1e-5)
+        assert row["sum_logprob"] == pytest.approx(math.log(leaf.prob), abs=1e-5)
+        assert row["sum_entropy"] == pytest.approx(sum(row["step_entropy"]), abs=1e-12)
+
+    # Rollout frequencies follow the leaf probabilities (chi-square, rare leaves merged).
+    counts: dict[tuple[int, ...], int] = {}
+    for row in rows:
+        key = tuple(row["token_ids"])
+        counts[key] = counts.get(key, 0) + 1
+    expected = np.array([leaf.prob * SAMPLES for leaf in leaves])
+    observed = np.array([counts.get(leaf.tokens, 0) for leaf in leaves], dtype=float)
+    common = expected >= 5
+    assert common.sum() >= 5, "the test model's canopy is too concentrated to be a test"
+    f_exp = np.append(expected[common], expected[~common].sum())
+    f_obs = np.append(observed[common], observed[~common].sum())
+    if f_exp[-1] < 5:  # fold a tiny remainder into the smallest common cell
+        smallest = int(np.argmin(f_exp[:-1]))
+        f_exp[smallest] += f_exp[-1]
+        f_obs[smallest] += f_obs[-1]
+        f_exp, f_obs = f_exp[:-1], f_obs[:-1]
+    assert stats.chisquare(f_obs, f_exp).pvalue > 0.001
+
+    # The chain-rule estimator of CE* agrees with the exact value within its standard error.
+    sums = np.array([row["sum_entropy"] for row in rows])
+    se = sums.std(ddof=1) / math.sqrt(SAMPLES)
+    assert abs(sums.mean() - exact.canopy_entropy) < 4 * se
+    surprisal = -np.array([row["sum_logprob"] for row in rows])
+    assert abs(surprisal.mean() - exact.canopy_entropy) < 4 * surprisal.std(ddof=1) / math.sqrt(SAMPLES)
