@@ -67,7 +67,8 @@ def test_table_shape_and_point_estimates():
     fam = panel.query("family == 'f1'")
     assert pooled["n_prompts"] == 90
     assert pooled["difference"] == pytest.approx(
-        fam.query("variant == 'finetuned'")["CE"].mean() - fam.query("variant == 'base'")["CE"].mean()
+        fam.query("variant == 'finetuned'")["CE"].mean()
+        - fam.query("variant == 'base'")["CE"].mean()
     )
     assert (table["resamples"] == 300).all() and (table["seed"] == 42).all()
 
@@ -114,7 +115,9 @@ def test_difference_interval_covers_at_nominal_rate():
     covered = int(((rows["ci_low"] <= 0.3) & (0.3 <= rows["ci_high"])).sum())
     assert 171 <= covered <= 199, covered
     true_ratio = (4.0 + 0.3) / 4.0
-    covered_ratio = int(((rows["ratio_ci_low"] <= true_ratio) & (true_ratio <= rows["ratio_ci_high"])).sum())
+    covered_ratio = int(
+        ((rows["ratio_ci_low"] <= true_ratio) & (true_ratio <= rows["ratio_ci_high"])).sum()
+    )
     assert 171 <= covered_ratio <= 199, covered_ratio
     # width: the percentile interval spans about 2 * 1.96 * 0.5 / sqrt(100) = 0.196
     width = (rows["ci_high"] - rows["ci_low"]).mean()
@@ -126,7 +129,9 @@ def test_difference_interval_covers_at_nominal_rate():
 
 def test_p_value_is_calibrated_under_the_null_and_small_under_an_effect():
     null = paired_bootstrap(
-        simulated_panel(200, tasks=("math",), prompts=100, shift=0.0, seed=2), ["CE"], resamples=1000
+        simulated_panel(200, tasks=("math",), prompts=100, shift=0.0, seed=2),
+        ["CE"],
+        resamples=1000,
     )
     null = null[null["task"] == "math"]
     rejected = int((null["p_value"] < 0.05).sum())
@@ -142,7 +147,9 @@ def test_p_value_is_calibrated_under_the_null_and_small_under_an_effect():
 
 def test_unpaired_prompts_and_nan_values_are_dropped_with_a_warning():
     panel = simulated_panel(1, prompts=20)
-    panel = panel.drop(index=panel.index[(panel["variant"] == "finetuned") & (panel["prompt_id"] == "math-3")])
+    panel = panel.drop(
+        index=panel.index[(panel["variant"] == "finetuned") & (panel["prompt_id"] == "math-3")]
+    )
     panel.loc[(panel["variant"] == "base") & (panel["prompt_id"] == "coding-0"), "R"] = np.nan
     with pytest.warns(UserWarning) as record:
         table = paired_bootstrap(panel, ["CE", "R"], resamples=200)
@@ -168,7 +175,9 @@ def test_bad_panels_are_rejected():
 
 
 def test_settings_from_config():
-    assert BootstrapSettings.from_config({"resamples": 500, "seed": 1}) == BootstrapSettings(500, 0.95, 1)
+    assert BootstrapSettings.from_config({"resamples": 500, "seed": 1}) == BootstrapSettings(
+        500, 0.95, 1
+    )
     assert BootstrapSettings.from_config(None) == BootstrapSettings()
     with pytest.raises(ValueError, match="resample"):
         BootstrapSettings.from_config({"resample": 500})

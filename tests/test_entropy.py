@@ -26,6 +26,7 @@ from canopy.entropy import (
     entropy_trajectory,
     length_entropy,
     prompt_metrics,
+    write_metrics,
 )
 from canopy.enumeration import CanopyLeaf, ExactCanopy, enumerate_canopy, exact_canopy
 
@@ -147,9 +148,7 @@ def leaf_rollouts(
     rows = []
     for sample, k in enumerate(picks):
         leaf = leaves[k]
-        logprobs = [
-            float(np.log(model(leaf.tokens[:t])[tok])) for t, tok in enumerate(leaf.tokens)
-        ]
+        logprobs = [float(np.log(model(leaf.tokens[:t])[tok])) for t, tok in enumerate(leaf.tokens)]
         rows.append(
             {
                 "prompt_id": prompt_id,
@@ -216,7 +215,9 @@ def llama_canopy() -> tuple[Callable[[Sequence[int]], np.ndarray], list[CanopyLe
     return next_distribution, leaves, exact_canopy(leaves)
 
 
-def _seed_table(draw: Callable[[np.random.Generator, str], pd.DataFrame], seeds: int) -> pd.DataFrame:
+def _seed_table(
+    draw: Callable[[np.random.Generator, str], pd.DataFrame], seeds: int
+) -> pd.DataFrame:
     """One "prompt" per seed: each seed's rollouts are an independent replicate."""
     return pd.concat(
         [draw(np.random.default_rng(seed), f"seed{seed}") for seed in range(seeds)],
@@ -247,7 +248,9 @@ def _check_coverage(table: pd.DataFrame, canopy: ExactCanopy) -> None:
     assert len(table) == 200
     for name, target in TARGETS.items():
         truth = target(canopy)
-        covered = int(((table[f"{name}_ci_low"] <= truth) & (truth <= table[f"{name}_ci_high"])).sum())
+        covered = int(
+            ((table[f"{name}_ci_low"] <= truth) & (truth <= table[f"{name}_ci_high"])).sum()
+        )
         assert 174 <= covered <= 199, (name, covered)
         ratio = table[name].std(ddof=1) / table[f"{name}_se"].mean()
         assert 0.8 <= ratio <= 1.2, (name, ratio)
@@ -263,7 +266,9 @@ def test_hand_model_sampler_follows_the_canopy(hand_models):
     """The test's sampler is exact: every rollout is a leaf with the enumerated step entropies."""
     model, canopy = hand_models["p0"]
     leaves = {leaf.tokens: leaf for leaf in canopy.leaves}
-    rows = ancestral_rollouts(model, model.eos, model.max_new_tokens, 300, np.random.default_rng(1), "p0")
+    rows = ancestral_rollouts(
+        model, model.eos, model.max_new_tokens, 300, np.random.default_rng(1), "p0"
+    )
     for row in rows:
         leaf = leaves[tuple(row["token_ids"])]
         assert row["step_entropy"] == list(leaf.step_entropies)
@@ -281,9 +286,9 @@ def test_hand_model_estimates_within_three_se(hand_models):
         row = metrics.loc[prompt_id]
         _check_within_3se(row, canopy)
         # the plug-in conditional entropy is biased only by O(K/M) through H(N)
-        assert abs(row["conditional_entropy_given_length"] - canopy.conditional_entropy_given_length) <= (
-            3 * row["canopy_entropy_se"] + 0.01
-        )
+        assert abs(
+            row["conditional_entropy_given_length"] - canopy.conditional_entropy_given_length
+        ) <= (3 * row["canopy_entropy_se"] + 0.01)
         assert row["length_entropy_miller_madow"] == pytest.approx(canopy.length_entropy, abs=0.05)
         assert row["truncation_rate"] == pytest.approx(canopy.truncation_prob, abs=0.03)
         assert row["rho_pearson"] < 0  # the model is built so that long rollouts are calmer
@@ -332,7 +337,9 @@ def test_llama_estimates_within_three_se_and_cover(llama_canopy):
 # Identities and columns
 
 
-def _random_table(rng: np.random.Generator, prompts: int, rollouts: int, max_len: int) -> pd.DataFrame:
+def _random_table(
+    rng: np.random.Generator, prompts: int, rollouts: int, max_len: int
+) -> pd.DataFrame:
     rows = []
     for p in range(prompts):
         lengths = rng.integers(1, max_len + 1, size=rollouts)
@@ -382,7 +389,9 @@ def test_per_prompt_values_match_direct_computation():
         m = len(group)
         assert row["canopy_entropy"] == pytest.approx(h.mean(), rel=1e-12)
         assert row["canopy_entropy_se"] == pytest.approx(h.std(ddof=1) / math.sqrt(m), rel=1e-12)
-        assert row["canopy_entropy_surprisal"] == pytest.approx(-group["sum_logprob"].mean(), rel=1e-12)
+        assert row["canopy_entropy_surprisal"] == pytest.approx(
+            -group["sum_logprob"].mean(), rel=1e-12
+        )
         assert row["mean_rate"] == pytest.approx(r.mean(), rel=1e-12)
         assert row["cov_length_rate"] == pytest.approx(np.cov(n, r, ddof=0)[0, 1], rel=1e-9)
         assert row["rho_pearson"] == pytest.approx(stats.pearsonr(n, r)[0], rel=1e-12)
@@ -435,7 +444,9 @@ def test_miller_madow_corrects_plugin_bias():
 # Degenerate input
 
 
-def _rollouts(prompt_id: str, step_entropies: list[list[float]], truncated: list[bool] | None = None) -> pd.DataFrame:
+def _rollouts(
+    prompt_id: str, step_entropies: list[list[float]], truncated: list[bool] | None = None
+) -> pd.DataFrame:
     truncated = truncated or [False] * len(step_entropies)
     return pd.DataFrame(
         {
@@ -457,7 +468,13 @@ def test_single_rollout_gives_nan_with_reason():
     assert row["n_rollouts"] == 1
     assert row["canopy_entropy"] == pytest.approx(0.75)
     assert row["canopy_entropy"] == row["decomposition_product"] + row["cov_length_rate"]
-    for col in ("canopy_entropy_se", "rho_pearson", "rho_spearman_p", "rho_kendall", "canopy_entropy_ci_low"):
+    for col in (
+        "canopy_entropy_se",
+        "rho_pearson",
+        "rho_spearman_p",
+        "rho_kendall",
+        "canopy_entropy_ci_low",
+    ):
         assert math.isnan(row[col]), col
     assert row["length_entropy_plugin"] == 0.0 and row["length_entropy_miller_madow"] == 0.0
     assert "fewer than 2 rollouts" in row["note"]
@@ -503,9 +520,18 @@ def test_drop_removes_truncated_rollouts_only_from_the_estimates():
     [
         (lambda t: t.at[1, "step_entropy"].__setitem__(0, float("nan")), "step_entropy at step 1"),
         (lambda t: t.at[1, "step_entropy"].__setitem__(1, -0.5), "step_entropy at step 2"),
-        (lambda t: t.__setitem__("sum_entropy", t["sum_entropy"].where(t.index != 1, np.nan)), "sum_entropy"),
-        (lambda t: t.__setitem__("sum_entropy", t["sum_entropy"] + (t.index == 1) * 0.1), "sums to"),
-        (lambda t: t.__setitem__("n_steps", t["n_steps"] + (t.index == 1)), "has 2 values but n_steps is 3"),
+        (
+            lambda t: t.__setitem__("sum_entropy", t["sum_entropy"].where(t.index != 1, np.nan)),
+            "sum_entropy",
+        ),
+        (
+            lambda t: t.__setitem__("sum_entropy", t["sum_entropy"] + (t.index == 1) * 0.1),
+            "sums to",
+        ),
+        (
+            lambda t: t.__setitem__("n_steps", t["n_steps"] + (t.index == 1)),
+            "has 2 values but n_steps is 3",
+        ),
     ],
 )
 def test_corrupt_rollouts_raise_naming_prompt_and_sample(corrupt, message):
@@ -533,13 +559,19 @@ def test_truncation_warning_names_label_and_prompt(caplog):
         ],
         ignore_index=True,
     )
-    with pytest.warns(TruncationWarning, match=r"llama/finetuned/math.*'long-one' \(10%\)") as record:
-        prompt_metrics(rollouts, MetricSettings(truncation_warning=0.05), label="llama/finetuned/math")
+    with pytest.warns(
+        TruncationWarning, match=r"llama/finetuned/math.*'long-one' \(10%\)"
+    ) as record:
+        prompt_metrics(
+            rollouts, MetricSettings(truncation_warning=0.05), label="llama/finetuned/math"
+        )
     assert "calm" not in str(record[0].message)
     assert "long-one" in caplog.text
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        prompt_metrics(rollouts, MetricSettings(truncation_warning=0.1), label="x")  # 10% is not above
+        prompt_metrics(
+            rollouts, MetricSettings(truncation_warning=0.1), label="x"
+        )  # 10% is not above
 
 
 def test_settings_from_config():
@@ -577,3 +609,25 @@ def test_entropy_trajectory_matches_a_loop():
     assert (np.diff(trajectory["n_active"]) <= 0).all()
     cut = entropy_trajectory(rollouts, max_positions=4)
     pd.testing.assert_frame_equal(cut, trajectory.iloc[:4])
+
+
+def test_parquet_round_trip_through_write_metrics(tmp_path, hand_models):
+    """Rollouts stored as parquet (list columns come back as numpy arrays) give the same metrics."""
+    model, _ = hand_models["p0"]
+    rollouts = pd.DataFrame(
+        ancestral_rollouts(
+            model, model.eos, model.max_new_tokens, 60, np.random.default_rng(8), "p0"
+        )
+    )
+    rollouts.to_parquet(tmp_path / "math.parquet", index=False)
+    table = write_metrics(
+        tmp_path / "math.parquet",
+        tmp_path / "metrics" / "math.parquet",
+        tmp_path / "metrics" / "math.trajectory.parquet",
+        QUIET,
+    )
+    pd.testing.assert_frame_equal(table, prompt_metrics(rollouts, QUIET))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics" / "math.parquet"), table)
+    trajectory = pd.read_parquet(tmp_path / "metrics" / "math.trajectory.parquet")
+    pd.testing.assert_frame_equal(trajectory, entropy_trajectory(rollouts))
+    assert trajectory["n_active"].iloc[0] == 60

@@ -24,7 +24,7 @@ def _entropy(q: np.ndarray) -> float:
 
 
 def memoryless(p_eos: float, n_other: int):
-    """Every step: EOS (the last id) with probability p_eos, else one of n_other tokens uniformly."""
+    """Each step: EOS (the last id) with probability p_eos, else one of n_other tokens uniformly."""
     q = np.full(n_other + 1, (1 - p_eos) / n_other)
     q[-1] = p_eos
     return (lambda prefix: q), n_other, q
@@ -42,7 +42,9 @@ def with_memory(prefix: Sequence[int]) -> np.ndarray:
     return q / q.sum()
 
 
-@pytest.mark.parametrize(("p_eos", "n_other", "max_new_tokens"), [(0.3, 2, 5), (0.1, 3, 4), (0.9, 1, 6)])
+@pytest.mark.parametrize(
+    ("p_eos", "n_other", "max_new_tokens"), [(0.3, 2, 5), (0.1, 3, 4), (0.9, 1, 6)]
+)
 def test_memoryless_canopy_matches_closed_forms(p_eos, n_other, max_new_tokens):
     model, _, q = memoryless(p_eos, n_other)
     leaves = enumerate_canopy(model, [n_other], max_new_tokens)
@@ -50,7 +52,10 @@ def test_memoryless_canopy_matches_closed_forms(p_eos, n_other, max_new_tokens):
     keep = 1 - p_eos
     h = _entropy(q)
     # leaves: an EOS leaf at every length 1..T (n_other^(n-1) of each) plus n_other^T truncated
-    assert len(leaves) == sum(n_other ** (n - 1) for n in range(1, max_new_tokens + 1)) + n_other**max_new_tokens
+    assert (
+        len(leaves)
+        == sum(n_other ** (n - 1) for n in range(1, max_new_tokens + 1)) + n_other**max_new_tokens
+    )
     assert sum(leaf.prob for leaf in leaves) == pytest.approx(1.0, abs=1e-12)
     lengths = {n: keep ** (n - 1) * p_eos for n in range(1, max_new_tokens)}
     lengths[max_new_tokens] = keep ** (max_new_tokens - 1)
@@ -61,7 +66,9 @@ def test_memoryless_canopy_matches_closed_forms(p_eos, n_other, max_new_tokens):
     assert canopy.canopy_entropy_chain == pytest.approx(h * mean_length, abs=1e-12)
     assert canopy.mean_rate == pytest.approx(h, abs=1e-12)  # every rollout runs at rate h
     assert canopy.truncation_prob == pytest.approx(keep**max_new_tokens, abs=1e-12)
-    assert canopy.length_entropy == pytest.approx(_entropy(np.array(list(lengths.values()))), abs=1e-12)
+    assert canopy.length_entropy == pytest.approx(
+        _entropy(np.array(list(lengths.values()))), abs=1e-12
+    )
     assert all(leaf.step_entropies == (h,) * leaf.length for leaf in leaves)
 
 
@@ -85,11 +92,15 @@ def test_canopy_with_memory_matches_brute_force():
     assert set(enumerated) == set(brute)
     for tokens, prob in brute.items():
         assert enumerated[tokens] == pytest.approx(prob, rel=1e-12, abs=1e-15)
-    assert not any(a == 0 and b == 1 for leaf in leaves for a, b in zip(leaf.tokens[:-2], leaf.tokens[2:]))
+    assert not any(
+        a == 0 and b == 1 for leaf in leaves for a, b in zip(leaf.tokens[:-2], leaf.tokens[2:])
+    )
 
     canopy = exact_canopy(leaves)
     assert sum(enumerated.values()) == pytest.approx(1.0, abs=1e-12)
-    assert canopy.canopy_entropy == pytest.approx(_entropy(np.array(list(brute.values()))), abs=1e-12)
+    assert canopy.canopy_entropy == pytest.approx(
+        _entropy(np.array(list(brute.values()))), abs=1e-12
+    )
     # chain rule: the entropy of the leaf distribution equals the expected summed step entropy
     assert canopy.canopy_entropy == pytest.approx(canopy.canopy_entropy_chain, abs=1e-12)
     for leaf in leaves:

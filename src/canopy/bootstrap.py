@@ -97,12 +97,18 @@ def _resampled_means(
     fixed in the pooled "all tasks" comparison; with one stratum it is the ordinary bootstrap.
     """
     n = values.shape[0]
-    totals = np.zeros((resamples, values.shape[1]))
+    # How often each prompt is drawn in each resample, as a (resamples, n) matrix: the resampled
+    # sums are then one matrix product, far cheaper than gathering a (resamples, n, k) array.
+    counts = np.zeros((resamples, n))
+    rows = np.arange(resamples)[:, None] * n
     for stratum in np.unique(strata):
         members = np.flatnonzero(strata == stratum)
         draws = members[rng.integers(0, members.size, size=(resamples, members.size))]
-        # values[draws] has shape (resamples, n_stratum, k); summing over prompts keeps it small.
-        totals += values[draws].sum(axis=1)
+        counts += np.bincount((draws + rows).ravel(), minlength=resamples * n).reshape(
+            resamples, n
+        )
+    # Column by column, so identical columns give bitwise identical resampled means.
+    totals = np.column_stack([counts @ values[:, j] for j in range(values.shape[1])])
     return totals / n
 
 
@@ -117,9 +123,7 @@ def _summarise(
     base_mean, ft_mean = float(base.mean()), float(finetuned.mean())
     alpha = 1.0 - settings.confidence
     quantiles = [alpha / 2.0, 1.0 - alpha / 2.0]
-    means = _resampled_means(
-        np.column_stack([base, finetuned]), strata, settings.resamples, rng
-    )
+    means = _resampled_means(np.column_stack([base, finetuned]), strata, settings.resamples, rng)
     diffs = means[:, 1] - means[:, 0]
     ci_low, ci_high = np.quantile(diffs, quantiles)
     # Smallest level at which the percentile interval excludes 0; the +1 keeps p away from an
@@ -211,8 +215,9 @@ def paired_bootstrap(
     task_order = list(dict.fromkeys(panel["task"]))
     rows: list[dict[str, Any]] = []
     nan_dropped: list[str] = []
+    paired_families = set(wide.index.get_level_values("family"))
     for family in dict.fromkeys(panel["family"]):
-        if family not in wide.index.get_level_values("family"):
+        if family not in paired_families:
             continue
         fam = wide.xs(family, level="family")
         fam_tasks = fam.index.get_level_values("task").to_numpy()

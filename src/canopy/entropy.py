@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from canopy.io import write_parquet
+
 __all__ = [
     "MetricSettings",
     "TruncationWarning",
@@ -38,6 +41,7 @@ __all__ = [
     "prompt_metrics",
     "entropy_trajectory",
     "length_entropy",
+    "write_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,7 +101,7 @@ _SUM_ATOL = 1e-6
 
 
 class TruncationWarning(UserWarning):
-    """More rollouts of a prompt hit ``max_new_tokens`` than ``MetricSettings.truncation_warning``."""
+    """A prompt's share of rollouts that hit ``max_new_tokens`` exceeds the configured limit."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,7 @@ class MetricSettings:
 
     def __post_init__(self) -> None:
         if self.truncated not in ("keep", "drop"):
-            raise ValueError(
-                f"metrics.truncated must be 'keep' or 'drop', got {self.truncated!r}"
-            )
+            raise ValueError(f"metrics.truncated must be 'keep' or 'drop', got {self.truncated!r}")
         if not 0.0 <= float(self.truncation_warning) <= 1.0:
             raise ValueError(
                 "metrics.truncation_warning must be a rate in [0, 1], "
@@ -411,9 +413,7 @@ def prompt_metrics(
     for k, prompt_id in enumerate(prompt_ids):
         idx = order[bounds[k] : bounds[k + 1]]
         rows.append(
-            _one_prompt(
-                prompt_id, n_all[idx], h_all[idx], s_all[idx], truncated_all[idx], settings
-            )
+            _one_prompt(prompt_id, n_all[idx], h_all[idx], s_all[idx], truncated_all[idx], settings)
         )
     table = pd.DataFrame(rows, columns=columns)
 
@@ -435,9 +435,7 @@ def prompt_metrics(
     return table
 
 
-def entropy_trajectory(
-    rollouts: pd.DataFrame, *, max_positions: int | None = None
-) -> pd.DataFrame:
+def entropy_trajectory(rollouts: pd.DataFrame, *, max_positions: int | None = None) -> pd.DataFrame:
     """Mean step entropy by position over all rollouts of the table (the entropy-rate trajectory).
 
     Returns columns ``position`` (1-based), ``mean_entropy`` (mean h_t over rollouts still running
@@ -471,3 +469,25 @@ def entropy_trajectory(
             "n_active": n_active.astype(np.int64),
         }
     )
+
+
+def write_metrics(
+    rollouts_path: str | os.PathLike[str],
+    metrics_path: str | os.PathLike[str],
+    trajectory_path: str | os.PathLike[str] | None = None,
+    settings: MetricSettings | None = None,
+    *,
+    label: str = "",
+    max_positions: int | None = None,
+) -> pd.DataFrame:
+    """Read a rollout parquet, write its prompt metrics (and trajectory) atomically.
+
+    The one call a workflow script needs; ``label`` defaults to the rollout file's path so that a
+    truncation warning says which model and task it is about. Returns the metrics table.
+    """
+    rollouts = pd.read_parquet(rollouts_path)
+    table = prompt_metrics(rollouts, settings, label=label or str(rollouts_path))
+    write_parquet(table, metrics_path)
+    if trajectory_path is not None:
+        write_parquet(entropy_trajectory(rollouts, max_positions=max_positions), trajectory_path)
+    return table
