@@ -12,8 +12,9 @@ from canopy.diversity import (  # noqa: E402
     save_embeddings,
 )
 
-settings = EmbedderSettings.from_config(snakemake.params.settings)
+name = snakemake.wildcards.embedder
+settings = EmbedderSettings.from_config(snakemake.params.settings, name=name)
 rollouts = pd.read_parquet(snakemake.input[0], columns=["prompt_id", "sample", "text"])
-embeddings = embed_rollouts(rollouts, load_embedder(settings), settings)
+embeddings = embed_rollouts(rollouts, load_embedder(settings, name=name), settings)
 save_embeddings(embeddings, snakemake.output[0])
 log.info("embedded %d rollouts with %s", len(rollouts), settings.model)
