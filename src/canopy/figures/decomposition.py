@@ -177,11 +177,12 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
                     xs, covariance, _BAR_WIDTH, bottom=product, color="white", alpha=0.9,
                     edgecolor=color, hatch="/////", gid=f"covariance/{family}/{variant}",
                 )
-                top.errorbar(
+                totals = top.errorbar(
                     xs, part["total"].to_numpy(dtype=float),
                     yerr=part["total_se"].to_numpy(dtype=float), fmt="o", markersize=2.5,
-                    color=NEUTRAL_COLOR, elinewidth=0.8, gid=f"total/{family}/{variant}",
+                    color=NEUTRAL_COLOR, elinewidth=0.8,
                 )
+                totals.lines[0].set_gid(f"total/{family}/{variant}")
                 if bottom is not None:
                     bottom.bar(
                         xs, covariance, _BAR_WIDTH, color="white", edgecolor=color,

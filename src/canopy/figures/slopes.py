@@ -167,5 +167,6 @@ def _interval(ax: Any, x: float, row: pd.Series, color: str, gid: str) -> None:
     else:
         # A percentile interval may exclude its own point estimate; draw no negative arm.
         error = np.clip(error, 0.0, None)
-    ax.errorbar([x], [estimate], yerr=error, fmt="o", color=color, markersize=3.5,
-                elinewidth=1.0, capsize=2.5, gid=gid)
+    drawn = ax.errorbar([x], [estimate], yerr=error, fmt="o", color=color, markersize=3.5,
+                        elinewidth=1.0, capsize=2.5)
+    drawn.lines[0].set_gid(gid)

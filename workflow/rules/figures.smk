@@ -1,0 +1,280 @@
+# Stage 7: the paper's figures (DESIGN section 1), one rule and one script per figure.
+#
+# Rerun triggers, deliberately: each figure's settings subtree `config["figures"][<name>]` is a
+# param of its rule only, so editing one figure's settings redraws only that figure. Snakemake
+# does not track modules that a script imports, so the shared style (style.py and the .mplstyle
+# file) is an input of every figure, and each figure's own module (plus the shared helpers in
+# common.py) is an input of its rule: editing any of them redraws exactly the figures drawn by it.
+
+from snakemake.exceptions import WorkflowError
+
+_FIGURE_VARIANTS = ["base", "finetuned"]
+# Library files as inputs: source_path resolves them next to this file, whatever the working
+# directory (--directory), and Snakemake still notices when they change.
+_FIGURE_SRC = "../../src/canopy/figures"
+FIGURE_STYLE = [
+    workflow.source_path(f"{_FIGURE_SRC}/style.py"),
+    workflow.source_path(f"{_FIGURE_SRC}/canopy.mplstyle"),
+]
+# Figures of one sampling setting, and figures of one (sampling setting, embedder).
+SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance"]
+EMBEDDER_FIGURES = ["slopes", "residuals"]
+
+
+def figure_settings(name):
+    """The figure's settings subtree (the schema fills its defaults; {} before it does)."""
+    return (config.get("figures") or {}).get(name) or {}
+
+
+def figure_code(name):
+    """Library modules that draw the figure: inputs, so that editing them redraws it."""
+    return [
+        workflow.source_path(f"{_FIGURE_SRC}/common.py"),
+        workflow.source_path(f"{_FIGURE_SRC}/{name}.py"),
+    ]
+
+
+def figure_matrix(name):
+    """(family, variant, task) drawn by a figure: its `tasks` setting, or every task in config order."""
+    tasks = figure_settings(name).get("tasks") or list(config["tasks"])
+    unknown = [task for task in tasks if task not in config["tasks"]]
+    if unknown:
+        raise WorkflowError(
+            f"figures.{name}.tasks names task(s) {', '.join(map(str, unknown))} that are not "
+            f"keys of tasks ({', '.join(config['tasks'])}): fix figures.{name}.tasks"
+        )
+    return [
+        (family, variant, task)
+        for family in config["families"]
+        for variant in _FIGURE_VARIANTS
+        for task in tasks
+    ]
+
+
+def figure_inputs(name, pattern):
+    """Input function: the pattern's path for every (family, variant, task) of the figure, in
+    figure_matrix order (the script pairs them with params.matrix)."""
+    matrix = figure_matrix(name)
+
+    def paths(wildcards):
+        return [
+            pattern.format(sampling=wildcards.sampling, family=f, variant=v, task=t)
+            for f, v, t in matrix
+        ]
+
+    return paths
+
+
+def figure_targets():
+    """Every figure of every sampling setting (1-4) and (sampling setting, embedder) (5-6)."""
+    return expand(
+        "results/figures/{sampling}/{figure}.{ext}",
+        sampling=list(config["sampling"]),
+        figure=SAMPLING_FIGURES,
+        ext=["pdf", "png"],
+    ) + expand(
+        "results/figures/{sampling}/{embedder}/{figure}.{ext}",
+        sampling=list(config["sampling"]),
+        embedder=list(config["embedders"]),
+        figure=EMBEDDER_FIGURES,
+        ext=["pdf", "png"],
+    )
+
+
+rule figure_decomposition:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("decomposition"),
+        metrics=figure_inputs(
+            "decomposition",
+            "results/metrics/{sampling}/{family}/{variant}/{task}.parquet",
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/decomposition.pdf",
+            caption="../report/figures/decomposition.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+        png=report(
+            "results/figures/{sampling}/decomposition.png",
+            caption="../report/figures/decomposition.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+    log:
+        "logs/figures/{sampling}/decomposition.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("decomposition"),
+        matrix=figure_matrix("decomposition"),
+    script:
+        "../scripts/plot_decomposition.py"
+
+
+rule figure_trajectory:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("trajectory"),
+        trajectories=figure_inputs(
+            "trajectory",
+            "results/metrics/{sampling}/{family}/{variant}/{task}.trajectory.parquet",
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/trajectory.pdf",
+            caption="../report/figures/trajectory.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+        png=report(
+            "results/figures/{sampling}/trajectory.png",
+            caption="../report/figures/trajectory.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+    log:
+        "logs/figures/{sampling}/trajectory.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("trajectory"),
+        matrix=figure_matrix("trajectory"),
+    script:
+        "../scripts/plot_trajectory.py"
+
+
+rule figure_lengths:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("lengths"),
+        rollouts=figure_inputs(
+            "lengths", "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/lengths.pdf",
+            caption="../report/figures/lengths.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+        png=report(
+            "results/figures/{sampling}/lengths.png",
+            caption="../report/figures/lengths.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+    log:
+        "logs/figures/{sampling}/lengths.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("lengths"),
+        matrix=figure_matrix("lengths"),
+        # The cap drawn on the figure is the one the rollouts were sampled with.
+        max_new_tokens=lambda wildcards: config["sampling"][wildcards.sampling].get(
+            "max_new_tokens"
+        ),
+    script:
+        "../scripts/plot_lengths.py"
+
+
+rule figure_variance:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("variance"),
+        rollouts=figure_inputs(
+            "variance", "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/variance.pdf",
+            caption="../report/figures/variance.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+        png=report(
+            "results/figures/{sampling}/variance.png",
+            caption="../report/figures/variance.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+    log:
+        "logs/figures/{sampling}/variance.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("variance"),
+        matrix=figure_matrix("variance"),
+    script:
+        "../scripts/plot_variance.py"
+
+
+rule figure_slopes:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("slopes"),
+        slopes="results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
+        # The scatter of D vs R is drawn from the panel; without it the panel is not needed.
+        panel=(
+            "results/panel/{sampling}/{embedder}.parquet"
+            if figure_settings("slopes").get("show_scatter", True)
+            else []
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/{embedder}/slopes.pdf",
+            caption="../report/figures/slopes.rst",
+            category="Figures",
+            subcategory="{sampling} / {embedder}",
+        ),
+        png=report(
+            "results/figures/{sampling}/{embedder}/slopes.png",
+            caption="../report/figures/slopes.rst",
+            category="Figures",
+            subcategory="{sampling} / {embedder}",
+        ),
+    log:
+        "logs/figures/{sampling}/{embedder}/slopes.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("slopes"),
+    script:
+        "../scripts/plot_slopes.py"
+
+
+rule figure_residuals:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("residuals"),
+        residuals="results/stats/{sampling}/{embedder}/diagnostics/residuals.tsv",
+        tests="results/stats/{sampling}/{embedder}/diagnostics/tests.json",
+    output:
+        pdf=report(
+            "results/figures/{sampling}/{embedder}/residuals.pdf",
+            caption="../report/figures/residuals.rst",
+            category="Figures",
+            subcategory="{sampling} / {embedder}",
+        ),
+        png=report(
+            "results/figures/{sampling}/{embedder}/residuals.png",
+            caption="../report/figures/residuals.rst",
+            category="Figures",
+            subcategory="{sampling} / {embedder}",
+        ),
+    log:
+        "logs/figures/{sampling}/{embedder}/residuals.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("residuals"),
+    script:
+        "../scripts/plot_residuals.py"
