@@ -264,7 +264,9 @@ def test_decomposition_summary_is_the_mean_over_prompts(metrics: pd.DataFrame) -
     assert len(summary) == len(FAMILIES) * len(VARIANTS) * len(TASKS)
     for row in summary.itertuples():
         group = metrics[
-            (metrics.family == row.family) & (metrics.variant == row.variant) & (metrics.task == row.task)
+            (metrics.family == row.family)
+            & (metrics.variant == row.variant)
+            & (metrics.task == row.task)
         ]
         assert row.product == pytest.approx(group["decomposition_product"].mean(), rel=1e-12)
         assert row.covariance == pytest.approx(group["cov_length_rate"].mean(), rel=1e-12)
@@ -273,7 +275,8 @@ def test_decomposition_summary_is_the_mean_over_prompts(metrics: pd.DataFrame) -
         ce = group["canopy_entropy"].to_numpy()
         assert row.total_se == pytest.approx(ce.std(ddof=1) / np.sqrt(ce.size), rel=1e-12)
     pooled = decomposition_summary(metrics, error_bars="rollouts")
-    group = metrics[(metrics.family == "tinygpt") & (metrics.variant == "base") & (metrics.task == "math")]
+    first = (metrics.family == "tinygpt") & (metrics.variant == "base") & (metrics.task == "math")
+    group = metrics[first]
     expected = np.sqrt((group["canopy_entropy_se"] ** 2).sum()) / len(group)
     assert pooled.iloc[0]["total_se"] == pytest.approx(expected, rel=1e-12)
 
@@ -299,7 +302,8 @@ def test_decomposition_bars_equal_the_data(metrics: pd.DataFrame) -> None:
             # The covariance segment sits on top of the product term.
             np.testing.assert_allclose([b.get_y() for b in covariance], expected["product"])
             np.testing.assert_allclose([b.get_height() for b in covariance], expected["covariance"])
-            (total,) = [a for a in by_gid(figure, f"total/{family}/{variant}") if isinstance(a, Line2D)]
+            totals = by_gid(figure, f"total/{family}/{variant}")
+            (total,) = [a for a in totals if isinstance(a, Line2D)]
             np.testing.assert_allclose(total.get_ydata(), expected["total"])
     labels = legend_labels(figure)
     assert "Base" in labels and "Fine-tuned" in labels
@@ -445,7 +449,9 @@ def test_slopes_points_and_intervals_come_from_the_table() -> None:
     assert [t.get_text() for t in ax_slope.get_xticklabels()] == ["Base", "Fine-tuned"]
     assert [t.get_text() for t in ax_ratio.get_xticklabels()] == ["delta", "bootstrap"]
     # The whiskers span the confidence interval.
-    ci = np.concatenate([c.get_segments()[0][:, 1] for c in ax_slope.collections if c.get_segments()])
+    ci = np.concatenate(
+        [c.get_segments()[0][:, 1] for c in ax_slope.collections if c.get_segments()]
+    )
     np.testing.assert_allclose(np.sort(ci), np.sort([0.08, 0.16, 0.27, 0.39]))
     for variant in VARIANTS:
         (scatter,) = by_gid(figure, f"scatter/{variant}")
@@ -496,8 +502,19 @@ def test_test_p_values_are_read_defensively() -> None:
     assert diagnostic_p_values({"ks_p": "n/a", "dispersion_p": None, "outlier_p": 0.2}) == {
         "outliers": 0.2
     }
-    nested = {"ks": {"statistic": 0.05, "p_value": 0.3}, "zero_inflation_p": 0.9, "n": 10}
-    assert diagnostic_p_values(nested) == {"ks": 0.3, "zero_inflation": 0.9}
+    other = {"zero_inflation_p": 0.9, "n": 10, "dispersion": 1.2, "custom": {"p.value": 0.05}}
+    assert diagnostic_p_values(other) == {"zero_inflation": 0.9, "custom": 0.05}
+    # The shape canopy.stats writes: one object per test, plus run information.
+    stats_shape = {
+        "engine": "canopy", "n": 240, "nsim": 1000, "seed": 42,
+        "simulation": {"residuals": "unconditional", "dispersion": "unconditional"},
+        "outliers": {"statistic": 0.0, "p_value": 1.0},
+        "uniformity": {"statistic": 0.05, "p_value": 0.3},
+        "dispersion": {"statistic": 0.98, "p_value": 0.8},
+    }
+    p_values = diagnostic_p_values(stats_shape)
+    assert p_values == {"KS": 0.3, "dispersion": 0.8, "outliers": 1.0}
+    assert list(p_values) == ["KS", "dispersion", "outliers"]
     figure = plot_residuals(make_residuals(), {}, ResidualsSettings(**SMALL))
     assert "KS" not in figure.axes[0].get_title() and not figure.axes[0].texts
 
@@ -527,7 +544,9 @@ def write_inputs(root: Path, rollouts: pd.DataFrame, metrics: pd.DataFrame) -> d
                 key = (family, variant, task)
 
                 def part(frame: pd.DataFrame) -> pd.DataFrame:
-                    chosen = (frame.family == family) & (frame.variant == variant) & (frame.task == task)
+                    chosen = (
+                        (frame.family == family) & (frame.variant == variant) & (frame.task == task)
+                    )
                     return frame[chosen].drop(columns=["family", "variant", "task"])
 
                 stem = f"default/{family}/{variant}/{task}"
@@ -552,8 +571,8 @@ def test_render_functions_write_pdf_and_png(
     tmp_path: Path, rollouts: pd.DataFrame, metrics: pd.DataFrame
 ) -> None:
     written = write_inputs(tmp_path, rollouts, metrics)
-    # One family keeps the panels few: drawing, not reading, is what takes time here.
-    paths = {kind: {k: v for k, v in keyed.items() if k[0] == "tinygpt"}
+    # One family and task keep the panels few: drawing, not reading, is what takes time here.
+    paths = {kind: {k: v for k, v in keyed.items() if k[0] == "tinygpt" and k[2] == "math"}
              for kind, keyed in written.items()}
     out = tmp_path / "results/figures/default"
     render_decomposition(paths["metrics"], SMALL, out / "d.pdf", out / "d.png")
@@ -610,6 +629,7 @@ def test_style_does_not_leak_into_global_rcparams(metrics: pd.DataFrame) -> None
 # --------------------------------------------------------------------------- workflow
 
 FIGURES_SMK = REPO / "workflow/rules/figures.smk"
+SAMPLING_FIGURES = ("decomposition", "trajectory", "lengths", "variance")
 
 
 @pytest.mark.slow
@@ -653,7 +673,7 @@ def test_figure_rules_run_and_settings_rerun_only_their_figure(
     figures = sorted(p.relative_to(tmp_path / "results/figures").as_posix()
                      for p in (tmp_path / "results/figures").rglob("*.p*"))
     assert figures == sorted(
-        [f"default/{n}.{e}" for n in ("decomposition", "trajectory", "lengths", "variance") for e in ("pdf", "png")]
+        [f"default/{n}.{e}" for n in SAMPLING_FIGURES for e in ("pdf", "png")]
         + [f"default/minilm/{n}.{e}" for n in ("slopes", "residuals") for e in ("pdf", "png")]
     )
     again = snakemake("-n")

@@ -122,7 +122,7 @@ class FigureSettings:
 def keyed_paths(
     matrix: Sequence[Sequence[str]], paths: Sequence[str | os.PathLike[str]]
 ) -> dict[TableKey, str | os.PathLike[str]]:
-    """Pair the workflow's ``params.matrix`` (family, variant, task triples) with its input paths."""
+    """Pair the rule's ``params.matrix`` (family, variant, task triples) with its input paths."""
     if len(matrix) != len(paths):
         raise ValueError(
             f"{len(matrix)} (family, variant, task) keys but {len(paths)} input files: "
@@ -155,7 +155,8 @@ def read_matrix_tables(
             missing = [c for c in columns if c not in present]
             if missing:
                 raise ValueError(
-                    f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(sorted(present))}); "
+                    f"{path} lacks column(s) {', '.join(missing)} "
+                    f"(it has {', '.join(sorted(present))}); "
                     "rebuild it with the current version of the stage that writes it"
                 )
         table = pd.read_parquet(path, columns=list(columns) if columns is not None else None)

@@ -51,8 +51,14 @@ RESIDUAL_COLUMNS = ["variant", "predicted", "scaled_residual"]
 #: Residual quantiles drawn against the prediction (DHARMa draws the same three).
 QUANTILE_LEVELS = (0.25, 0.5, 0.75)
 
-# Known test keys of tests.json and how the figure names them, in display order.
-_KNOWN_TESTS = {"ks_p": "KS", "dispersion_p": "dispersion", "outlier_p": "outliers"}
+# Test keys of tests.json and how the figure names them, in display order: the flat keys the
+# figure was specified with (ks_p, ...) and the nested objects canopy.stats writes
+# ({"uniformity": {"statistic": ..., "p_value": ...}, ...}).
+_KNOWN_TESTS = {
+    "ks_p": "KS", "uniformity": "KS", "ks": "KS",
+    "dispersion_p": "dispersion", "dispersion": "dispersion",
+    "outlier_p": "outliers", "outliers": "outliers",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,36 +88,38 @@ class ResidualsSettings(FigureSettings):
 def diagnostic_p_values(tests: Mapping[str, Any]) -> dict[str, float]:
     """Display name -> p-value for every test p-value found in ``tests.json``.
 
-    Reads defensively: the known keys ks_p, dispersion_p and outlier_p first, then any other
-    numeric entry whose key ends in ``_p``, ``p_value`` or ``pvalue``, also one level down in
-    nested objects (``{"ks": {"p_value": 0.3}}`` shows as "ks"). Missing or non-numeric values
-    are skipped rather than failing the figure.
+    Reads defensively: the KS (uniformity), dispersion and outlier tests first, as flat keys
+    (``ks_p``) or as objects holding a ``p_value`` (``{"uniformity": {"p_value": 0.3}}``, what
+    :mod:`canopy.stats` writes), then any other numeric entry whose key ends in ``_p``,
+    ``p_value`` or ``pvalue``, also one level down. Missing or non-numeric values are skipped
+    rather than failing the figure.
     """
     found: dict[str, float] = {}
+    suffixes = ("_p", "p_value", "pvalue", "p.value")
 
     def number(value: Any) -> float | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         return float(value) if math.isfinite(value) else None
 
-    for key, name in _KNOWN_TESTS.items():
-        value = number(tests.get(key))
-        if value is not None:
-            found[name] = value
-    suffixes = ("_p", "p_value", "pvalue", "p.value")
-    for key, value in tests.items():
-        if key in _KNOWN_TESTS:
-            continue
+    def p_value(key: str, value: Any) -> float | None:
         if isinstance(value, Mapping):
             for inner_key, inner in value.items():
-                p = number(inner)
-                if p is not None and (inner_key in ("p", *suffixes) or inner_key.endswith(suffixes)):
-                    found.setdefault(str(key), p)
-                    break
-        elif key.endswith(suffixes):
-            p = number(value)
-            if p is not None:
-                found.setdefault(key.removesuffix("_p").removesuffix("_pvalue"), p)
+                if str(inner_key) == "p" or str(inner_key).endswith(suffixes):
+                    if (p := number(inner)) is not None:
+                        return p
+            return None
+        # A bare number under a test's name may be its statistic: only *_p keys are p-values.
+        return number(value) if key.endswith(suffixes) else None
+
+    # Known tests first, in display order, then whatever else looks like a p-value.
+    ordered = [k for k in _KNOWN_TESTS if k in tests] + [k for k in tests if k not in _KNOWN_TESTS]
+    for key in ordered:
+        p = p_value(str(key), tests[key])
+        if p is None:
+            continue
+        name = _KNOWN_TESTS.get(key, str(key).removesuffix("_pvalue").removesuffix("_p"))
+        found.setdefault(name, p)
     return found
 
 
@@ -133,7 +141,8 @@ def binned_quantiles(
     """
     order = np.argsort(np.asarray(x, dtype=float), kind="stable")
     x_sorted, y_sorted = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
-    groups = [g for g in np.array_split(np.arange(x_sorted.size), min(bins, x_sorted.size)) if g.size]
+    splits = np.array_split(np.arange(x_sorted.size), min(bins, x_sorted.size))
+    groups = [g for g in splits if g.size]
     centres = np.array([x_sorted[g].mean() for g in groups])
     quantiles = np.array([np.quantile(y_sorted[g], levels) for g in groups])
     return centres, quantiles.reshape(len(groups), len(levels))
@@ -149,7 +158,9 @@ def plot_residuals(
     predicted = residuals["predicted"].to_numpy(dtype=float)
     usable = np.isfinite(scaled) & np.isfinite(predicted)
     if not usable.any():
-        raise ValueError("the residuals table has no row with a finite scaled residual and prediction")
+        raise ValueError(
+            "the residuals table has no row with a finite scaled residual and prediction"
+        )
     if ((scaled[usable] < 0) | (scaled[usable] > 1)).any():
         raise ValueError("scaled residuals must lie in [0, 1] (they are simulation quantiles); "
                          "check the diagnostics stage's residuals.tsv")

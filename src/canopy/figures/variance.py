@@ -122,7 +122,8 @@ def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
     variances = within_prompt_variances(rollouts[rollouts["task"].isin(tasks)])
 
     height = settings.figure_height(len(families), 1.45, 0.45)
-    offsets = {v: (i - (len(variants) - 1) / 2) * (_BOX_WIDTH + 0.04) for i, v in enumerate(variants)}
+    step = _BOX_WIDTH + 0.04
+    offsets = {v: (i - (len(variants) - 1) / 2) * step for i, v in enumerate(variants)}
     x = np.arange(len(tasks), dtype=float)
     with figure_style():
         figure = new_figure(settings.width, height)
