@@ -279,7 +279,8 @@ def workflow_rules() -> dict[str, dict]:
                 rules[rule.name] = {
                     "conda": (base / rule.conda_env).resolve() if rule.conda_env else None,
                     "script": (base / rule.script).resolve() if rule.script else None,
-                    "local": workflow.is_local(rule),
+                    # workflow.is_local() is True for every rule here (no executor chosen).
+                    "local": rule.name in workflow._localrules or rule.norun,
                 }
     return rules
 
@@ -485,9 +486,14 @@ def third_party_imports(script: Path) -> dict[str, str]:
 LOCAL_MODULES = {"canopy"}
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()
+
+
 def distribution_of(module: str) -> str:
     """The pip distribution that provides an importable top-level module (installed metadata)."""
-    providers = metadata.packages_distributions().get(module)
+    providers = _packages_distributions().get(module)
     assert providers, (
         f"no installed distribution provides the module {module!r}: install it and pin it in "
         "requirements.txt and the rule's envs/*.yaml"
