@@ -90,18 +90,6 @@ def device_gpus(device):
     return 0 if device == "cpu" else 1
 
 
-def keyed_paths(pattern, **fixed):
-    """{(family, variant, task): path} for every model and task of the matrix."""
-    return {
-        (family, variant, task): pattern.format(
-            family=family, variant=variant, task=task, **fixed
-        )
-        for family in FAMILIES
-        for variant in VARIANTS
-        for task in TASKS
-    }
-
-
 def analysis_targets():
     """Every statistics table of every sampling setting and embedder, and the headline table."""
     return ["results/headline.tsv"] + expand(
@@ -115,4 +103,87 @@ def analysis_targets():
         ],
         sampling=SAMPLINGS,
         embedder=EMBEDDERS,
+    )
+
+
+# Every (family, variant, task) of the experiment, in the order stats scripts pair with paths.
+MATRIX = [(f, v, t) for f in FAMILIES for v in VARIANTS for t in TASKS]
+
+
+def matrix_paths(pattern, matrix=None):
+    """Input function: the pattern's path for every (family, variant, task) of ``matrix`` (all of
+    MATRIX by default), in that order; scripts pair the paths with the same list in params.
+    """
+
+    def paths(wildcards):
+        return [
+            pattern.format(family=f, variant=v, task=t, **wildcards)
+            for f, v, t in (MATRIX if matrix is None else matrix)
+        ]
+
+    return paths
+
+
+# Figures (rules in figures.smk).
+# Library files as inputs: source_path resolves them next to this file, whatever the working
+# directory (--directory), and Snakemake still notices when they change.
+_FIGURE_SRC = "../../src/canopy/figures"
+FIGURE_STYLE = [
+    workflow.source_path(f"{_FIGURE_SRC}/style.py"),
+    workflow.source_path(f"{_FIGURE_SRC}/canopy.mplstyle"),
+]
+# Figures of one sampling setting, and figures of one (sampling setting, embedder).
+SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance"]
+EMBEDDER_FIGURES = ["slopes", "residuals"]
+
+
+def figure_settings(name):
+    """The figure's settings subtree (the schema fills its defaults; {} before it does)."""
+    return (config.get("figures") or {}).get(name) or {}
+
+
+def figure_code(name):
+    """Library modules that draw the figure: inputs, so that editing them redraws it."""
+    return [
+        workflow.source_path(f"{_FIGURE_SRC}/common.py"),
+        workflow.source_path(f"{_FIGURE_SRC}/{name}.py"),
+    ]
+
+
+def figure_matrix(name):
+    """(family, variant, task) drawn by a figure: its `tasks` setting, or every task in config order."""
+    tasks = figure_settings(name).get("tasks") or list(config["tasks"])
+    unknown = [task for task in tasks if task not in config["tasks"]]
+    if unknown:
+        raise WorkflowError(
+            f"figures.{name}.tasks names task(s) {', '.join(map(str, unknown))} that are not "
+            f"keys of tasks ({', '.join(config['tasks'])}): fix figures.{name}.tasks"
+        )
+    return [
+        (family, variant, task)
+        for family in config["families"]
+        for variant in VARIANTS
+        for task in tasks
+    ]
+
+
+def figure_inputs(name, pattern):
+    """Input function: the pattern's path for every (family, variant, task) of the figure, in
+    figure_matrix order (the script pairs them with params.matrix)."""
+    return matrix_paths(pattern, figure_matrix(name))
+
+
+def figure_targets():
+    """Every figure of every sampling setting (1-4) and (sampling setting, embedder) (5-6)."""
+    return expand(
+        "results/figures/{sampling}/{figure}.{ext}",
+        sampling=list(config["sampling"]),
+        figure=SAMPLING_FIGURES,
+        ext=["pdf", "png"],
+    ) + expand(
+        "results/figures/{sampling}/{embedder}/{figure}.{ext}",
+        sampling=list(config["sampling"]),
+        embedder=list(config["embedders"]),
+        figure=EMBEDDER_FIGURES,
+        ext=["pdf", "png"],
     )

@@ -6,8 +6,8 @@ report: "../report/workflow.rst"
 
 rule headline:
     input:
-        summaries=expand(
-            "results/stats/{sampling}/{embedder}/glmm/summary.json",
+        slopes=expand(
+            "results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
             sampling=SAMPLINGS,
             embedder=EMBEDDERS,
         ),

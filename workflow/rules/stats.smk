@@ -1,19 +1,5 @@
 # Stage 6: the panel, the Beta mixed-effects regression, its diagnostics and robustness checks.
 
-MATRIX = [(f, v, t) for f in FAMILIES for v in VARIANTS for t in TASKS]
-
-
-def matrix_paths(pattern):
-    """Input function: the pattern's path for every (family, variant, task), in MATRIX order."""
-
-    def paths(wildcards):
-        return [
-            pattern.format(family=f, variant=v, task=t, **wildcards)
-            for f, v, t in MATRIX
-        ]
-
-    return paths
-
 
 rule panel:
     input:

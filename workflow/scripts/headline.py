@@ -10,7 +10,7 @@ from canopy.report import headline_table  # noqa: E402
 table = headline_table(
     [tuple(c) for c in snakemake.params.combinations],
     snakemake.input.panels,
-    snakemake.input.summaries,
+    snakemake.input.slopes,
 )
 write_tsv(table, snakemake.output[0])
 log.info("\n%s", table.to_string(index=False))

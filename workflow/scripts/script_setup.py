@@ -36,11 +36,9 @@ def setup(smk) -> logging.Logger:  # noqa: ANN001 - the snakemake object has no 
         handlers=handlers,
         force=True,
     )
-    threads = int(getattr(smk, "threads", 1) or 1)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # the statistics and figure envs carry no torch
-        pass
+    # Thread limits through the environment, read when torch/numpy load: importing torch here would
+    # cost every figure and statistics job a second for nothing.
+    threads = str(int(getattr(smk, "threads", 1) or 1))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = threads
     return logging.getLogger(f"canopy.rule.{smk.rule}")

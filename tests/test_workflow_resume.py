@@ -1,0 +1,73 @@
+"""Killing a real Snakemake sampling job loses no finished prompt, and the rerun's table equals
+an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from workflow_helpers import REPO, SNAKEFILE, snakemake
+
+TARGET = "results/rollouts/default/tinyllama/base/math.parquet"
+
+
+def _config(workdir: Path) -> Path:
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    # Enough prompts that the job is still running when its first shard lands.
+    config["tasks"]["math"]["n_prompts"] = 12
+    config["sampling"]["default"].update(rollouts=12, max_new_tokens=48)
+    path = workdir / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "resources/models/tinyllama/base")
+    shards = tmp_path / "results/rollouts/default/tinyllama/base/math.shards"
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TZ="UTC")
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path)]
+    job = subprocess.Popen(
+        [*command, "--cores", "1", "--configfile", str(config), TARGET],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any(shards.glob("*.parquet")) and time.monotonic() < deadline:
+        assert job.poll() is None, "the sampling job ended before writing a shard"
+        time.sleep(0.05)
+    # Lose the node: SIGKILL snakemake and the job together, no chance to clean up.
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    kept = sorted(p.name for p in shards.glob("*.parquet"))
+    assert kept, "no shard survived the kill"
+    assert not (tmp_path / TARGET).exists(), "the job finished before it could be killed"
+    assert len(kept) < 12
+
+    # What a user does after a crash: unlock, rerun. Snakemake reruns the incomplete job, and the
+    # job resumes from its shards.
+    snakemake(tmp_path, "--unlock", "--configfile", str(config))
+    snakemake(tmp_path, "--cores", "1", "--configfile", str(config), TARGET)
+    log = (tmp_path / "logs/rollouts/default/tinyllama/base/math.log").read_text()
+    assert "resum" in log.lower(), log[-2000:]
+    resumed = pd.read_parquet(tmp_path / TARGET)
+    assert not shards.exists()
+
+    # The uninterrupted run of the same job.
+    shutil.move(tmp_path / TARGET, tmp_path / "resumed.parquet")
+    snakemake(tmp_path, "--cores", "1", "--configfile", str(config), TARGET)
+    uninterrupted = pd.read_parquet(tmp_path / TARGET)
+    assert len(resumed) == 12 * 12
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
