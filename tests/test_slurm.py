@@ -26,7 +26,11 @@ from workflow_helpers import REPO, SNAKEFILE, planned_jobs
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 GPU_RULES = {"sample_rollouts", "embed_rollouts"}
-SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+# Snakemake job ids are numbers, group jobs' are UUIDs.
+SUBMITTED = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+)")
+# In a Slurm log, the job's rule is announced twice: as `rule x:` by the Snakemake of the batch
+# script and as `localrule x:` by the Snakemake that srun starts and that really runs it.
+RULE_RUN = re.compile(r"^localrule (\w+):$", re.MULTILINE)
 
 
 def load_profile() -> dict:
@@ -181,18 +185,25 @@ def finished_slurm_jobs(cluster: SlurmCluster) -> dict[str, tuple[str, str]]:
 
 def assert_went_through_slurm(
     cluster: SlurmCluster, result: subprocess.CompletedProcess[str], log_dir: Path
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, int]]:
     """Each submitted job completed in the test partition and left its Slurm log.
-    Returns {snakemake job id: Slurm job id}."""
+
+    Returns {snakemake job id: Slurm job id} and {rule: jobs of it run inside Slurm jobs}, read
+    from the Slurm logs.
+    """
     output = result.stdout + result.stderr
     submitted = dict(SUBMITTED.findall(output))
     assert submitted, f"no job was submitted to Slurm:\n{output[-3000:]}"
     known = finished_slurm_jobs(cluster)
     for slurm_id in submitted.values():
         assert known.get(slurm_id) == ("COMPLETED", cluster.partition), (slurm_id, known)
-    logs = {path.stem for path in log_dir.rglob("*.log")}
-    assert set(submitted.values()) <= logs, f"Slurm logs missing in {log_dir}: {logs}"
-    return submitted
+    logs = {path.stem: path for path in log_dir.rglob("*.log")}
+    assert set(submitted.values()) <= set(logs), f"Slurm logs missing in {log_dir}: {logs}"
+    ran_in_slurm: dict[str, int] = {}
+    for slurm_id in submitted.values():
+        for rule in RULE_RUN.findall(logs[slurm_id].read_text(errors="replace")):
+            ran_in_slurm[rule] = ran_in_slurm.get(rule, 0) + 1
+    return submitted, ran_in_slurm
 
 
 HARNESS_SNAKEFILE = """
@@ -220,8 +231,8 @@ def test_two_jobs_run_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None
     profile = write_test_profile(tmp_path / "profile", slurm)
     result, seconds = run_through_slurm(slurm, tmp_path / "run", profile, snakefile=snakefile)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    submitted = assert_went_through_slurm(slurm, result, tmp_path / "profile" / "slurm_logs")
-    assert len(submitted) == 2  # `all` has no action and runs locally
+    submitted, ran = assert_went_through_slurm(slurm, result, tmp_path / "profile" / "slurm_logs")
+    assert len(submitted) == 2 and ran == {"a": 1, "b": 1}  # `all` has no action: local
     a = (tmp_path / "run" / "a.txt").read_text().strip()
     b = (tmp_path / "run" / "b.txt").read_text().strip()
     assert re.fullmatch(rf"job=\d+ cpus={min(2, slurm.cpus)} partition={slurm.partition}", a), a
@@ -233,23 +244,21 @@ def test_two_jobs_run_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_tiny_config_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
-    """The real workflow on the tiny config, every cluster rule as a Slurm job."""
+    """The real workflow on the tiny config: every job of a cluster rule runs inside a Slurm
+    allocation, every local rule on the submitting side, and the results are complete."""
     profile = write_test_profile(tmp_path / "profile", slurm)
     workdir = tmp_path / "run"
-    plan, _ = run_through_slurm(
-        slurm, workdir, profile, "--configfile", str(TINY_CONFIG), "-n"
-    )
+    plan, _ = run_through_slurm(slurm, workdir, profile, "--configfile", str(TINY_CONFIG), "-n")
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-4000:]
-    planned = planned_jobs(plan.stdout + plan.stderr)
     rules = workflow_rules()
-    remote_jobs = sum(n for rule, n in planned.items() if rule != "all" and not rules[rule]["local"])
+    planned = planned_jobs(plan.stdout + plan.stderr)
+    remote = {rule: n for rule, n in planned.items() if rule != "all" and not rules[rule]["local"]}
+    assert {"sample_rollouts", "embed_rollouts", "fit_glmm"} <= set(remote), planned
 
-    result, seconds = run_through_slurm(
-        slurm, workdir, profile, "--configfile", str(TINY_CONFIG)
-    )
+    result, seconds = run_through_slurm(slurm, workdir, profile, "--configfile", str(TINY_CONFIG))
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
-    submitted = assert_went_through_slurm(slurm, result, tmp_path / "profile" / "slurm_logs")
-    assert len(submitted) == remote_jobs, (len(submitted), planned)
+    submitted, ran = assert_went_through_slurm(slurm, result, tmp_path / "profile" / "slurm_logs")
+    assert ran == remote, f"rules run inside Slurm {ran} != cluster rules planned {remote}"
     for target in (
         "results/headline.tsv",
         "results/stats/default/minilm/glmm/summary.json",
