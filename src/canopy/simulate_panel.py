@@ -92,11 +92,13 @@ def simulate_panel(
     variants: Sequence[str] = ("base", "finetuned"),
     truth: PanelTruth | None = None,
     rollouts_per_prompt: int = 100,
+    family_rate_sd: float = 0.1,
 ) -> SimulatedPanel:
     """Simulate a panel of ``len(families) x len(variants) x len(tasks) x n_prompts`` rows.
 
     Raw covariates look like the real ones: fine-tuned models have lower entropy rates and shorter
-    outputs; rate and length are negatively correlated within a variant. ``D`` is drawn from
+    outputs; rate and length are negatively correlated within a variant; each family shifts the
+    rates of both its models by a draw with SD ``family_rate_sd``. ``D`` is drawn from
     Beta(mu * phi, (1 - mu) * phi) with logit(mu) and log(phi) given by ``truth``.
     """
     truth = truth or PanelTruth()
@@ -112,7 +114,7 @@ def simulate_panel(
 
     rows = []
     for family in families:
-        family_rate = rng.normal(0.0, 0.1)
+        family_rate = rng.normal(0.0, family_rate_sd) if family_rate_sd > 0 else 0.0
         for variant in variants:
             finetuned = variant != variants[0]
             for task in tasks:
