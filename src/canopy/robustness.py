@@ -139,7 +139,10 @@ def lmm_robustness(
     factors = {"variant": list(variants)}
     if len(tasks) > 1:
         factors["task"] = tasks
-    model.fit(factors=factors, REML=True, summarize=False, verbose=False)
+    with warnings.catch_warnings():
+        # pymer4 0.8.2 calls DataFrame.applymap, deprecated (not broken) in pandas 2.3.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="pymer4")
+        model.fit(factors=factors, REML=True, summarize=False, verbose=False)
     cov_r = ro.r["vcov"](model.model_obj)
     names = list(ro.r["rownames"](ro.r["as.matrix"](cov_r)))
     cov = pd.DataFrame(np.asarray(ro.r["as.matrix"](cov_r)), index=names, columns=names)
