@@ -1,17 +1,24 @@
 """Robustness: base and fine-tuned rollouts subsampled to the same length distribution."""
 
+import numpy as np
+import pandas as pd
 from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.robustness import length_matched_from_files  # noqa: E402
+from canopy.robustness import length_matched  # noqa: E402
 from canopy.stats import StatsSettings  # noqa: E402
 
+COLUMNS = ["prompt_id", "sample", "n_steps", "sum_entropy", "hit_eos", "truncated"]
 keys = [tuple(key) for key in snakemake.params.matrix]
+rollouts = {
+    key: pd.read_parquet(path, columns=COLUMNS)
+    for key, path in zip(keys, snakemake.input.rollouts)
+}
+embeddings = {
+    key: dict(np.load(path, allow_pickle=False))
+    for key, path in zip(keys, snakemake.input.embeddings)
+}
 settings = StatsSettings.from_config(snakemake.params.settings)
-length_matched_from_files(
-    dict(zip(keys, snakemake.input.rollouts)),
-    dict(zip(keys, snakemake.input.embeddings)),
-    settings,
-    snakemake.output[0],
-)
+table = length_matched(rollouts, embeddings, settings, snakemake.output[0])
+log.info("\n%s", table.to_string(index=False))

@@ -5,8 +5,9 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.robustness import logit_lmm  # noqa: E402
+from canopy.robustness import lmm_robustness  # noqa: E402
 from canopy.stats import StatsSettings  # noqa: E402
 
 settings = StatsSettings.from_config(snakemake.params.settings)
-logit_lmm(pd.read_parquet(snakemake.input[0]), settings, snakemake.output[0])
+table = lmm_robustness(pd.read_parquet(snakemake.input[0]), settings, snakemake.output[0])
+log.info("\n%s", table.to_string(index=False))
