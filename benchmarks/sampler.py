@@ -19,8 +19,9 @@ step-1 entropy, identical for every rollout, must agree between them).
 Two measurements, each in a fresh subprocess so that one cannot reuse memory freed by the other:
 
 * throughput: M=100 rollouts (the paper's default), top-k 100, temperature 1, up to
-  ``--max-new-tokens`` (48) tokens with an EOS hazard of 3 % per step, fastest of two rounds; tokens/s = generated tokens (EOS included, no padding) per second
-  of wall time, post-hoc entropy included for the peer;
+  ``--max-new-tokens`` (48) tokens with an EOS hazard of 3 % per step, fastest of two rounds;
+  tokens/s = generated tokens (EOS included, no padding) per second of wall time, post-hoc
+  entropy included for the peer;
 * memory: M=8 rollouts, 1000 new tokens, no EOS (every rollout runs to the end, the peer's worst
   and our no-compaction case). On CPU, peak resident memory during the call minus resident memory
   before it (Linux: VmHWM reset through /proc/self/clear_refs, then read back); on CUDA,
@@ -59,9 +60,17 @@ def build_model(device: torch.device, eos_hazard: float):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=3 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval().to(device)
@@ -133,11 +142,20 @@ def run_ours(model, device, rollouts: int, max_new_tokens: int) -> dict:
 def run_generate(model, device, rollouts: int, max_new_tokens: int) -> dict:
     prompt = torch.tensor([PROMPT], device=device)
     out = model.generate(
-        input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=100,
-        temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=rollouts,
-        output_scores=True, return_dict_in_generate=True, eos_token_id=EOS, pad_token_id=PAD,
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=True,
+        top_k=100,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=rollouts,
+        output_scores=True,
+        return_dict_in_generate=True,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
     )
-    generated = out.sequences[:, len(PROMPT):]
+    generated = out.sequences[:, len(PROMPT) :]
     active = torch.ones(rollouts, dtype=torch.bool, device=device)
     sum_entropy = torch.zeros(rollouts, dtype=torch.float64, device=device)
     lengths = torch.zeros(rollouts, dtype=torch.long, device=device)
@@ -183,14 +201,31 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(
-    which: str, args: argparse.Namespace, *, rollouts: int, max_new_tokens: int, eos_hazard: float,
+    which: str,
+    args: argparse.Namespace,
+    *,
+    rollouts: int,
+    max_new_tokens: int,
+    eos_hazard: float,
     repeats: int,
 ) -> dict:
     command = [
-        sys.executable, __file__, "--worker", which, "--device", args.device,
-        "--threads", str(args.threads), "--rollouts", str(rollouts),
-        "--max-new-tokens", str(max_new_tokens), "--eos-hazard", str(eos_hazard),
-        "--repeats", str(repeats),
+        sys.executable,
+        __file__,
+        "--worker",
+        which,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--rollouts",
+        str(rollouts),
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--eos-hazard",
+        str(eos_hazard),
+        "--repeats",
+        str(repeats),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -202,11 +237,17 @@ def spawn(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: no OpenMP spinning against the neighbours' jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: no OpenMP spinning against the neighbours' jobs)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="throughput rounds (fastest kept)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="throughput run")
-    parser.add_argument("--eos-hazard", type=float, default=0.03, help="P(EOS) per step, throughput run")
+    parser.add_argument(
+        "--eos-hazard", type=float, default=0.03, help="P(EOS) per step, throughput run"
+    )
     parser.add_argument("--memory-rollouts", type=int, default=8)
     parser.add_argument("--memory-new-tokens", type=int, default=1000)
     parser.add_argument("--worker", choices=["ours", "generate"], help=argparse.SUPPRESS)
@@ -217,48 +258,92 @@ def main() -> None:
         return
 
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}")
-    print(f"model: Llama-style, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads / "
-          f"{KV_HEADS} KV heads, random weights\n")
+    print(
+        f"model: Llama-style, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads / "
+        f"{KV_HEADS} KV heads, random weights\n"
+    )
 
-    throughput = {w: spawn(w, args, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
-                           eos_hazard=args.eos_hazard, repeats=args.repeats) for w in ("ours", "generate")}
-    print(f"throughput: M={args.rollouts}, top_k=100, T=1, max_new_tokens={args.max_new_tokens}, "
-          f"EOS hazard {args.eos_hazard}/step")
+    throughput = {
+        w: spawn(
+            w,
+            args,
+            rollouts=args.rollouts,
+            max_new_tokens=args.max_new_tokens,
+            eos_hazard=args.eos_hazard,
+            repeats=args.repeats,
+        )
+        for w in ("ours", "generate")
+    }
+    print(
+        f"throughput: M={args.rollouts}, top_k=100, T=1, max_new_tokens={args.max_new_tokens}, "
+        f"EOS hazard {args.eos_hazard}/step"
+    )
     for name, r in throughput.items():
-        print(f"  {name:9s} {r['tokens']:7d} tokens in {r['seconds']:6.2f} s = "
-              f"{r['tokens'] / r['seconds']:8.1f} tokens/s, {r['tokens'] / r['cpu_seconds']:8.1f} per CPU-s"
-              f"  (mean length {r['mean_length']:.1f}, "
-              f"mean H_i {r['mean_sum_entropy']:.2f} nats, h_1 {r['first_step_entropy']:.6f})")
-    h_ours, h_peer = throughput["ours"]["first_step_entropy"], throughput["generate"]["first_step_entropy"]
+        print(
+            f"  {name:9s} {r['tokens']:7d} tokens in {r['seconds']:6.2f} s = "
+            f"{r['tokens'] / r['seconds']:8.1f} tokens/s, {r['tokens'] / r['cpu_seconds']:8.1f} per CPU-s"
+            f"  (mean length {r['mean_length']:.1f}, "
+            f"mean H_i {r['mean_sum_entropy']:.2f} nats, h_1 {r['first_step_entropy']:.6f})"
+        )
+    h_ours, h_peer = (
+        throughput["ours"]["first_step_entropy"],
+        throughput["generate"]["first_step_entropy"],
+    )
     assert abs(h_ours - h_peer) < 1e-4, f"step-1 entropies disagree: {h_ours} vs {h_peer}"
     speed = {n: r["tokens"] / r["seconds"] for n, r in throughput.items()}
     cpu_speed = {n: r["tokens"] / r["cpu_seconds"] for n, r in throughput.items()}
 
-    memory = {w: spawn(w, args, rollouts=args.memory_rollouts, max_new_tokens=args.memory_new_tokens,
-                       eos_hazard=0.0, repeats=1) for w in ("ours", "generate")}
+    memory = {
+        w: spawn(
+            w,
+            args,
+            rollouts=args.memory_rollouts,
+            max_new_tokens=args.memory_new_tokens,
+            eos_hazard=0.0,
+            repeats=1,
+        )
+        for w in ("ours", "generate")
+    }
     scores_bytes = args.memory_rollouts * args.memory_new_tokens * VOCAB * 4
     per_token = LAYERS * 2 * KV_HEADS * (HIDDEN // HEADS) * 4  # K and V, float32
     kv_bytes = per_token * args.memory_rollouts * (args.memory_new_tokens + len(PROMPT))
-    method = ("CUDA max_memory_allocated above the pre-call allocation" if args.device.startswith("cuda")
-              else "peak RSS (VmHWM, reset via /proc/self/clear_refs) above the pre-call RSS")
-    print(f"\nmemory: M={args.memory_rollouts}, {args.memory_new_tokens} new tokens, no EOS; {method},"
-          " each in a fresh process")
-    print(f"  (for reference: the peer's stored scores are {scores_bytes / 2**20:.0f} MiB, the KV cache "
-          f"of either is {kv_bytes / 2**20:.0f} MiB)")
+    method = (
+        "CUDA max_memory_allocated above the pre-call allocation"
+        if args.device.startswith("cuda")
+        else "peak RSS (VmHWM, reset via /proc/self/clear_refs) above the pre-call RSS"
+    )
+    print(
+        f"\nmemory: M={args.memory_rollouts}, {args.memory_new_tokens} new tokens, no EOS; {method},"
+        " each in a fresh process"
+    )
+    print(
+        f"  (for reference: the peer's stored scores are {scores_bytes / 2**20:.0f} MiB, the KV cache "
+        f"of either is {kv_bytes / 2**20:.0f} MiB)"
+    )
     for name, r in memory.items():
-        print(f"  {name:9s} peak +{r['peak_bytes'] / 2**20:8.1f} MiB, of which beyond the KV cache "
-              f"+{(r['peak_bytes'] - kv_bytes) / 2**20:8.1f} MiB")
+        print(
+            f"  {name:9s} peak +{r['peak_bytes'] / 2**20:8.1f} MiB, of which beyond the KV cache "
+            f"+{(r['peak_bytes'] - kv_bytes) / 2**20:8.1f} MiB"
+        )
 
     print("\nratios")
-    print(f"  throughput ours / generate:        {speed['ours'] / speed['generate']:.2f}x wall, "
-          f"{cpu_speed['ours'] / cpu_speed['generate']:.2f}x per CPU-second  (goal >= 1.5x)")
+    print(
+        f"  throughput ours / generate:        {speed['ours'] / speed['generate']:.2f}x wall, "
+        f"{cpu_speed['ours'] / cpu_speed['generate']:.2f}x per CPU-second  (goal >= 1.5x)"
+    )
     total = memory["generate"]["peak_bytes"] / max(memory["ours"]["peak_bytes"], 1)
-    beyond = (memory["generate"]["peak_bytes"] - kv_bytes) / max(memory["ours"]["peak_bytes"] - kv_bytes, 1)
-    print(f"  peak memory generate / ours @{args.memory_new_tokens}: {total:.2f}x in total, {beyond:.1f}x for "
-          "the logits/score path (peak minus the KV cache both hold)  (goal >= 5x)")
-    print("  (with no rollout finished early both hold the same KV cache, so stored scores alone give a\n"
-          "   total ratio of about (KV + scores) / KV = 5 at this model's and Llama-3.1-8B's KV:logit\n"
-          "   ratio; early EOS compaction lowers ours further)")
+    beyond = (memory["generate"]["peak_bytes"] - kv_bytes) / max(
+        memory["ours"]["peak_bytes"] - kv_bytes, 1
+    )
+    print(
+        f"  peak memory generate / ours @{args.memory_new_tokens}: {total:.2f}x in total, {beyond:.1f}x for "
+        "the logits/score path (peak minus the KV cache both hold)  (goal >= 5x)"
+    )
+    print(
+        "  (with no rollout finished early both hold the same KV cache, so stored scores alone give a\n"
+        "   total ratio of about (KV + scores) / KV = 5 at this model's and Llama-3.1-8B's KV:logit\n"
+        "   ratio; early EOS compaction lowers ours further)"
+    )
 
 
 if __name__ == "__main__":

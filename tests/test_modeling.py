@@ -58,8 +58,16 @@ def build_tokenizer(words: list[str] = WORDS, *, chat_template: str | None = CHA
     return tokenizer
 
 
-def build_llama(vocab_size: int, *, hidden: int = 32, layers: int = 2, context: int = 128, seed: int = 0,
-                eos: int | list[int] = 2, logit_scale: float = 1.0):
+def build_llama(
+    vocab_size: int,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    context: int = 128,
+    seed: int = 0,
+    eos: int | list[int] = 2,
+    logit_scale: float = 1.0,
+):
     """A tiny Llama-style causal LM with random weights (fixed seed)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -86,14 +94,26 @@ def build_llama(vocab_size: int, *, hidden: int = 32, layers: int = 2, context: 
     return model
 
 
-def build_gpt2(vocab_size: int, *, hidden: int = 32, layers: int = 2, context: int = 128, seed: int = 0,
-               eos: int = 2):
+def build_gpt2(
+    vocab_size: int,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    context: int = 128,
+    seed: int = 0,
+    eos: int = 2,
+):
     """A tiny GPT-2-style causal LM with random weights (fixed seed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=context,
-        bos_token_id=1, eos_token_id=eos,
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=context,
+        bos_token_id=1,
+        eos_token_id=eos,
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
@@ -106,7 +126,9 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
     return path
 
 
-def build_model_dir(path: Path, *, chat_template: str | None = CHAT_TEMPLATE, **model_kwargs) -> Path:
+def build_model_dir(
+    path: Path, *, chat_template: str | None = CHAT_TEMPLATE, **model_kwargs
+) -> Path:
     """A complete tiny Llama model directory with the word-level tokenizer."""
     tokenizer = build_tokenizer(chat_template=chat_template)
     return save_model_dir(path, build_llama(len(tokenizer), **model_kwargs), tokenizer)

@@ -45,15 +45,32 @@ SMALL = dict(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
 def test_settings_defaults_are_the_papers() -> None:
     s = SamplingSettings()
     assert (s.rollouts, s.temperature, s.top_k, s.top_p, s.max_new_tokens, s.seed) == (
-        100, 1.0, 100, 1.0, 4000, 42,
+        100,
+        1.0,
+        100,
+        1.0,
+        4000,
+        42,
     )
     assert (s.backend, s.device, s.dtype, s.max_batch_rows) == ("canopy", "auto", "auto", 0)
 
 
 def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None:
-    config = dict(rollouts=3, temperature=0.5, top_k=0, top_p=0.9, max_new_tokens=7, seed=1,
-                  backend="canopy", device="cpu", dtype="float32", max_batch_rows=2)
+    config = dict(
+        rollouts=3,
+        temperature=0.5,
+        top_k=0,
+        top_p=0.9,
+        max_new_tokens=7,
+        seed=1,
+        backend="canopy",
+        device="cpu",
+        dtype="float32",
+        max_batch_rows=2,
+    )
     assert SamplingSettings.from_config(config).to_dict() == config
+    integral = SamplingSettings.from_config({"temperature": 1, "top_p": 1})
+    assert integral == SamplingSettings() and isinstance(integral.temperature, float)
     with pytest.raises(ValueError, match="tempreature, topk"):
         SamplingSettings.from_config({"topk": 5, "tempreature": 1.0})
 
@@ -80,7 +97,9 @@ def test_invalid_settings_are_rejected_with_the_key(bad: dict, message: str) -> 
 # ------------------------------------------------------------------- processed distribution
 
 
-def brute_force_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+def brute_force_distribution(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float
+) -> np.ndarray:
     """Full-vocabulary float64 reference: temperature, top-k, top-p, renormalise."""
     out = np.zeros_like(logits, dtype=np.float64)
     for b, row in enumerate(logits.astype(np.float64) / temperature):
@@ -137,7 +156,9 @@ def tiny() -> LoadedModel:
     tokenizer = build_tokenizer()
     # Two EOS ids; a large logit scale gives a mix of short and long rollouts.
     model = build_llama(len(tokenizer), eos=[2, 6], seed=1)
-    return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
+    )
 
 
 PROMPT = [1, 7, 8, 9]
@@ -157,7 +178,9 @@ def test_rollouts_end_at_their_first_eos_or_at_max_new_tokens(tiny: LoadedModel)
         else:
             assert row["truncated"] and row["n_steps"] == 10
         assert row["prompt_tokens"] == len(PROMPT)
-        assert all(h >= 0 for h in row["step_entropy"]) and all(lp <= 0 for lp in row["step_logprob"])
+        assert all(h >= 0 for h in row["step_entropy"]) and all(
+            lp <= 0 for lp in row["step_logprob"]
+        )
     assert ended_by == {2, 6}, "both EOS ids should end some rollout of this model"
     assert 0 < sum(r["truncated"] for r in rows) < 40
 
@@ -179,14 +202,19 @@ def test_batch_size_does_not_change_the_rollouts(tiny: LoadedModel) -> None:
     tables = []
     for rows_per_batch in (0, 4, 1):
         settings = SamplingSettings(**{**SMALL, "rollouts": 9, "max_batch_rows": rows_per_batch})
-        tables.append(pd.DataFrame(sample_prompt(tiny, PROMPT, settings, prompt_id="p", eos_ids=[2, 6])))
+        tables.append(
+            pd.DataFrame(sample_prompt(tiny, PROMPT, settings, prompt_id="p", eos_ids=[2, 6]))
+        )
     for table in tables[1:]:
         for column in ("sample", "n_steps", "hit_eos", "truncated", "token_ids"):
             assert table[column].tolist() == tables[0][column].tolist()
         # CPU matrix kernels round differently for different batch shapes (~1e-7).
         for column in ("step_entropy", "step_logprob"):
-            np.testing.assert_allclose(np.concatenate(table[column].tolist()),
-                                       np.concatenate(tables[0][column].tolist()), atol=1e-5)
+            np.testing.assert_allclose(
+                np.concatenate(table[column].tolist()),
+                np.concatenate(tables[0][column].tolist()),
+                atol=1e-5,
+            )
 
 
 def test_nan_logits_name_the_prompt_and_step() -> None:
@@ -194,7 +222,9 @@ def test_nan_logits_name_the_prompt_and_step() -> None:
     model = build_llama(len(tokenizer))
     with torch.no_grad():
         model.lm_head.weight[5].fill_(float("nan"))
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32)
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
+    )
     with pytest.raises(NonFiniteLogitsError, match=r"prompt 'p9'.*step 1.*bfloat16 or float32"):
         sample_prompt(loaded, PROMPT, SamplingSettings(**SMALL), prompt_id="p9", eos_ids=[2])
 
@@ -209,13 +239,15 @@ def test_too_long_prompt_names_the_prompt(tiny: LoadedModel) -> None:
 
 
 def write_prompts(path: Path, prompts: dict[str, str]) -> Path:
-    lines = [json.dumps({"prompt_id": pid, "task": "t", "prompt": text, "source": "test"})
-             for pid, text in prompts.items()]
+    lines = [
+        json.dumps({"prompt_id": pid, "task": "t", "prompt": text, "source": "test"})
+        for pid, text in prompts.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-PROMPTS = {f"q{i}": " ".join(WORDS[i: i + 3 + i % 4]) for i in range(6)}
+PROMPTS = {f"q{i}": " ".join(WORDS[i : i + 3 + i % 4]) for i in range(6)}
 
 
 class Interrupted(Exception):
@@ -251,15 +283,29 @@ def model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("model") / "tiny", eos=[2, 6], seed=1)
 
 
-def test_task_table_has_the_contract_columns_and_decoded_text(model_dir: Path, tmp_path: Path) -> None:
+def test_task_table_has_the_contract_columns_and_decoded_text(
+    model_dir: Path, tmp_path: Path
+) -> None:
     prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
     output = tmp_path / "rollouts" / "t.parquet"
     log = RecordingLogger()
-    frame = sample_task(model_dir, prompts, "finetuned", SamplingSettings(**SMALL), output, progress=log)
+    frame = sample_task(
+        model_dir, prompts, "finetuned", SamplingSettings(**SMALL), output, progress=log
+    )
     stored = pq.read_table(output)
     assert stored.column_names == [
-        "prompt_id", "sample", "prompt_tokens", "n_steps", "hit_eos", "truncated", "step_entropy",
-        "step_logprob", "sum_entropy", "sum_logprob", "token_ids", "text",
+        "prompt_id",
+        "sample",
+        "prompt_tokens",
+        "n_steps",
+        "hit_eos",
+        "truncated",
+        "step_entropy",
+        "step_logprob",
+        "sum_entropy",
+        "sum_logprob",
+        "token_ids",
+        "text",
     ]
     assert str(stored.schema.field("step_entropy").type) == "list<element: double>"
     assert str(stored.schema.field("token_ids").type) == "list<element: int64>"
@@ -278,13 +324,25 @@ def test_task_table_has_the_contract_columns_and_decoded_text(model_dir: Path, t
     assert any("prompt 6/6" in m and "tokens/s" in m and "ETA" in m for m in log.messages)
 
 
-def test_prompt_order_and_subset_do_not_change_a_prompts_rollouts(model_dir: Path, tmp_path: Path) -> None:
+def test_prompt_order_and_subset_do_not_change_a_prompts_rollouts(
+    model_dir: Path, tmp_path: Path
+) -> None:
     settings = SamplingSettings(**SMALL)
-    full = sample_task(model_dir, write_prompts(tmp_path / "a.jsonl", PROMPTS), "base", settings,
-                       tmp_path / "a.parquet")
+    full = sample_task(
+        model_dir,
+        write_prompts(tmp_path / "a.jsonl", PROMPTS),
+        "base",
+        settings,
+        tmp_path / "a.parquet",
+    )
     subset = {pid: PROMPTS[pid] for pid in ("q4", "q1")}
-    part = sample_task(model_dir, write_prompts(tmp_path / "b.jsonl", subset), "base", settings,
-                       tmp_path / "b.parquet")
+    part = sample_task(
+        model_dir,
+        write_prompts(tmp_path / "b.jsonl", subset),
+        "base",
+        settings,
+        tmp_path / "b.parquet",
+    )
     for pid in subset:
         pd.testing.assert_frame_equal(
             full[full.prompt_id == pid].reset_index(drop=True),
@@ -292,7 +350,9 @@ def test_prompt_order_and_subset_do_not_change_a_prompts_rollouts(model_dir: Pat
         )
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_to_the_uninterrupted_table(
+    model_dir: Path, tmp_path: Path
+) -> None:
     prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
     settings = SamplingSettings(**SMALL)
     reference = tmp_path / "reference.parquet"
@@ -300,7 +360,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp
 
     output = tmp_path / "run" / "t.parquet"
     with pytest.raises(Interrupted):
-        sample_task(model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2))
+        sample_task(
+            model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2)
+        )
     assert not output.exists()
     assert len(list(shard_dir_for(output).glob("*.parquet"))) == 2
 
@@ -314,7 +376,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp
     # A smaller max_batch_rows (the fix after running out of memory) keeps the finished prompts;
     # the draws are the same, the floats only up to the kernels' rounding for other batch shapes.
     with pytest.raises(Interrupted):
-        sample_task(model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2))
+        sample_task(
+            model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2)
+        )
     log = RecordingLogger()
     smaller = SamplingSettings(**{**SMALL, "max_batch_rows": 4})
     resumed = sample_task(model_dir, prompts, "base", smaller, output, progress=log)
@@ -324,12 +388,20 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp
     np.testing.assert_allclose(resumed["sum_entropy"], expected["sum_entropy"], rtol=1e-6)
 
 
-def test_stale_shards_from_other_settings_or_prompt_text_are_not_reused(model_dir: Path, tmp_path: Path) -> None:
+def test_stale_shards_from_other_settings_or_prompt_text_are_not_reused(
+    model_dir: Path, tmp_path: Path
+) -> None:
     prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
     output = tmp_path / "t.parquet"
     with pytest.raises(Interrupted):
-        sample_task(model_dir, prompts, "base", SamplingSettings(**SMALL), output,
-                    progress=InterruptingLogger(after=3))
+        sample_task(
+            model_dir,
+            prompts,
+            "base",
+            SamplingSettings(**SMALL),
+            output,
+            progress=InterruptingLogger(after=3),
+        )
     hotter = SamplingSettings(**{**SMALL, "temperature": 1.7})
     log = RecordingLogger()
     table = sample_task(model_dir, prompts, "base", hotter, output, progress=log)
@@ -339,15 +411,16 @@ def test_stale_shards_from_other_settings_or_prompt_text_are_not_reused(model_di
 
     # Same settings but an edited prompt: only that prompt is resampled.
     with pytest.raises(Interrupted):
-        sample_task(model_dir, prompts, "base", hotter, output, progress=InterruptingLogger(after=3))
+        sample_task(
+            model_dir, prompts, "base", hotter, output, progress=InterruptingLogger(after=3)
+        )
     edited = write_prompts(tmp_path / "edited.jsonl", {**PROMPTS, "q0": "a big dog"})
     log = RecordingLogger()
     sample_task(model_dir, edited, "base", hotter, output, progress=log)
     assert any("resuming: 2/6" in m for m in log.messages)
 
 
-KILL_SCRIPT = textwrap.dedent(
-    """
+KILL_SCRIPT = textwrap.dedent("""
     import logging, sys, time
     from canopy.sampling import SamplingSettings, sample_task
 
@@ -361,8 +434,7 @@ KILL_SCRIPT = textwrap.dedent(
     model_dir, prompts, output = sys.argv[1:4]
     settings = SamplingSettings(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
     sample_task(model_dir, prompts, "finetuned", settings, output, progress=log)
-    """
-)
+    """)
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp_path: Path) -> None:
@@ -371,8 +443,12 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp_p
     output = tmp_path / "killed" / "t.parquet"
     shards = shard_dir_for(output)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(prompts), str(output)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(prompts), str(output)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(shards.glob("*.parquet")) if shards.exists() else True:
@@ -405,8 +481,14 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp_p
 def interrupted_run(model_dir: Path, prompts: Path, output: Path) -> Path:
     """Leave one shard behind, as a killed job does; return the shard directory."""
     with pytest.raises(Interrupted):
-        sample_task(model_dir, prompts, "base", SamplingSettings(**SMALL), output,
-                    progress=InterruptingLogger(after=1))
+        sample_task(
+            model_dir,
+            prompts,
+            "base",
+            SamplingSettings(**SMALL),
+            output,
+            progress=InterruptingLogger(after=1),
+        )
     shards = shard_dir_for(output)
     assert len(list(shards.glob("*.parquet"))) == 1
     return shards
@@ -426,7 +508,9 @@ def test_prompt_errors_name_the_prompt_and_keep_the_shards(model_dir: Path, tmp_
         sample_task(model_dir, too_long, "base", settings, output)
 
     duplicated = tmp_path / "dup.jsonl"
-    duplicated.write_text((tmp_path / "t.jsonl").read_text() + json.dumps({"prompt_id": "q0", "prompt": "a"}))
+    duplicated.write_text(
+        (tmp_path / "t.jsonl").read_text() + json.dumps({"prompt_id": "q0", "prompt": "a"})
+    )
     with pytest.raises(ValueError, match=r"dup.jsonl:7: duplicate prompt_id 'q0'"):
         sample_task(model_dir, duplicated, "base", settings, output)
 
@@ -461,14 +545,18 @@ def test_model_errors_name_the_path_and_keep_the_shards(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ vLLM renormalisation
 
 
-def full_vocabulary_truth(logits: torch.Tensor, settings: SamplingSettings) -> tuple[dict[int, float], float]:
+def full_vocabulary_truth(
+    logits: torch.Tensor, settings: SamplingSettings
+) -> tuple[dict[int, float], float]:
     probs, ids = processed_distribution(logits.unsqueeze(0), settings)
     q = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0}
     return q, -sum(p * np.log(p) for p in q.values())
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9), (1.4, 0.5)])
-def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(temperature: float, top_p: float) -> None:
+def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(
+    temperature: float, top_p: float
+) -> None:
     from canopy.vllm_backend import candidate_count, renormalised_step
 
     settings = SamplingSettings(temperature=temperature, top_k=20, top_p=top_p)
@@ -484,7 +572,9 @@ def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(temperature: fl
         assert log_q == pytest.approx(np.log(p), abs=1e-5)
     outside = next(t for t in range(300) if t not in q)
     with pytest.raises(ValueError, match=f"drawn token {outside} lies outside"):
-        renormalised_step({**candidates, outside: float(raw[outside])}, outside, settings, where="p1")
+        renormalised_step(
+            {**candidates, outside: float(raw[outside])}, outside, settings, where="p1"
+        )
     with pytest.raises(ValueError, match="returned 5 candidates but top_k=20"):
         renormalised_step(dict(list(candidates.items())[:5]), top[0], settings)
 

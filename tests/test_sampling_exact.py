@@ -61,7 +61,9 @@ def test_sampler_matches_the_enumerated_canopy(case: str) -> None:
     by_tokens = {leaf.tokens: leaf for leaf in leaves}
     assert math.isclose(sum(leaf.prob for leaf in leaves), 1.0, abs_tol=1e-9)
 
-    loaded = LoadedModel(model=model, tokenizer=None, device=torch.device("cpu"), dtype=torch.float32)
+    loaded = LoadedModel(
+        model=model, tokenizer=None, device=torch.device("cpu"), dtype=torch.float32
+    )
     rows = sample_prompt(loaded, PROMPT, settings, prompt_id="p", eos_ids=EOS_IDS)
     assert [row["sample"] for row in rows] == list(range(SAMPLES))
 
@@ -97,4 +99,6 @@ def test_sampler_matches_the_enumerated_canopy(case: str) -> None:
     se = sums.std(ddof=1) / math.sqrt(SAMPLES)
     assert abs(sums.mean() - exact.canopy_entropy) < 4 * se
     surprisal = -np.array([row["sum_logprob"] for row in rows])
-    assert abs(surprisal.mean() - exact.canopy_entropy) < 4 * surprisal.std(ddof=1) / math.sqrt(SAMPLES)
+    assert abs(surprisal.mean() - exact.canopy_entropy) < 4 * surprisal.std(ddof=1) / math.sqrt(
+        SAMPLES
+    )

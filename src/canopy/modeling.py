@@ -58,9 +58,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:<index>") from error
+        raise ValueError(
+            f"unknown device {device!r}: use auto, cpu, cuda or cuda:<index>"
+        ) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use auto or cpu")
+        raise ValueError(
+            f"device {device!r} was requested but CUDA is not available here; use auto or cpu"
+        )
     return resolved
 
 
@@ -107,13 +111,17 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, local_files_only=True, dtype=torch_dtype
+    )
     model.to(torch_device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
 
 
-def format_prompt(tokenizer: Any, text: str, variant: str, *, prompt_id: str | None = None) -> list[int]:
+def format_prompt(
+    tokenizer: Any, text: str, variant: str, *, prompt_id: str | None = None
+) -> list[int]:
     """Token ids a model of ``variant`` is sampled from for the prompt ``text``.
 
     ``base``: the raw text, with the BOS token when the tokenizer adds special tokens by default.
@@ -139,7 +147,9 @@ def format_prompt(tokenizer: Any, text: str, variant: str, *, prompt_id: str | N
         if not isinstance(ids, list):
             ids = ids["input_ids"]
     else:
-        raise ValueError(f"unknown variant {variant!r} for {name}: use one of {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"unknown variant {variant!r} for {name}: use one of {', '.join(VARIANTS)}"
+        )
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError(f"{name} formats to zero tokens for variant {variant!r}")

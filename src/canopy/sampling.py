@@ -119,11 +119,17 @@ class SamplingSettings:
         def integer(name: str, minimum: int) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"sampling setting {name} must be an integer >= {minimum}, got {value!r}")
+                raise ValueError(
+                    f"sampling setting {name} must be an integer >= {minimum}, got {value!r}"
+                )
 
         def number(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"sampling setting {name} must be a finite number, got {value!r}")
             return float(value)
 
@@ -132,17 +138,24 @@ class SamplingSettings:
         integer("max_new_tokens", 1)
         integer("seed", -(2**63))
         integer("max_batch_rows", 0)
+        # Store floats as floats: YAML's `temperature: 1` must fingerprint like 1.0.
+        object.__setattr__(self, "temperature", number("temperature"))
+        object.__setattr__(self, "top_p", number("top_p"))
         if number("temperature") <= 0:
             raise ValueError(f"sampling setting temperature must be > 0, got {self.temperature!r}")
         top_p = number("top_p")
         if not 0 < top_p <= 1:
             raise ValueError(f"sampling setting top_p must be in (0, 1], got {self.top_p!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"sampling setting backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(
+                f"sampling setting backend must be one of {BACKENDS}, got {self.backend!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"sampling setting dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"sampling setting device must be auto, cpu or cuda[:i], got {self.device!r}")
+            raise ValueError(
+                f"sampling setting device must be auto, cpu or cuda[:i], got {self.device!r}"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SamplingSettings:
@@ -332,7 +345,9 @@ def sample_prompt(
         for batch_number, start in enumerate(starts):
             samples = np.arange(start, min(start + rows_per_batch, rollouts))
             # The last batch may consume the prefill cache itself; earlier ones work on copies.
-            cache = prefill_cache if batch_number == len(starts) - 1 else copy.deepcopy(prefill_cache)
+            cache = (
+                prefill_cache if batch_number == len(starts) - 1 else copy.deepcopy(prefill_cache)
+            )
             cache.batch_repeat_interleave(len(samples))
             logits = prefill_logits.expand(len(samples), -1)
             for step in range(settings.max_new_tokens):
@@ -374,7 +389,10 @@ def sample_prompt(
                     next_tokens = drawn.index_select(0, keep_index)
                     samples = samples[keep]
                 output = model(
-                    input_ids=next_tokens.unsqueeze(-1), cache=cache, use_cache=True, logits_to_keep=1
+                    input_ids=next_tokens.unsqueeze(-1),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 cache = _output_cache(output)
                 logits = output.logits[:, -1, :]
@@ -410,7 +428,9 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     ``prompt_id`` and ``prompt``; ids must be unique."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist: run the data stage first")
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} does not exist: run the data stage first"
+        )
     prompts: list[dict[str, Any]] = []
     seen: set[str] = set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -486,7 +506,9 @@ def _read_valid_shard(path: Path, fingerprint: str) -> pa.Table | None:
     return table.replace_schema_metadata(None)
 
 
-def _write_shard(path: Path, rows: list[dict[str, Any]], fingerprint: str, prompt_id: str) -> pa.Table:
+def _write_shard(
+    path: Path, rows: list[dict[str, Any]], fingerprint: str, prompt_id: str
+) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
     stamped = table.replace_schema_metadata(
         {"canopy_fingerprint": fingerprint, "prompt_id": prompt_id}
@@ -577,7 +599,9 @@ def sample_task(
         "transformers": transformers.__version__,
     }
     fingerprints = [
-        _fingerprint({**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids})
+        _fingerprint(
+            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
+        )
         for r, ids in zip(prompts, formatted)
     ]
 

@@ -89,7 +89,9 @@ def _import_vllm() -> Any:
 class VllmSampler:
     """Per-prompt sampling with a vLLM engine; rows have the canopy backend's columns."""
 
-    def __init__(self, model_dir: str | Path, settings: SamplingSettings, eos_ids: Sequence[int]) -> None:
+    def __init__(
+        self, model_dir: str | Path, settings: SamplingSettings, eos_ids: Sequence[int]
+    ) -> None:
         vllm = _import_vllm()
         self.settings = settings
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
@@ -120,7 +122,9 @@ class VllmSampler:
         rows = []
         for sample, completion in enumerate(result.outputs):
             tokens = [int(t) for t in completion.token_ids]
-            if completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.eos_ids):
+            if completion.finish_reason == "stop" and (
+                not tokens or tokens[-1] not in self.eos_ids
+            ):
                 raise RuntimeError(
                     f"prompt {prompt_id!r}: vLLM stopped without returning the EOS token; "
                     "its entropy step would be missing"
@@ -128,7 +132,10 @@ class VllmSampler:
             entropies, logprobs = [], []
             for step, (token, candidates) in enumerate(zip(tokens, completion.logprobs)):
                 h, lq = renormalised_step(
-                    candidates, token, s, where=f"prompt {prompt_id!r} rollout {sample} step {step + 1}"
+                    candidates,
+                    token,
+                    s,
+                    where=f"prompt {prompt_id!r} rollout {sample} step {step + 1}",
                 )
                 entropies.append(h)
                 logprobs.append(lq)
