@@ -316,7 +316,10 @@ def python_function(rng: random.Random) -> PythonFunction:
         arguments = spec.example(rng)
         result = namespace[name](*[list(a) if isinstance(a, list) else a for a in arguments])
         call = ", ".join(repr(a) for a in arguments)
-        examples.append(f"    >>> {name}({call})\n    {result!r}")
+        if result is None:  # the interpreter prints nothing for None, so state it as a test
+            examples.append(f"    >>> {name}({call}) is None\n    True")
+        else:
+            examples.append(f"    >>> {name}({call})\n    {result!r}")
     docstring = f'    """{description}\n' + "\n".join(examples) + '\n    """\n'
     source = f"{header}{signature}\n{docstring}{body}"
     return PythonFunction(name=name, signature=signature, description=description, source=source, body=body)

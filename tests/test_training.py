@@ -1,0 +1,243 @@
+"""canopy.training: recipes, the two tokenizer kinds, and short real pre-training and fine-tuning
+runs of both families whose directories must work with canopy.modeling exactly as downloaded
+models do."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from canopy.corpus import pretraining_documents, sft_pairs  # noqa: E402
+from canopy.modeling import eos_token_ids, format_prompt, load_model  # noqa: E402
+from canopy.training import (  # noqa: E402
+    CHAT_TEMPLATES,
+    ROLE_MARKERS,
+    Recipe,
+    RecipeError,
+    encode_pair,
+    finetune,
+    pretrain_base,
+    response_loss,
+    train_tokenizer,
+)
+
+FAMILIES = {
+    "gpt2": {"architecture": "gpt2", "tokenizer": "byte_bpe"},
+    "llama": {"architecture": "llama", "tokenizer": "sentencepiece_bpe"},
+}
+TINY = {
+    "vocab_size": 400,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "context_length": 128,
+    "pretrain_steps": 40,
+    "sft_steps": 40,
+    "batch_size": 8,
+    "learning_rate": 0.01,
+    "sft_learning_rate": 0.003,
+    "seed": 3,
+}
+
+
+def tiny_recipe(family: str, **changes) -> Recipe:
+    return Recipe.from_config({**FAMILIES[family], **TINY, **changes}, name=family)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[list[str], list[tuple[str, str]]]:
+    return pretraining_documents(300, 3), sft_pairs(160, 3)
+
+
+@pytest.fixture(scope="module")
+def families(corpus, tmp_path_factory) -> dict[str, dict]:
+    """Both families pre-trained and fine-tuned for a few steps."""
+    torch.set_num_threads(1)
+    documents, pairs = corpus
+    trained = {}
+    for family in FAMILIES:
+        recipe = tiny_recipe(family)
+        root = tmp_path_factory.mktemp(family)
+        base_record = pretrain_base(documents, recipe, root / "base", threads=1)
+        finetuned_record = finetune(root / "base", pairs, recipe, root / "finetuned", threads=1)
+        trained[family] = {"family": family, "recipe": recipe, "root": root, "base": base_record,
+                           "finetuned": finetuned_record, "pairs": pairs}
+    return trained
+
+
+@pytest.fixture(params=list(FAMILIES))
+def trained(request, families) -> dict:
+    return families[request.param]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_defaults_and_errors_name_the_key() -> None:
+    recipe = Recipe.from_config({"architecture": "llama", "tokenizer": "sentencepiece_bpe", "learning_rate": 1}, name="r")
+    assert recipe.learning_rate == 1.0 and isinstance(recipe.learning_rate, float)
+    assert recipe.vocab_size == Recipe.__dataclass_fields__["vocab_size"].default
+    cases = [
+        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "layers": 2}, r"training\.recipes\.r\.layers is not a recipe key"),
+        ({"architecture": "gpt3", "tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is 'gpt3'"),
+        ({"architecture": "gpt2", "tokenizer": "wordpiece"}, r"training\.recipes\.r\.tokenizer is 'wordpiece'"),
+        ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is required"),
+        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0}, r"training\.recipes\.r\.num_layers must be at least 1"),
+        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "batch_size": 2.5}, r"training\.recipes\.r\.batch_size must be an integer"),
+        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "learning_rate": 0}, r"training\.recipes\.r\.learning_rate must be a positive"),
+        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4}, r"divisible by num_heads"),
+    ]
+    for block, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            Recipe.from_config(block, name="r")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+
+TEXTS = [
+    "Maya has 42 apples. She gives 7 of them to Tom.\nThe answer is 35.",
+    "def f(numbers: List[int]):\n    return [n * n for n in numbers]  # squares",
+    "Ünïcode and emoji ✓ survive byte fallback: café, naïve, 東京",
+    "Tabs\tand  double  spaces,\n\nblank lines.",
+]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tokenizers_round_trip_and_carry_the_special_tokens(family: str, corpus) -> None:
+    recipe = tiny_recipe(family, vocab_size=500)
+    tokenizer = train_tokenizer(corpus[0], recipe)
+    assert 300 <= len(tokenizer) <= 520
+    for text in TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert tokenizer.unk_token_id not in ids or tokenizer.unk_token_id is None
+    assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    # The chat role markers are single special tokens.
+    for marker in ROLE_MARKERS[recipe.tokenizer]:
+        assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+        assert marker in tokenizer.all_special_tokens
+    # Llama style prepends BOS to every text, GPT-2 style does not.
+    first = tokenizer("hello")["input_ids"][0]
+    assert (first == tokenizer.bos_token_id) == (family == "llama")
+
+
+def test_the_two_tokenizer_kinds_differ(corpus) -> None:
+    gpt2 = train_tokenizer(corpus[0], tiny_recipe("gpt2"))
+    llama = train_tokenizer(corpus[0], tiny_recipe("llama"))
+    assert type(gpt2.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
+    assert type(llama.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
+    assert "<0x41>" in llama.get_vocab() and "<0x41>" not in gpt2.get_vocab()
+    text = "Emma buys 3 pencils."
+    assert gpt2.convert_ids_to_tokens(gpt2(text)["input_ids"]) != llama.convert_ids_to_tokens(llama(text)["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained families
+# ---------------------------------------------------------------------------------------------
+
+
+def test_directories_load_with_local_files_only(trained) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for variant in ("base", "finetuned"):
+        directory = trained["root"] / variant
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        assert model.config.model_type == trained["family"]
+        assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+        assert model.config.vocab_size == len(tokenizer)
+        assert (directory / "generation_config.json").is_file()
+        log = json.loads((directory / "training_log.json").read_text())
+        assert log["stage"] == ("pretrain" if variant == "base" else "finetune")
+        assert len(log["loss"]) == (TINY["pretrain_steps"] if variant == "base" else TINY["sft_steps"])
+    # Nothing temporary is left next to the model directories.
+    assert sorted(p.name for p in trained["root"].iterdir()) == ["base", "finetuned"]
+
+
+def test_base_model_learned_the_corpus(trained) -> None:
+    record = trained["base"]
+    assert record["uniform_loss"] == pytest.approx(math.log(record["vocab_size"]))
+    assert record["final_loss"] < record["uniform_loss"] - 1.0
+    assert sum(record["loss"][:5]) / 5 > record["final_loss"] + 0.5
+
+
+def test_chat_template_and_the_modeling_contract(trained) -> None:
+    base = load_model(trained["root"] / "base", device="cpu", dtype="float32")
+    finetuned = load_model(trained["root"] / "finetuned", device="cpu", dtype="float32")
+    assert not getattr(base.tokenizer, "chat_template", None)
+    template = finetuned.tokenizer.chat_template
+    assert template == CHAT_TEMPLATES[trained["recipe"].tokenizer]
+    rendered = finetuned.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How many apples?"}], add_generation_prompt=True, tokenize=False
+    )
+    expected = {
+        "gpt2": "<|user|>\nHow many apples?\n<|assistant|>\n",
+        "llama": "<s>[INST] How many apples? [/INST]",
+    }[trained["family"]]
+    assert rendered == expected
+    # An assistant turn ends with EOS.
+    conversation = finetuned.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False
+    )
+    assert conversation.rstrip("\n").endswith("Hello" + finetuned.tokenizer.eos_token)
+    # format_prompt (canopy.modeling) feeds the fine-tuned model exactly the prompt part it was
+    # trained on, and the EOS it learned to emit is among the ids that end a rollout.
+    instruction, response = trained["pairs"][0]
+    ids, n_prompt = encode_pair(finetuned.tokenizer, instruction, response, 10_000)
+    assert ids[:n_prompt] == format_prompt(finetuned.tokenizer, instruction, "finetuned")
+    assert ids[-1] == finetuned.tokenizer.eos_token_id
+    assert finetuned.tokenizer.eos_token_id in eos_token_ids(finetuned.model, finetuned.tokenizer)
+    assert format_prompt(base.tokenizer, "Emma has 3 apples.", "base")
+
+
+def test_finetuning_lowers_the_response_loss(trained) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = trained["root"]
+    tokenizer = AutoTokenizer.from_pretrained(root / "finetuned", local_files_only=True)
+    pairs = trained["pairs"][:48]
+    before = response_loss(AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True), tokenizer, pairs)
+    after = response_loss(AutoModelForCausalLM.from_pretrained(root / "finetuned", local_files_only=True), tokenizer, pairs)
+    assert after < before - 0.3, (before, after)
+    sft = trained["finetuned"]["loss"]
+    assert sum(sft[-5:]) / 5 < sum(sft[:5]) / 5
+
+
+def test_the_two_families_differ(families) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    configs = {f: AutoConfig.from_pretrained(t["root"] / "base", local_files_only=True) for f, t in families.items()}
+    assert {f: c.model_type for f, c in configs.items()} == {"gpt2": "gpt2", "llama": "llama"}
+    tokenizers = {f: AutoTokenizer.from_pretrained(t["root"] / "finetuned", local_files_only=True) for f, t in families.items()}
+    assert tokenizers["gpt2"].eos_token != tokenizers["llama"].eos_token
+    assert tokenizers["gpt2"].chat_template != tokenizers["llama"].chat_template
+
+
+def test_pretraining_is_deterministic_and_replaces_the_output(corpus, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    recipe = tiny_recipe("llama", pretrain_steps=4)
+    first = pretrain_base(corpus[0][:100], recipe, tmp_path / "a", threads=1)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "stale.txt").write_text("from an older run")
+    second = pretrain_base(corpus[0][:100], recipe, tmp_path / "b", threads=1)
+    assert first["loss"] == second["loss"]
+    assert not (tmp_path / "b" / "stale.txt").exists()
+    from safetensors.torch import load_file
+
+    weights_a = load_file(tmp_path / "a" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
