@@ -143,7 +143,19 @@ class SlurmCluster:
         return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
 
     def stop(self) -> None:
-        """Stop the daemons started for this cluster, newest first, by their process ids."""
+        """Cancel the cluster's jobs, then stop its daemons, newest first, by their process ids.
+
+        Jobs first: a job's processes belong to slurmstepd, not to slurmd, and would outlive the
+        daemons (for example after a test that timed out).
+        """
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            self.run("scancel", f"--partition={self.partition}", "--full")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                active = self.run("squeue", "--noheader", "--states=PENDING,RUNNING,COMPLETING")
+                if active.returncode != 0 or not active.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in reversed(list(self.processes)):
             process = self.processes[name]
             if process.poll() is None:

@@ -312,6 +312,14 @@ def test_every_env_is_used_by_a_rule() -> None:
 # `if TYPE_CHECKING:` or inside `try: ... except ImportError:` are optional and skipped.
 
 
+def _optional_import_block(node: ast.Try) -> bool:
+    """`try: import x / except ImportError: <fallback>`: x is optional. A handler that raises
+    (typically a clearer error saying what to install) marks x as required after all."""
+    if not _catches_import_error(node):
+        return False
+    return not any(isinstance(inner, ast.Raise) for h in node.handlers for inner in ast.walk(h))
+
+
 def _catches_import_error(node: ast.Try) -> bool:
     for handler in node.handlers:
         names = []
@@ -338,7 +346,7 @@ def _imports(nodes: list[ast.stmt], into_functions: bool) -> Iterator[ast.Import
             yield node
         elif isinstance(node, ast.If) and _is_type_checking(node):
             yield from _imports(node.orelse, into_functions)
-        elif isinstance(node, ast.Try) and _catches_import_error(node):
+        elif isinstance(node, ast.Try) and _optional_import_block(node):
             yield from _imports(node.finalbody, into_functions)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if into_functions:
@@ -385,6 +393,24 @@ class _Module:
                 for alias in node.names:
                     if module and module.split(".")[0] == "canopy":
                         self.canopy_names[alias.asname or alias.name] = (module, alias.name)
+
+
+# Calls that load a package named by a string: importlib.import_module("x"),
+# importlib.resources.files("x") (package data such as HumanEval's problems).
+_PACKAGE_BY_NAME = {"import_module", "files", "find_spec"}
+
+
+def _packages_named_in_calls(node: ast.AST) -> list[str]:
+    names = []
+    for call in ast.walk(node):
+        if not (isinstance(call, ast.Call) and call.args):
+            continue
+        function = call.func
+        called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        first = call.args[0]
+        if called in _PACKAGE_BY_NAME and isinstance(first, ast.Constant) and isinstance(first.value, str):
+            names.append(first.value.split(".")[0])
+    return names
 
 
 def _absolute(node: ast.ImportFrom, package_module: str) -> str | None:
@@ -441,6 +467,8 @@ def third_party_imports(script: Path) -> dict[str, str]:
     tree = ast.parse(script.read_text(), filename=str(script))
     for node in _imports(tree.body, into_functions=True):
         record(node, f"workflow/scripts/{script.name}", "")
+    for named in _packages_named_in_calls(tree):
+        found.setdefault(named, f"workflow/scripts/{script.name}")
 
     while pending:
         module_name, attribute = pending.pop()
@@ -473,6 +501,9 @@ def third_party_imports(script: Path) -> dict[str, str]:
             continue
         for node in _imports([definition], into_functions=True):
             record(node, f"{where} ({attribute})", package)
+        for named in _packages_named_in_calls(definition):
+            if named != "canopy":
+                found.setdefault(named, f"{where} ({attribute})")
         for node in ast.walk(definition):
             if isinstance(node, ast.Name):
                 if node.id in module.definitions:
@@ -484,6 +515,10 @@ def third_party_imports(script: Path) -> dict[str, str]:
 
 # The library itself comes from src/ beside the Snakefile, not from the env.
 LOCAL_MODULES = {"canopy"}
+# Modules a rule imports only on an opt-in path that the envs deliberately leave out.
+OPTIONAL_MODULES = {
+    "vllm": "sampling backend `vllm` (GPU only, large): install it into the torch env yourself",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -535,6 +570,14 @@ def test_import_scan_follows_canopy_functions(tmp_path: Path) -> None:
     assert "sentence_transformers" not in found  # only under TYPE_CHECKING and in unused loaders
     script.write_text("from canopy.diversity import DiversitySettings\n")
     assert "torch" not in third_party_imports(script)
+    # A guarded import whose handler raises is required; one with a silent fallback is not.
+    script.write_text(
+        "try:\n    import requiredmod\nexcept ImportError as e:\n    raise SystemExit('x') from e\n"
+        "try:\n    import optionalmod\nexcept ImportError:\n    optionalmod = None\n"
+        "from importlib import resources\ndata = resources.files('packagedata') / 'x'\n"
+    )
+    found = third_party_imports(script)
+    assert {"requiredmod", "packagedata"} <= set(found) and "optionalmod" not in found
 
 
 def rules_with_scripts() -> list[str]:
@@ -549,7 +592,9 @@ def test_rule_env_provides_what_its_script_imports(rule_name: str) -> None:
     stdlib = set(sys.stdlib_module_names)
     missing = []
     for module, where in sorted(third_party_imports(rule["script"]).items()):
-        if module in stdlib or module in LOCAL_MODULES or module == "__future__":
+        if module in stdlib or module in LOCAL_MODULES or module in OPTIONAL_MODULES:
+            continue
+        if module == "__future__":
             continue
         distribution = distribution_of(module)
         if distribution not in provided:

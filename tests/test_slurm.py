@@ -160,7 +160,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
 
 
 def run_through_slurm(
-    cluster: SlurmCluster, workdir: Path, profile: Path, *args: str, snakefile: Path = SNAKEFILE
+    cluster: SlurmCluster,
+    workdir: Path,
+    profile: Path,
+    *args: str,
+    snakefile: Path = SNAKEFILE,
+    timeout: float = 600,
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     env = dict(cluster.env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TZ="UTC")
     command = [
@@ -168,7 +173,7 @@ def run_through_slurm(
         "--workflow-profile", str(profile), *args,
     ]  # fmt: skip
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     return result, time.monotonic() - start
 
 
@@ -241,29 +246,70 @@ def test_two_jobs_run_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None
     print(f"two jobs through Slurm: {seconds:.1f} s")
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_tiny_config_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
-    """The real workflow on the tiny config: every job of a cluster rule runs inside a Slurm
-    allocation, every local rule on the submitting side, and the results are complete."""
-    profile = write_test_profile(tmp_path / "profile", slurm)
+def run_tiny_config(
+    cluster: SlurmCluster, tmp_path: Path, targets: list[str], timeout: float = 600
+) -> tuple[dict[str, int], dict[str, int], int, float]:
+    """Run the tiny config (all of it, or `targets`) through the test cluster and check that every
+    job of a cluster rule ran inside a Slurm allocation and none of a local rule did.
+    Returns the planned cluster jobs per rule, the jobs run in Slurm per rule, the number of
+    Slurm submissions and the run's wall time."""
+    profile = write_test_profile(tmp_path / "profile", cluster)
     workdir = tmp_path / "run"
-    plan, _ = run_through_slurm(slurm, workdir, profile, "--configfile", str(TINY_CONFIG), "-n")
+    args = [*targets, "--configfile", str(TINY_CONFIG)]  # --configfile takes several values
+    plan, _ = run_through_slurm(cluster, workdir, profile, "-n", *args)
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-4000:]
     rules = workflow_rules()
     planned = planned_jobs(plan.stdout + plan.stderr)
     remote = {rule: n for rule, n in planned.items() if rule != "all" and not rules[rule]["local"]}
-    assert {"sample_rollouts", "embed_rollouts", "fit_glmm"} <= set(remote), planned
+    assert any(rules[rule]["local"] for rule in planned), f"no local rule planned: {planned}"
 
-    result, seconds = run_through_slurm(slurm, workdir, profile, "--configfile", str(TINY_CONFIG))
+    result, seconds = run_through_slurm(cluster, workdir, profile, *args, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
-    submitted, ran = assert_went_through_slurm(slurm, result, tmp_path / "profile" / "slurm_logs")
+    submitted, ran = assert_went_through_slurm(cluster, result, tmp_path / "profile" / "slurm_logs")
     assert ran == remote, f"rules run inside Slurm {ran} != cluster rules planned {remote}"
-    for target in (
+    for target in targets:
+        assert (workdir / target).stat().st_size > 0, target
+    return remote, ran, len(submitted), seconds
+
+
+# One model's whole chain: corpus and prompts (local), pre-training, fine-tuning, sampling,
+# metrics, embedding and diversity (Slurm): every kind of torch job, in about 3 minutes here.
+TINY_CHAIN = [
+    "results/metrics/default/tinygpt/finetuned/math.parquet",
+    "results/diversity/default/minilm/tinygpt/finetuned/math.parquet",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_tiny_config_chain_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The real workflow and tiny config, one model/task chain: each of its six cluster jobs in
+    its own Slurm allocation, the local rules beside, and the outputs written."""
+    remote, ran, submissions, seconds = run_tiny_config(slurm, tmp_path, TINY_CHAIN)
+    assert set(remote) == {
+        "pretrain_base_model", "finetune_model", "sample_rollouts", "prompt_metrics",
+        "embed_rollouts", "diversity",
+    }  # fmt: skip
+    assert submissions == sum(remote.values()) == 6
+    print(f"tiny config chain through Slurm: {seconds:.1f} s, {submissions} Slurm jobs")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CANOPY_SLURM_FULL") != "1",
+    reason="the whole tiny config through Slurm takes 10+ minutes on 2 cores: CANOPY_SLURM_FULL=1",
+)
+def test_tiny_config_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The whole tiny config: every cluster rule, the R statistics included, as Slurm jobs."""
+    targets = [
         "results/headline.tsv",
         "results/stats/default/minilm/glmm/summary.json",
         "results/stats/default/minilm/paired_bootstrap.tsv",
         "results/figures/default/decomposition.pdf",
-    ):
-        assert (workdir / target).stat().st_size > 0, target
-    print(f"tiny config through Slurm: {seconds:.1f} s, {len(submitted)} Slurm jobs")
+    ]
+    remote, ran, submissions, seconds = run_tiny_config(slurm, tmp_path, [], timeout=3600)
+    for target in targets:
+        assert (tmp_path / "run" / target).stat().st_size > 0, target
+    assert {"fit_glmm", "glmm_diagnostics", "sample_rollouts"} <= set(ran)
+    print(f"tiny config through Slurm: {seconds:.1f} s, {submissions} Slurm jobs")
