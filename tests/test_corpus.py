@@ -30,7 +30,9 @@ def kind_of_instruction(instruction: str) -> str:
         return "stories"
     if CODE_MARK in instruction:
         return "coding"
-    if re.match(r"^[A-Z][a-z]+(?: [a-z]+)*: ", instruction) and not instruction.endswith((".", "?")):
+    if re.match(r"^[A-Z][a-z]+(?: [a-z]+)*: ", instruction) and not instruction.endswith(
+        (".", "?")
+    ):
         return "completion"
     if instruction.endswith("?"):
         return "math"
@@ -48,7 +50,10 @@ def test_pairs_cover_the_four_task_kinds_evenly() -> None:
     pairs = sft_pairs(200, 0)
     kinds = [kind_of_instruction(instruction) for instruction, _ in pairs]
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "math": 50, "stories": 50, "completion": 50, "coding": 50
+        "math": 50,
+        "stories": 50,
+        "completion": 50,
+        "coding": 50,
     }
     for (instruction, response), kind in zip(pairs, kinds, strict=True):
         assert response.strip() == response and response
@@ -85,7 +90,9 @@ def test_generated_functions_pass_their_own_doctests() -> None:
         namespace: dict = {}
         exec(function.source, namespace)  # noqa: S102 - the generator's own code
         parser = doctest.DocTestParser()
-        test = parser.get_doctest(namespace[function.name].__doc__, namespace, function.name, None, 0)
+        test = parser.get_doctest(
+            namespace[function.name].__doc__, namespace, function.name, None, 0
+        )
         assert test.examples, function.source
         runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
         runner.run(test, out=lambda _: None)
@@ -95,7 +102,9 @@ def test_generated_functions_pass_their_own_doctests() -> None:
 
 def test_settings_reject_unknown_and_bad_keys() -> None:
     assert CorpusSettings.from_config({}) == CorpusSettings()
-    assert CorpusSettings.from_config({"pretrain_documents": 10, "seed": 1}).pretrain_documents == 10
+    assert (
+        CorpusSettings.from_config({"pretrain_documents": 10, "seed": 1}).pretrain_documents == 10
+    )
     with pytest.raises(CorpusError, match=r"training\.corpus\.documents is not a corpus setting"):
         CorpusSettings.from_config({"documents": 3})
     with pytest.raises(CorpusError, match=r"training\.corpus\.sft_pairs must be at least 1"):
@@ -113,5 +122,7 @@ def test_write_and_read_corpus(tmp_path: Path) -> None:
     assert pairs == sft_pairs(12, 9)
     assert sorted(p.name for p in pretrain.parent.iterdir()) == ["pretrain.jsonl", "sft.jsonl"]
     sft.write_text('{"instruction": "x"}\n')
-    with pytest.raises(CorpusError, match=r"sft\.jsonl:1 needs the text fields instruction, response"):
+    with pytest.raises(
+        CorpusError, match=r"sft\.jsonl:1 needs the text fields instruction, response"
+    ):
         read_corpus(pretrain, sft)

@@ -36,7 +36,9 @@ GENERATORS = ["arithmetic", "stories", "completion"]
 
 
 def generated(generator: str, n: int, seed: int = 42, task: str = "t", **extra) -> list[Prompt]:
-    return prepare_prompts(task, {"source": "generated", "generator": generator, "n_prompts": n, **extra}, seed=seed)
+    return prepare_prompts(
+        task, {"source": "generated", "generator": generator, "n_prompts": n, **extra}, seed=seed
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +53,11 @@ def test_generators_are_deterministic_and_nested(generator: str) -> None:
     assert first == again
     # A longer request extends a shorter one, so raising n_prompts keeps the earlier prompts.
     assert generated(generator, 15) == first[:15]
-    assert [p.prompt_id for p in first[:3]] == [f"{generator}-0000", f"{generator}-0001", f"{generator}-0002"]
+    assert [p.prompt_id for p in first[:3]] == [
+        f"{generator}-0000",
+        f"{generator}-0001",
+        f"{generator}-0002",
+    ]
     assert all(p.task == "t" and p.source == f"generated:{generator}" for p in first)
 
 
@@ -81,7 +87,7 @@ def test_stories_get_the_paper_instruction_unless_a_template_is_given() -> None:
     default = generated("stories", 3)
     assert all(p.prompt.startswith(PAPER_CREATIVE_TEMPLATE.split("{text}")[0]) for p in default)
     custom = generated("stories", 3, template="Problem: {text}\nSolution:")
-    problem = default[0].prompt[len(PAPER_CREATIVE_TEMPLATE.split("{text}")[0]):]
+    problem = default[0].prompt[len(PAPER_CREATIVE_TEMPLATE.split("{text}")[0]) :]
     assert custom[0].prompt == f"Problem: {problem}\nSolution:"
 
 
@@ -100,7 +106,11 @@ def _check_worked_solution(solution: str, answer: int) -> int:
     checked = 0
     for left, right in _EQUATION.findall(solution):
         expression = left.replace("$", "").replace(" x ", " * ").replace(" / ", " // ")
-        assert eval(expression) == int(right), (left, right, solution)  # noqa: S307 - digits and operators only
+        assert eval(expression) == int(right), (
+            left,
+            right,
+            solution,
+        )  # noqa: S307 - digits and operators only
         if "/" in left:
             numbers = [int(n) for n in re.findall(r"\d+", left)]
             assert numbers[0] % numbers[1] == 0, solution
@@ -146,7 +156,9 @@ def test_humaneval_selection_is_a_seeded_permutation() -> None:
     spec = {"source": "humaneval", "n_prompts": 12}
     first = prepare_prompts("coding", spec, seed=1)
     assert first == prepare_prompts("coding", spec, seed=1)
-    assert [p.prompt_id for p in first] != [p.prompt_id for p in prepare_prompts("coding", spec, seed=2)]
+    assert [p.prompt_id for p in first] != [
+        p.prompt_id for p in prepare_prompts("coding", spec, seed=2)
+    ]
     assert prepare_prompts("coding", {**spec, "n_prompts": 5}, seed=1) == first[:5]
     everything = prepare_prompts("coding", {**spec, "n_prompts": 164}, seed=1)
     assert len({p.prompt_id for p in everything}) == 164
@@ -170,7 +182,9 @@ def test_jsonl_source_keeps_file_order_ids_and_template(tmp_path: Path) -> None:
     prompts = prepare_prompts("math", spec, seed=0)
     assert [p.prompt for p in prompts] == [f"question {i}" for i in range(4)]
     assert [p.prompt_id for p in prompts] == ["0", "1", "2", "3"]
-    keyed = prepare_prompts("math", {**spec, "id_field": "key", "template": "Q: {text}\nA:"}, seed=0)
+    keyed = prepare_prompts(
+        "math", {**spec, "id_field": "key", "template": "Q: {text}\nA:"}, seed=0
+    )
     assert [p.prompt_id for p in keyed] == ["k0", "k1", "k2", "k3"]
     assert keyed[1].prompt == "Q: question 1\nA:"
     assert keyed[0].source == f"jsonl:{path}"
@@ -182,7 +196,11 @@ def test_jsonl_source_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(PromptSourceError, match=r"tasks\.math\.field.*p\.jsonl:2"):
         prepare_prompts("math", spec, seed=0)
     with pytest.raises(PromptSourceError, match=r"n_prompts is 5.*only 1"):
-        prepare_prompts("math", {**spec, "path": str(_jsonl(tmp_path / "one.jsonl", [{"q": "a"}])), "n_prompts": 5}, seed=0)
+        prepare_prompts(
+            "math",
+            {**spec, "path": str(_jsonl(tmp_path / "one.jsonl", [{"q": "a"}])), "n_prompts": 5},
+            seed=0,
+        )
     with pytest.raises(PromptSourceError, match=r"tasks\.math\.path .*does not exist"):
         prepare_prompts("math", {**spec, "path": str(tmp_path / "missing.jsonl")}, seed=0)
     duplicate = _jsonl(tmp_path / "dup.jsonl", [{"q": "a", "i": 1}, {"q": "b", "i": 1}])
@@ -198,16 +216,37 @@ def test_jsonl_source_errors_name_the_problem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"source": "generated", "generator": "arithmetic", "n_prompts": 3, "path": "x"}, r"tasks\.math\.path is not a key"),
+        (
+            {"source": "generated", "generator": "arithmetic", "n_prompts": 3, "path": "x"},
+            r"tasks\.math\.path is not a key",
+        ),
         ({"source": "humaneval", "n_prompts": 3, "field": "q"}, r"tasks\.math\.field is not a key"),
-        ({"source": "hub", "dataset": "d", "split": "train", "field": "q", "n_prompts": 3}, r"tasks\.math\.revision is required"),
+        (
+            {"source": "hub", "dataset": "d", "split": "train", "field": "q", "n_prompts": 3},
+            r"tasks\.math\.revision is required",
+        ),
         ({"source": "generated", "n_prompts": 3}, r"tasks\.math\.generator is required"),
-        ({"source": "generated", "generator": "poems", "n_prompts": 3}, r"tasks\.math\.generator is 'poems'"),
+        (
+            {"source": "generated", "generator": "poems", "n_prompts": 3},
+            r"tasks\.math\.generator is 'poems'",
+        ),
         ({"source": "web", "n_prompts": 3}, r"tasks\.math\.source is 'web'"),
-        ({"source": "humaneval", "n_prompts": 0}, r"tasks\.math\.n_prompts must be a positive integer"),
-        ({"source": "humaneval", "n_prompts": 2, "template": "no field"}, r"tasks\.math\.template must contain"),
-        ({"source": "humaneval", "n_prompts": 2, "template": "{txt}"}, r"tasks\.math\.template must contain"),
-        ({"source": "humaneval", "n_prompts": 2, "template": "{text"}, r"tasks\.math\.template is not a valid"),
+        (
+            {"source": "humaneval", "n_prompts": 0},
+            r"tasks\.math\.n_prompts must be a positive integer",
+        ),
+        (
+            {"source": "humaneval", "n_prompts": 2, "template": "no field"},
+            r"tasks\.math\.template must contain",
+        ),
+        (
+            {"source": "humaneval", "n_prompts": 2, "template": "{txt}"},
+            r"tasks\.math\.template must contain",
+        ),
+        (
+            {"source": "humaneval", "n_prompts": 2, "template": "{text"},
+            r"tasks\.math\.template is not a valid",
+        ),
     ],
 )
 def test_bad_keys_are_named(spec: dict, message: str) -> None:
@@ -226,8 +265,7 @@ def test_source_keys_table_is_what_prepare_prompts_accepts() -> None:
 
 
 def test_hub_source_offline_raises_the_actionable_error(tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        """
+    script = textwrap.dedent("""
         from canopy.data import PromptSourceError, prepare_prompts
         spec = {"source": "hub", "dataset": "openai/gsm8k", "config": "main", "revision": "main",
                 "split": "train", "field": "question", "n_prompts": 3}
@@ -237,8 +275,7 @@ def test_hub_source_offline_raises_the_actionable_error(tmp_path: Path) -> None:
             print("ERROR:", error)
         else:
             print("LOADED")
-        """
-    )
+        """)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -246,11 +283,19 @@ def test_hub_source_offline_raises_the_actionable_error(tmp_path: Path) -> None:
         "HF_HOME": str(tmp_path / "hf"),  # an empty cache: nothing to fall back on
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
     }
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     message = result.stdout
     assert message.startswith("ERROR:"), message
-    for expected in ("tasks.math", "openai/gsm8k", "HF_HUB_OFFLINE", "source: jsonl", "field: question"):
+    for expected in (
+        "tasks.math",
+        "openai/gsm8k",
+        "HF_HUB_OFFLINE",
+        "source: jsonl",
+        "field: question",
+    ):
         assert expected in message, (expected, message)
 
 
@@ -260,7 +305,7 @@ def test_hub_source_offline_raises_the_actionable_error(tmp_path: Path) -> None:
 
 
 def test_write_and_read_prompts_round_trip(tmp_path: Path) -> None:
-    prompts = generated("completion", 5) + [Prompt("x/1", "t", "ünïcode \"quoted\"\nline", "jsonl:a")]
+    prompts = generated("completion", 5) + [Prompt("x/1", "t", 'ünïcode "quoted"\nline', "jsonl:a")]
     path = tmp_path / "sub" / "t.jsonl"
     write_prompts(prompts, path)
     assert read_prompts(path) == prompts

@@ -67,8 +67,14 @@ def families(corpus, tmp_path_factory) -> dict[str, dict]:
         root = tmp_path_factory.mktemp(family)
         base_record = pretrain_base(documents, recipe, root / "base", threads=1)
         finetuned_record = finetune(root / "base", pairs, recipe, root / "finetuned", threads=1)
-        trained[family] = {"family": family, "recipe": recipe, "root": root, "base": base_record,
-                           "finetuned": finetuned_record, "pairs": pairs}
+        trained[family] = {
+            "family": family,
+            "recipe": recipe,
+            "root": root,
+            "base": base_record,
+            "finetuned": finetuned_record,
+            "pairs": pairs,
+        }
     return trained
 
 
@@ -83,18 +89,41 @@ def trained(request, families) -> dict:
 
 
 def test_recipe_defaults_and_errors_name_the_key() -> None:
-    recipe = Recipe.from_config({"architecture": "llama", "tokenizer": "sentencepiece_bpe", "learning_rate": 1}, name="r")
+    recipe = Recipe.from_config(
+        {"architecture": "llama", "tokenizer": "sentencepiece_bpe", "learning_rate": 1}, name="r"
+    )
     assert recipe.learning_rate == 1.0 and isinstance(recipe.learning_rate, float)
     assert recipe.vocab_size == Recipe.__dataclass_fields__["vocab_size"].default
     cases = [
-        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "layers": 2}, r"training\.recipes\.r\.layers is not a recipe key"),
-        ({"architecture": "gpt3", "tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is 'gpt3'"),
-        ({"architecture": "gpt2", "tokenizer": "wordpiece"}, r"training\.recipes\.r\.tokenizer is 'wordpiece'"),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "layers": 2},
+            r"training\.recipes\.r\.layers is not a recipe key",
+        ),
+        (
+            {"architecture": "gpt3", "tokenizer": "byte_bpe"},
+            r"training\.recipes\.r\.architecture is 'gpt3'",
+        ),
+        (
+            {"architecture": "gpt2", "tokenizer": "wordpiece"},
+            r"training\.recipes\.r\.tokenizer is 'wordpiece'",
+        ),
         ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is required"),
-        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0}, r"training\.recipes\.r\.num_layers must be at least 1"),
-        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "batch_size": 2.5}, r"training\.recipes\.r\.batch_size must be an integer"),
-        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "learning_rate": 0}, r"training\.recipes\.r\.learning_rate must be a positive"),
-        ({"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4}, r"divisible by num_heads"),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0},
+            r"training\.recipes\.r\.num_layers must be at least 1",
+        ),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "batch_size": 2.5},
+            r"training\.recipes\.r\.batch_size must be an integer",
+        ),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "learning_rate": 0},
+            r"training\.recipes\.r\.learning_rate must be a positive",
+        ),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4},
+            r"divisible by num_heads",
+        ),
     ]
     for block, message in cases:
         with pytest.raises(RecipeError, match=message):
@@ -140,7 +169,9 @@ def test_the_two_tokenizer_kinds_differ(corpus) -> None:
     assert type(llama.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
     assert "<0x41>" in llama.get_vocab() and "<0x41>" not in gpt2.get_vocab()
     text = "Emma buys 3 pencils."
-    assert gpt2.convert_ids_to_tokens(gpt2(text)["input_ids"]) != llama.convert_ids_to_tokens(llama(text)["input_ids"])
+    assert gpt2.convert_ids_to_tokens(gpt2(text)["input_ids"]) != llama.convert_ids_to_tokens(
+        llama(text)["input_ids"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +192,9 @@ def test_directories_load_with_local_files_only(trained) -> None:
         assert (directory / "generation_config.json").is_file()
         log = json.loads((directory / "training_log.json").read_text())
         assert log["stage"] == ("pretrain" if variant == "base" else "finetune")
-        assert len(log["loss"]) == (TINY["pretrain_steps"] if variant == "base" else TINY["sft_steps"])
+        assert len(log["loss"]) == (
+            TINY["pretrain_steps"] if variant == "base" else TINY["sft_steps"]
+        )
     # Nothing temporary is left next to the model directories.
     assert sorted(p.name for p in trained["root"].iterdir()) == ["base", "finetuned"]
 
@@ -180,7 +213,9 @@ def test_chat_template_and_the_modeling_contract(trained) -> None:
     template = finetuned.tokenizer.chat_template
     assert template == CHAT_TEMPLATES[trained["recipe"].tokenizer]
     rendered = finetuned.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "How many apples?"}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": "How many apples?"}],
+        add_generation_prompt=True,
+        tokenize=False,
     )
     expected = {
         "gpt2": "<|user|>\nHow many apples?\n<|assistant|>\n",
@@ -189,7 +224,8 @@ def test_chat_template_and_the_modeling_contract(trained) -> None:
     assert rendered == expected
     # An assistant turn ends with EOS.
     conversation = finetuned.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        tokenize=False,
     )
     assert conversation.rstrip("\n").endswith("Hello" + finetuned.tokenizer.eos_token)
     # format_prompt (canopy.modeling) feeds the fine-tuned model exactly the prompt part it was
@@ -208,8 +244,14 @@ def test_finetuning_lowers_the_response_loss(trained) -> None:
     root = trained["root"]
     tokenizer = AutoTokenizer.from_pretrained(root / "finetuned", local_files_only=True)
     pairs = trained["pairs"][:48]
-    before = response_loss(AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True), tokenizer, pairs)
-    after = response_loss(AutoModelForCausalLM.from_pretrained(root / "finetuned", local_files_only=True), tokenizer, pairs)
+    before = response_loss(
+        AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True), tokenizer, pairs
+    )
+    after = response_loss(
+        AutoModelForCausalLM.from_pretrained(root / "finetuned", local_files_only=True),
+        tokenizer,
+        pairs,
+    )
     assert after < before - 0.3, (before, after)
     sft = trained["finetuned"]["loss"]
     assert sum(sft[-5:]) / 5 < sum(sft[:5]) / 5
@@ -218,9 +260,15 @@ def test_finetuning_lowers_the_response_loss(trained) -> None:
 def test_the_two_families_differ(families) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    configs = {f: AutoConfig.from_pretrained(t["root"] / "base", local_files_only=True) for f, t in families.items()}
+    configs = {
+        f: AutoConfig.from_pretrained(t["root"] / "base", local_files_only=True)
+        for f, t in families.items()
+    }
     assert {f: c.model_type for f, c in configs.items()} == {"gpt2": "gpt2", "llama": "llama"}
-    tokenizers = {f: AutoTokenizer.from_pretrained(t["root"] / "finetuned", local_files_only=True) for f, t in families.items()}
+    tokenizers = {
+        f: AutoTokenizer.from_pretrained(t["root"] / "finetuned", local_files_only=True)
+        for f, t in families.items()
+    }
     assert tokenizers["gpt2"].eos_token != tokenizers["llama"].eos_token
     assert tokenizers["gpt2"].chat_template != tokenizers["llama"].chat_template
 

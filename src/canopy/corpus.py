@@ -106,11 +106,33 @@ class _FunctionSpec:
     example: Callable[[random.Random], tuple]
 
 
-_WORDS = ["apple", "river", "stone", "cloud", "garden", "tiger", "lamp", "moon", "paper", "bread",
-          "window", "orange", "music", "pencil", "forest", "kite", "ocean", "rabbit", "candle", "road"]
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "tiger",
+    "lamp",
+    "moon",
+    "paper",
+    "bread",
+    "window",
+    "orange",
+    "music",
+    "pencil",
+    "forest",
+    "kite",
+    "ocean",
+    "rabbit",
+    "candle",
+    "road",
+]
 
 
-def _ints(rng: random.Random, low: int = -9, high: int = 20, size: tuple[int, int] = (3, 7)) -> list[int]:
+def _ints(
+    rng: random.Random, low: int = -9, high: int = 20, size: tuple[int, int] = (3, 7)
+) -> list[int]:
     return [rng.randint(low, high) for _ in range(rng.randint(*size))]
 
 
@@ -122,178 +144,256 @@ _FUNCTIONS: list[_FunctionSpec] = [
     _FunctionSpec(
         ("sum_of_evens", "add_even_numbers", "even_total"),
         ("numbers", "numbers: list", "numbers: List[int]"),
-        ("Return the sum of the even numbers in the list.",
-         "Add up every even number in the given list and return the total."),
-        ("    return sum(n for n in numbers if n % 2 == 0)\n",
-         "    total = 0\n    for n in numbers:\n        if n % 2 == 0:\n            total += n\n    return total\n"),
+        (
+            "Return the sum of the even numbers in the list.",
+            "Add up every even number in the given list and return the total.",
+        ),
+        (
+            "    return sum(n for n in numbers if n % 2 == 0)\n",
+            "    total = 0\n    for n in numbers:\n        if n % 2 == 0:\n            total += n\n    return total\n",
+        ),
         lambda rng: (_ints(rng),),
     ),
     _FunctionSpec(
         ("count_vowels", "number_of_vowels", "vowel_count"),
         ("text", "text: str", "word: str"),
-        ("Count how many vowels (a, e, i, o, u) the string contains.",
-         "Return the number of vowels in the given text, ignoring case."),
-        ("    return sum(1 for ch in {a}.lower() if ch in 'aeiou')\n",
-         "    count = 0\n    for ch in {a}.lower():\n        if ch in 'aeiou':\n            count += 1\n    return count\n"),
+        (
+            "Count how many vowels (a, e, i, o, u) the string contains.",
+            "Return the number of vowels in the given text, ignoring case.",
+        ),
+        (
+            "    return sum(1 for ch in {a}.lower() if ch in 'aeiou')\n",
+            "    count = 0\n    for ch in {a}.lower():\n        if ch in 'aeiou':\n            count += 1\n    return count\n",
+        ),
         lambda rng: (rng.choice(_WORDS) if rng.random() < 0.5 else _sentence(rng),),
     ),
     _FunctionSpec(
         ("reverse_words", "words_backwards", "flip_sentence"),
         ("sentence", "sentence: str", "text: str"),
-        ("Return the sentence with the order of its words reversed.",
-         "Given a sentence, reverse the order of the words and join them with single spaces."),
-        ("    return ' '.join(reversed({a}.split()))\n",
-         "    words = {a}.split()\n    words.reverse()\n    return ' '.join(words)\n"),
+        (
+            "Return the sentence with the order of its words reversed.",
+            "Given a sentence, reverse the order of the words and join them with single spaces.",
+        ),
+        (
+            "    return ' '.join(reversed({a}.split()))\n",
+            "    words = {a}.split()\n    words.reverse()\n    return ' '.join(words)\n",
+        ),
         lambda rng: (_sentence(rng),),
     ),
     _FunctionSpec(
         ("value_range", "spread", "largest_difference"),
         ("numbers", "numbers: list", "values: List[int]"),
-        ("Return the difference between the largest and the smallest number in a non-empty list.",
-         "Find how far apart the biggest and the smallest values of the list are."),
-        ("    return max({a}) - min({a})\n",
-         "    low = high = {a}[0]\n    for n in {a}:\n        low = min(low, n)\n        high = max(high, n)\n    return high - low\n"),
+        (
+            "Return the difference between the largest and the smallest number in a non-empty list.",
+            "Find how far apart the biggest and the smallest values of the list are.",
+        ),
+        (
+            "    return max({a}) - min({a})\n",
+            "    low = high = {a}[0]\n    for n in {a}:\n        low = min(low, n)\n        high = max(high, n)\n    return high - low\n",
+        ),
         lambda rng: (_ints(rng),),
     ),
     _FunctionSpec(
         ("is_palindrome", "reads_the_same_backwards", "palindrome_check"),
         ("text", "text: str", "word: str"),
-        ("Check whether the string reads the same forwards and backwards.",
-         "Return True if the given word is a palindrome and False otherwise."),
-        ("    return {a} == {a}[::-1]\n",
-         "    for i in range(len({a}) // 2):\n        if {a}[i] != {a}[-1 - i]:\n            return False\n    return True\n"),
+        (
+            "Check whether the string reads the same forwards and backwards.",
+            "Return True if the given word is a palindrome and False otherwise.",
+        ),
+        (
+            "    return {a} == {a}[::-1]\n",
+            "    for i in range(len({a}) // 2):\n        if {a}[i] != {a}[-1 - i]:\n            return False\n    return True\n",
+        ),
         lambda rng: (rng.choice(["level", "noon", "kayak", "racecar", "refer"] + _WORDS[:8]),),
     ),
     _FunctionSpec(
         ("running_total", "cumulative_sums", "prefix_sums"),
         ("numbers", "numbers: list", "values: List[int]"),
-        ("Return a list where each element is the sum of all numbers up to that position.",
-         "Compute the running totals of the list."),
-        ("    totals = []\n    current = 0\n    for n in {a}:\n        current += n\n        totals.append(current)\n    return totals\n",),
+        (
+            "Return a list where each element is the sum of all numbers up to that position.",
+            "Compute the running totals of the list.",
+        ),
+        (
+            "    totals = []\n    current = 0\n    for n in {a}:\n        current += n\n        totals.append(current)\n    return totals\n",
+        ),
         lambda rng: (_ints(rng, 0, 9),),
     ),
     _FunctionSpec(
         ("long_words", "words_longer_than", "filter_long_words"),
         ("words, n", "words: list, n: int", "words: List[str], n: int"),
-        ("Return the words that have more than n letters, in their original order.",
-         "Keep only the words whose length is greater than n."),
-        ("    return [w for w in words if len(w) > n]\n",
-         "    result = []\n    for w in words:\n        if len(w) > n:\n            result.append(w)\n    return result\n"),
+        (
+            "Return the words that have more than n letters, in their original order.",
+            "Keep only the words whose length is greater than n.",
+        ),
+        (
+            "    return [w for w in words if len(w) > n]\n",
+            "    result = []\n    for w in words:\n        if len(w) > n:\n            result.append(w)\n    return result\n",
+        ),
         lambda rng: (rng.sample(_WORDS, rng.randint(3, 6)), rng.randint(3, 5)),
     ),
     _FunctionSpec(
         ("count_positive", "positives", "how_many_positive"),
         ("numbers", "numbers: list", "values: List[int]"),
-        ("Return how many numbers in the list are greater than zero.",
-         "Count the positive numbers of the given list."),
-        ("    return len([n for n in {a} if n > 0])\n",
-         "    count = 0\n    for n in {a}:\n        if n > 0:\n            count += 1\n    return count\n"),
+        (
+            "Return how many numbers in the list are greater than zero.",
+            "Count the positive numbers of the given list.",
+        ),
+        (
+            "    return len([n for n in {a} if n > 0])\n",
+            "    count = 0\n    for n in {a}:\n        if n > 0:\n            count += 1\n    return count\n",
+        ),
         lambda rng: (_ints(rng),),
     ),
     _FunctionSpec(
         ("square_all", "squares", "squared_values"),
         ("numbers", "numbers: list", "values: List[int]"),
-        ("Return a new list with every number squared.",
-         "Square each element of the list and return the results in order."),
-        ("    return [n * n for n in {a}]\n",
-         "    result = []\n    for n in {a}:\n        result.append(n ** 2)\n    return result\n"),
+        (
+            "Return a new list with every number squared.",
+            "Square each element of the list and return the results in order.",
+        ),
+        (
+            "    return [n * n for n in {a}]\n",
+            "    result = []\n    for n in {a}:\n        result.append(n ** 2)\n    return result\n",
+        ),
         lambda rng: (_ints(rng, -5, 9),),
     ),
     _FunctionSpec(
         ("first_repeated", "first_duplicate", "earliest_repeat"),
         ("items", "items: list", "values: List[int]"),
-        ("Return the first element that appears for the second time, or None if all are different.",
-         "Scan the list from the left and return the first value seen twice; return None if there is none."),
-        ("    seen = set()\n    for x in {a}:\n        if x in seen:\n            return x\n        seen.add(x)\n    return None\n",),
+        (
+            "Return the first element that appears for the second time, or None if all are different.",
+            "Scan the list from the left and return the first value seen twice; return None if there is none.",
+        ),
+        (
+            "    seen = set()\n    for x in {a}:\n        if x in seen:\n            return x\n        seen.add(x)\n    return None\n",
+        ),
         lambda rng: (_ints(rng, 0, 6, (4, 8)),),
     ),
     _FunctionSpec(
         ("capitalize_words", "title_case", "capitalise_each_word"),
         ("text", "text: str", "sentence: str"),
-        ("Return the text with the first letter of every word in upper case.",
-         "Capitalise each word of the sentence."),
-        ("    return ' '.join(w[:1].upper() + w[1:] for w in {a}.split())\n",
-         "    words = []\n    for w in {a}.split():\n        words.append(w[0].upper() + w[1:])\n    return ' '.join(words)\n"),
+        (
+            "Return the text with the first letter of every word in upper case.",
+            "Capitalise each word of the sentence.",
+        ),
+        (
+            "    return ' '.join(w[:1].upper() + w[1:] for w in {a}.split())\n",
+            "    words = []\n    for w in {a}.split():\n        words.append(w[0].upper() + w[1:])\n    return ' '.join(words)\n",
+        ),
         lambda rng: (_sentence(rng),),
     ),
     _FunctionSpec(
         ("average", "mean_value", "arithmetic_mean"),
         ("numbers", "numbers: list", "values: List[float]"),
-        ("Return the average of a non-empty list of numbers, rounded to two decimals.",
-         "Compute the mean of the numbers and round it to 2 decimal places."),
-        ("    return round(sum({a}) / len({a}), 2)\n",
-         "    total = 0\n    for n in {a}:\n        total += n\n    return round(total / len({a}), 2)\n"),
+        (
+            "Return the average of a non-empty list of numbers, rounded to two decimals.",
+            "Compute the mean of the numbers and round it to 2 decimal places.",
+        ),
+        (
+            "    return round(sum({a}) / len({a}), 2)\n",
+            "    total = 0\n    for n in {a}:\n        total += n\n    return round(total / len({a}), 2)\n",
+        ),
         lambda rng: (_ints(rng, 0, 30),),
     ),
     _FunctionSpec(
         ("digit_sum", "sum_of_digits", "add_digits"),
         ("n", "n: int", "number: int"),
-        ("Return the sum of the decimal digits of a non-negative integer.",
-         "Add up the digits of the given number."),
-        ("    return sum(int(d) for d in str({a}))\n",
-         "    total = 0\n    while {a} > 0:\n        total += {a} % 10\n        {a} //= 10\n    return total\n"),
+        (
+            "Return the sum of the decimal digits of a non-negative integer.",
+            "Add up the digits of the given number.",
+        ),
+        (
+            "    return sum(int(d) for d in str({a}))\n",
+            "    total = 0\n    while {a} > 0:\n        total += {a} % 10\n        {a} //= 10\n    return total\n",
+        ),
         lambda rng: (rng.randint(10, 99999),),
     ),
     _FunctionSpec(
         ("merge_sorted", "combine_sorted", "sorted_union"),
         ("a, b", "a: list, b: list", "a: List[int], b: List[int]"),
-        ("Merge two lists into one sorted list that keeps every element.",
-         "Return all elements of both lists in increasing order."),
-        ("    return sorted(a + b)\n",
-         "    result = list(a)\n    result.extend(b)\n    result.sort()\n    return result\n"),
+        (
+            "Merge two lists into one sorted list that keeps every element.",
+            "Return all elements of both lists in increasing order.",
+        ),
+        (
+            "    return sorted(a + b)\n",
+            "    result = list(a)\n    result.extend(b)\n    result.sort()\n    return result\n",
+        ),
         lambda rng: (sorted(_ints(rng, 0, 20)), sorted(_ints(rng, 0, 20))),
     ),
     _FunctionSpec(
         ("count_char", "occurrences", "char_frequency"),
         ("text, ch", "text: str, ch: str", "word: str, ch: str"),
-        ("Return how many times the character ch occurs in the string.",
-         "Count the occurrences of a single character in the text."),
-        ("    return {a0}.count(ch)\n",
-         "    count = 0\n    for c in {a0}:\n        if c == ch:\n            count += 1\n    return count\n"),
+        (
+            "Return how many times the character ch occurs in the string.",
+            "Count the occurrences of a single character in the text.",
+        ),
+        (
+            "    return {a0}.count(ch)\n",
+            "    count = 0\n    for c in {a0}:\n        if c == ch:\n            count += 1\n    return count\n",
+        ),
         lambda rng: (_sentence(rng), rng.choice("aeiorstn")),
     ),
     _FunctionSpec(
         ("factorial", "product_up_to", "fact"),
         ("n", "n: int", "number: int"),
-        ("Return the product of all integers from 1 to n (1 for n = 0).",
-         "Compute n factorial for a non-negative integer n."),
-        ("    result = 1\n    for i in range(2, {a} + 1):\n        result *= i\n    return result\n",
-         "    if {a} <= 1:\n        return 1\n    return {a} * {name}({a} - 1)\n"),
+        (
+            "Return the product of all integers from 1 to n (1 for n = 0).",
+            "Compute n factorial for a non-negative integer n.",
+        ),
+        (
+            "    result = 1\n    for i in range(2, {a} + 1):\n        result *= i\n    return result\n",
+            "    if {a} <= 1:\n        return 1\n    return {a} * {name}({a} - 1)\n",
+        ),
         lambda rng: (rng.randint(0, 9),),
     ),
     _FunctionSpec(
         ("remove_duplicates", "unique_in_order", "dedupe"),
         ("items", "items: list", "values: List[int]"),
-        ("Remove repeated elements from the list, keeping the first occurrence of each.",
-         "Return the distinct elements of the list in the order they first appear."),
-        ("    seen = set()\n    result = []\n    for x in {a}:\n        if x not in seen:\n            seen.add(x)\n            result.append(x)\n    return result\n",),
+        (
+            "Remove repeated elements from the list, keeping the first occurrence of each.",
+            "Return the distinct elements of the list in the order they first appear.",
+        ),
+        (
+            "    seen = set()\n    result = []\n    for x in {a}:\n        if x not in seen:\n            seen.add(x)\n            result.append(x)\n    return result\n",
+        ),
         lambda rng: (_ints(rng, 0, 6, (4, 9)),),
     ),
     _FunctionSpec(
         ("to_fahrenheit", "celsius_to_fahrenheit", "convert_temperature"),
         ("celsius", "celsius: float", "degrees: float"),
-        ("Convert a temperature from degrees Celsius to degrees Fahrenheit.",
-         "Return the Fahrenheit value of a Celsius temperature."),
+        (
+            "Convert a temperature from degrees Celsius to degrees Fahrenheit.",
+            "Return the Fahrenheit value of a Celsius temperature.",
+        ),
         ("    return {a} * 9 / 5 + 32\n",),
         lambda rng: (rng.randint(-20, 40),),
     ),
     _FunctionSpec(
         ("longest_word", "find_longest", "biggest_word"),
         ("words", "words: list", "words: List[str]"),
-        ("Return the longest word of a non-empty list; on a tie return the first one.",
-         "Find the word with the most letters."),
-        ("    best = words[0]\n    for w in words:\n        if len(w) > len(best):\n            best = w\n    return best\n",
-         "    return max(words, key=len)\n"),
+        (
+            "Return the longest word of a non-empty list; on a tie return the first one.",
+            "Find the word with the most letters.",
+        ),
+        (
+            "    best = words[0]\n    for w in words:\n        if len(w) > len(best):\n            best = w\n    return best\n",
+            "    return max(words, key=len)\n",
+        ),
         lambda rng: (rng.sample(_WORDS, rng.randint(3, 6)),),
     ),
     _FunctionSpec(
         ("fizz_buzz", "fizzbuzz_list", "play_fizz_buzz"),
         ("n", "n: int", "limit: int"),
-        ("Return a list for the numbers 1 to n where multiples of 3 are 'Fizz', multiples of 5 are "
-         "'Buzz', multiples of both are 'FizzBuzz' and other numbers stay as they are.",),
-        ("    result = []\n    for i in range(1, {a} + 1):\n        if i % 15 == 0:\n            result.append('FizzBuzz')\n"
-         "        elif i % 3 == 0:\n            result.append('Fizz')\n        elif i % 5 == 0:\n            result.append('Buzz')\n"
-         "        else:\n            result.append(i)\n    return result\n",),
+        (
+            "Return a list for the numbers 1 to n where multiples of 3 are 'Fizz', multiples of 5 are "
+            "'Buzz', multiples of both are 'FizzBuzz' and other numbers stay as they are.",
+        ),
+        (
+            "    result = []\n    for i in range(1, {a} + 1):\n        if i % 15 == 0:\n            result.append('FizzBuzz')\n"
+            "        elif i % 3 == 0:\n            result.append('Fizz')\n        elif i % 5 == 0:\n            result.append('Buzz')\n"
+            "        else:\n            result.append(i)\n    return result\n",
+        ),
         lambda rng: (rng.randint(3, 10),),
     ),
 ]
@@ -322,7 +422,9 @@ def python_function(rng: random.Random) -> PythonFunction:
             examples.append(f"    >>> {name}({call})\n    {result!r}")
     docstring = f'    """{description}\n' + "\n".join(examples) + '\n    """\n'
     source = f"{header}{signature}\n{docstring}{body}"
-    return PythonFunction(name=name, signature=signature, description=description, source=source, body=body)
+    return PythonFunction(
+        name=name, signature=signature, description=description, source=source, body=body
+    )
 
 
 def _coding_instruction(function: PythonFunction, rng: random.Random) -> tuple[str, str]:
@@ -380,7 +482,11 @@ def _pretraining_document(rng: random.Random) -> str:
     if kind == "creative":
         problem = creative_problem(rng)
         # Base models see the problem both with and without the paper's instruction in front.
-        lead = PAPER_CREATIVE_TEMPLATE.format(text=problem.problem) if rng.random() < 0.5 else problem.problem
+        lead = (
+            PAPER_CREATIVE_TEMPLATE.format(text=problem.problem)
+            if rng.random() < 0.5
+            else problem.problem
+        )
         return f"{lead}\n{problem.solution}"
     if kind == "scene":
         return everyday_scene(rng, cut=False).context.strip()
@@ -434,7 +540,9 @@ def _read_jsonl(path: str | os.PathLike[str], keys: tuple[str, ...]) -> list[dic
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise CorpusError(f"{path}:{number} is not valid JSON ({error})") from error
-            if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in keys):
+            if not isinstance(record, dict) or any(
+                not isinstance(record.get(k), str) for k in keys
+            ):
                 raise CorpusError(f"{path}:{number} needs the text fields {', '.join(keys)}")
             records.append(record)
     if not records:
@@ -457,7 +565,9 @@ def read_documents(path: str | os.PathLike[str]) -> list[str]:
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    return [(r["instruction"], r["response"]) for r in _read_jsonl(path, ("instruction", "response"))]
+    return [
+        (r["instruction"], r["response"]) for r in _read_jsonl(path, ("instruction", "response"))
+    ]
 
 
 def write_corpus(
@@ -467,7 +577,9 @@ def write_corpus(
     sft_path: str | os.PathLike[str],
 ) -> None:
     """Generate and write both corpus files for ``settings``."""
-    write_documents(pretraining_documents(settings.pretrain_documents, settings.seed), pretrain_path)
+    write_documents(
+        pretraining_documents(settings.pretrain_documents, settings.seed), pretrain_path
+    )
     write_pairs(sft_pairs(settings.sft_pairs, settings.seed), sft_path)
 
 

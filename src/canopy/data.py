@@ -119,7 +119,9 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
     malformed key, and for a source that cannot be read.
     """
     if not isinstance(spec, dict):
-        raise PromptSourceError(f"tasks.{task} must be a mapping with at least `source` and `n_prompts`")
+        raise PromptSourceError(
+            f"tasks.{task} must be a mapping with at least `source` and `n_prompts`"
+        )
     source = spec.get("source")
     if source not in SOURCE_KEYS:
         raise PromptSourceError(
@@ -128,7 +130,9 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
     _check_keys(task, spec, source)
     n_prompts = spec["n_prompts"]
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise PromptSourceError(f"tasks.{task}.n_prompts must be a positive integer, got {n_prompts!r}")
+        raise PromptSourceError(
+            f"tasks.{task}.n_prompts must be a positive integer, got {n_prompts!r}"
+        )
     template = spec.get("template")
     if template is not None:
         _check_template(task, template)
@@ -216,7 +220,9 @@ def _check_keys(task: str, spec: dict[str, Any], source: str) -> None:
 
 def _check_template(task: str, template: Any) -> None:
     if not isinstance(template, str):
-        raise PromptSourceError(f"tasks.{task}.template must be a string with {{text}}, got {template!r}")
+        raise PromptSourceError(
+            f"tasks.{task}.template must be a string with {{text}}, got {template!r}"
+        )
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
@@ -310,9 +316,7 @@ def _humaneval_records(task: str, n_prompts: int, seed: int) -> list[tuple[str, 
         )
     order = list(range(len(problems)))
     derived_rng(seed, "humaneval", task).shuffle(order)
-    return [
-        (problems[i]["task_id"], humaneval_instruction(problems[i])) for i in order[:n_prompts]
-    ]
+    return [(problems[i]["task_id"], humaneval_instruction(problems[i])) for i in order[:n_prompts]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +356,9 @@ def _jsonl_records(task: str, spec: dict[str, Any], n_prompts: int) -> list[tupl
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise PromptSourceError(f"{where} (tasks.{task}) is not valid JSON ({error})") from error
+                raise PromptSourceError(
+                    f"{where} (tasks.{task}) is not valid JSON ({error})"
+                ) from error
             columns = record.keys() if isinstance(record, dict) else []
             text = _record_text(task, record, field, where, columns)
             records.append((_record_id(task, record, id_field, index, where, columns), text))
@@ -364,7 +370,9 @@ def _jsonl_records(task: str, spec: dict[str, Any], n_prompts: int) -> list[tupl
     return records
 
 
-def _record_id(task: str, record: dict, id_field: str | None, index: int, where: str, columns) -> str:
+def _record_id(
+    task: str, record: dict, id_field: str | None, index: int, where: str, columns
+) -> str:
     if id_field is None:
         return str(index)
     if id_field not in record:
@@ -438,29 +446,89 @@ def _hub_records(task: str, spec: dict[str, Any], n_prompts: int) -> list[tuple[
 
 # (name, subject pronoun, object pronoun, possessive)
 _PEOPLE = [
-    ("Ava", "she", "her", "her"), ("Ben", "he", "him", "his"), ("Chloe", "she", "her", "her"),
-    ("Daniel", "he", "him", "his"), ("Emma", "she", "her", "her"), ("Felix", "he", "him", "his"),
-    ("Grace", "she", "her", "her"), ("Hugo", "he", "him", "his"), ("Isla", "she", "her", "her"),
-    ("Jack", "he", "him", "his"), ("Kira", "she", "her", "her"), ("Liam", "he", "him", "his"),
-    ("Maya", "she", "her", "her"), ("Noah", "he", "him", "his"), ("Olivia", "she", "her", "her"),
-    ("Omar", "he", "him", "his"), ("Priya", "she", "her", "her"), ("Ravi", "he", "him", "his"),
-    ("Sofia", "she", "her", "her"), ("Tom", "he", "him", "his"), ("Uma", "she", "her", "her"),
-    ("Victor", "he", "him", "his"), ("Wen", "she", "her", "her"), ("Yusuf", "he", "him", "his"),
-    ("Zoe", "she", "her", "her"), ("Leo", "he", "him", "his"), ("Nina", "she", "her", "her"),
-    ("Sam", "he", "him", "his"), ("Lucia", "she", "her", "her"), ("Mateo", "he", "him", "his"),
+    ("Ava", "she", "her", "her"),
+    ("Ben", "he", "him", "his"),
+    ("Chloe", "she", "her", "her"),
+    ("Daniel", "he", "him", "his"),
+    ("Emma", "she", "her", "her"),
+    ("Felix", "he", "him", "his"),
+    ("Grace", "she", "her", "her"),
+    ("Hugo", "he", "him", "his"),
+    ("Isla", "she", "her", "her"),
+    ("Jack", "he", "him", "his"),
+    ("Kira", "she", "her", "her"),
+    ("Liam", "he", "him", "his"),
+    ("Maya", "she", "her", "her"),
+    ("Noah", "he", "him", "his"),
+    ("Olivia", "she", "her", "her"),
+    ("Omar", "he", "him", "his"),
+    ("Priya", "she", "her", "her"),
+    ("Ravi", "he", "him", "his"),
+    ("Sofia", "she", "her", "her"),
+    ("Tom", "he", "him", "his"),
+    ("Uma", "she", "her", "her"),
+    ("Victor", "he", "him", "his"),
+    ("Wen", "she", "her", "her"),
+    ("Yusuf", "he", "him", "his"),
+    ("Zoe", "she", "her", "her"),
+    ("Leo", "he", "him", "his"),
+    ("Nina", "she", "her", "her"),
+    ("Sam", "he", "him", "his"),
+    ("Lucia", "she", "her", "her"),
+    ("Mateo", "he", "him", "his"),
 ]
 
 _COUNTABLES = [
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "stamps", "cards",
-    "beads", "oranges", "cupcakes", "balloons", "toy cars", "candles", "buttons", "eggs", "flowers",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "shells",
+    "stamps",
+    "cards",
+    "beads",
+    "oranges",
+    "cupcakes",
+    "balloons",
+    "toy cars",
+    "candles",
+    "buttons",
+    "eggs",
+    "flowers",
 ]
 _SHOP_ITEMS = [
-    ("notebook", 3), ("pen", 2), ("sandwich", 6), ("juice box", 2), ("comic book", 5),
-    ("bag of rice", 4), ("loaf of bread", 3), ("T-shirt", 12), ("pair of socks", 4), ("mug", 7),
-    ("plant pot", 8), ("ticket", 9), ("puzzle", 11), ("ball", 6), ("candle", 3),
+    ("notebook", 3),
+    ("pen", 2),
+    ("sandwich", 6),
+    ("juice box", 2),
+    ("comic book", 5),
+    ("bag of rice", 4),
+    ("loaf of bread", 3),
+    ("T-shirt", 12),
+    ("pair of socks", 4),
+    ("mug", 7),
+    ("plant pot", 8),
+    ("ticket", 9),
+    ("puzzle", 11),
+    ("ball", 6),
+    ("candle", 3),
 ]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December"]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def _person(rng: random.Random, exclude: Iterable[str] = ()) -> tuple[str, str, str, str]:
@@ -545,8 +613,14 @@ def _problem_half_as_many(rng: random.Random) -> ArithmeticProblem:
 def _problem_weekly_rate(rng: random.Random) -> ArithmeticProblem:
     name, pronoun, _, _ = _person(rng)
     activity, unit = rng.choice(
-        [("reads", "pages"), ("runs", "kilometres"), ("writes", "lines of poetry"),
-         ("practises the piano for", "minutes"), ("walks", "kilometres"), ("solves", "puzzles")]
+        [
+            ("reads", "pages"),
+            ("runs", "kilometres"),
+            ("writes", "lines of poetry"),
+            ("practises the piano for", "minutes"),
+            ("walks", "kilometres"),
+            ("solves", "puzzles"),
+        ]
     )
     per_day = rng.randint(2, 30)
     days = rng.randint(3, 7)
@@ -565,7 +639,9 @@ def _problem_weekly_rate(rng: random.Random) -> ArithmeticProblem:
 
 def _problem_saving(rng: random.Random) -> ArithmeticProblem:
     name, pronoun, _, _ = _person(rng)
-    item = rng.choice(["bicycle", "guitar", "tablet", "pair of skates", "telescope", "tent", "camera"])
+    item = rng.choice(
+        ["bicycle", "guitar", "tablet", "pair of skates", "telescope", "tent", "camera"]
+    )
     saved = rng.randint(5, 60)
     weekly = rng.randint(4, 25)
     weeks = rng.randint(2, 12)
@@ -584,8 +660,14 @@ def _problem_saving(rng: random.Random) -> ArithmeticProblem:
 
 def _problem_rows(rng: random.Random) -> ArithmeticProblem:
     place, seat, people = rng.choice(
-        [("hall", "chairs", "guests"), ("garden", "plants", "rabbits"), ("cinema", "seats", "people"),
-         ("classroom", "desks", "pupils"), ("orchard", "trees", "pickers"), ("car park", "spaces", "cars")]
+        [
+            ("hall", "chairs", "guests"),
+            ("garden", "plants", "rabbits"),
+            ("cinema", "seats", "people"),
+            ("classroom", "desks", "pupils"),
+            ("orchard", "trees", "pickers"),
+            ("car park", "spaces", "cars"),
+        ]
     )
     rows, per_row = rng.randint(3, 15), rng.randint(4, 20)
     total = rows * per_row
@@ -603,7 +685,9 @@ def _problem_rows(rng: random.Random) -> ArithmeticProblem:
 
 def _problem_discount(rng: random.Random) -> ArithmeticProblem:
     name, pronoun, _, _ = _person(rng)
-    item = rng.choice(["jacket", "lamp", "backpack", "board game", "kettle", "pair of shoes", "chair"])
+    item = rng.choice(
+        ["jacket", "lamp", "backpack", "board game", "kettle", "pair of shoes", "chair"]
+    )
     percent = rng.choice([10, 20, 25, 50])
     price = rng.randint(2, 20) * (100 // {10: 10, 20: 20, 25: 25, 50: 50}[percent]) * 5
     discount = price * percent // 100
@@ -678,8 +762,15 @@ def _problem_share(rng: random.Random) -> ArithmeticProblem:
 
 
 _ARITHMETIC_KINDS: list[Callable[[random.Random], ArithmeticProblem]] = [
-    _problem_buy_two, _problem_give_and_buy, _problem_half_as_many, _problem_weekly_rate,
-    _problem_saving, _problem_rows, _problem_discount, _problem_three_people, _problem_trip,
+    _problem_buy_two,
+    _problem_give_and_buy,
+    _problem_half_as_many,
+    _problem_weekly_rate,
+    _problem_saving,
+    _problem_rows,
+    _problem_discount,
+    _problem_three_people,
+    _problem_trip,
     _problem_share,
 ]
 
@@ -704,80 +795,168 @@ class CreativeProblem:
 
 # (setting, trouble, goal of the solution)
 _SCENARIOS = [
-    ("You are having a picnic in a windy park", "the wind keeps blowing your paper plates away",
-     "keep the plates on the blanket"),
-    ("You are camping next to a lake", "rain is dripping through a small hole in your tent",
-     "keep the inside of the tent dry"),
-    ("You are painting the walls of your bedroom", "the paint tin has no lid and you need to stop "
-     "for the night", "keep the paint from drying out"),
-    ("You are on a train with your laptop", "the screen is too bright for the people next to you",
-     "dim the light without changing the settings"),
-    ("You are baking a cake for a friend", "you have no rolling pin to flatten the dough",
-     "roll the dough flat"),
-    ("You are hiking in the hills", "the strap of your backpack has snapped",
-     "carry the backpack home"),
-    ("You have just moved into a new flat", "a wobbly table rocks every time you write on it",
-     "make the table stand still"),
-    ("You are at the beach with your family", "the sun is too strong and there is no shade",
-     "make some shade"),
-    ("You are cooking pasta at a friend's house", "there is no colander to drain the water",
-     "drain the pasta"),
-    ("You are reading in the garden at dusk", "there is no lamp and it is getting dark",
-     "get some light to read by"),
-    ("You are fixing a bicycle on the road", "a small screw fell into the long grass",
-     "find the screw"),
-    ("You are looking after a small child", "the child's balloon is stuck under a heavy sofa",
-     "get the balloon out"),
-    ("You are packing for a trip", "the zip of your suitcase is broken",
-     "keep the suitcase closed"),
-    ("You are in an office with a stuck window", "the room is hot and the window will not open",
-     "cool the room down"),
-    ("You are watering plants on a balcony", "you are going away for a week and nobody can help",
-     "keep the plants watered"),
-    ("You are at a street market", "your shopping bag has torn and the vegetables are falling out",
-     "carry the vegetables home"),
-    ("You are in a kitchen with a jar of pickles", "the lid of the jar is stuck tight",
-     "open the jar"),
-    ("You are playing cards outside a cafe", "the cards keep sliding off the smooth table",
-     "keep the cards in place"),
-    ("You are waiting at a bus stop in winter", "your hands are freezing and you have no gloves",
-     "keep your hands warm"),
-    ("You are sewing a button back onto a coat", "the thread will not go through the tiny needle",
-     "thread the needle"),
+    (
+        "You are having a picnic in a windy park",
+        "the wind keeps blowing your paper plates away",
+        "keep the plates on the blanket",
+    ),
+    (
+        "You are camping next to a lake",
+        "rain is dripping through a small hole in your tent",
+        "keep the inside of the tent dry",
+    ),
+    (
+        "You are painting the walls of your bedroom",
+        "the paint tin has no lid and you need to stop " "for the night",
+        "keep the paint from drying out",
+    ),
+    (
+        "You are on a train with your laptop",
+        "the screen is too bright for the people next to you",
+        "dim the light without changing the settings",
+    ),
+    (
+        "You are baking a cake for a friend",
+        "you have no rolling pin to flatten the dough",
+        "roll the dough flat",
+    ),
+    (
+        "You are hiking in the hills",
+        "the strap of your backpack has snapped",
+        "carry the backpack home",
+    ),
+    (
+        "You have just moved into a new flat",
+        "a wobbly table rocks every time you write on it",
+        "make the table stand still",
+    ),
+    (
+        "You are at the beach with your family",
+        "the sun is too strong and there is no shade",
+        "make some shade",
+    ),
+    (
+        "You are cooking pasta at a friend's house",
+        "there is no colander to drain the water",
+        "drain the pasta",
+    ),
+    (
+        "You are reading in the garden at dusk",
+        "there is no lamp and it is getting dark",
+        "get some light to read by",
+    ),
+    (
+        "You are fixing a bicycle on the road",
+        "a small screw fell into the long grass",
+        "find the screw",
+    ),
+    (
+        "You are looking after a small child",
+        "the child's balloon is stuck under a heavy sofa",
+        "get the balloon out",
+    ),
+    (
+        "You are packing for a trip",
+        "the zip of your suitcase is broken",
+        "keep the suitcase closed",
+    ),
+    (
+        "You are in an office with a stuck window",
+        "the room is hot and the window will not open",
+        "cool the room down",
+    ),
+    (
+        "You are watering plants on a balcony",
+        "you are going away for a week and nobody can help",
+        "keep the plants watered",
+    ),
+    (
+        "You are at a street market",
+        "your shopping bag has torn and the vegetables are falling out",
+        "carry the vegetables home",
+    ),
+    (
+        "You are in a kitchen with a jar of pickles",
+        "the lid of the jar is stuck tight",
+        "open the jar",
+    ),
+    (
+        "You are playing cards outside a cafe",
+        "the cards keep sliding off the smooth table",
+        "keep the cards in place",
+    ),
+    (
+        "You are waiting at a bus stop in winter",
+        "your hands are freezing and you have no gloves",
+        "keep your hands warm",
+    ),
+    (
+        "You are sewing a button back onto a coat",
+        "the thread will not go through the tiny needle",
+        "thread the needle",
+    ),
     ("You are building a sandcastle", "the sand keeps falling apart", "make the walls stand up"),
-    ("You are at home when the power goes out", "the freezer is full of food",
-     "keep the food cold"),
-    ("You are writing a letter in a field", "you have nothing hard to lean on",
-     "write neatly"),
-    ("You are in a small boat on a calm river", "one oar has floated away",
-     "steer the boat back to the shore"),
+    (
+        "You are at home when the power goes out",
+        "the freezer is full of food",
+        "keep the food cold",
+    ),
+    ("You are writing a letter in a field", "you have nothing hard to lean on", "write neatly"),
+    (
+        "You are in a small boat on a calm river",
+        "one oar has floated away",
+        "steer the boat back to the shore",
+    ),
 ]
 
 # object -> ways it can help (imperative phrases ending the sentence "... the <object> ...")
 _OBJECTS: dict[str, list[str]] = {
-    "a roll of tape": ["wrap the tape around it to hold everything together",
-                       "tape the pieces firmly in place"],
-    "some rubber bands": ["stretch the rubber bands around it so that it stays closed",
-                          "use the rubber bands to grip it"],
-    "a plastic bag": ["stretch the plastic bag over it as a cover",
-                      "fill the plastic bag and use it as a weight"],
-    "a wooden spoon": ["use the wooden spoon as a lever", "roll the handle of the wooden spoon over it"],
-    "a glass bottle": ["roll the glass bottle over it like a rolling pin",
-                       "fill the glass bottle with water and use it as a weight"],
-    "a few coins": ["put the coins on top as small weights", "slide the coins underneath to level it"],
+    "a roll of tape": [
+        "wrap the tape around it to hold everything together",
+        "tape the pieces firmly in place",
+    ],
+    "some rubber bands": [
+        "stretch the rubber bands around it so that it stays closed",
+        "use the rubber bands to grip it",
+    ],
+    "a plastic bag": [
+        "stretch the plastic bag over it as a cover",
+        "fill the plastic bag and use it as a weight",
+    ],
+    "a wooden spoon": [
+        "use the wooden spoon as a lever",
+        "roll the handle of the wooden spoon over it",
+    ],
+    "a glass bottle": [
+        "roll the glass bottle over it like a rolling pin",
+        "fill the glass bottle with water and use it as a weight",
+    ],
+    "a few coins": [
+        "put the coins on top as small weights",
+        "slide the coins underneath to level it",
+    ],
     "an old newspaper": ["fold the newspaper into a thick pad", "roll the newspaper into a tube"],
     "a metal fork": ["use the prongs of the fork to hook it", "scrape it gently with the fork"],
     "a shoelace": ["tie it tightly with the shoelace", "use the shoelace as a strap"],
     "a towel": ["wrap it in the towel to keep the heat in", "twist the towel into a rope"],
-    "a torch": ["shine the torch through a glass of water to spread the light",
-                "hang the torch from above"],
-    "a large umbrella": ["open the umbrella and wedge it in place for shade",
-                         "use the handle of the umbrella as a hook"],
+    "a torch": [
+        "shine the torch through a glass of water to spread the light",
+        "hang the torch from above",
+    ],
+    "a large umbrella": [
+        "open the umbrella and wedge it in place for shade",
+        "use the handle of the umbrella as a hook",
+    ],
     "some paper clips": ["bend the paper clips into small hooks", "clip the edges together"],
-    "a ball of string": ["tie the string between two points", "use the string to lower it carefully"],
+    "a ball of string": [
+        "tie the string between two points",
+        "use the string to lower it carefully",
+    ],
     "a cardboard box": ["flatten the box into a stiff board", "cut the box into a small shield"],
-    "a plastic bottle": ["cut the plastic bottle into a funnel",
-                         "poke small holes in the plastic bottle so water drips out slowly"],
+    "a plastic bottle": [
+        "cut the plastic bottle into a funnel",
+        "poke small holes in the plastic bottle so water drips out slowly",
+    ],
     "a sock": ["fill the sock with sand and use it as a weight", "pull the sock over your hand"],
     "a belt": ["buckle the belt around it", "use the belt as a handle"],
     "a pot lid": ["put the pot lid on top as a cover", "use the pot lid as a tray"],
@@ -795,19 +974,34 @@ _OBJECTS: dict[str, list[str]] = {
 }
 
 _CONSTRAINTS = [
-    "The shops are closed.", "You cannot leave the spot.", "Nobody is around to help.",
-    "You have only a few minutes.", "You do not have any tools.", "",
+    "The shops are closed.",
+    "You cannot leave the spot.",
+    "Nobody is around to help.",
+    "You have only a few minutes.",
+    "You do not have any tools.",
+    "",
 ]
 
 _QUESTIONS = [
-    "How can you {goal}?", "What can you do to {goal}?", "How would you {goal}?",
+    "How can you {goal}?",
+    "What can you do to {goal}?",
+    "How would you {goal}?",
     "Find a way to {goal}.",
 ]
 
-_OPENERS = ["Here is one idea.", "A simple plan works here.", "Try this.", "One creative way:",
-            "You can solve this with what you have."]
-_CLOSERS = ["This way you {goal}.", "Now you can {goal}.", "That should be enough to {goal}.",
-            "It is not perfect, but it lets you {goal}."]
+_OPENERS = [
+    "Here is one idea.",
+    "A simple plan works here.",
+    "Try this.",
+    "One creative way:",
+    "You can solve this with what you have.",
+]
+_CLOSERS = [
+    "This way you {goal}.",
+    "Now you can {goal}.",
+    "That should be enough to {goal}.",
+    "It is not perfect, but it lets you {goal}.",
+]
 
 
 def _object_list(objects: list[str]) -> str:
@@ -854,9 +1048,15 @@ class EverydayScene:
 
 # (who, subject pronoun, possessive)
 _ACTORS = [
-    ("A man", "he", "his"), ("A woman", "she", "her"), ("A young girl", "she", "her"),
-    ("A little boy", "he", "his"), ("An old man", "he", "his"), ("An old woman", "she", "her"),
-    ("A teenager", "she", "her"), ("A chef", "he", "his"), ("A student", "he", "his"),
+    ("A man", "he", "his"),
+    ("A woman", "she", "her"),
+    ("A young girl", "she", "her"),
+    ("A little boy", "he", "his"),
+    ("An old man", "he", "his"),
+    ("An old woman", "she", "her"),
+    ("A teenager", "she", "her"),
+    ("A chef", "he", "his"),
+    ("A student", "he", "his"),
     ("A gardener", "she", "her"),
 ]
 
@@ -1019,9 +1219,12 @@ def everyday_scene(rng: random.Random, *, cut: bool = True) -> EverydayScene:
     subject = rng.choice(subjects)
     context = f"{activity}: " + " ".join(sentences) + f" {subject}"
     ending = f" {steps[shown]}." + "".join(
-        f" {rng.choice(subjects)} {rng.choice(['', 'then ', 'finally '])}{step}." for step in steps[shown + 1:]
+        f" {rng.choice(subjects)} {rng.choice(['', 'then ', 'finally '])}{step}."
+        for step in steps[shown + 1 :]
     )
-    return EverydayScene(activity=activity, context=context if cut else context + ending, ending=ending)
+    return EverydayScene(
+        activity=activity, context=context if cut else context + ending, ending=ending
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1038,7 +1241,9 @@ GENERATORS: dict[str, Callable[[random.Random], str]] = {
 _DEFAULT_GENERATOR_TEMPLATES: dict[str, str] = {"stories": PAPER_CREATIVE_TEMPLATE}
 
 
-def _generated_records(task: str, generator: str, n_prompts: int, seed: int) -> list[tuple[str, str]]:
+def _generated_records(
+    task: str, generator: str, n_prompts: int, seed: int
+) -> list[tuple[str, str]]:
     rng = derived_rng(seed, "prompts", task, generator)
     make = GENERATORS[generator]
     records: list[tuple[str, str]] = []

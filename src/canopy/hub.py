@@ -116,7 +116,9 @@ def download_model(
         ) from error
     except Exception as error:  # noqa: BLE001 - offline, connection and HTTP errors alike
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        reason = "HF_HUB_OFFLINE is set on this machine" if offline else "the hub could not be reached"
+        reason = (
+            "HF_HUB_OFFLINE is set on this machine" if offline else "the hub could not be reached"
+        )
         raise ModelDownloadError(
             f"cannot download model {name}: {reason} ({type(error).__name__}: {error}). "
             f"{_instead(repo_id, revision, target)}"
@@ -125,7 +127,9 @@ def download_model(
     if not (partial / "config.json").is_file():
         raise ModelDownloadError(f"model {name} has no config.json: it is not a transformers model")
     if not any(partial.glob("*.safetensors")) and not any(partial.glob("pytorch_model*.bin")):
-        raise ModelDownloadError(f"model {name}: no weights (safetensors or pytorch_model*.bin) came back")
+        raise ModelDownloadError(
+            f"model {name}: no weights (safetensors or pytorch_model*.bin) came back"
+        )
     # snapshot_download keeps resume metadata in .cache/; the finished directory does not need it.
     shutil.rmtree(partial / ".cache", ignore_errors=True)
     if target.exists():

@@ -116,13 +116,19 @@ class Recipe:
                 values[key] = value
             elif isinstance(default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise RecipeError(f"training.recipes.{name}.{key} must be an integer, got {value!r}")
+                    raise RecipeError(
+                        f"training.recipes.{name}.{key} must be an integer, got {value!r}"
+                    )
                 if key != "seed" and value < 1:
-                    raise RecipeError(f"training.recipes.{name}.{key} must be at least 1, got {value}")
+                    raise RecipeError(
+                        f"training.recipes.{name}.{key} must be at least 1, got {value}"
+                    )
                 values[key] = value
             else:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise RecipeError(f"training.recipes.{name}.{key} must be a positive number, got {value!r}")
+                    raise RecipeError(
+                        f"training.recipes.{name}.{key} must be a positive number, got {value!r}"
+                    )
                 values[key] = float(value)
         recipe = cls(**values)
         if recipe.hidden_size % recipe.num_heads:
@@ -148,18 +154,26 @@ class Recipe:
 _SPECIALS: dict[str, dict[str, Any]] = {
     "byte_bpe": {
         "tokens": ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"],
-        "bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|pad|>", "unk": None,
+        "bos": "<|endoftext|>",
+        "eos": "<|endoftext|>",
+        "pad": "<|pad|>",
+        "unk": None,
         "roles": ["<|user|>", "<|assistant|>", "<|system|>"],
     },
     "sentencepiece_bpe": {
         "tokens": ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"],
-        "bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>",
+        "bos": "<s>",
+        "eos": "</s>",
+        "pad": "<pad>",
+        "unk": "<unk>",
         "roles": ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"],
     },
 }
 
 #: The chat role markers of each tokenizer kind (single special tokens).
-ROLE_MARKERS: dict[str, tuple[str, ...]] = {kind: tuple(spec["roles"]) for kind, spec in _SPECIALS.items()}
+ROLE_MARKERS: dict[str, tuple[str, ...]] = {
+    kind: tuple(spec["roles"]) for kind, spec in _SPECIALS.items()
+}
 
 #: Chat templates (jinja) per tokenizer kind; every assistant turn ends with the EOS token, and
 #: the generation prompt is exactly what precedes an assistant turn, so fine-tuning on rendered
@@ -218,7 +232,9 @@ def train_tokenizer(documents: Sequence[str], recipe: Recipe):
         core = _train_sentencepiece_bpe(documents, recipe.vocab_size, specials)
         bos = spec["bos"]
         core.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))]
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, core.token_to_id(bos))],
         )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -257,12 +273,19 @@ def _train_sentencepiece_bpe(documents: Sequence[str], vocab_size: int, specials
         if piece not in vocab:
             vocab[piece] = len(vocab)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    core = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     core.pre_tokenizer = metaspace
     # Llama's decoder: pieces back to spaces, byte tokens back to UTF-8, and the space that the
     # pre-tokenizer put in front of the text removed again.
     core.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     core.add_special_tokens(specials)
     return core
@@ -404,10 +427,23 @@ def _atomic_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _step_log(logger: logging.Logger, stage: str, step: int, total: int, loss: float, lr: float,
-              tokens: int, seconds: float) -> None:
+def _step_log(
+    logger: logging.Logger,
+    stage: str,
+    step: int,
+    total: int,
+    loss: float,
+    lr: float,
+    tokens: int,
+    seconds: float,
+) -> None:
     logger.info(
-        "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s", stage, step, total, loss, lr,
+        "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+        stage,
+        step,
+        total,
+        loss,
+        lr,
         tokens / max(seconds, 1e-9),
     )
 
@@ -432,7 +468,10 @@ def _token_stream(documents: Sequence[str], tokenizer) -> torch.Tensor:
     """All documents as one stream: (BOS when the tokenizer adds one) text EOS, ... ."""
     eos = tokenizer.eos_token_id
     # The backend tokenizer directly: no per-text length warnings, and faster on many documents.
-    encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(list(documents), add_special_tokens=True)]
+    encoded = [
+        e.ids
+        for e in tokenizer.backend_tokenizer.encode_batch(list(documents), add_special_tokens=True)
+    ]
     stream: list[int] = []
     if tokenizer.bos_token_id == eos:  # GPT-2 style: documents separated by <|endoftext|>
         stream.append(eos)
@@ -480,8 +519,12 @@ def pretrain_base(
         tokens_seen = 0
         logger.info(
             "pretrain %s/%s: %d parameters, vocabulary %d, corpus %d documents = %d tokens",
-            recipe.architecture, recipe.tokenizer, count_parameters(model), len(tokenizer),
-            len(documents), len(stream),
+            recipe.architecture,
+            recipe.tokenizer,
+            count_parameters(model),
+            len(tokenizer),
+            len(documents),
+            len(stream),
         )
         window_start = time.perf_counter()
         window_tokens = 0
@@ -494,7 +537,9 @@ def pretrain_base(
             # windows so that every position of the context is trained (GPT-2's learned position
             # embeddings need it).
             full = step % 4 == 3 or block < 32
-            length, rows = (block, recipe.batch_size) if full else (block // 2, 2 * recipe.batch_size)
+            length, rows = (
+                (block, recipe.batch_size) if full else (block // 2, 2 * recipe.batch_size)
+            )
             starts = torch.randint(0, len(stream) - length - 1, (rows,), generator=generator)
             batch = stream[starts[:, None] + offsets[: length + 1]]
             output = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
@@ -505,9 +550,19 @@ def pretrain_base(
             losses.append(output.loss.item())
             tokens_seen += batch.numel() - batch.shape[0]
             window_tokens += batch.numel() - batch.shape[0]
-            if (step + 1) % _log_every(recipe.pretrain_steps) == 0 or step + 1 == recipe.pretrain_steps:
-                _step_log(logger, "pretrain", step + 1, recipe.pretrain_steps, losses[-1], lr,
-                          window_tokens, time.perf_counter() - window_start)
+            if (step + 1) % _log_every(
+                recipe.pretrain_steps
+            ) == 0 or step + 1 == recipe.pretrain_steps:
+                _step_log(
+                    logger,
+                    "pretrain",
+                    step + 1,
+                    recipe.pretrain_steps,
+                    losses[-1],
+                    lr,
+                    window_tokens,
+                    time.perf_counter() - window_start,
+                )
                 window_start, window_tokens = time.perf_counter(), 0
         model.eval()
         seconds = time.perf_counter() - started
@@ -529,14 +584,17 @@ def pretrain_base(
             _save(model, tokenizer, tmp, record)
         logger.info(
             "pretrain done in %.1f s: final loss %.3f (uniform %.3f); saved %s",
-            seconds, record["final_loss"], record["uniform_loss"], out_dir,
+            seconds,
+            record["final_loss"],
+            record["uniform_loss"],
+            out_dir,
         )
         return record
 
 
 def _tail_mean(losses: Sequence[float]) -> float:
     """Mean of the last 10 % of the loss curve (at least one value): a less noisy final loss."""
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return float(sum(tail) / len(tail))
 
 
@@ -552,27 +610,34 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs) -> list[int]:
     return [int(i) for i in ids]
 
 
-def encode_pair(tokenizer, instruction: str, response: str, max_length: int) -> tuple[list[int], int] | None:
+def encode_pair(
+    tokenizer, instruction: str, response: str, max_length: int
+) -> tuple[list[int], int] | None:
     """(token ids, number of prompt tokens) of one rendered pair, or None if it does not fit.
 
     The prompt part is exactly what :func:`canopy.modeling.format_prompt` feeds a fine-tuned model
     (chat template, one user turn, generation prompt); the rest is the response and EOS. A response
     that does not fit is cut (keeping at least 8 tokens) and then has no EOS.
     """
-    prompt = _chat_ids(tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True)
+    prompt = _chat_ids(
+        tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True
+    )
     answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) + 8 > max_length:
         return None
     return (prompt + answer)[:max_length], len(prompt)
 
 
-def _sft_batches(encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int,
-                 generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _sft_batches(
+    encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless seeded batches: input ids, attention mask, labels (-100 outside the responses)."""
     while True:
         order = torch.randperm(len(encoded), generator=generator).tolist()
-        for first in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            chosen = [encoded[i] for i in order[first:first + batch_size]]
+        for first in range(
+            0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size
+        ):
+            chosen = [encoded[i] for i in order[first : first + batch_size]]
             width = max(len(ids) for ids, _ in chosen)
             input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chosen), width), dtype=torch.long)
@@ -580,11 +645,13 @@ def _sft_batches(encoded: list[tuple[list[int], int]], pad_id: int, batch_size: 
             for row, (ids, n_prompt) in enumerate(chosen):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-                labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+                labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
             yield input_ids, mask, labels
 
 
-def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
+def _encode_pairs(
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int
+) -> list[tuple[list[int], int]]:
     encoded = []
     for instruction, response in pairs:
         item = encode_pair(tokenizer, instruction, response, max_length)
@@ -594,19 +661,26 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) 
 
 
 @torch.no_grad()
-def response_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
-                  batch_size: int = 16) -> float:
+def response_loss(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 16,
+) -> float:
     """Mean cross-entropy (nats per token) of the responses (and their EOS) given the chat-rendered
     instructions; ``tokenizer`` must carry a chat template."""
-    max_length = max_length or int(getattr(model.config, "max_position_embeddings", 0) or
-                                   getattr(model.config, "n_positions"))
+    max_length = max_length or int(
+        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions")
+    )
     encoded = _encode_pairs(tokenizer, pairs, max_length)
     if not encoded:
         raise ValueError("no pair fits the model's context")
     model.eval()
     total, count = 0.0, 0
     for first in range(0, len(encoded), batch_size):
-        chosen = encoded[first:first + batch_size]
+        chosen = encoded[first : first + batch_size]
         width = max(len(ids) for ids, _ in chosen)
         input_ids = torch.full((len(chosen), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -614,11 +688,14 @@ def response_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *, max_len
         for row, (ids, n_prompt) in enumerate(chosen):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-            labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         target = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum"
+            logits.reshape(-1, logits.shape[-1]).float(),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         total += float(losses)
         count += int((target != -100).sum())
@@ -654,18 +731,25 @@ def finetune(
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         tokenizer.chat_template = CHAT_TEMPLATES[recipe.tokenizer]
-        model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, local_files_only=True, dtype=torch.float32
+        )
         max_length = recipe.context_length
         encoded = _encode_pairs(tokenizer, pairs, max_length)
         if not encoded:
             raise ValueError(f"none of the {len(pairs)} pairs fits context_length={max_length}")
         dropped = len(pairs) - len(encoded)
         if dropped:
-            logger.warning("finetune: %d of %d pairs have prompts longer than the context; skipped",
-                           dropped, len(pairs))
+            logger.warning(
+                "finetune: %d of %d pairs have prompts longer than the context; skipped",
+                dropped,
+                len(pairs),
+            )
         torch.manual_seed(recipe.seed)
         generator = torch.Generator().manual_seed(recipe.seed + 1)
-        batches = _sft_batches(encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator)
+        batches = _sft_batches(
+            encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator
+        )
         optimizer = _optimizer(model, recipe.sft_learning_rate)
         model.train()
         losses: list[float] = []
@@ -686,8 +770,16 @@ def finetune(
             tokens_seen += int(mask.sum())
             window_tokens += int(mask.sum())
             if (step + 1) % _log_every(recipe.sft_steps) == 0 or step + 1 == recipe.sft_steps:
-                _step_log(logger, "finetune", step + 1, recipe.sft_steps, losses[-1], lr,
-                          window_tokens, time.perf_counter() - window_start)
+                _step_log(
+                    logger,
+                    "finetune",
+                    step + 1,
+                    recipe.sft_steps,
+                    losses[-1],
+                    lr,
+                    window_tokens,
+                    time.perf_counter() - window_start,
+                )
                 window_start, window_tokens = time.perf_counter(), 0
         model.eval()
         seconds = time.perf_counter() - started
@@ -707,6 +799,10 @@ def finetune(
         }
         with _atomic_dir(out_dir) as tmp:
             _save(model, tokenizer, tmp, record)
-        logger.info("finetune done in %.1f s: final response loss %.3f; saved %s",
-                    seconds, record["final_loss"], out_dir)
+        logger.info(
+            "finetune done in %.1f s: final response loss %.3f; saved %s",
+            seconds,
+            record["final_loss"],
+            out_dir,
+        )
         return record
