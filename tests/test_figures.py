@@ -628,7 +628,9 @@ def test_style_does_not_leak_into_global_rcparams(metrics: pd.DataFrame) -> None
 
 # --------------------------------------------------------------------------- workflow
 
+COMMON_SMK = REPO / "workflow/rules/common.smk"
 FIGURES_SMK = REPO / "workflow/rules/figures.smk"
+TINY_CONFIG = REPO / "tests/configs/tiny.yaml"
 SAMPLING_FIGURES = ("decomposition", "trajectory", "lengths", "variance")
 
 
@@ -641,18 +643,18 @@ def test_figure_rules_run_and_settings_rerun_only_their_figure(
     if shutil.which("snakemake") is None:
         pytest.skip("snakemake is not installed")
     write_inputs(tmp_path, rollouts, metrics)
-    config = {
-        "families": {family: {} for family in FAMILIES},
-        "tasks": {task: {} for task in TASKS},
-        "sampling": {"default": {"max_new_tokens": CAP}},
-        "embedders": {"minilm": {}},
-        "figures": {name: {"width": 4.0, "dpi": 50} for name in SETTINGS_CLASSES},
-    }
+    # The tiny test config has the same families, tasks, sampling setting and embedder as the
+    # synthetic inputs; common.smk validates it as the real workflow does.
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    assert set(config["families"]) == set(FAMILIES) and set(config["tasks"]) == set(TASKS)
+    config["sampling"]["default"]["max_new_tokens"] = CAP
+    config["figures"] = {name: {"width": 4.0, "dpi": 50} for name in SETTINGS_CLASSES}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "Snakefile").write_text(
         textwrap.dedent(
             f"""
             configfile: "config.yaml"
+            include: "{COMMON_SMK}"
             include: "{FIGURES_SMK}"
             rule all:
                 input: figure_targets()

@@ -101,6 +101,11 @@ def _variants(frame: pd.DataFrame, settings: StatsSettings) -> tuple[str, str]:
 
 
 def _import_pymer4() -> Any:
+    # Starting embedded R, rpy2 prepends R's and the system's library folders to
+    # LD_LIBRARY_PATH in os.environ. This process has its libraries loaded already, but a Python
+    # started from it afterwards (snakemake, a test) would then load the system's libpython in
+    # place of its own and lose its site-packages: put the caller's value back.
+    library_path = os.environ.get("LD_LIBRARY_PATH")
     try:
         from pymer4.models import Lmer  # noqa: PLC0415 - optional, heavy (starts R)
     except Exception as error:  # rpy2 raises assorted errors when R or a package is missing
@@ -109,6 +114,11 @@ def _import_pymer4() -> Any:
             "rpy2==3.5.17 'pandas<3', and R with lme4, lmerTest, emmeans: apt-get install "
             f"r-cran-lme4 r-cran-lmertest r-cran-emmeans); import failed: {error!r}"
         ) from error
+    finally:
+        if library_path is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = library_path
     return Lmer
 
 

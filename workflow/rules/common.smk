@@ -4,7 +4,10 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# The repository root, found from this file rather than from the main Snakefile, so that a
+# Snakefile elsewhere (a user's wrapper, the figure tests) can include the stages it needs.
+REPO_ROOT = Path(workflow.current_basedir.abspath().path).parents[1]
+sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from snakemake.exceptions import WorkflowError
 
@@ -38,7 +41,7 @@ try:
     config.update(
         validate_config(
             config,
-            Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+            REPO_ROOT / "workflow/schemas/config.schema.yaml",
             CONFIG_CONSUMERS,
         )
     )
