@@ -17,6 +17,7 @@ import yaml
 from workflow_helpers import REPO, SNAKEFILE, snakemake
 
 TARGET = "results/rollouts/default/tinyllama/base/math.parquet"
+# Targets go before --configfile, which takes every argument after it as a config file.
 
 
 def _config(workdir: Path) -> Path:
@@ -32,13 +33,13 @@ def _config(workdir: Path) -> Path:
 @pytest.mark.slow
 def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "resources/models/tinyllama/base")
+    snakemake(tmp_path, "--cores", "2", "resources/models/tinyllama/base", "--configfile", str(config))
     shards = tmp_path / "results/rollouts/default/tinyllama/base/math.shards"
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TZ="UTC")
     command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path)]
     job = subprocess.Popen(
-        [*command, "--cores", "1", "--configfile", str(config), TARGET],
+        [*command, "--cores", "1", TARGET, "--configfile", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -59,7 +60,7 @@ def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
     # What a user does after a crash: unlock, rerun. Snakemake reruns the incomplete job, and the
     # job resumes from its shards.
     snakemake(tmp_path, "--unlock", "--configfile", str(config))
-    snakemake(tmp_path, "--cores", "1", "--configfile", str(config), TARGET)
+    snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
     log = (tmp_path / "logs/rollouts/default/tinyllama/base/math.log").read_text()
     assert "resum" in log.lower(), log[-2000:]
     resumed = pd.read_parquet(tmp_path / TARGET)
@@ -67,7 +68,7 @@ def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
 
     # The uninterrupted run of the same job.
     shutil.move(tmp_path / TARGET, tmp_path / "resumed.parquet")
-    snakemake(tmp_path, "--cores", "1", "--configfile", str(config), TARGET)
+    snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
     uninterrupted = pd.read_parquet(tmp_path / TARGET)
     assert len(resumed) == 12 * 12
     pd.testing.assert_frame_equal(resumed, uninterrupted)
