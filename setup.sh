@@ -13,7 +13,7 @@ log() { printf '[setup] %s\n' "$*"; }
 
 r_ready() {
     command -v Rscript >/dev/null 2>&1 &&
-        TZ=UTC Rscript -e 'ok <- sapply(c("glmmTMB", "lme4", "lmerTest", "emmeans"), requireNamespace, quietly = TRUE); quit(status = if (all(ok)) 0 else 1)' >/dev/null 2>&1
+        TZ=UTC Rscript -e 'ok <- sapply(c("glmmTMB", "lme4", "lmerTest", "emmeans", "jsonlite"), requireNamespace, quietly = TRUE); quit(status = if (all(ok)) 0 else 1)' >/dev/null 2>&1
 }
 
 if r_ready; then

@@ -38,9 +38,6 @@ PIP_SPEC = re.compile(
 # R packages pinned for conda but not packaged by Debian bookworm (so absent from
 # requirements-apt.txt): the pip/apt path computes these diagnostics itself (NOTES.md).
 CONDA_ONLY_R = {"r-dharma": "DHARMa is not in Debian; the apt path simulates its residuals itself"}
-# R packages the code loads that Debian installs as dependencies of requirements-apt.txt's pins
-# rather than by name: checked against the version Debian bookworm ships.
-DEBIAN_DEPENDENCY_R = {"r-jsonlite": "1.8.4+dfsg-1"}
 # Packages that ship with R itself (r-base / r-base-core).
 BASE_R_PACKAGES = {
     "base", "compiler", "datasets", "graphics", "grDevices", "grid", "methods", "parallel",
@@ -203,7 +200,7 @@ def test_r_pins_match_debian_upstream_versions() -> None:
         if name in CONDA_ONLY_R:
             assert debian_name(name) not in debian, f"{name} is in Debian after all: pin it there"
             continue
-        debian_version = debian.get(debian_name(name), DEBIAN_DEPENDENCY_R.get(name))
+        debian_version = debian.get(debian_name(name))
         assert debian_version is not None, (
             f"envs/stats.yaml pins {name}={version} but requirements-apt.txt has no "
             f"{debian_name(name)}: add it there (or list it in CONDA_ONLY_R with the reason)"
