@@ -41,4 +41,15 @@ def setup(smk) -> logging.Logger:  # noqa: ANN001 - the snakemake object has no 
     threads = str(int(getattr(smk, "threads", 1) or 1))
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = threads
-    return logging.getLogger(f"canopy.rule.{smk.rule}")
+    logger = logging.getLogger(f"canopy.rule.{smk.rule}")
+
+    # Without this an uncaught error reaches stderr only, and the rule's log, which Snakemake
+    # points users to, would not say why the job failed.
+    def log_uncaught(kind, error, trace) -> None:  # noqa: ANN001 - sys.excepthook's signature
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, error, trace)
+            return
+        logger.error("%s: %s", kind.__name__, error, exc_info=(kind, error, trace))
+
+    sys.excepthook = log_uncaught
+    return logger
