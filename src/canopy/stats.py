@@ -283,8 +283,7 @@ def _run_r(script: str, job: Mapping[str, Any], workdir: Path, rscript: str) -> 
     )
     if done.returncode != 0:
         raise RuntimeError(
-            f"R script {script} failed (exit {done.returncode}); job file {job_path}:\n"
-            f"{done.stderr.strip()[-3000:]}"
+            f"R script {script} failed (exit {done.returncode}):\n{done.stderr.strip()[-3000:]}"
         )
 
 

@@ -121,14 +121,33 @@ variance_table <- function(fit) {
 fit_one <- function(panel_path, out_dir) {
   dir.create(out_dir, showWarnings = FALSE, recursive = TRUE)
   panel <- read_panel(panel_path)
+  for (key in c("formula", "dispersion")) {
+    unknown <- setdiff(all.vars(as.formula(job[[key]])), names(panel))
+    if (length(unknown)) {
+      stop(sprintf("stats.%s names %s, which the panel does not have (its columns: %s)",
+                   key, paste(unknown, collapse = ", "), paste(names(panel), collapse = ", ")),
+           call. = FALSE)
+    }
+  }
   warnings_seen <- character(0)
   started <- proc.time()[["elapsed"]]
-  fit <- withCallingHandlers(
-    glmmTMB(as.formula(job$formula), dispformula = as.formula(job$dispersion),
-            family = beta_family(link = "logit"), data = panel),
-    warning = function(w) {
-      warnings_seen <<- c(warnings_seen, conditionMessage(w))
-      invokeRestart("muffleWarning")
+  fit <- tryCatch(
+    withCallingHandlers(
+      glmmTMB(as.formula(job$formula), dispformula = as.formula(job$dispersion),
+              family = beta_family(link = "logit"), data = panel),
+      warning = function(w) {
+        warnings_seen <<- c(warnings_seen, conditionMessage(w))
+        invokeRestart("muffleWarning")
+      }),
+    # TMB's own messages ("NA/NaN gradient evaluation", "infinite or missing values in 'x'") do
+    # not say what to change; on a valid panel the cause is a model too rich for the data.
+    error = function(e) {
+      stop(sprintf(paste0(
+        "glmmTMB could not fit formula '%s' with dispersion '%s' to %d rows (%s). On a valid ",
+        "panel this means the model is too rich for this panel: spline terms (ns) in the ",
+        "dispersion model and random effects with few levels are the usual causes. Simplify ",
+        "stats.formula or stats.dispersion in the config, or use more prompts."),
+        job$formula, job$dispersion, nrow(panel), conditionMessage(e)), call. = FALSE)
     })
   elapsed <- proc.time()[["elapsed"]] - started
   gradient <- fit$sdr$gradient.fixed
