@@ -29,12 +29,12 @@ rule fit_glmm:
         coefficients=report(
             "results/stats/{sampling}/{embedder}/glmm/coefficients.tsv",
             caption="../report/glmm_coefficients.rst",
-            category="Statistics",
+            category="Regression",
         ),
         slopes=report(
             "results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
             caption="../report/glmm_slopes.rst",
-            category="Statistics",
+            category="Regression",
         ),
         variance="results/stats/{sampling}/{embedder}/glmm/variance_components.tsv",
         convergence="results/stats/{sampling}/{embedder}/glmm/convergence.json",
@@ -60,7 +60,7 @@ rule glmm_diagnostics:
         tests=report(
             "results/stats/{sampling}/{embedder}/diagnostics/tests.tsv",
             caption="../report/diagnostics_tests.rst",
-            category="Statistics",
+            category="Regression",
         ),
         tests_json="results/stats/{sampling}/{embedder}/diagnostics/tests.json",
     log:
@@ -145,7 +145,7 @@ rule paired_bootstrap:
         report(
             "results/stats/{sampling}/{embedder}/paired_bootstrap.tsv",
             caption="../report/paired_bootstrap.rst",
-            category="Statistics",
+            category="Paired comparisons",
         ),
     log:
         "logs/stats/{sampling}/{embedder}/paired_bootstrap.log",
