@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -219,6 +220,37 @@ def legend_labels(figure: Figure) -> list[str]:
     return [text.get_text() for legend in legends for text in legend.get_texts()]
 
 
+def overlapping_tick_labels(figure: Figure) -> list[tuple[str, str]]:
+    """Pairs of visible labels of one axis (major and minor ticks, and the axes' annotations)
+    whose boxes overlap, and labels that stick out of the figure."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    page = figure.bbox
+    clashes = []
+    for ax in figure.axes:
+        for axis, coordinate in ((ax.xaxis, 0), (ax.yaxis, 1)):
+            ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+            low, high = sorted(axis.get_view_interval())
+            labels = [
+                t.label1 for t in ticks
+                if t.label1.get_visible() and t.label1.get_text()
+                and low <= t.label1.get_position()[coordinate] <= high
+            ]
+            if axis is ax.xaxis:
+                labels += list(ax.texts)
+            boxes = [(label.get_text(), label.get_window_extent(renderer)) for label in labels]
+            for i, (text_a, box_a) in enumerate(boxes):
+                for text_b, box_b in boxes[i + 1 :]:
+                    if box_a.overlaps(box_b):
+                        clashes.append((text_a, text_b))
+        for label in (ax.xaxis.label, ax.yaxis.label, ax.title):
+            box = label.get_window_extent(renderer)
+            if label.get_text() and (box.x0 < page.x0 - 1 or box.x1 > page.x1 + 1):
+                clashes.append((label.get_text(), "figure edge"))
+    return clashes
+
+
 def assert_written(pdf: Path, png: Path) -> None:
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -347,6 +379,20 @@ def test_trajectory_lines_follow_the_table() -> None:
     assert labels[:2] == ["Base", "Fine-tuned"] and "SE" in labels[2]
 
 
+def test_trajectory_rows_show_every_task_unclipped() -> None:
+    # A later task with much higher entropy must still fit the row's shared axis.
+    trajectory = make_trajectory()
+    trajectory.loc[trajectory.task == TASKS[-1], "mean_entropy"] += 3.0
+    figure = plot_trajectory(trajectory, TrajectorySettings(**SMALL))
+    for family in FAMILIES:
+        for variant in VARIANTS:
+            for task in TASKS:
+                (line,) = by_gid(figure, f"line/{family}/{variant}/{task}")
+                low, high = line.axes.get_ylim()
+                assert low == 0.0
+                assert line.get_ydata().max() <= high, (family, variant, task)
+
+
 # --------------------------------------------------------------------------- lengths
 
 
@@ -425,6 +471,19 @@ def test_variance_boxes_show_the_medians(rollouts: pd.DataFrame) -> None:
     assert figure.axes[0].get_yscale() == "log"
 
 
+@pytest.mark.parametrize("spread", [0.3, 1.0, 4.0])
+def test_variance_log_axis_labels_do_not_collide(rollouts: pd.DataFrame, spread: float) -> None:
+    # At the paper's full width the panels are short: matplotlib's default minor labels
+    # (2, 3, 4, 6 x 10^k) stacked on each other when the variances spanned one to two decades.
+    scaled = rollouts.copy()
+    rng = np.random.default_rng(1)
+    factor = np.exp(spread * rng.standard_normal(len(scaled)))
+    scaled["sum_entropy"] = scaled["sum_entropy"] * factor
+    figure = plot_variance(scaled, VarianceSettings(width=7.0, dpi=100))
+    assert overlapping_tick_labels(figure) == []
+    assert all(ax.get_yticklabels() for ax in figure.axes)
+
+
 def test_variance_counts_zero_variances_on_a_log_axis(rollouts: pd.DataFrame) -> None:
     flat = rollouts.copy()
     # Every rollout of one prompt truncated at the cap: its length variance is exactly zero.
@@ -459,6 +518,15 @@ def test_slopes_points_and_intervals_come_from_the_table() -> None:
         np.testing.assert_allclose(scatter.get_offsets(), part[["R", "D"]].to_numpy())
     assert "nats/token" in ax_scatter.get_xlabel()
     assert legend_labels(figure) == ["Base", "Fine-tuned"]
+
+
+def test_slopes_reads_at_the_column_width() -> None:
+    # Three panels in one row at 3.4 in overlapped "Base"/"Fine-tuned", the two ratio values,
+    # and cut the scatter's axis label at the figure's edge.
+    slopes = make_slopes()
+    slopes.loc[slopes.variant == "ratio", ["slope", "ci_low", "ci_high"]] = [1.03, 0.75, 1.31]
+    figure = plot_slopes(slopes, SlopesSettings(width=3.4, dpi=100), make_panel())
+    assert overlapping_tick_labels(figure) == []
 
 
 def test_slopes_without_scatter_and_bad_tables() -> None:

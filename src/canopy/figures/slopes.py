@@ -1,10 +1,10 @@
 """Figure 5: the headline, the entropy-rate slope of semantic diversity by variant.
 
-Left: the Beta GLMM's slope of logit D on the standardised mean entropy rate R_sc for base and
-fine-tuned models, with 95 % confidence intervals. Middle: their ratio (fine-tuned / base), one
-point per method in the slopes table (delta method, bootstrap), with the no-change line at 1.
-Right (optional): the panel's prompts, D against R̄ by variant, so the reader sees the data
-behind the slopes.
+Top left: the Beta GLMM's slope of logit D on the standardised mean entropy rate R_sc for base
+and fine-tuned models, with 95 % confidence intervals. Top right: their ratio (fine-tuned /
+base), one point per method in the slopes table (delta method, bootstrap), with the no-change
+line at 1. Below (optional): the panel's prompts, D against R̄ by variant, so the reader sees the
+data behind the slopes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from canopy.figures.style import (
     finish_figure,
     new_figure,
     save_figure,
+    set_category_ticks,
     variant_handles,
 )
 
@@ -87,19 +88,24 @@ def plot_slopes(
         require_columns(panel, ["variant", "D", "R"], "panel")
         check_variants(panel, "panel")
 
-    height = settings.figure_height(1, 2.3, 0.3)
-    ratios = [1.1] + ([1.0] if not ratio_rows.empty else []) + ([2.2] if scatter else [])
+    # Slope and ratio side by side, the scatter below across the full width: at the paper's
+    # column width three panels in one row squeezed the tick labels and the scatter's axis label.
+    height = settings.figure_height(2 if scatter else 1, 1.7, 0.3)
+    columns = 2 if not ratio_rows.empty else 1
+    panel_width = settings.width / columns
     with figure_style():
         figure = new_figure(settings.width, height)
-        grid = figure.add_gridspec(1, len(ratios), width_ratios=ratios)
+        grid = figure.add_gridspec(2 if scatter else 1, columns)
         ax_slope = figure.add_subplot(grid[0, 0])
         for i, variant in enumerate(variants):
             row = variant_rows[variant_rows["variant"] == variant].iloc[0]
             _interval(ax_slope, i, row, VARIANT_COLORS[variant], f"slope/{variant}")
         ax_slope.axhline(0.0, color=NEUTRAL_COLOR, linewidth=0.6)
-        ax_slope.set_xticks(range(len(variants)), [VARIANT_LABELS[v] for v in variants])
+        set_category_ticks(
+            ax_slope, np.arange(len(variants)), [VARIANT_LABELS[v] for v in variants], panel_width
+        )
         ax_slope.set_xlim(-0.6, len(variants) - 0.4)
-        ax_slope.set_ylabel(r"slope of logit $D$ per SD of $\bar R$")
+        ax_slope.set_ylabel(r"slope (logit $D$ per SD of $\bar R$)")
         ax_slope.set_title("slope (95% CI)")
 
         if not ratio_rows.empty:
@@ -110,18 +116,21 @@ def plot_slopes(
                 methods = ["ratio"] * len(ratio_rows)
             for i, (method, (_, row)) in enumerate(zip(methods, ratio_rows.iterrows())):
                 _interval(ax_ratio, i, row, NEUTRAL_COLOR, f"ratio/{method}")
+                # Above the interval, not beside it, where the neighbouring method's value sat.
+                top = row["ci_high"] if np.isfinite(row["ci_high"]) else row["slope"]
                 ax_ratio.annotate(
-                    f"{row['slope']:.2f}", (i, row["slope"]), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=6,
+                    f"{row['slope']:.2f}", (i, top), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=6,
                 )
             ax_ratio.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
-            ax_ratio.set_xticks(range(len(methods)), methods)
+            set_category_ticks(ax_ratio, np.arange(len(methods)), methods, panel_width)
             ax_ratio.set_xlim(-0.6, len(methods) - 0.4)
+            ax_ratio.margins(y=0.12)
             ax_ratio.set_ylabel("Fine-tuned / Base slope")
             ax_ratio.set_title("ratio (95% CI)")
 
         if scatter:
-            ax_scatter = figure.add_subplot(grid[0, len(ratios) - 1])
+            ax_scatter = figure.add_subplot(grid[1, :])
             for variant in variants:
                 part = panel[panel["variant"] == variant]
                 ax_scatter.scatter(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatterSciNotation
 
 from canopy.figures.common import (
     FigureSettings,
@@ -166,6 +167,7 @@ def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
                             va="top", fontsize=6, color="0.35")
                 if settings.log_scale:
                     ax.set_yscale("log")
+                    ax.yaxis.set_minor_formatter(_SparseLogFormatter())
                 set_category_ticks(ax, x, tasks, settings.width / len(VARIANCE_QUANTITIES))
                 ax.set_xlim(-0.6, len(tasks) - 0.4)
                 ax.set_ylabel(label)
@@ -173,6 +175,23 @@ def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
         figure.legend(handles=variant_handles(variants, kind="patch"),
                       loc="outside upper center", ncols=len(variants))
         return finish_figure(figure)
+
+
+class _SparseLogFormatter(LogFormatterSciNotation):
+    """Minor-tick labels of a log axis that do not crowd a short panel.
+
+    Matplotlib labels 2, 3, 4, 6 x 10^k while the view spans under about two decades, which at
+    this panel height stacks the labels on each other. With two powers of ten in view they say
+    enough; with fewer, 2 and 5 x 10^k give the scale without the crowding.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(labelOnlyBase=False)
+
+    def set_locs(self, locs: Any = None) -> None:
+        low, high = self.axis.get_view_interval()
+        decades_in_view = np.floor(np.log10(high)) - np.ceil(np.log10(low)) + 1
+        self._sublabels = {1} if decades_in_view >= 2 else {1, 2, 5}
 
 
 def render_variance(
