@@ -16,7 +16,17 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
-    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "paper.yaml"))
+    paper = str(REPO / "config" / "paper.yaml")
+    # MacGyver is read from a local jsonl the user converts (docs/data_sources.md): without it the
+    # plan stops before any job, naming the file and the rule.
+    missing = snakemake(tmp_path, "-n", "--configfile", paper, check=False)
+    assert missing.returncode != 0
+    assert "resources/data/macgyver.jsonl" in missing.stdout + missing.stderr
+    assert "prepare_prompts" in missing.stdout + missing.stderr
+    macgyver = tmp_path / "resources" / "data" / "macgyver.jsonl"
+    macgyver.parent.mkdir(parents=True)
+    macgyver.write_text('{"Problem": "Open a jar without a grip."}\n')
+    result = snakemake(tmp_path, "-n", "--configfile", paper)
     jobs = planned_jobs(result.stdout)
     # 3 families x 2 variants x 4 tasks, each sampled, scored and embedded once.
     assert jobs["sample_rollouts"] >= 24

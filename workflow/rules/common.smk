@@ -88,6 +88,13 @@ def model_dir(wildcards):
     return f"resources/models/{wildcards.family}/{wildcards.variant}"
 
 
+def prompt_source_files(wildcards):
+    """A task's own jsonl file, as an input: editing it re-prepares the prompts, and a missing one
+    stops the run before any job starts (packaged, generated and hub sources have no such file)."""
+    spec = config["tasks"][wildcards.task]
+    return [spec["path"]] if spec["source"] == "jsonl" else []
+
+
 def device_gpus(device):
     """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present)."""
     return 0 if device == "cpu" else 1

@@ -2,6 +2,8 @@
 
 
 rule prepare_prompts:
+    input:
+        prompt_source_files,
     output:
         "resources/prompts/{task}.jsonl",
     log:
