@@ -19,7 +19,6 @@ with their sums or lengths) raises a ``ValueError`` that names the prompt and sa
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import warnings
@@ -44,7 +43,6 @@ __all__ = [
     "write_metrics",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: The per-prompt columns of the contract in docs/architecture.md, in contract order.
 PROMPT_METRIC_COLUMNS: tuple[str, ...] = (
@@ -430,7 +428,8 @@ def prompt_metrics(
             f"CE* then describes the canopy cut at max_new_tokens (metrics.truncated="
             f"{settings.truncated!r}) — consider a larger max_new_tokens"
         )
-        logger.warning(message)
+        # A warning, not also a log record: the workflow's scripts route warnings into the rule's
+        # log (script_setup), and a notebook shows it once.
         warnings.warn(message, TruncationWarning, stacklevel=2)
     return table
 

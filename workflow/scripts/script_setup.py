@@ -41,6 +41,9 @@ def setup(smk) -> logging.Logger:  # noqa: ANN001 - the snakemake object has no 
     threads = str(int(getattr(smk, "threads", 1) or 1))
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = threads
+    # Library warnings (a high truncation rate, a GLMM that did not converge cleanly) go to the
+    # rule's log as well as stderr, where Snakemake's users look for them.
+    logging.captureWarnings(True)
     logger = logging.getLogger(f"canopy.rule.{smk.rule}")
 
     # Without this an uncaught error reaches stderr only, and the rule's log, which Snakemake
