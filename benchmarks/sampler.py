@@ -26,9 +26,10 @@ Two measurements, each in a fresh subprocess so that one cannot reuse memory fre
 * memory: M=8 rollouts, up to 1000 new tokens, twice: with no EOS (every rollout runs to the end:
   both hold the whole KV cache, our worst case) and with an EOS hazard of ``--memory-eos-hazard``
   (0.3 % per step: lengths spread over the 1000 tokens, and the peer keeps every rollout and its
-  scores until the longest ends, while ours drops finished ones). On CPU, peak resident memory during the call minus resident memory
-  before it (Linux: VmHWM reset through /proc/self/clear_refs, then read back); on CUDA,
-  torch.cuda.max_memory_allocated minus the allocation before the call.
+  scores until the longest ends, while ours drops finished ones). On CPU, peak resident memory
+  during the call minus resident memory before it (Linux: VmHWM reset through
+  /proc/self/clear_refs, then read back); on CUDA, torch.cuda.max_memory_allocated minus the
+  allocation before the call.
 
 Wall time on a shared machine varies with the neighbours' load, so tokens per CPU-second is
 printed beside tokens per second.
@@ -324,7 +325,8 @@ def main() -> None:
     # No EOS is the worst case for us: every rollout runs to the cap, so both hold the whole KV
     # cache. With an EOS hazard, lengths spread the way sampled answers do, our sampler drops
     # finished rollouts, and generate keeps them (and their scores) until the longest ends.
-    scenarios = {"no EOS": 0.0, f"EOS hazard {args.memory_eos_hazard}/step": args.memory_eos_hazard}
+    typical = f"EOS hazard {args.memory_eos_hazard}/step"
+    scenarios = {"no EOS": 0.0, typical: args.memory_eos_hazard}
     memory: dict[str, dict[str, dict]] = {}
     for scenario, hazard in scenarios.items():
         memory[scenario] = {
@@ -350,21 +352,18 @@ def main() -> None:
         f"  throughput ours / generate:        {speed['ours'] / speed['generate']:.2f}x wall, "
         f"{cpu_speed['ours'] / cpu_speed['generate']:.2f}x per CPU-second  (goal >= 1.5x)"
     )
-    worst = memory["no EOS"]
-    total = worst["generate"]["peak_bytes"] / max(worst["ours"]["peak_bytes"], 1)
-    beyond = (worst["generate"]["peak_bytes"] - kv_bytes) / max(
-        worst["ours"]["peak_bytes"] - kv_bytes, 1
-    )
-    typical_name = list(scenarios)[1]
-    typical = memory[typical_name]
-    typical_total = typical["generate"]["peak_bytes"] / max(typical["ours"]["peak_bytes"], 1)
+    def peak_ratio(scenario: str, held_by_both: int = 0) -> float:
+        peaks = {w: memory[scenario][w]["peak_bytes"] - held_by_both for w in ("ours", "generate")}
+        return peaks["generate"] / max(peaks["ours"], 1)
+
     print(
-        f"  peak memory generate / ours @{args.memory_new_tokens}, no EOS: {total:.2f}x in total, "
-        f"{beyond:.1f}x for the logits/score path (peak minus the KV cache both hold)  (goal >= 5x)"
+        f"  peak memory generate / ours @{args.memory_new_tokens}, no EOS: "
+        f"{peak_ratio('no EOS'):.2f}x in total, {peak_ratio('no EOS', kv_bytes):.1f}x for the "
+        "logits/score path (peak minus the KV cache both hold)  (goal >= 5x)"
     )
     print(
-        f"  peak memory generate / ours @{args.memory_new_tokens}, {typical_name}: "
-        f"{typical_total:.2f}x in total  (goal >= 5x)"
+        f"  peak memory generate / ours @{args.memory_new_tokens}, {typical}: "
+        f"{peak_ratio(typical):.2f}x in total  (goal >= 5x)"
     )
     print(
         "  (with no rollout finished early both hold the same KV cache, so stored scores alone give a\n"

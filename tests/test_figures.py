@@ -220,7 +220,7 @@ def legend_labels(figure: Figure) -> list[str]:
     return [text.get_text() for legend in legends for text in legend.get_texts()]
 
 
-def overlapping_tick_labels(figure: Figure) -> list[tuple[str, str]]:
+def label_clashes(figure: Figure) -> list[tuple[str, str]]:
     """Pairs of visible labels of one axis (major and minor ticks, and the axes' annotations)
     whose boxes overlap, and labels that stick out of the figure."""
     canvas = FigureCanvasAgg(figure)
@@ -480,7 +480,7 @@ def test_variance_log_axis_labels_do_not_collide(rollouts: pd.DataFrame, spread:
     factor = np.exp(spread * rng.standard_normal(len(scaled)))
     scaled["sum_entropy"] = scaled["sum_entropy"] * factor
     figure = plot_variance(scaled, VarianceSettings(width=7.0, dpi=100))
-    assert overlapping_tick_labels(figure) == []
+    assert label_clashes(figure) == []
     assert all(ax.get_yticklabels() for ax in figure.axes)
 
 
@@ -526,7 +526,7 @@ def test_slopes_reads_at_the_column_width() -> None:
     slopes = make_slopes()
     slopes.loc[slopes.variant == "ratio", ["slope", "ci_low", "ci_high"]] = [1.03, 0.75, 1.31]
     figure = plot_slopes(slopes, SlopesSettings(width=3.4, dpi=100), make_panel())
-    assert overlapping_tick_labels(figure) == []
+    assert label_clashes(figure) == []
 
 
 def test_slopes_without_scatter_and_bad_tables() -> None:
