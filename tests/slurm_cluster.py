@@ -200,8 +200,10 @@ def write_slurm_conf(root: Path, cpus: int, memory_mib: int, munge_socket: Path)
         "MpiDefault=none",
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
-        # Finished jobs stay visible to squeue for a while: the executor reads their final state.
-        "MinJobAge=300",
+        # Finished jobs stay visible to squeue for the cluster's whole life (0: never purged): the
+        # executor reads their final state, and the tests check every job's state after a run that
+        # takes over five minutes on a busy machine (the default, 300 s, forgot the early ones).
+        "MinJobAge=0",
         "SlurmctldTimeout=30",
         "SlurmdTimeout=30",
         "InactiveLimit=0",
