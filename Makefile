@@ -12,7 +12,8 @@ run: setup
 	$(SNAKEMAKE) --report results/report.html
 	@echo "Figures: results/figures/  Statistics: results/stats/  Report: results/report.html"
 
-test: setup
+test:
+	PYTHON=$(PYTHON) bash setup.sh --test
 	$(PYTHON) -m pytest
 
 setup:

@@ -28,6 +28,7 @@ include: "workflow/rules/diversity.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/provenance.smk"
 
 
 rule all:
@@ -35,3 +36,4 @@ rule all:
     input:
         analysis_targets(),
         figure_targets(),
+        "results/provenance/lock.yaml",

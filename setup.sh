@@ -3,11 +3,20 @@
 #   1. R with glmmTMB and the other R packages of requirements-apt.txt (Debian packages);
 #   2. the exact Python pins of requirements.txt, torch first;
 #   3. this library (editable), so notebooks can `import canopy`.
+#   4. with --test, the tools of the test suite alone: olah, the hub-protocol server of the
+#      fetching tests, in its own virtual environment build/olah (tests/hub_server.requirements.txt).
 # Conda users skip this and run `snakemake --use-conda` (envs/ pins the same versions).
 # Everything is checked first, so a second run takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+WITH_TEST_TOOLS=0
+for argument in "$@"; do
+    case "$argument" in
+        --test) WITH_TEST_TOOLS=1 ;;
+        *) echo "usage: setup.sh [--test]" >&2; exit 2 ;;
+    esac
+done
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -69,5 +78,16 @@ fi
 if ! "$PYTHON" -c "import canopy" >/dev/null 2>&1; then
     log "installing the canopy library (editable)"
     "$PYTHON" -m pip install -q --no-deps -e .
+fi
+if [ "$WITH_TEST_TOOLS" = 1 ]; then
+    if [ -x build/olah/bin/olah-cli ] &&
+        build/olah/bin/python -m pip freeze 2>/dev/null | grep -qx 'olah==0.5.4'; then
+        log "test tools (olah): present"
+    else
+        log "installing the test tools: olah into build/olah"
+        rm -rf build/olah
+        "$PYTHON" -m venv build/olah
+        build/olah/bin/python -m pip install -q -r tests/hub_server.requirements.txt
+    fi
 fi
 log "ready"

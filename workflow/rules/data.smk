@@ -5,7 +5,8 @@ rule prepare_prompts:
     input:
         prompt_source_files,
     output:
-        "resources/prompts/{task}.jsonl",
+        prompts="resources/prompts/{task}.jsonl",
+        record="resources/prompts/{task}.source.json",
     log:
         "logs/prompts/{task}.log",
     localrule: True

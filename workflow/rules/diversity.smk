@@ -4,7 +4,8 @@
 
 rule embed_rollouts:
     input:
-        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+        rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+        embedder=embedder_dir,
     output:
         "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
     log:

@@ -1,6 +1,7 @@
-# Stage 2: model pairs. Families with `source: train` are pre-trained and fine-tuned here (the
-# offline default); `source: hub` models are downloaded once into resources/models; `source: local`
-# directories are used where they are.
+# Stage 2: model pairs and embedders. Families with `source: train` are pre-trained and fine-tuned
+# here (the offline default); `source: hub` models and hub embedders are fetched once into
+# resources/ (the only jobs besides prepare_prompts of a hub task that reach the network);
+# `source: local` directories are used where they are.
 
 
 rule pretrain_base_model:
@@ -58,3 +59,19 @@ rule download_model:
         spec=lambda wildcards: config["families"][wildcards.family][wildcards.variant],
     script:
         "../scripts/download_model.py"
+
+
+rule download_embedder:
+    output:
+        directory("resources/embedders/{embedder}"),
+    log:
+        "logs/embedders/{embedder}.download.log",
+    wildcard_constraints:
+        embedder=_one_of(HUB_EMBEDDERS),
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        spec=lambda wildcards: config["embedders"][wildcards.embedder],
+    script:
+        "../scripts/download_embedder.py"

@@ -14,7 +14,10 @@ from canopy.diversity import (  # noqa: E402
 
 name = snakemake.wildcards.embedder
 settings = EmbedderSettings.from_config(snakemake.params.settings, name=name)
-rollouts = pd.read_parquet(snakemake.input[0], columns=["prompt_id", "sample", "text"])
-embeddings = embed_rollouts(rollouts, load_embedder(settings, name=name), settings)
+rollouts = pd.read_parquet(snakemake.input.rollouts, columns=["prompt_id", "sample", "text"])
+# A fetched or local embedder is an input directory; a packaged one has none.
+directory = snakemake.input.embedder or None
+model = load_embedder(settings, name=name, directory=directory)
+embeddings = embed_rollouts(rollouts, model, settings)
 save_embeddings(embeddings, snakemake.output[0])
 log.info("embedded %d rollouts with %s", len(rollouts), settings.model)

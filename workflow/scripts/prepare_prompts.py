@@ -1,12 +1,22 @@
-"""Write one task's prompt set to resources/prompts/{task}.jsonl."""
+"""Write one task's prompt set to resources/prompts/{task}.jsonl and where it came from beside it.
+
+Only a `source: hub` task reaches the network: its revision is resolved to a commit first, and the
+data set is loaded at that commit, so the record names exactly what was read.
+"""
 
 from script_setup import setup
 
-log = setup(snakemake)
+spec = dict(snakemake.params.spec)
+log = setup(snakemake, network=spec["source"] == "hub")
 
-from canopy.data import prepare_prompts, write_prompts  # noqa: E402
+from canopy.data import prepare_prompts, prompt_source_record, write_prompts  # noqa: E402
+from canopy.io import write_json  # noqa: E402
 
 task = snakemake.wildcards.task
-prompts = prepare_prompts(task, dict(snakemake.params.spec), seed=snakemake.params.seed)
-write_prompts(prompts, snakemake.output[0])
-log.info("task %s: %d prompts from source %s", task, len(prompts), snakemake.params.spec["source"])
+record = prompt_source_record(task, spec)
+if "commit" in record:
+    spec["revision"] = record["commit"]
+prompts = prepare_prompts(task, spec, seed=snakemake.params.seed)
+write_prompts(prompts, snakemake.output.prompts)
+write_json(record, snakemake.output.record)
+log.info("task %s: %d prompts from %s", task, len(prompts), record)

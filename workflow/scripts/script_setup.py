@@ -19,11 +19,22 @@ if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 
-def setup(smk) -> logging.Logger:  # noqa: ANN001 - the snakemake object has no importable type
-    """Configure logging to the rule's log file (and stderr) and return the rule's logger."""
-    # No hub is ever reached from a job: models and data are placed in resources/ by their rules.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+#: Variables that switch the hub libraries off; they read them when first imported.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def setup(smk, *, network: bool = False) -> logging.Logger:  # noqa: ANN001 - no importable type
+    """Configure logging to the rule's log file (and stderr) and return the rule's logger.
+
+    Only the fetching jobs pass ``network=True``: every other job has the hub switched off, even
+    where the user's environment switched it on, so nothing but a fetch can reach the network and
+    a job that would need a file that was not fetched fails at once instead of downloading it. A
+    fetching job keeps the user's own setting (``HF_HUB_OFFLINE=1`` on an offline node makes it
+    fail with the way out rather than hang).
+    """
+    if not network:
+        for variable in OFFLINE_VARIABLES:
+            os.environ[variable] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     log_files = list(getattr(smk, "log", []))

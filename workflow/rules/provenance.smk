@@ -1,0 +1,51 @@
+# Stage 9: provenance. The lock file names the commit of every model, prompt set and embedder the
+# run used, and the software versions; check_hub_revisions asks the hub whether a fetched branch
+# has moved since (run it by name: `snakemake --cores 1 check_hub_revisions`).
+
+
+rule lock:
+    input:
+        models=model_dirs,
+        prompts=expand("resources/prompts/{task}.source.json", task=TASKS),
+        embedders=embedder_dirs,
+        glmm=expand(
+            "results/stats/{sampling}/{embedder}/glmm/summary.json",
+            sampling=SAMPLINGS,
+            embedder=EMBEDDERS,
+        ),
+    output:
+        lock="results/provenance/lock.yaml",
+        table=report(
+            "results/provenance/lock.tsv",
+            caption="../report/lock.rst",
+            category="Provenance",
+        ),
+    log:
+        "logs/provenance/lock.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        models=[(f, v, config["families"][f][v]) for f in FAMILIES for v in VARIANTS],
+        embedders=[(e, config["embedders"][e]) for e in EMBEDDERS],
+    script:
+        "../scripts/write_lock.py"
+
+
+rule check_hub_revisions:
+    input:
+        fetched=[
+            model_path(f, v)
+            for f in FAMILIES
+            for v in VARIANTS
+            if model_source(f, v) == "hub"
+        ]
+        + expand("resources/embedders/{embedder}", embedder=HUB_EMBEDDERS),
+        prompts=expand("resources/prompts/{task}.source.json", task=HUB_TASKS),
+    log:
+        "logs/provenance/check_hub_revisions.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/check_hub_revisions.py"
