@@ -75,6 +75,16 @@ GEMMA_TEMPLATE = (
 )
 
 
+# Sizes of every tiny decoder below: fast on a CPU, but grouped-query attention as in the real ones.
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def build_tokenizer(
     out_dir: Path,
     specials: list[str],
@@ -143,11 +153,7 @@ def build_qwen3(out_dir: Path, *, instruct: bool, seed: int = 0) -> None:
     )
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         head_dim=8,
         max_position_embeddings=512,
         tie_word_embeddings=True,
@@ -175,11 +181,7 @@ def build_llama31(out_dir: Path, *, instruct: bool, seed: int = 1) -> None:
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         max_position_embeddings=1024,
         rope_parameters={
             "rope_type": "llama3",
