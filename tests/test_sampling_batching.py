@@ -275,3 +275,61 @@ def test_chunked_run_gathers_to_the_unchunked_table(model_dir: Path, tmp_path: P
     with pytest.raises(ValueError, match="resample the chunks"):
         gather_rollouts(list(reversed(paths)), prompts, tmp_path / "bad.parquet")
     assert not (tmp_path / "bad.parquet").exists()
+
+
+# ------------------------------------------------------------------------------ chat options
+
+
+def test_chat_options_enter_the_prompt_and_the_shard_fingerprint(tmp_path: Path) -> None:
+    from test_modeling import THINKING_TEMPLATE, THINKING_WORDS, build_tokenizer, save_model_dir
+    from test_sampling import Interrupted, InterruptingLogger
+
+    tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)
+    directory = save_model_dir(
+        tmp_path / "model", build_llama(len(tokenizer), eos=[2, 6], seed=1), tokenizer
+    )
+    prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
+    settings = SamplingSettings(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
+    output = tmp_path / "t.parquet"
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    with pytest.raises(Interrupted):
+        sample_task(
+            directory,
+            prompts,
+            "finetuned",
+            settings,
+            output,
+            progress=InterruptingLogger(after=2),
+            **off,
+        )
+    # Other chat options: the two finished prompts are not reused.
+    log = RecordingLogger()
+    on = sample_task(
+        directory,
+        prompts,
+        "finetuned",
+        settings,
+        output,
+        chat_template_kwargs={"enable_thinking": True},
+        progress=log,
+    )
+    assert not any("resuming" in m for m in log.messages)
+    without = sample_task(
+        directory, prompts, "finetuned", settings, tmp_path / "off.parquet", **off
+    )
+    lengths = {pid: len(text.split()) + 2 for pid, text in PROMPTS.items()}
+    assert on.groupby("prompt_id")["prompt_tokens"].first().to_dict() == lengths
+    assert without.groupby("prompt_id")["prompt_tokens"].first().to_dict() == {
+        pid: n + 2 for pid, n in lengths.items()  # <think> </think> after <assistant>
+    }
+    with pytest.raises(ValueError, match="never reads enable_thinkng"):
+        sample_task(
+            directory,
+            prompts,
+            "finetuned",
+            settings,
+            tmp_path / "typo.parquet",
+            chat_template_kwargs={"enable_thinkng": False},
+        )
+    with pytest.raises(ValueError, match="finetuned variant only"):
+        sample_task(directory, prompts, "base", settings, tmp_path / "b.parquet", **off)

@@ -25,7 +25,7 @@ from workflow_helpers import REPO, SNAKEFILE, planned_jobs
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
-GPU_RULES = {"sample_rollouts", "embed_rollouts"}
+GPU_RULES = {"sample_rollouts", "sample_rollouts_chunk", "embed_rollouts"}
 # Snakemake job ids are numbers, group jobs' are UUIDs.
 SUBMITTED = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+)")
 # In a Slurm log, the job's rule is announced twice: as `rule x:` by the Snakemake of the batch

@@ -19,9 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if (
+    TYPE_CHECKING
+):  # torch is imported where it is used: the workflow reads chat_options at parse time
+    import torch
 
 __all__ = [
     "ModelNotFoundError",
@@ -59,6 +62,8 @@ class LoadedModel:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` means CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -74,18 +79,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on a CUDA device that supports it (else float16), float32 on CPU."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def check_model_dir(path: Path) -> None:
