@@ -30,6 +30,7 @@ from canopy.sampling import (
     shard_dir_for,
 )
 from canopy.sampling import batcher as batcher_module
+from canopy.sampling.batcher import class_length
 from test_modeling import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
 
@@ -225,22 +226,54 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
             )
 
 
-def test_the_cache_grows_a_few_times_not_at_every_step() -> None:
-    """Long rollouts (no EOS in reach): the buffers are reallocated geometrically, and a token
-    budget keeps the cache to the live rows once rows x length exceeds it."""
+def test_the_cache_holds_length_classes_not_the_longest_row_for_every_row() -> None:
+    """Long rollouts (no EOS in reach) beside short ones: each row sits in the smallest length
+    class (32 x 2^k positions) that holds it, moving up as it grows; the buffers are reallocated a
+    few times, never at every step; a token budget holds back admissions."""
     model = build_llama(VOCAB, context=512, seed=2)
     never = [VOCAB + 5]
-    settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1, max_batch_rows=8)
+    settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1)
     jobs = [PromptJob("long", [1, 5, 6])]
     rows, stats = run(model, settings, jobs, never)
     assert [r["n_steps"] for r in rows["long"]] == [300] * 4
-    assert stats.forwards == 299 and stats.reallocations <= 5
-    budgeted = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 4 * 128})
-    rows_budget, stats_budget = run(model, budgeted, jobs, never)
-    assert [r["token_ids"] for r in rows_budget["long"]] == [r["token_ids"] for r in rows["long"]]
-    # Without a budget the cache keeps all 8 row slots; with it, only the 4 live rows once
-    # 8 rows x the grown length would exceed 512 token slots.
-    assert stats.peak_cache_bytes == 2 * stats_budget.peak_cache_bytes
+    assert stats.forwards == 299 and stats.reallocations == 0
+    # 4 rows of up to 302 positions end in the 512 class: 4 x 512 positions of 2 layers x K and V
+    # x 2 heads x 8 dims x 4 bytes, not the 8 rows x 512 a batch-wide length would hold...
+    per_position = 2 * 2 * 2 * 8 * 4
+    assert stats.peak_cache_bytes == 4 * 512 * per_position
+    # ...and rows of different lengths sit in different classes: less than every row at the
+    # longest row's class.
+    mixed = SamplingSettings(**{**settings.to_dict(), "max_batch_rows": 8})
+    jobs = [jobs[0], PromptJob("other", [1, 5, 7])]
+    both, stats_both = run(model, mixed, jobs, [2])
+    lengths = [r["n_steps"] for rows in both.values() for r in rows]
+    assert max(stats_both.rows_per_step) == 8 and min(lengths) < 30 < max(lengths)
+    assert stats_both.peak_cache_bytes < 8 * class_length(max(lengths) + 3) * per_position
+
+    # A budget of 4 x 32 token slots: the second prompt waits until the first one's rows end.
+    budgeted = SamplingSettings(**{**mixed.to_dict(), "max_batch_tokens": 4 * 32})
+    again, stats_budget = run(model, budgeted, jobs, [2])
+    assert max(stats_budget.rows_per_step) == 4 and again == both
+
+
+def test_a_prompts_rows_are_bit_identical_whatever_shares_the_batch() -> None:
+    """On CPU a prompt's floats, not only its tokens, do not depend on its neighbours, the
+    budgets or the length classes its rows pass through, so resumed and chunked tables are equal."""
+    model = build_llama(VOCAB, context=512, seed=2)
+    eos = [2]  # rare enough that rows reach several length classes
+    jobs = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(4)]
+    settings = dict(rollouts=5, max_new_tokens=150, top_k=8, seed=5)
+    full, _ = run(model, SamplingSettings(**settings), jobs, eos)
+    assert max(r["n_steps"] for rows in full.values() for r in rows) > 64
+    for subset, budget in [
+        (jobs[2:], {}),
+        (jobs[::-1], {"max_batch_rows": 3}),
+        (jobs[1:2], {}),
+        (jobs, {"max_batch_rows": 13, "max_batch_tokens": 256}),
+    ]:
+        part, _ = run(model, SamplingSettings(**settings, **budget), subset, eos)
+        for prompt_id, rows in part.items():
+            assert rows == full[prompt_id], (prompt_id, budget)
 
 
 # ------------------------------------------------------------------------------------ chunks

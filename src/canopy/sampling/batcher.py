@@ -38,9 +38,13 @@ from canopy.sampling.settings import SamplingSettings
 
 __all__ = ["BatchStats", "PromptJob", "sample_prompts", "sample_prompt"]
 
-#: Cache lengths (and the positions attention reads) are multiples of this; the cache grows by at
-#: least GROWTH when it grows.
+#: Rows live in length classes SMALLEST_CLASS x 2^k: a row's cache slot is at most twice its length,
+#: so the cache holds about what the rows need, not the longest row's length for every row. A row
+#: that outgrows its class is copied once into the next (amortised: under one copy per token).
+SMALLEST_CLASS = 32
+#: Attention reads a multiple of this many positions (capped at the class length).
 LENGTH_QUANTUM = 64
+#: A class's row slots grow by at least this factor when they grow.
 GROWTH = 1.5
 #: Decode forwards run at least this many rows (padding rows are fed and discarded): CPU matrix
 #: products take another code path, which rounds differently, for one to three rows, and a
@@ -111,8 +115,37 @@ class _Prompt:
         ]
 
 
-def _round_up(value: int, quantum: int = LENGTH_QUANTUM) -> int:
-    return -(-value // quantum) * quantum
+def class_length(needed: int) -> int:
+    """The cache length of the class a row needing ``needed`` positions belongs to."""
+    length = SMALLEST_CLASS
+    while length < needed:
+        length *= 2
+    return length
+
+
+class _Group:
+    """The rows of one length class: a slot cache of that length and the rows' bookkeeping.
+
+    Rows ``0 .. continuing-1`` have a pending token (``pending``) to feed; the rest were admitted
+    since the last step and draw from their prompt's prefill logits.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.cache: SlotCache | None = None
+        self.prompt: list[_Prompt] = []
+        self.sample: list[int] = []
+        self.row_length: list[int] = []  # positions of the row already in the cache
+        self.continuing = 0
+        self.pending: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def append(self, prompt: _Prompt, sample: int, length: int) -> None:
+        self.prompt.append(prompt)
+        self.sample.append(sample)
+        self.row_length.append(length)
 
 
 class _Batcher:
@@ -134,13 +167,7 @@ class _Batcher:
         self.dtype = next(self.model.parameters()).dtype
         self.row_budget = settings.max_batch_rows or settings.rollouts
         self.token_budget = settings.max_batch_tokens
-        self.cache: SlotCache | None = None
-        # Per row of the batch: its prompt, its rollout index, and the cache length it has.
-        self.row_prompt: list[_Prompt] = []
-        self.row_sample: list[int] = []
-        self.row_length: list[int] = []
-        self.continuing = 0  # rows 0 .. continuing-1 have a pending token to feed
-        self.pending: torch.Tensor | None = None
+        self.groups: dict[int, _Group] = {}  # by class length
 
     # ------------------------------------------------------------------ capacity
 
@@ -154,35 +181,33 @@ class _Batcher:
             device=self.device,
         )
 
-    def _rows_allowed(self, length: int) -> int:
-        """Rows the budgets allow at a cache length (at least one: the batch must progress)."""
-        if not self.token_budget:
-            return max(MIN_FORWARD_ROWS, self.row_budget)
-        return max(MIN_FORWARD_ROWS, min(self.row_budget, self.token_budget // length))
+    def rows(self) -> int:
+        return sum(len(group) for group in self.groups.values())
 
-    def _reserve(self, rows: int, length: int) -> bool:
-        """Make the cache hold ``rows`` rows of ``length`` positions; False if the budgets forbid
-        it (only ever for admitting new rows: live rows are always given room)."""
-        cache = self.cache
-        live = len(self.row_prompt)
-        if cache is not None and rows <= cache.rows and length <= cache.length:
-            return True
-        if cache is not None and length > cache.length:
-            # Grow geometrically: a run reallocates a few times, not at every step.
-            new_length = _round_up(max(length, math.ceil(cache.length * GROWTH)))
-        else:
-            # First allocation, or more rows: a shorter length may now leave room for them.
-            new_length = _round_up(length)
-        allowed = self._rows_allowed(new_length)
-        if rows > max(allowed, live):
-            return False
-        new_rows = max(rows, allowed)
+    def held_tokens(self) -> int:
+        """Token slots the live rows occupy (each row: its class length)."""
+        return sum(len(group) * group.length for group in self.groups.values())
+
+    def cache_bytes(self) -> int:
+        return sum(g.cache.nbytes() for g in self.groups.values() if g.cache is not None)
+
+    def _group(self, length: int) -> _Group:
+        if length not in self.groups:
+            self.groups[length] = _Group(length)
+            self.groups = dict(sorted(self.groups.items()))
+        return self.groups[length]
+
+    def _room(self, group: _Group, rows: int) -> SlotCache:
+        """The group's cache, with at least ``rows`` row slots (grown geometrically)."""
+        cache = group.cache
         if cache is None:
-            self.cache = self._new_cache(new_rows, new_length)
-            return True
-        cache.resize(new_rows, new_length, live, max(self.row_length, default=0))
-        self.stats.reallocations += 1
-        return True
+            group.cache = self._new_cache(max(rows, MIN_FORWARD_ROWS), group.length)
+        elif rows > cache.rows:
+            live = len(group)
+            used = max(group.row_length[:live], default=0)
+            cache.resize(max(rows, math.ceil(cache.rows * GROWTH)), group.length, live, used)
+            self.stats.reallocations += 1
+        return group.cache
 
     # ------------------------------------------------------------------ admission
 
@@ -204,140 +229,169 @@ class _Batcher:
         self.stats.prefills += 1
 
     def admit(self, queue: list[_Prompt]) -> None:
-        """Fill free rows with the next rollouts of the queued prompts, in order."""
+        """Fill free rows with the next rollouts of the queued prompts, in order, while the row
+        budget and the token budget allow (at least one row when the batch is empty)."""
         while queue:
             prompt = queue[0]
-            start = len(self.row_prompt)
-            length = len(prompt.job.token_ids) + 1
-            wanted = min(prompt.rollouts - prompt.admitted, self.row_budget - start)
-            if wanted <= 0:
-                return
-            needed = max([length] + [n + 1 for n in self.row_length])
-            while wanted > 0 and not self._reserve(start + wanted, needed):
-                wanted = min(wanted - 1, self._rows_allowed(_round_up(needed)) - start)
+            length = class_length(len(prompt.job.token_ids) + 1)
+            live = self.rows()
+            wanted = min(prompt.rollouts - prompt.admitted, self.row_budget - live)
+            if self.token_budget:
+                spare = (self.token_budget - self.held_tokens()) // length
+                wanted = min(wanted, max(spare, 1 if live == 0 else 0))
             if wanted <= 0:
                 return
             if prompt.prefill is None:
                 self._prefill(prompt)
-            self.cache.fill(start, start + wanted, prompt.prefill)
+            group = self._group(length)
+            start = len(group)
+            cache = self._room(group, start + wanted)
+            cache.fill(start, start + wanted, prompt.prefill)
             for sample in range(prompt.admitted, prompt.admitted + wanted):
-                self.row_prompt.append(prompt)
-                self.row_sample.append(sample)
-                self.row_length.append(len(prompt.job.token_ids))
+                group.append(prompt, sample, len(prompt.job.token_ids))
             prompt.admitted += wanted
-            if prompt.admitted == prompt.rollouts:
-                prompt.prefill = None  # its rows hold the prompt now
-                queue.pop(0)
-            else:
+            if prompt.admitted < prompt.rollouts:
                 return  # the batch is full
+            prompt.prefill = None  # its rows hold the prompt now
+            queue.pop(0)
 
     # ------------------------------------------------------------------ one step
 
+    def _forward(self, group: _Group) -> torch.Tensor:
+        """Logits of the group's continuing rows: one forward, padded to MIN_FORWARD_ROWS rows."""
+        c = group.continuing
+        positions = group.row_length[:c]
+        tokens = group.pending
+        if c < MIN_FORWARD_ROWS:
+            # Padding rows write into slots that are free, or into a new row's next position
+            # (which that row overwrites when it is fed): nothing live is touched.
+            extra = range(c, MIN_FORWARD_ROWS)
+            positions = positions + [group.row_length[r] if r < len(group) else 0 for r in extra]
+            tokens = torch.cat([tokens, tokens[:1].expand(len(extra))])
+        positions = torch.tensor(positions, device=self.device).unsqueeze(-1)
+        mask = group.cache.begin(positions, LENGTH_QUANTUM)
+        output = self.model(
+            input_ids=tokens.unsqueeze(-1),
+            position_ids=positions,
+            attention_mask=mask,
+            cache=group.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for row in range(c):
+            group.row_length[row] += 1
+        self.stats.forwards += 1
+        return output.logits[:c, -1, :]
+
     def logits(self) -> torch.Tensor:
+        """Logits of every row, group by group (continuing rows, then new rows)."""
         parts = []
-        c = self.continuing
-        if c:
-            self._reserve(len(self.row_prompt), max(self.row_length) + 1)
-            positions = self.row_length[:c]
-            tokens = self.pending
-            if c < MIN_FORWARD_ROWS:
-                # Padding rows write into slots that are free, or into a new row's next position
-                # (which that row overwrites when it is fed): nothing live is touched.
-                extra = range(c, MIN_FORWARD_ROWS)
-                positions = positions + [
-                    self.row_length[r] if r < len(self.row_length) else 0 for r in extra
-                ]
-                tokens = torch.cat([tokens, tokens[:1].expand(len(extra))])
-            positions = torch.tensor(positions, device=self.device).unsqueeze(-1)
-            mask = self.cache.begin(positions, LENGTH_QUANTUM)
-            output = self.model(
-                input_ids=tokens.unsqueeze(-1),
-                position_ids=positions,
-                attention_mask=mask,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            parts.append(output.logits[:c, -1, :])
-            for row in range(c):
-                self.row_length[row] += 1
-            self.stats.forwards += 1
-        row = c
-        while row < len(self.row_prompt):
-            prompt = self.row_prompt[row]
-            end = row
-            while end < len(self.row_prompt) and self.row_prompt[end] is prompt:
-                end += 1
-            logits = prompt.prefill_logits
-            if logits is None:  # all rollouts admitted: the prefill was released, logits kept
-                raise RuntimeError("internal error: prefill logits missing for new rows")
-            parts.append(logits.expand(end - row, -1))
-            row = end
+        for group in self.groups.values():
+            if group.continuing:
+                parts.append(self._forward(group))
+            row = group.continuing
+            while row < len(group):
+                prompt = group.prompt[row]
+                end = row
+                while end < len(group) and group.prompt[end] is prompt:
+                    end += 1
+                parts.append(prompt.prefill_logits.expand(end - row, -1))
+                row = end
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def step(self, on_done: Callable[[_Prompt], None]) -> None:
-        rows = len(self.row_prompt)
         logits = self.logits()
+        rows = [(g, r) for g in self.groups.values() for r in range(len(g))]
         memo: dict[tuple[int, int], np.ndarray] = {}
-        uniforms = np.empty(rows)
-        steps = []
-        for row in range(rows):
-            prompt, sample = self.row_prompt[row], self.row_sample[row]
+        uniforms = np.empty(len(rows))
+        steps = np.empty(len(rows), dtype=np.int64)
+        for index, (group, row) in enumerate(rows):
+            prompt, sample = group.prompt[row], group.sample[row]
             step = len(prompt.tokens[sample])
-            steps.append(step)
+            steps[index] = step
             key = (prompt.index, step)
             if key not in memo:
                 memo[key] = step_uniforms(prompt.seed, step, prompt.rollouts)
-            uniforms[row] = memo[key][sample]
+            uniforms[index] = memo[key][sample]
 
         def describe(bad: np.ndarray) -> str:
-            row = int(np.flatnonzero(bad)[0])
-            prompt = self.row_prompt[row]
-            samples = [
-                self.row_sample[r] for r in np.flatnonzero(bad) if self.row_prompt[r] is prompt
-            ]
-            return (
-                f"prompt {prompt.job.prompt_id!r}, step {steps[row] + 1}, rollout(s) {samples[:10]}"
-            )
+            flagged = [rows[i] for i in np.flatnonzero(bad)]
+            first = flagged[0][0].prompt[flagged[0][1]]
+            samples = [g.sample[r] for g, r in flagged if g.prompt[r] is first]
+            step = int(steps[np.flatnonzero(bad)[0]]) + 1
+            return f"prompt {first.job.prompt_id!r}, step {step}, rollout(s) {samples[:10]}"
 
         result = sample_step(logits, uniforms, self.settings, describe)
         finished = torch.isin(result.drawn_cpu, self.eos).numpy()
         done_prompts = []
-        for row in range(rows):
-            prompt, sample = self.row_prompt[row], self.row_sample[row]
-            prompt.tokens[sample].append(int(result.drawn_cpu[row]))
-            prompt.entropies[sample].append(float(result.entropy[row]))
-            prompt.logprobs[sample].append(float(result.logprob[row]))
-            if finished[row]:
+        for index, (group, row) in enumerate(rows):
+            prompt, sample = group.prompt[row], group.sample[row]
+            prompt.tokens[sample].append(int(result.drawn_cpu[index]))
+            prompt.entropies[sample].append(float(result.entropy[index]))
+            prompt.logprobs[sample].append(float(result.logprob[index]))
+            if finished[index]:
                 prompt.hit_eos[sample] = True
-            elif steps[row] + 1 == self.settings.max_new_tokens:
-                finished[row] = True
-            if finished[row]:
+            elif steps[index] + 1 == self.settings.max_new_tokens:
+                finished[index] = True
+            if finished[index]:
                 prompt.finished += 1
                 if prompt.finished == prompt.rollouts:
                     done_prompts.append(prompt)
         self.stats.steps += 1
-        self.stats.rows_sampled += rows
-        self.stats.rows_per_step.append(rows)
-        self._compact(finished, result.drawn)
+        self.stats.rows_sampled += len(rows)
+        self.stats.rows_per_step.append(len(rows))
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache_bytes())
+        self._regroup(finished, result.drawn)
         for prompt in done_prompts:
             on_done(prompt)
 
-    def _compact(self, finished: np.ndarray, drawn: torch.Tensor) -> None:
-        """Drop finished rows: rows from the end move into their slots (only those are copied)."""
-        keep = int((~finished).sum())
-        holes = [row for row in range(keep) if finished[row]]
-        movers = [row for row in range(keep, len(finished)) if not finished[row]]
+    def _regroup(self, finished: np.ndarray, drawn: torch.Tensor) -> None:
+        """Drop finished rows and move rows that outgrew their class into the next one."""
+        offset = 0
+        slices = []
+        for group in self.groups.values():
+            slices.append((group, offset))
+            offset += len(group)
+        # Longest class first, so a row moved up is not looked at again in this step.
+        for group, offset in reversed(slices):
+            n = len(group)
+            tokens = drawn[offset : offset + n]
+            gone = finished[offset : offset + n].copy()
+            outgrown = [r for r in range(n) if not gone[r] and group.row_length[r] >= group.length]
+            if outgrown:
+                target = self._group(group.length * 2)
+                start = len(target)
+                cache = self._room(target, start + len(outgrown))
+                cache.copy_rows(group.cache, outgrown, start, group.length)
+                for r in outgrown:
+                    target.append(group.prompt[r], group.sample[r], group.row_length[r])
+                moved = tokens[torch.tensor(outgrown, device=tokens.device)]
+                target.pending = (
+                    moved
+                    if target.pending is None
+                    else torch.cat([target.pending[: target.continuing], moved])
+                )
+                target.continuing += len(outgrown)
+                gone[outgrown] = True
+            self._compact(group, gone, tokens)
+        for length in [length for length, group in self.groups.items() if not len(group)]:
+            del self.groups[length]  # frees that class's buffers
+
+    def _compact(self, group: _Group, gone: np.ndarray, drawn: torch.Tensor) -> None:
+        """Drop rows: rows from the end move into their slots (only those are copied)."""
+        keep = int((~gone).sum())
+        holes = [row for row in range(keep) if gone[row]]
+        movers = [row for row in range(keep, len(gone)) if not gone[row]]
         order = list(range(keep))
         if holes:
-            self.cache.move(movers, holes, max(self.row_length[r] for r in movers))
+            group.cache.move(movers, holes, max(group.row_length[r] for r in movers))
             for hole, mover in zip(holes, movers):
                 order[hole] = mover
-        self.row_prompt = [self.row_prompt[r] for r in order]
-        self.row_sample = [self.row_sample[r] for r in order]
-        self.row_length = [self.row_length[r] for r in order]
-        self.continuing = keep
-        self.pending = drawn[torch.tensor(order, dtype=torch.long, device=drawn.device)]
+        group.prompt = [group.prompt[r] for r in order]
+        group.sample = [group.sample[r] for r in order]
+        group.row_length = [group.row_length[r] for r in order]
+        group.continuing = keep
+        group.pending = drawn[torch.tensor(order, dtype=torch.long, device=drawn.device)]
 
 
 def sample_prompts(
@@ -371,11 +425,9 @@ def sample_prompts(
         on_done(prompt.index, prompt.rows())
 
     with torch.inference_mode():
-        while queue or batcher.row_prompt:
+        while queue or batcher.rows():
             batcher.admit(queue)
             batcher.step(finish)
-            if batcher.cache is not None:
-                stats.peak_cache_bytes = max(stats.peak_cache_bytes, batcher.cache.nbytes())
     return stats
 
 

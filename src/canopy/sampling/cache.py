@@ -161,6 +161,18 @@ class SlotCache:
                 if buffer is not None:
                     buffer[dst, :, :used_length] = buffer[src, :, :used_length]
 
+    def copy_rows(self, source: SlotCache, rows: list[int], start: int, length: int) -> None:
+        """Copy rows ``rows`` of ``source`` (positions below ``length``) into slots from
+        ``start`` on (a row moving to a longer length class)."""
+        index = torch.tensor(rows, device=self.device)
+        for layer in range(len(self.layer_types)):
+            for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+                if mine[layer] is None:
+                    mine[layer] = self._empty_like(theirs[layer])
+                mine[layer][start : start + len(rows), :, :length] = theirs[layer][
+                    index, :, :length
+                ]
+
     def fill(self, start: int, stop: int, prompt: SlotCache) -> None:
         """Write the one-row cache ``prompt`` (a prefilled prompt) into slots ``start .. stop-1``."""
         length = prompt.length
