@@ -366,3 +366,13 @@ def test_chat_options_enter_the_prompt_and_the_shard_fingerprint(tmp_path: Path)
         )
     with pytest.raises(ValueError, match="finetuned variant only"):
         sample_task(directory, prompts, "base", settings, tmp_path / "b.parquet", **off)
+
+
+def test_bfloat16_models_run_through_the_slot_cache() -> None:
+    """The dtype GPUs sample in: masks and cache buffers follow the model's dtype, and every step
+    still matches the cache-free recomputation (to bfloat16's precision)."""
+    model = build("qwen3").to(torch.bfloat16)
+    settings = SamplingSettings(rollouts=4, max_new_tokens=8, top_k=0, seed=2, max_batch_rows=6)
+    rows, _ = run(model, settings)
+    worst_h, worst_lq, steps = cache_free_errors(model, rows, settings)
+    assert steps > 30 and worst_h < 0.05 and worst_lq < 0.05, (worst_h, worst_lq)
