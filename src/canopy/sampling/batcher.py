@@ -93,6 +93,9 @@ class _Prompt:
     entropies: list[list[float]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
     hit_eos: list[bool] = field(default_factory=list)
+    # The uniforms of each step reached so far: rows admitted at different times reach a step at
+    # different times, and a generator is seeded once per (prompt, step), not once per row.
+    uniforms: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens = [[] for _ in range(self.rollouts)]
@@ -302,17 +305,18 @@ class _Batcher:
     def step(self, on_done: Callable[[_Prompt], None]) -> None:
         logits = self.logits()
         rows = [(g, r) for g in self.groups.values() for r in range(len(g))]
-        memo: dict[tuple[int, int], np.ndarray] = {}
         uniforms = np.empty(len(rows))
         steps = np.empty(len(rows), dtype=np.int64)
         for index, (group, row) in enumerate(rows):
             prompt, sample = group.prompt[row], group.sample[row]
             step = len(prompt.tokens[sample])
             steps[index] = step
-            key = (prompt.index, step)
-            if key not in memo:
-                memo[key] = step_uniforms(prompt.seed, step, prompt.rollouts)
-            uniforms[index] = memo[key][sample]
+            drawn_at_step = prompt.uniforms.get(step)
+            if drawn_at_step is None:
+                drawn_at_step = prompt.uniforms[step] = step_uniforms(
+                    prompt.seed, step, prompt.rollouts
+                )
+            uniforms[index] = drawn_at_step[sample]
 
         def describe(bad: np.ndarray) -> str:
             flagged = [rows[i] for i in np.flatnonzero(bad)]
@@ -374,8 +378,15 @@ class _Batcher:
                 target.continuing += len(outgrown)
                 gone[outgrown] = True
             self._compact(group, gone, tokens)
-        for length in [length for length, group in self.groups.items() if not len(group)]:
-            del self.groups[length]  # frees that class's buffers
+        for length, group in list(self.groups.items()):
+            live = len(group)
+            if not live:
+                del self.groups[length]  # frees that class's buffers
+            elif group.cache.rows > max(MIN_FORWARD_ROWS, 4 * live):
+                # Give back slots a class no longer needs (one copy, after it lost 3/4 of them).
+                used = max(group.row_length)
+                group.cache.resize(max(MIN_FORWARD_ROWS, 2 * live), group.length, live, used)
+                self.stats.reallocations += 1
 
     def _compact(self, group: _Group, gone: np.ndarray, drawn: torch.Tensor) -> None:
         """Drop rows: rows from the end move into their slots (only those are copied)."""
@@ -422,6 +433,7 @@ def sample_prompts(
     ]
 
     def finish(prompt: _Prompt) -> None:
+        prompt.uniforms.clear()
         on_done(prompt.index, prompt.rows())
 
     with torch.inference_mode():
