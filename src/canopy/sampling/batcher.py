@@ -1,7 +1,7 @@
 """Continuous batching: the rollouts of many prompts share one batch that is refilled as rows end.
 
 The batch has a row budget (``max_batch_rows``, default: the rollout count M) and optionally a
-KV-cache budget in token slots (``max_batch_tokens``: rows x cache length). Prompts are taken in
+KV-cache budget in token slots (``max_batch_tokens``: the length classes its rows hold). Prompts are taken in
 order; each is prefilled once (batch size 1) and its cache written into the slot of every rollout
 admitted from it. Admission happens whenever rows are free, so the tail of one prompt's rollouts
 runs beside the start of the next prompt's instead of alone. A prompt is handed to ``on_done``
@@ -14,10 +14,13 @@ prompts share the batch, or on where a row sits in it; the entropies agree with 
 one-prompt-at-a-time sampler up to the rounding of the model's kernels for other batch shapes
 (about 1e-7 on CPU).
 
-Rows ``0 .. c-1`` of the batch are continuing rollouts (their last drawn token still has to be
-fed); rows ``c .. n-1`` were just admitted and draw their first token from the prompt's prefill
-logits, without a forward pass. After a step, finished rows are compacted away by moving rows from
-the end into their slots (see :mod:`canopy.sampling.cache`).
+Rows live in length classes (32 x 2^k cache positions, one slot cache each, one forward per class
+in use), so a row holds at most twice its length rather than the longest row's. In a class, rows
+``0 .. c-1`` are continuing rollouts (their last drawn token still has to be fed) and rows
+``c .. n-1`` were just admitted and draw their first token from the prompt's prefill logits,
+without a forward pass. After a step, finished rows are compacted away by moving rows from the end
+into their slots, and a row that filled its class is copied into the next one (see
+:mod:`canopy.sampling.cache`). One sampling kernel call covers the rows of every class.
 """
 
 from __future__ import annotations

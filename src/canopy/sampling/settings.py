@@ -55,7 +55,8 @@ class SamplingSettings:
     dtype: str = "auto"
     # Rows of the continuous batch (rollouts of one or more prompts); 0: the rollout count M.
     max_batch_rows: int = 0
-    # KV-cache token slots of the batch (rows x cache length); 0: no limit beyond the rows.
+    # KV-cache token slots the batch's rows may hold when a rollout is admitted (each row holds
+    # its length class); 0: no limit beyond the rows.
     max_batch_tokens: int = 0
     # Sampling jobs a task's prompts are split into (gathered into one table).
     chunks: int = 1
