@@ -104,7 +104,9 @@ def _resampled_means(
     for stratum in np.unique(strata):
         members = np.flatnonzero(strata == stratum)
         draws = members[rng.integers(0, members.size, size=(resamples, members.size))]
-        counts += np.bincount((draws + rows).ravel(), minlength=resamples * n).reshape(resamples, n)
+        counts += np.bincount((draws + rows).ravel(), minlength=resamples * n).reshape(
+            resamples, n
+        )
     # Column by column, so identical columns give bitwise identical resampled means.
     totals = np.column_stack([counts @ values[:, j] for j in range(values.shape[1])])
     return totals / n

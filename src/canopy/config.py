@@ -69,9 +69,7 @@ def _describe_key(error: jsonschema.ValidationError) -> str:
     key = format_key(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        unknown = (
-            sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
-        )
+        unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         # additionalProperties errors sit on the parent; name the unknown child keys themselves.
         names = ", ".join(f"{key}.{name}" if key != "<top level>" else name for name in unknown)
         return f"unknown key {names} (allowed here: {', '.join(allowed)}) [schema rule: additionalProperties]"
@@ -101,9 +99,7 @@ def validate_config(
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n".join(f"  - {_describe(error, consumers)}" for error in errors)
-        raise ConfigError(
-            f"the configuration breaks its schema ({len(errors)} problem(s)):\n{lines}"
-        )
+        raise ConfigError(f"the configuration breaks its schema ({len(errors)} problem(s)):\n{lines}")
     return filled
 
 
@@ -143,6 +139,4 @@ def check_references(config: Mapping[str, Any]) -> None:
         )
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(
-            f"the configuration is inconsistent ({len(problems)} problem(s)):\n{lines}"
-        )
+        raise ConfigError(f"the configuration is inconsistent ({len(problems)} problem(s)):\n{lines}")

@@ -43,9 +43,7 @@ def build_panel(
     """
     if set(metrics) != set(diversity):
         missing = sorted(set(metrics) ^ set(diversity))
-        raise ValueError(
-            f"metrics and diversity cover different (family, variant, task): {missing}"
-        )
+        raise ValueError(f"metrics and diversity cover different (family, variant, task): {missing}")
     frames = []
     for key in sorted(metrics):
         family, variant, task = key
@@ -57,9 +55,7 @@ def build_panel(
             )
         # n_rollouts appears on both sides; the diversity count is the one embedded, which equals
         # the metric count unless truncated rollouts were dropped from the metrics.
-        right = right.rename(
-            columns={"n_rollouts": "n_rollouts_embedded", "note": "diversity_note"}
-        )
+        right = right.rename(columns={"n_rollouts": "n_rollouts_embedded", "note": "diversity_note"})
         joined = left.merge(right, on="prompt_id", how="inner", validate="one_to_one")
         joined.insert(0, "task", task)
         joined.insert(0, "variant", variant)

@@ -59,12 +59,8 @@ def _interaction(names: list[str], variant_token: str) -> str:
 
 
 def slope_rows(
-    beta: pd.Series,
-    cov: pd.DataFrame,
-    variant_token: str,
-    variants: tuple[str, str],
-    confidence: float,
-    method: str,
+    beta: pd.Series, cov: pd.DataFrame, variant_token: str, variants: tuple[str, str],
+    confidence: float, method: str,
 ) -> pd.DataFrame:
     """Base slope, fine-tuned slope and their ratio (delta method) from a coefficient vector.
 
@@ -90,17 +86,8 @@ def slope_rows(
         ("ratio", ratio, se_ratio, f"{method}/delta"),
     ]
     return pd.DataFrame(
-        [
-            {
-                "variant": v,
-                "slope": s,
-                "se": e,
-                "ci_low": s - z * e,
-                "ci_high": s + z * e,
-                "method": m,
-            }
-            for v, s, e, m in rows
-        ]
+        [{"variant": v, "slope": s, "se": e, "ci_low": s - z * e, "ci_high": s + z * e,
+          "method": m} for v, s, e, m in rows]
     )
 
 
@@ -156,9 +143,8 @@ def lmm_robustness(
     frame = prepare_panel(panel, settings)
     variants = _variants(frame, settings)
     tasks = [settings.reference_task, *sorted(set(frame["task"]) - {settings.reference_task})]
-    data = frame[
-        ["logit_D", SLOPE_TERM, "invN_sc", "N", "variant", "task", "family", "prompt_uid"]
-    ].copy()
+    data = frame[["logit_D", SLOPE_TERM, "invN_sc", "N", "variant", "task", "family",
+                  "prompt_uid"]].copy()
     model = Lmer(lmm_formula(settings), data=data)
     factors = {"variant": list(variants)}
     if len(tasks) > 1:
@@ -205,9 +191,7 @@ def fixed_effects_slopes(
     data = frame.copy()
     data["variant"] = pd.Categorical(data["variant"], categories=list(variants))
     tasks = [settings.reference_task, *sorted(set(data["task"]) - {settings.reference_task})]
-    data["task"] = pd.Categorical(
-        data["task"], categories=[t for t in tasks if t in set(data["task"])]
-    )
+    data["task"] = pd.Categorical(data["task"], categories=[t for t in tasks if t in set(data["task"])])
     cluster = settings.robustness.cluster
     if cluster not in data.columns:
         raise ValueError(f"stats.robustness.cluster = {cluster!r} is not a panel column")
@@ -219,9 +203,8 @@ def fixed_effects_slopes(
             cov_type="cluster", cov_kwds={"groups": groups}
         )
     cov = fit.cov_params()
-    table = slope_rows(
-        fit.params, cov, f"variant[T.{variants[1]}]", variants, settings.confidence, method
-    )
+    table = slope_rows(fit.params, cov, f"variant[T.{variants[1]}]", variants,
+                       settings.confidence, method)
     table["n_rows"] = int(fit.nobs)
     table["n_clusters"] = int(len(np.unique(groups)))
     return table
@@ -286,18 +269,9 @@ def matched_prompt_metrics(
     """Per-prompt R (mean rate), N (mean length), rho(N, r_N) (Pearson) and D of a rollout set."""
     n = np.asarray(lengths, float)
     rate = np.asarray(entropy_sums, float) / n
-    rho = (
-        float(np.corrcoef(n, rate)[0, 1])
-        if n.size > 2 and n.std() > 0 and rate.std() > 0
-        else float("nan")
-    )
-    return {
-        "R": float(rate.mean()),
-        "N": float(n.mean()),
-        "rho": rho,
-        "D": pairwise_dissimilarity(vectors),
-        "M": int(n.size),
-    }
+    rho = float(np.corrcoef(n, rate)[0, 1]) if n.size > 2 and n.std() > 0 and rate.std() > 0 else float("nan")
+    return {"R": float(rate.mean()), "N": float(n.mean()), "rho": rho,
+            "D": pairwise_dissimilarity(vectors), "M": int(n.size)}
 
 
 def _prompt_groups(
@@ -311,10 +285,7 @@ def _prompt_groups(
     if vectors is None or "prompt_id" not in embeddings or "sample" not in embeddings:
         raise ValueError(f"embeddings of {'/'.join(key)} need arrays prompt_id, sample, embeddings")
     index = pd.MultiIndex.from_arrays(
-        [
-            np.asarray(embeddings["prompt_id"]).astype(str),
-            np.asarray(embeddings["sample"], np.int64),
-        ]
+        [np.asarray(embeddings["prompt_id"]).astype(str), np.asarray(embeddings["sample"], np.int64)]
     )
     lookup = pd.Series(np.arange(len(index)), index=index)
     keys = pd.MultiIndex.from_arrays(
@@ -323,9 +294,7 @@ def _prompt_groups(
     found = keys.isin(lookup.index)
     if not found.all():
         first = keys[~found][0]
-        raise ValueError(
-            f"{'/'.join(key)}: rollout (prompt {first[0]}, sample {first[1]}) has no embedding"
-        )
+        raise ValueError(f"{'/'.join(key)}: rollout (prompt {first[0]}, sample {first[1]}) has no embedding")
     rows = lookup.loc[keys].to_numpy()
     n_steps = rollouts["n_steps"].to_numpy(float)
     if (n_steps <= 0).any():
@@ -364,18 +333,12 @@ def length_matched(
     rob = settings.robustness
     keys = sorted(rollouts_by_key)
     if set(keys) != set(embeddings_by_key):
-        raise ValueError(
-            f"rollouts and embeddings cover different keys: "
-            f"{sorted(set(keys) ^ set(embeddings_by_key))}"
-        )
-    groups = {
-        key: _prompt_groups(rollouts_by_key[key], embeddings_by_key[key], key) for key in keys
-    }
+        raise ValueError(f"rollouts and embeddings cover different keys: "
+                         f"{sorted(set(keys) ^ set(embeddings_by_key))}")
+    groups = {key: _prompt_groups(rollouts_by_key[key], embeddings_by_key[key], key) for key in keys}
     pairs = sorted({(f, t) for f, _, t in keys})
-    variants = (
-        settings.reference_variant,
-        *sorted({v for _, v, _ in keys} - {settings.reference_variant}),
-    )
+    variants = (settings.reference_variant,
+                *sorted({v for _, v, _ in keys} - {settings.reference_variant}))
     if len(variants) != 2:
         raise ValueError(f"length matching needs two variants, got {variants}")
     rng = np.random.default_rng(settings.seed)
@@ -396,16 +359,11 @@ def length_matched(
                         dropped += 1
                         continue
                 for variant, data, idx in ((variants[0], base, ia), (variants[1], ft, ib)):
-                    rows.append(
-                        {
-                            "family": family,
-                            "variant": variant,
-                            "task": task,
-                            "prompt_id": prompt,
-                            "prompt_uid": f"{task}/{prompt}",
-                            **matched_prompt_metrics(data[0][idx], data[1][idx], data[2][idx]),
-                        }
-                    )
+                    rows.append({
+                        "family": family, "variant": variant, "task": task,
+                        "prompt_id": prompt, "prompt_uid": f"{task}/{prompt}",
+                        **matched_prompt_metrics(data[0][idx], data[1][idx], data[2][idx]),
+                    })
         return rows, dropped
 
     tables, prompt_tables = [], []
@@ -432,30 +390,13 @@ def length_matched(
         mean = float(rows["slope"].mean())
         between = float(rows["slope"].var(ddof=1)) if len(rows) > 1 else 0.0
         se = float(np.sqrt((rows["se"] ** 2).mean() + between))
-        pooled.append(
-            {
-                "analysis": "matched_pooled",
-                "repeat": -1,
-                "variant": variant,
-                "slope": mean,
-                "se": se,
-                "ci_low": mean - z * se,
-                "ci_high": mean + z * se,
-                "method": rows["method"].iloc[0],
-                **{
-                    c: float(rows[c].mean())
-                    for c in (
-                        "n_rows",
-                        "n_clusters",
-                        "mean_N",
-                        "mean_R",
-                        "mean_rho",
-                        "n_prompts_dropped",
-                        "mean_rollouts",
-                    )
-                },
-            }
-        )
+        pooled.append({
+            "analysis": "matched_pooled", "repeat": -1, "variant": variant, "slope": mean,
+            "se": se, "ci_low": mean - z * se, "ci_high": mean + z * se,
+            "method": rows["method"].iloc[0],
+            **{c: float(rows[c].mean()) for c in ("n_rows", "n_clusters", "mean_N", "mean_R",
+                                                  "mean_rho", "n_prompts_dropped", "mean_rollouts")},
+        })
     table = pd.concat([table, pd.DataFrame(pooled)], ignore_index=True)
     write_tsv(table, out_path)
     if prompt_metrics_path is not None:

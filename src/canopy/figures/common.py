@@ -67,7 +67,9 @@ class FigureSettings:
         unknown = sorted(set(config) - set(allowed))
         if unknown:
             names = ", ".join(f"figures.{cls.figure}.{key}" for key in unknown)
-            raise ValueError(f"unknown figure setting {names}; allowed keys: {', '.join(allowed)}")
+            raise ValueError(
+                f"unknown figure setting {names}; allowed keys: {', '.join(allowed)}"
+            )
         return cls(**dict(config))
 
     def __post_init__(self) -> None:

@@ -130,7 +130,9 @@ def variant_handles(variants: list[str] | tuple[str, ...], kind: str = "patch") 
         elif kind == "line":
             handles.append(Line2D([], [], color=color, label=label))
         elif kind == "marker":
-            handles.append(Line2D([], [], color=color, marker="o", linestyle="none", label=label))
+            handles.append(
+                Line2D([], [], color=color, marker="o", linestyle="none", label=label)
+            )
         else:
             raise ValueError(f"kind must be 'patch', 'line' or 'marker', got {kind!r}")
     return handles
@@ -148,14 +150,8 @@ def label_grid(axes: np.ndarray, row_labels: list[str], column_labels: list[str]
         return
     for row, label in enumerate(row_labels):
         axes[row, -1].annotate(
-            label,
-            xy=(1.02, 0.5),
-            xycoords="axes fraction",
-            rotation=270,
-            ha="left",
-            va="center",
-            fontweight="bold",
-            fontsize=mpl.rcParams["axes.titlesize"],
+            label, xy=(1.02, 0.5), xycoords="axes fraction", rotation=270, ha="left",
+            va="center", fontweight="bold", fontsize=mpl.rcParams["axes.titlesize"],
         )
 
 
