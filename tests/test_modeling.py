@@ -19,6 +19,8 @@ torch.set_num_threads(1)
 from canopy.modeling import (  # noqa: E402
     LoadedModel,
     ModelNotFoundError,
+    chat_options,
+    check_chat_options,
     context_length,
     eos_token_ids,
     format_prompt,
@@ -183,6 +185,108 @@ def test_finetuned_prompt_uses_the_chat_template_with_generation_prompt() -> Non
     vocab = tokenizer.get_vocab()
     assert ids == [vocab[w] for w in ["<user>", "the", "cat", "sat", "<assistant>"]]
     assert all(isinstance(i, int) for i in ids)
+
+
+# A template with a system turn and a thinking switch, the way Qwen3's has one.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<sys> {{ message['content'] }} "
+    "{% else %}<user> {{ message['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>"
+    "{% if enable_thinking is defined and not enable_thinking %} <think> </think>{% endif %}"
+    "{% endif %}"
+)
+THINKING_WORDS = WORDS + ["<sys>", "<think>", "</think>", "be", "brief"]
+
+
+def test_chat_template_kwargs_and_system_prompt_shape_the_finetuned_prompt() -> None:
+    tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)
+    vocab = tokenizer.get_vocab()
+
+    def words(ids: list[int]) -> list[str]:
+        names = {index: word for word, index in vocab.items()}
+        return [names[i] for i in ids]
+
+    plain = format_prompt(tokenizer, "the cat", "finetuned")
+    assert words(plain) == ["<user>", "the", "cat", "<assistant>"]
+    no_thinking = format_prompt(
+        tokenizer, "the cat", "finetuned", chat_template_kwargs={"enable_thinking": False}
+    )
+    assert words(no_thinking) == ["<user>", "the", "cat", "<assistant>", "<think>", "</think>"]
+    thinking = format_prompt(
+        tokenizer, "the cat", "finetuned", chat_template_kwargs={"enable_thinking": True}
+    )
+    assert thinking == plain
+    with_system = format_prompt(tokenizer, "the cat", "finetuned", system_prompt="be brief")
+    assert words(with_system) == ["<sys>", "be", "brief", "<user>", "the", "cat", "<assistant>"]
+    with pytest.raises(ValueError, match="finetuned variant only"):
+        format_prompt(tokenizer, "the cat", "base", chat_template_kwargs={"enable_thinking": False})
+
+
+def test_chat_options_a_template_ignores_are_clear_errors() -> None:
+    tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)
+    check_chat_options(tokenizer, {"enable_thinking": False}, "be brief")
+    with pytest.raises(ValueError, match="never reads enable_thinkng.*reads.*enable_thinking"):
+        check_chat_options(tokenizer, {"enable_thinkng": False})
+    # The test template renders every turn as a user turn but reads no switch.
+    plain = build_tokenizer()
+    with pytest.raises(ValueError, match="never reads enable_thinking"):
+        check_chat_options(plain, {"enable_thinking": False})
+    user_only = build_tokenizer(
+        chat_template=(
+            "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+        )
+    )
+    with pytest.raises(ValueError, match="ignores the system turn"):
+        check_chat_options(user_only, None, "be brief")
+
+
+def test_chat_options_come_from_the_family_and_its_finetuned_entry() -> None:
+    family = {
+        "base": {"source": "hub"},
+        "finetuned": {"source": "hub", "chat_template_kwargs": {"enable_thinking": False}},
+        "chat_template_kwargs": {"enable_thinking": True, "style": "short"},
+        "system_prompt": "be brief",
+    }
+    assert chat_options(family, "base") == {}
+    assert chat_options(family, "finetuned") == {
+        "chat_template_kwargs": {"enable_thinking": False, "style": "short"},
+        "system_prompt": "be brief",
+    }
+    assert chat_options({"base": {}, "finetuned": {}}, "finetuned") == {}
+    with pytest.raises(ValueError, match=r"families.qwen3.base sets system_prompt"):
+        chat_options({"base": {"system_prompt": "x"}, "finetuned": {}}, "base", name="qwen3")
+    with pytest.raises(ValueError, match="may not set 'add_generation_prompt'"):
+        chat_options(
+            {"base": {}, "finetuned": {"chat_template_kwargs": {"add_generation_prompt": False}}},
+            "finetuned",
+        )
+
+
+def test_config_schema_accepts_chat_options_on_the_finetuned_side_only() -> None:
+    import yaml
+
+    from canopy.config import ConfigError, validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    schema = root / "workflow" / "schemas" / "config.schema.yaml"
+    config = yaml.safe_load((root / "config" / "paper.yaml").read_text())
+    checked = validate_config(config, schema)
+    assert checked["families"]["qwen3"]["finetuned"]["chat_template_kwargs"] == {
+        "enable_thinking": False
+    }
+    assert chat_options(checked["families"]["qwen3"], "finetuned") == {
+        "chat_template_kwargs": {"enable_thinking": False}
+    }
+    bad = yaml.safe_load((root / "config" / "paper.yaml").read_text())
+    bad["families"]["qwen3"]["base"]["chat_template_kwargs"] = {"enable_thinking": False}
+    with pytest.raises(ConfigError, match=r"families.qwen3.base.chat_template_kwargs"):
+        validate_config(bad, schema)
+    bad = yaml.safe_load((root / "config" / "paper.yaml").read_text())
+    bad["families"]["qwen3"]["system_prompt"] = ""
+    with pytest.raises(ConfigError, match=r"families.qwen3.system_prompt"):
+        validate_config(bad, schema)
 
 
 def test_prompt_formatting_errors_name_the_prompt() -> None:

@@ -53,6 +53,7 @@ def test_settings_defaults_are_the_papers() -> None:
         42,
     )
     assert (s.backend, s.device, s.dtype, s.max_batch_rows) == ("canopy", "auto", "auto", 0)
+    assert (s.max_batch_tokens, s.chunks) == (0, 1)
 
 
 def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None:
@@ -67,6 +68,8 @@ def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None
         device="cpu",
         dtype="float32",
         max_batch_rows=2,
+        max_batch_tokens=4096,
+        chunks=3,
     )
     assert SamplingSettings.from_config(config).to_dict() == config
     integral = SamplingSettings.from_config({"temperature": 1, "top_p": 1})
@@ -87,6 +90,8 @@ def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None
         (dict(backend="hf"), "backend must be one of"),
         (dict(dtype="fp8"), "dtype must be one of"),
         (dict(max_batch_rows=True), "max_batch_rows must be an integer"),
+        (dict(max_batch_tokens=-1), "max_batch_tokens must be an integer >= 0"),
+        (dict(chunks=0), "chunks must be an integer >= 1"),
     ],
 )
 def test_invalid_settings_are_rejected_with_the_key(bad: dict, message: str) -> None:
@@ -557,7 +562,7 @@ def full_vocabulary_truth(
 def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(
     temperature: float, top_p: float
 ) -> None:
-    from canopy.vllm_backend import candidate_count, renormalised_step
+    from canopy.sampling.vllm import candidate_count, renormalised_step
 
     settings = SamplingSettings(temperature=temperature, top_k=20, top_p=top_p)
     logits = 2 * torch.randn(300, generator=torch.Generator().manual_seed(1))
@@ -580,7 +585,7 @@ def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(
 
 
 def test_vllm_without_top_k_warns_and_missing_vllm_is_a_clear_error(tmp_path: Path) -> None:
-    from canopy.vllm_backend import VllmSampler, candidate_count
+    from canopy.sampling.vllm import VllmSampler, candidate_count
 
     with pytest.warns(UserWarning, match="underestimate"):
         assert candidate_count(SamplingSettings(top_k=0)) == 1000

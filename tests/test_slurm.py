@@ -25,7 +25,7 @@ from workflow_helpers import REPO, SNAKEFILE, planned_jobs
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
-GPU_RULES = {"sample_rollouts", "embed_rollouts"}
+GPU_RULES = {"sample_rollouts", "sample_rollouts_chunk", "embed_rollouts"}
 # Snakemake job ids are numbers, group jobs' are UUIDs.
 SUBMITTED = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+)")
 # In a Slurm log, the job's rule is announced twice: as `rule x:` by the Snakemake of the batch
@@ -247,7 +247,11 @@ def test_two_jobs_run_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None
 
 
 def run_tiny_config(
-    cluster: SlurmCluster, tmp_path: Path, targets: list[str], timeout: float = 600
+    cluster: SlurmCluster,
+    tmp_path: Path,
+    targets: list[str],
+    timeout: float = 600,
+    overrides: tuple[Path, ...] = (),
 ) -> tuple[dict[str, int], dict[str, int], int, float]:
     """Run the tiny config (all of it, or `targets`) through the test cluster and check that every
     job of a cluster rule ran inside a Slurm allocation and none of a local rule did.
@@ -255,7 +259,8 @@ def run_tiny_config(
     Slurm submissions and the run's wall time."""
     profile = write_test_profile(tmp_path / "profile", cluster)
     workdir = tmp_path / "run"
-    args = [*targets, "--configfile", str(TINY_CONFIG)]  # --configfile takes several values
+    # --configfile takes several values, later ones merged over earlier ones.
+    args = [*targets, "--configfile", str(TINY_CONFIG), *map(str, overrides)]
     plan, _ = run_through_slurm(cluster, workdir, profile, "-n", *args)
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-4000:]
     rules = workflow_rules()
@@ -290,3 +295,21 @@ def test_tiny_config_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> 
     assert {"fit_glmm", "glmm_diagnostics", "sample_rollouts"} <= set(ran)
     assert submissions == sum(remote.values())  # one allocation per job: no grouping
     print(f"tiny config through Slurm: {seconds:.1f} s, {submissions} Slurm jobs")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_chunked_sampling_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """`sampling.default.chunks: 2`: each chunk of a task's prompts is its own Slurm job, and the
+    local gather writes the task's table with every prompt's rollouts."""
+    import pyarrow.parquet as pq
+
+    override = tmp_path / "chunks.yaml"
+    override.write_text("sampling:\n  default:\n    chunks: 2\n")
+    target = "results/rollouts/default/tinyllama/finetuned/math.parquet"
+    _, ran, _, seconds = run_tiny_config(slurm, tmp_path, [target], overrides=(override,))
+    assert ran.get("sample_rollouts_chunk") == 2 and "sample_rollouts" not in ran
+    assert "gather_rollouts" not in ran  # a local rule
+    table = pq.read_table(tmp_path / "run" / target).to_pandas()
+    assert table.groupby("prompt_id").size().tolist() == [6] * 4
+    print(f"chunked sampling through Slurm: {seconds:.1f} s")

@@ -8,17 +8,23 @@ make it.
 
 Prompt formatting follows the paper: a ``base`` model gets the raw prompt text (with the BOS token
 when its tokenizer adds one), a ``finetuned`` model gets its chat template with one user turn and
-``add_generation_prompt=True``.
+``add_generation_prompt=True``. A family may shape that template: ``chat_template_kwargs`` are
+passed to ``apply_chat_template`` (Qwen3's ``enable_thinking``) and ``system_prompt`` adds a system
+turn; ``chat_options`` resolves them from the config and ``check_chat_options`` rejects a keyword
+the template never reads or a system prompt it drops, instead of sampling silently without them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if (
+    TYPE_CHECKING
+):  # torch is imported where it is used: the workflow reads chat_options at parse time
+    import torch
 
 __all__ = [
     "ModelNotFoundError",
@@ -28,6 +34,9 @@ __all__ = [
     "resolve_dtype",
     "load_model",
     "format_prompt",
+    "chat_options",
+    "check_chat_options",
+    "CHAT_OPTION_KEYS",
     "eos_token_ids",
     "context_length",
     "check_model_dir",
@@ -53,6 +62,8 @@ class LoadedModel:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` means CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -68,18 +79,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on a CUDA device that supports it (else float16), float32 on CPU."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def check_model_dir(path: Path) -> None:
@@ -119,38 +132,149 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
     return LoadedModel(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
 
 
+#: Config keys (of a family, or of its finetuned variant) that shape the chat template.
+CHAT_OPTION_KEYS: tuple[str, ...] = ("chat_template_kwargs", "system_prompt")
+
+
+def chat_options(family: Mapping[str, Any], variant: str, *, name: str = "?") -> dict[str, Any]:
+    """The chat options a variant is sampled with: the family's ``chat_template_kwargs`` and
+    ``system_prompt``, overridden key by key by the finetuned variant's own; none for ``base``
+    (sampled from the raw text), where setting them is an error."""
+    base = family.get("base") or {}
+    stray = [key for key in CHAT_OPTION_KEYS if key in base]
+    if stray:
+        raise ValueError(
+            f"families.{name}.base sets {', '.join(stray)}, but the base variant is sampled from "
+            f"the raw prompt text: move them to families.{name} or families.{name}.finetuned"
+        )
+    if variant == "base":
+        return {}
+    if variant != "finetuned":
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    own = family.get(variant) or {}
+    kwargs = {
+        **(family.get("chat_template_kwargs") or {}),
+        **(own.get("chat_template_kwargs") or {}),
+    }
+    options: dict[str, Any] = {}
+    if kwargs:
+        options["chat_template_kwargs"] = kwargs
+    system_prompt = own.get("system_prompt", family.get("system_prompt"))
+    if system_prompt is not None:
+        options["system_prompt"] = system_prompt
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(
+                f"families.{name}: chat_template_kwargs key {key!r} is not a template variable name"
+            )
+        if key in _RESERVED_TEMPLATE_ARGUMENTS:
+            raise ValueError(
+                f"families.{name}: chat_template_kwargs may not set {key!r} (the sampler sets it)"
+            )
+    if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt):
+        raise ValueError(f"families.{name}: system_prompt must be a non-empty string")
+    return options
+
+
+#: apply_chat_template arguments the sampler itself decides.
+_RESERVED_TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents"}
+)
+
+
+def _messages(text: str, system_prompt: str | None) -> list[dict[str, str]]:
+    user = {"role": "user", "content": text}
+    return [{"role": "system", "content": system_prompt}, user] if system_prompt else [user]
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], kwargs: Mapping) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, **dict(kwargs)
+    )
+    # transformers 5 returns a BatchEncoding here; older versions a plain list.
+    if not isinstance(ids, list):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _require_template(tokenizer: Any, name: str) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            f"cannot format {name} for a finetuned model: its tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')!r}) has no chat template. Fine-tuned "
+            "(instruct) models must ship one (chat_template in tokenizer_config.json or "
+            "chat_template.jinja); use variant 'base' for a model without one."
+        )
+    if isinstance(template, dict):  # several named templates: apply_chat_template uses "default"
+        template = template.get("default") or next(iter(template.values()))
+    return template
+
+
+def check_chat_options(
+    tokenizer: Any,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+) -> None:
+    """Raise ValueError if the tokenizer's chat template never reads one of the keyword arguments
+    (a misspelt ``enable_thinking`` would otherwise be ignored silently) or drops the system
+    prompt."""
+    if not chat_template_kwargs and system_prompt is None:
+        return
+    from jinja2 import Environment, meta
+
+    template = _require_template(tokenizer, "the prompts")
+    read = meta.find_undeclared_variables(Environment().parse(template))
+    unread = sorted(key for key in (chat_template_kwargs or {}) if key not in read)
+    owner = getattr(tokenizer, "name_or_path", "?")
+    if unread:
+        raise ValueError(
+            f"the chat template of {owner!r} never reads {', '.join(unread)} (it reads "
+            f"{', '.join(sorted(read)) or 'no variables'}): fix chat_template_kwargs in the "
+            "family's config"
+        )
+    if system_prompt is not None:
+        probe = "canopy probe"
+        with_system = _template_ids(
+            tokenizer, _messages(probe, system_prompt), chat_template_kwargs or {}
+        )
+        without = _template_ids(tokenizer, _messages(probe, None), chat_template_kwargs or {})
+        if with_system == without:
+            raise ValueError(
+                f"the chat template of {owner!r} ignores the system turn, so system_prompt would "
+                "have no effect: remove it from the family's config"
+            )
+
+
 def format_prompt(
-    tokenizer: Any, text: str, variant: str, *, prompt_id: str | None = None
+    tokenizer: Any,
+    text: str,
+    variant: str,
+    *,
+    prompt_id: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
 ) -> list[int]:
     """Token ids a model of ``variant`` is sampled from for the prompt ``text``.
 
     ``base``: the raw text, with the BOS token when the tokenizer adds special tokens by default.
-    ``finetuned``: the tokenizer's chat template applied to one user turn, with the generation prompt.
+    ``finetuned``: the tokenizer's chat template applied to one user turn (after a system turn
+    when ``system_prompt`` is given), with the generation prompt and ``chat_template_kwargs``.
     """
     name = f"prompt {prompt_id!r}" if prompt_id is not None else "the prompt"
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{name} is empty: every prompt needs text (check resources/prompts/)")
     if variant == "base":
-        ids = tokenizer(text)["input_ids"]
+        if chat_template_kwargs or system_prompt is not None:
+            raise ValueError(f"{name}: chat options apply to the finetuned variant only")
+        ids = [int(i) for i in tokenizer(text)["input_ids"]]
     elif variant == "finetuned":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"cannot format {name} for a finetuned model: its tokenizer "
-                f"({getattr(tokenizer, 'name_or_path', '?')!r}) has no chat template. Fine-tuned "
-                "(instruct) models must ship one (chat_template in tokenizer_config.json or "
-                "chat_template.jinja); use variant 'base' for a model without one."
-            )
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
+        _require_template(tokenizer, name)
+        ids = _template_ids(tokenizer, _messages(text, system_prompt), chat_template_kwargs or {})
     else:
         raise ValueError(
             f"unknown variant {variant!r} for {name}: use one of {', '.join(VARIANTS)}"
         )
-    ids = [int(i) for i in ids]
     if not ids:
         raise ValueError(f"{name} formats to zero tokens for variant {variant!r}")
     return ids

@@ -12,6 +12,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, check_references, validate_config
+from canopy.modeling import chat_options
 
 CONFIG_CONSUMERS = {
     "seed": ["prepare_prompts"],
@@ -21,9 +22,10 @@ CONFIG_CONSUMERS = {
         "finetune_model",
         "download_model",
         "sample_rollouts",
+        "sample_rollouts_chunk",
     ],
     "training": ["build_corpus", "pretrain_base_model", "finetune_model"],
-    "sampling": ["sample_rollouts"],
+    "sampling": ["sample_rollouts", "sample_rollouts_chunk", "gather_rollouts"],
     "metrics": ["prompt_metrics", "paired_bootstrap"],
     "embedders": ["embed_rollouts"],
     "diversity": ["diversity"],
@@ -66,6 +68,16 @@ def _one_of(names):
 
 def model_source(family, variant):
     return config["families"][family][variant]["source"]
+
+
+# Sampling points whose rollouts are sampled by rollouts.smk (a point produced otherwise, e.g. by
+# filtering another point's rollouts, is left out here); those with `chunks` > 1 are sampled as
+# that many jobs and gathered.
+SAMPLED_POINTS = list(SAMPLINGS)
+CHUNKED_POINTS = [
+    s for s in SAMPLED_POINTS if config["sampling"][s].get("chunks", 1) > 1
+]
+UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 
 TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
@@ -147,6 +159,27 @@ def prompt_source_files(wildcards):
 def device_gpus(device):
     """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present)."""
     return 0 if device == "cpu" else 1
+
+
+def sampling_params(wildcards):
+    """The keys sample_rollouts reads: changing them reruns exactly these jobs."""
+    return config["sampling"][wildcards.sampling]
+
+
+def chat_params(wildcards):
+    """The variant's chat-template options (none for base): a change reruns only this family."""
+    try:
+        return chat_options(
+            config["families"][wildcards.family],
+            wildcards.variant,
+            name=wildcards.family,
+        )
+    except ValueError as error:
+        raise WorkflowError(str(error))
+
+
+def sampling_gpus(wildcards):
+    return device_gpus(config["sampling"][wildcards.sampling]["device"])
 
 
 def analysis_targets():

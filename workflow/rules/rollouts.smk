@@ -1,6 +1,8 @@
 # Stage 3: rollouts with the exact entropy of every sampling step.
 # A killed job loses nothing: finished prompts stay in `{task}.shards/` (not a declared output, so
-# Snakemake keeps it) and the rerun resumes from there.
+# Snakemake keeps it) and the rerun resumes from there. A sampling point with `chunks: K` splits
+# each task's prompts into K jobs (`{task}.chunks/{chunk}.parquet`, each resumable and each on its
+# own GPU), gathered into the same `{task}.parquet` an unchunked run writes.
 
 
 rule sample_rollouts:
@@ -11,14 +13,60 @@ rule sample_rollouts:
         "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
     log:
         "logs/rollouts/{sampling}/{family}/{variant}/{task}.log",
+    wildcard_constraints:
+        sampling=_one_of(UNCHUNKED_POINTS),
     conda:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        gpu=lambda wildcards: device_gpus(
-            config["sampling"][wildcards.sampling]["device"]
-        ),
+        gpu=sampling_gpus,
     params:
-        settings=lambda wildcards: config["sampling"][wildcards.sampling],
+        settings=sampling_params,
+        chat=chat_params,
+        chunk=None,
     script:
         "../scripts/sample_rollouts.py"
+
+
+rule sample_rollouts_chunk:
+    input:
+        model=model_dir,
+        prompts="resources/prompts/{task}.jsonl",
+    output:
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}.parquet",
+    log:
+        "logs/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}.log",
+    wildcard_constraints:
+        sampling=_one_of(CHUNKED_POINTS),
+        chunk=r"\d+",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=sampling_gpus,
+    params:
+        settings=sampling_params,
+        chat=chat_params,
+        chunk=lambda wildcards: int(wildcards.chunk),
+    script:
+        "../scripts/sample_rollouts.py"
+
+
+rule gather_rollouts:
+    input:
+        chunks=lambda wildcards: expand(
+            "results/rollouts/{{sampling}}/{{family}}/{{variant}}/{{task}}.chunks/{chunk}.parquet",
+            chunk=range(config["sampling"][wildcards.sampling]["chunks"]),
+        ),
+        prompts="resources/prompts/{task}.jsonl",
+    output:
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+    log:
+        "logs/rollouts/{sampling}/{family}/{variant}/{task}.gather.log",
+    wildcard_constraints:
+        sampling=_one_of(CHUNKED_POINTS),
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/gather_rollouts.py"

@@ -1,4 +1,5 @@
-"""Sample rollouts of one model on one task, with the exact entropy of every step (resumable)."""
+"""Sample rollouts of one model on one task (or one chunk of its prompts), with the exact entropy
+of every step (resumable)."""
 
 from script_setup import setup
 
@@ -13,5 +14,7 @@ sample_task(
     snakemake.wildcards.variant,
     settings,
     snakemake.output[0],
+    chunk=snakemake.params.chunk,
     progress=log,
+    **snakemake.params.chat,
 )

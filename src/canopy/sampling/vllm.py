@@ -16,13 +16,15 @@ engine schedules the same way (each prompt gets a stable seed from (seed, prompt
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from canopy.sampling import SamplingSettings, processed_log_distribution, prompt_seed
+from canopy.sampling.distribution import processed_log_distribution, prompt_seed
+from canopy.sampling.kernel import rollout_row
+from canopy.sampling.settings import SamplingSettings
 
 __all__ = ["CANDIDATES_WHEN_TOP_K_OFF", "candidate_count", "renormalised_step", "VllmSampler"]
 
@@ -105,6 +107,13 @@ class VllmSampler:
             logprobs_mode="raw_logprobs",
         )
 
+    def sample_prompts(
+        self, jobs: Sequence[Any], on_done: Callable[[int, list[dict[str, Any]]], None]
+    ) -> None:
+        """One engine call per prompt, so that each prompt's shard is written when it ends."""
+        for index, job in enumerate(jobs):
+            on_done(index, self.sample_prompt(list(job.token_ids), job.prompt_id))
+
     def sample_prompt(self, prompt_ids: list[int], prompt_id: str) -> list[dict[str, Any]]:
         s = self.settings
         params = self.vllm.SamplingParams(
@@ -141,19 +150,8 @@ class VllmSampler:
                 logprobs.append(lq)
             hit_eos = bool(tokens) and tokens[-1] in self.eos_ids
             rows.append(
-                {
-                    "prompt_id": prompt_id,
-                    "sample": sample,
-                    "prompt_tokens": len(prompt_ids),
-                    "n_steps": len(tokens),
-                    "hit_eos": hit_eos,
-                    "truncated": not hit_eos,
-                    "step_entropy": entropies,
-                    "step_logprob": logprobs,
-                    "sum_entropy": float(sum(entropies)),
-                    "sum_logprob": float(sum(logprobs)),
-                    "token_ids": tokens,
-                    "text": "",
-                }
+                rollout_row(
+                    prompt_id, sample, len(prompt_ids), tokens, entropies, logprobs, hit_eos
+                )
             )
         return rows

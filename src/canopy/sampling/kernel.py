@@ -1,0 +1,103 @@
+"""One sampling step of a batch of rows, and the checks and rows shared by every sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from canopy.modeling import context_length
+from canopy.sampling.distribution import entropy_from_log, inverse_cdf, processed_log_distribution
+from canopy.sampling.settings import NonFiniteLogitsError, PromptTooLongError, SamplingSettings
+
+__all__ = ["StepResult", "sample_step", "check_prompt_fits", "rollout_row"]
+
+
+class StepResult:
+    """Host copies of one step: drawn token ids (torch, on the device too), h_t and log q_t(y_t)."""
+
+    __slots__ = ("drawn", "drawn_cpu", "entropy", "logprob")
+
+    def __init__(self, drawn: torch.Tensor, entropy: np.ndarray, logprob: np.ndarray) -> None:
+        self.drawn = drawn
+        self.drawn_cpu = drawn.cpu()
+        self.entropy = entropy
+        self.logprob = logprob
+
+
+def sample_step(
+    logits: torch.Tensor,
+    uniforms: np.ndarray,
+    settings: SamplingSettings,
+    describe_bad_rows: Any,
+) -> StepResult:
+    """Draw one token per row of ``logits`` [rows, vocab] with the given uniforms, by inverse CDF
+    of the processed distribution, and return the draws with the step's entropies and log-probs.
+
+    ``describe_bad_rows(bad: np.ndarray) -> str`` names the rows with non-finite logits (prompt,
+    step, rollouts) for the error raised then.
+    """
+    log_q, ids = processed_log_distribution(
+        logits, settings.temperature, settings.top_k, settings.top_p
+    )
+    choice = inverse_cdf(log_q.exp(), torch.from_numpy(uniforms).to(log_q.device)).unsqueeze(-1)
+    drawn = ids.gather(-1, choice).squeeze(-1)
+    drawn_log_q = log_q.gather(-1, choice).squeeze(-1)
+    h = entropy_from_log(log_q)
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    bad |= ~torch.isfinite(h) | ~torch.isfinite(drawn_log_q)
+    # One transfer per step: tokens, entropies, log-probs and the sanity flags.
+    result = StepResult(drawn, h.double().cpu().numpy(), drawn_log_q.double().cpu().numpy())
+    if bool(bad.any()):
+        raise NonFiniteLogitsError(
+            f"{describe_bad_rows(bad.cpu().numpy())}: non-finite logits (NaN or +inf). This "
+            "usually means float16 overflow: try dtype bfloat16 or float32."
+        )
+    return result
+
+
+def check_prompt_fits(
+    model: Any, prompt_length: int, settings: SamplingSettings, prompt_id: str
+) -> None:
+    """Raise :class:`PromptTooLongError` if the prompt leaves no room for max_new_tokens.
+
+    ``model`` is anything with a transformers ``config`` attribute (a model or a light holder).
+    We raise instead of capping max_new_tokens for that prompt, because a silently lower cap would
+    change what "truncated" means for some prompts only.
+    """
+    limit = context_length(model)
+    if limit is not None and prompt_length + settings.max_new_tokens > limit:
+        raise PromptTooLongError(
+            f"prompt {prompt_id!r} has {prompt_length} tokens, which with max_new_tokens="
+            f"{settings.max_new_tokens} exceeds the model's context of {limit} tokens "
+            "(max_position_embeddings). Shorten or drop the prompt, or lower max_new_tokens."
+        )
+
+
+def rollout_row(
+    prompt_id: str,
+    sample: int,
+    prompt_tokens: int,
+    tokens: Sequence[int],
+    entropies: Sequence[float],
+    logprobs: Sequence[float],
+    hit_eos: bool,
+) -> dict[str, Any]:
+    """One row of the rollout table (``text`` left empty: the caller decodes)."""
+    return {
+        "prompt_id": prompt_id,
+        "sample": sample,
+        "prompt_tokens": prompt_tokens,
+        "n_steps": len(tokens),
+        "hit_eos": hit_eos,
+        "truncated": not hit_eos,
+        "step_entropy": list(entropies),
+        "step_logprob": list(logprobs),
+        "sum_entropy": float(math.fsum(entropies)),
+        "sum_logprob": float(math.fsum(logprobs)),
+        "token_ids": list(tokens),
+        "text": "",
+    }

@@ -1,0 +1,117 @@
+"""Per-prompt shards: a task's finished prompts, kept across interrupted runs.
+
+Each finished prompt is written atomically to ``<output>.shards/`` (a sibling directory that is not
+a Snakemake output, so it survives a killed job) together with a fingerprint of everything that
+determines its rows; a rerun reuses only shards whose fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from canopy.io import atomic_path
+
+__all__ = [
+    "ROLLOUT_SCHEMA",
+    "SHARD_FORMAT_VERSION",
+    "shard_dir_for",
+    "model_identity",
+    "fingerprint",
+    "shard_path",
+    "read_valid_shard",
+    "write_shard",
+]
+
+#: Bump when the meaning of a shard's rows changes, so that old shards are never reused.
+SHARD_FORMAT_VERSION = 1
+
+#: The rollout table of docs/architecture.md, with fixed Arrow types.
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("n_steps", pa.int64()),
+        ("hit_eos", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("step_entropy", pa.list_(pa.float64())),
+        ("step_logprob", pa.list_(pa.float64())),
+        ("sum_entropy", pa.float64()),
+        ("sum_logprob", pa.float64()),
+        ("token_ids", pa.list_(pa.int64())),
+        ("text", pa.string()),
+    ]
+)
+
+
+def shard_dir_for(output: str | Path) -> Path:
+    """``results/.../{task}.parquet`` -> ``results/.../{task}.shards/``."""
+    output = Path(output)
+    stem = output.name[: -len(".parquet")] if output.name.endswith(".parquet") else output.name
+    return output.with_name(stem + ".shards")
+
+
+_SMALL_FILE = 64 * 2**20  # files up to this size are identified by content, larger by size + mtime
+
+
+def model_identity(model_dir: str | Path) -> str:
+    """A hash that changes whenever the model directory's files change.
+
+    Small files (config, tokenizer, chat template, tiny weights) are hashed by content; large
+    weight files by name, size and modification time, so that identifying an 8B model is instant.
+    """
+    root = Path(model_dir)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        stat = file.stat()
+        digest.update(f"{relative.as_posix()}\x00{stat.st_size}\x00".encode())
+        if stat.st_size <= _SMALL_FILE:
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shard_path(shard_dir: Path, prompt_id: str) -> Path:
+    # prompt ids may hold any character; the file name must not.
+    return shard_dir / f"{hashlib.sha256(prompt_id.encode()).hexdigest()[:24]}.parquet"
+
+
+def read_valid_shard(path: Path, fingerprint: str) -> pa.Table | None:
+    """The shard's rows if it exists and was written for exactly this fingerprint, else None."""
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None  # unreadable: resample (atomic writes make this very unlikely)
+    metadata = table.schema.metadata or {}
+    if metadata.get(b"canopy_fingerprint", b"").decode() != fingerprint:
+        return None
+    return table.replace_schema_metadata(None)
+
+
+def write_shard(
+    path: Path, rows: list[dict[str, Any]], fingerprint: str, prompt_id: str
+) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+    stamped = table.replace_schema_metadata(
+        {"canopy_fingerprint": fingerprint, "prompt_id": prompt_id}
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(stamped, tmp)
+    return table

@@ -1,0 +1,291 @@
+"""A task: a prompts file in, the rollout table out, resumable through per-prompt shards.
+
+``sample_task`` formats every prompt and checks it against the model's context before any is
+sampled (a problem fails in seconds), reuses the valid shards of an interrupted run, hands the
+remaining prompts to the configured backend in one continuous batch, writes each prompt's shard as
+soon as its last rollout ends, and assembles the table from the shards in prompt order, so a
+resumed run equals an uninterrupted one.
+
+Chunks: with ``settings.chunks = K`` a task's prompts are split into K contiguous slices
+(``chunk_prompts``), each sampled by its own job into its own table and shard directory;
+``gather_rollouts`` concatenates the K tables in prompt order into the table an unchunked run
+writes (the draws of a prompt do not depend on which other prompts are sampled with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from canopy.io import atomic_path
+from canopy.modeling import (
+    VARIANTS,
+    check_chat_options,
+    check_model_dir,
+    eos_token_ids,
+    format_prompt,
+    resolve_device,
+    resolve_dtype,
+)
+from canopy.sampling.backends import make_backend
+from canopy.sampling.batcher import PromptJob
+from canopy.sampling.kernel import check_prompt_fits
+from canopy.sampling.settings import TOKEN_NEUTRAL_SETTINGS, SamplingSettings
+from canopy.sampling.shards import (
+    ROLLOUT_SCHEMA,
+    SHARD_FORMAT_VERSION,
+    fingerprint,
+    model_identity,
+    read_valid_shard,
+    shard_dir_for,
+    shard_path,
+    write_shard,
+)
+
+__all__ = ["read_prompts", "chunk_prompts", "sample_task", "gather_rollouts"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """The prompts of ``resources/prompts/{task}.jsonl``: one JSON object per line with at least
+    ``prompt_id`` and ``prompt``; ids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} does not exist: run the data stage first"
+        )
+    prompts: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+        if not isinstance(record, dict) or "prompt_id" not in record or "prompt" not in record:
+            raise ValueError(f"{path}:{number}: each line needs the fields prompt_id and prompt")
+        record["prompt_id"] = str(record["prompt_id"])
+        if record["prompt_id"] in seen:
+            raise ValueError(f"{path}:{number}: duplicate prompt_id {record['prompt_id']!r}")
+        seen.add(record["prompt_id"])
+        prompts.append(record)
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def chunk_prompts(prompts: Sequence[Any], chunk: int, chunks: int) -> list[Any]:
+    """The ``chunk``-th (0-based) of ``chunks`` contiguous slices of ``prompts`` (sizes differ by
+    at most one; a slice is empty when there are more chunks than prompts)."""
+    if not 0 <= chunk < chunks:
+        raise ValueError(f"chunk {chunk} is not in 0..{chunks - 1}")
+    total = len(prompts)
+    return list(prompts[chunk * total // chunks : (chunk + 1) * total // chunks])
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _lightweight_model_info(model_dir: Path) -> SimpleNamespace:
+    """Config and generation config without the weights: enough for EOS ids and context length."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:  # no generation_config.json: the model config's eos is used
+        generation_config = None
+    return SimpleNamespace(config=config, generation_config=generation_config)
+
+
+def sample_task(
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    variant: str,
+    settings: SamplingSettings,
+    output: str | Path,
+    *,
+    chunk: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+    progress: logging.Logger | None = None,
+) -> pd.DataFrame:
+    """Sample every prompt of a task (or of its ``chunk``-th of ``settings.chunks`` slices) and
+    write the rollout table to ``output`` (atomically).
+
+    Resumable: each finished prompt is stored in ``<output>.shards/`` with a fingerprint of its
+    settings, model files, variant, chat options and prompt; a rerun reuses the valid shards and
+    samples the rest. The shard directory is removed once ``output`` is written.
+    ``chat_template_kwargs`` and ``system_prompt`` shape the finetuned variant's chat template.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    log = progress or logger
+    model_dir = Path(model_dir)
+    output = Path(output)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    check_model_dir(model_dir)
+    prompts = read_prompts(prompts_path)
+    if chunk is not None:
+        prompts = chunk_prompts(prompts, chunk, settings.chunks)
+    chat = {
+        "chat_template_kwargs": dict(chat_template_kwargs or {}),
+        "system_prompt": system_prompt,
+    }
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if variant == "finetuned":
+        check_chat_options(tokenizer, **chat)
+    elif chat_template_kwargs or system_prompt is not None:
+        raise ValueError(
+            "chat_template_kwargs and system_prompt apply to the finetuned variant only (the base "
+            "variant is sampled from the raw prompt text)"
+        )
+    info = _lightweight_model_info(model_dir)
+    eos_ids = eos_token_ids(info, tokenizer)
+    formatted: list[list[int]] = []
+    for record in prompts:
+        ids = format_prompt(
+            tokenizer, record["prompt"], variant, prompt_id=record["prompt_id"], **chat
+        )
+        check_prompt_fits(info, len(ids), settings, record["prompt_id"])
+        formatted.append(ids)
+
+    if settings.backend == "canopy":
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+    else:
+        device, dtype = torch.device("cuda"), settings.dtype
+
+    shared = {
+        "format": SHARD_FORMAT_VERSION,
+        "settings": {
+            key: value
+            for key, value in settings.to_dict().items()
+            if key not in TOKEN_NEUTRAL_SETTINGS
+        },
+        "device_type": device.type,
+        "dtype": str(dtype),
+        "model": model_identity(model_dir),
+        "variant": variant,
+        "eos_ids": eos_ids,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if variant == "finetuned":
+        shared["chat"] = chat
+    fingerprints = [
+        fingerprint(
+            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
+        )
+        for r, ids in zip(prompts, formatted)
+    ]
+
+    shard_dir = shard_dir_for(output)
+    tables: list[pa.Table | None] = [
+        read_valid_shard(shard_path(shard_dir, r["prompt_id"]), fp)
+        for r, fp in zip(prompts, fingerprints)
+    ]
+    total = len(prompts)
+    reused = sum(t is not None for t in tables)
+    if reused:
+        log.info("resuming: %d/%d prompts already sampled in %s", reused, total, shard_dir)
+
+    todo = [index for index, table in enumerate(tables) if table is None]
+    if todo:
+        backend = make_backend(settings.backend, model_dir, settings, eos_ids)
+        started = time.perf_counter()
+        counts = {"done": reused, "tokens": 0}
+
+        def on_done(position: int, rows: list[dict[str, Any]]) -> None:
+            index = todo[position]
+            prompt_id = prompts[index]["prompt_id"]
+            for row in rows:
+                row["text"] = tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+            tables[index] = write_shard(
+                shard_path(shard_dir, prompt_id), rows, fingerprints[index], prompt_id
+            )
+            counts["done"] += 1
+            new_tokens = sum(row["n_steps"] for row in rows)
+            counts["tokens"] += new_tokens
+            seconds = time.perf_counter() - started
+            sampled_here = counts["done"] - reused
+            log.info(
+                "prompt %d/%d (%s) done: %d tokens; %.1f tokens/s overall; ETA %s",
+                counts["done"],
+                total,
+                prompt_id,
+                new_tokens,
+                counts["tokens"] / seconds if seconds > 0 else float("nan"),
+                _format_seconds(seconds / sampled_here * (total - counts["done"])),
+            )
+
+        backend.sample_prompts(
+            [PromptJob(prompts[i]["prompt_id"], formatted[i]) for i in todo], on_done
+        )
+
+    done = [t for t in tables if t is not None]
+    if len(done) != total:
+        raise RuntimeError(f"{total - len(done)} prompt(s) were never sampled")
+    table = pa.concat_tables(done) if done else ROLLOUT_SCHEMA.empty_table()
+    with atomic_path(output) as tmp:
+        pq.write_table(table, tmp)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    log.info("wrote %d rollouts of %d prompts to %s", table.num_rows, total, output)
+    return table.to_pandas()
+
+
+def gather_rollouts(
+    chunk_paths: Sequence[str | Path],
+    prompts_path: str | Path,
+    output: str | Path,
+    *,
+    progress: logging.Logger | None = None,
+) -> pd.DataFrame:
+    """Concatenate the chunk tables (in chunk order) into the task's rollout table.
+
+    Checks that together they hold exactly the prompts file's prompts in its order, so a chunk
+    table left from another prompt set is an error rather than a silently wrong table.
+    """
+    log = progress or logger
+    prompts = read_prompts(prompts_path)
+    tables = [pq.read_table(path).replace_schema_metadata(None) for path in chunk_paths]
+    for path, table in zip(chunk_paths, tables):
+        if table.schema != ROLLOUT_SCHEMA:
+            raise ValueError(f"chunk table {str(path)!r} does not have the rollout table's columns")
+    table = pa.concat_tables(tables) if tables else ROLLOUT_SCHEMA.empty_table()
+    found = list(dict.fromkeys(table.column("prompt_id").to_pylist()))
+    expected = [record["prompt_id"] for record in prompts]
+    if found != expected:
+        raise ValueError(
+            f"the chunk tables {[str(p) for p in chunk_paths]} hold prompts {found[:5]}... but "
+            f"{str(prompts_path)!r} lists {expected[:5]}...: resample the chunks (delete them)"
+        )
+    with atomic_path(Path(output)) as tmp:
+        pq.write_table(table, tmp)
+    log.info(
+        "gathered %d rollouts of %d prompts from %d chunks", table.num_rows, len(found), len(tables)
+    )
+    return table.to_pandas()

@@ -1,0 +1,378 @@
+"""Continuous batching and the slot KV cache, on tiny random models of the paper's architectures.
+
+Every step's entropy and log-probability of the batched, cached sampler is compared with a
+cache-free recomputation (a full forward pass of prompt + prefix), for Qwen3, Llama-3.1 (llama3
+rope scaling), Gemma-3 with sliding-window layers (the text class and the multimodal
+Gemma3ForConditionalGeneration); the tokens must equal the one-prompt-at-a-time sampler's whatever
+the row and token budgets; chunked sampling gathered must equal an unchunked run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from canopy.modeling import LoadedModel
+from canopy.sampling import (
+    BatchStats,
+    PromptJob,
+    SamplingSettings,
+    chunk_prompts,
+    gather_rollouts,
+    processed_log_distribution,
+    sample_prompt_dynamic,
+    sample_prompts,
+    sample_task,
+    shard_dir_for,
+)
+from canopy.sampling import batcher as batcher_module
+from canopy.sampling.batcher import class_length
+from test_modeling import build_llama
+from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
+
+VOCAB = 24
+EOS = [2, 3]
+WINDOW = 3
+
+
+def _init(model, seed: int = 3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5 if parameter.ndim > 1 else 0.1)
+    return model.eval()
+
+
+def _common() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+
+
+def _gemma3_text_config(attn: str):
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        **_common(),
+        num_hidden_layers=3,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def build(architecture: str, attn: str = "sdpa"):
+    """A tiny random model of one of the paper's architectures (fixed seed)."""
+    import transformers as tf
+
+    if architecture == "qwen3":
+        config = tf.Qwen3Config(**_common(), num_hidden_layers=2)
+        config._attn_implementation = attn
+        return _init(tf.Qwen3ForCausalLM(config))
+    if architecture == "llama3.1":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        }
+        config = tf.LlamaConfig(**_common(), num_hidden_layers=2, rope_parameters=rope)
+        config._attn_implementation = attn
+        return _init(tf.LlamaForCausalLM(config))
+    if architecture == "gemma3":
+        return _init(tf.Gemma3ForCausalLM(_gemma3_text_config(attn)))
+    if architecture == "gemma3-multimodal":
+        vision = tf.SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        )
+        config = tf.Gemma3Config(
+            text_config=_gemma3_text_config(attn).to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            image_token_index=VOCAB - 1,
+            boi_token_index=VOCAB - 2,
+            eoi_token_index=VOCAB - 3,
+        )
+        config._attn_implementation = attn
+        return _init(tf.Gemma3ForConditionalGeneration(config))
+    raise ValueError(architecture)
+
+
+def loaded(model) -> LoadedModel:
+    return LoadedModel(model=model, tokenizer=None, device=torch.device("cpu"), dtype=torch.float32)
+
+
+# Prompts of different lengths, all longer than the sliding window once a few tokens are drawn.
+JOBS = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(3)]
+
+
+def run(
+    model, settings: SamplingSettings, jobs=JOBS, eos=EOS
+) -> tuple[dict[str, list[dict]], BatchStats]:
+    rows: dict[str, list[dict]] = {}
+    stats = sample_prompts(
+        loaded(model),
+        jobs,
+        settings,
+        eos_ids=eos,
+        on_done=lambda index, done: rows.__setitem__(jobs[index].prompt_id, done),
+    )
+    return rows, stats
+
+
+def cache_free_errors(model, rows: dict[str, list[dict]], settings: SamplingSettings) -> tuple:
+    """Largest |h_t - recomputed h_t| and |log q_t - recomputed| over every step of every row."""
+    prompts = {job.prompt_id: list(job.token_ids) for job in JOBS}
+    worst_h = worst_lq = 0.0
+    steps = 0
+    for prompt_id, prompt_rows in rows.items():
+        for row in prompt_rows:
+            for t, (h, lq) in enumerate(zip(row["step_entropy"], row["step_logprob"])):
+                ids = torch.tensor([prompts[prompt_id] + row["token_ids"][:t]])
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits[:, -1, :]
+                log_q, token_ids = processed_log_distribution(
+                    logits, settings.temperature, settings.top_k, settings.top_p
+                )
+                q = log_q.exp()
+                truth = float(-torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum())
+                drawn = float(log_q[0, token_ids[0] == row["token_ids"][t]][0])
+                worst_h, worst_lq = max(worst_h, abs(truth - h)), max(worst_lq, abs(drawn - lq))
+                steps += 1
+    return worst_h, worst_lq, steps
+
+
+ARCHITECTURES = [
+    ("qwen3", "sdpa"),
+    ("llama3.1", "sdpa"),
+    ("llama3.1", "eager"),
+    ("gemma3", "sdpa"),
+    ("gemma3", "eager"),
+    ("gemma3-multimodal", "sdpa"),
+]
+
+
+@pytest.mark.parametrize("architecture, attn", ARCHITECTURES)
+def test_every_step_matches_a_cache_free_recomputation(architecture: str, attn: str) -> None:
+    model = build(architecture, attn)
+    # 7 rows for 3 prompts x 5 rollouts: rows of different prompts share steps and are refilled.
+    settings = SamplingSettings(rollouts=5, max_new_tokens=10, top_k=0, seed=2, max_batch_rows=7)
+    rows, stats = run(model, settings)
+    assert set(rows) == {job.prompt_id for job in JOBS}
+    worst_h, worst_lq, steps = cache_free_errors(model, rows, settings)
+    assert steps > 60
+    assert worst_h < 1e-5 and worst_lq < 1e-5, (worst_h, worst_lq)
+    # Rows of several prompts were in the batch at once (the 7 rows are refilled across prompts).
+    assert max(stats.rows_per_step) == 7 and stats.prefills == len(JOBS)
+
+
+def test_a_cache_that_ignored_the_sliding_window_would_fail_the_recomputation(monkeypatch) -> None:
+    """The check above can fail: attend over every position on Gemma-3's sliding layers."""
+    model = build("gemma3")
+    monkeypatch.setattr(batcher_module, "sliding_window_of", lambda config: None)
+    settings = SamplingSettings(rollouts=3, max_new_tokens=8, top_k=0, seed=2)
+    rows, _ = run(model, settings, JOBS[:1])
+    worst_h, _, _ = cache_free_errors(model, rows, settings)
+    assert worst_h > 1e-3
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama3.1", "gemma3", "gemma3-multimodal"])
+def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: str) -> None:
+    model = build(architecture)
+    base = dict(rollouts=6, max_new_tokens=9, top_k=10, top_p=0.9, seed=7)
+    reference = {
+        job.prompt_id: sample_prompt_dynamic(
+            loaded(model),
+            job.token_ids,
+            SamplingSettings(**base),
+            prompt_id=job.prompt_id,
+            eos_ids=EOS,
+        )
+        for job in JOBS
+    }
+    budgets = [dict(), dict(max_batch_rows=1), dict(max_batch_rows=4), dict(max_batch_rows=17)]
+    budgets.append(dict(max_batch_tokens=96))  # at most 1 row once the cache is 65+ long
+    for budget in budgets:
+        rows, _ = run(model, SamplingSettings(**base, **budget))
+        for prompt_id, expected in reference.items():
+            got = rows[prompt_id]
+            assert [r["token_ids"] for r in got] == [r["token_ids"] for r in expected], budget
+            assert [r["hit_eos"] for r in got] == [r["hit_eos"] for r in expected]
+            np.testing.assert_allclose(
+                np.concatenate([r["step_entropy"] for r in got]),
+                np.concatenate([r["step_entropy"] for r in expected]),
+                atol=1e-5,
+            )
+
+
+def test_the_cache_holds_length_classes_not_the_longest_row_for_every_row() -> None:
+    """Long rollouts (no EOS in reach) beside short ones: each row sits in the smallest length
+    class (32 x 2^k positions) that holds it, moving up as it grows; the buffers are reallocated a
+    few times, never at every step; a token budget holds back admissions."""
+    model = build_llama(VOCAB, context=512, seed=2)
+    never = [VOCAB + 5]
+    settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1)
+    jobs = [PromptJob("long", [1, 5, 6])]
+    rows, stats = run(model, settings, jobs, never)
+    assert [r["n_steps"] for r in rows["long"]] == [300] * 4
+    assert stats.forwards == 299 and stats.reallocations == 0
+    # 4 rows of up to 302 positions end in the 512 class: 4 x 512 positions of 2 layers x K and V
+    # x 2 heads x 8 dims x 4 bytes, not the 8 rows x 512 a batch-wide length would hold...
+    per_position = 2 * 2 * 2 * 8 * 4
+    assert stats.peak_cache_bytes == 4 * 512 * per_position
+    # ...and rows of different lengths sit in different classes: less than every row at the
+    # longest row's class.
+    mixed = SamplingSettings(**{**settings.to_dict(), "max_batch_rows": 8})
+    jobs = [jobs[0], PromptJob("other", [1, 5, 7])]
+    both, stats_both = run(model, mixed, jobs, [2])
+    lengths = [r["n_steps"] for rows in both.values() for r in rows]
+    assert max(stats_both.rows_per_step) == 8 and min(lengths) < 30 < max(lengths)
+    assert stats_both.peak_cache_bytes < 8 * class_length(max(lengths) + 3) * per_position
+
+    # A budget of 4 x 32 token slots: the second prompt waits until the first one's rows end.
+    budgeted = SamplingSettings(**{**mixed.to_dict(), "max_batch_tokens": 4 * 32})
+    again, stats_budget = run(model, budgeted, jobs, [2])
+    assert max(stats_budget.rows_per_step) == 4 and again == both
+
+
+def test_a_prompts_rows_are_bit_identical_whatever_shares_the_batch() -> None:
+    """On CPU a prompt's floats, not only its tokens, do not depend on its neighbours, the
+    budgets or the length classes its rows pass through, so resumed and chunked tables are equal."""
+    model = build_llama(VOCAB, context=512, seed=2)
+    eos = [2]  # rare enough that rows reach several length classes
+    jobs = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(4)]
+    settings = dict(rollouts=5, max_new_tokens=150, top_k=8, seed=5)
+    full, _ = run(model, SamplingSettings(**settings), jobs, eos)
+    assert max(r["n_steps"] for rows in full.values() for r in rows) > 64
+    for subset, budget in [
+        (jobs[2:], {}),
+        (jobs[::-1], {"max_batch_rows": 3}),
+        (jobs[1:2], {}),
+        (jobs, {"max_batch_rows": 13, "max_batch_tokens": 256}),
+    ]:
+        part, _ = run(model, SamplingSettings(**settings, **budget), subset, eos)
+        for prompt_id, rows in part.items():
+            assert rows == full[prompt_id], (prompt_id, budget)
+
+
+# ------------------------------------------------------------------------------------ chunks
+
+
+def test_chunk_prompts_are_contiguous_slices_covering_every_prompt_once() -> None:
+    prompts = list(range(10))
+    slices = [chunk_prompts(prompts, k, 4) for k in range(4)]
+    assert [len(s) for s in slices] == [2, 3, 2, 3]
+    assert sum(slices, []) == prompts
+    assert [chunk_prompts([1, 2], k, 3) for k in range(3)] == [[], [1], [2]]
+    with pytest.raises(ValueError, match="chunk 4 is not in 0..3"):
+        chunk_prompts(prompts, 4, 4)
+
+
+def test_chunked_run_gathers_to_the_unchunked_table(model_dir: Path, tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
+    small = dict(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
+    unchunked = tmp_path / "whole.parquet"
+    sample_task(model_dir, prompts, "finetuned", SamplingSettings(**small), unchunked)
+    chunked = SamplingSettings(**small, chunks=4, max_batch_rows=5)
+    paths = [tmp_path / "chunks" / f"{k}.parquet" for k in range(4)]
+    for k, path in enumerate(paths):
+        sample_task(model_dir, prompts, "finetuned", chunked, path, chunk=k)
+        assert not shard_dir_for(path).exists()
+    assert [pq.read_table(p).num_rows for p in paths] == [6, 12, 6, 12]
+    gathered = tmp_path / "gathered.parquet"
+    gather_rollouts(paths, prompts, gathered, progress=RecordingLogger())
+    assert pq.read_table(gathered).equals(pq.read_table(unchunked))
+
+    # Chunk tables of another prompt set (or in the wrong order) are refused.
+    with pytest.raises(ValueError, match="resample the chunks"):
+        gather_rollouts(list(reversed(paths)), prompts, tmp_path / "bad.parquet")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+# ------------------------------------------------------------------------------ chat options
+
+
+def test_chat_options_enter_the_prompt_and_the_shard_fingerprint(tmp_path: Path) -> None:
+    from test_modeling import THINKING_TEMPLATE, THINKING_WORDS, build_tokenizer, save_model_dir
+    from test_sampling import Interrupted, InterruptingLogger
+
+    tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)
+    directory = save_model_dir(
+        tmp_path / "model", build_llama(len(tokenizer), eos=[2, 6], seed=1), tokenizer
+    )
+    prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
+    settings = SamplingSettings(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
+    output = tmp_path / "t.parquet"
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    with pytest.raises(Interrupted):
+        sample_task(
+            directory,
+            prompts,
+            "finetuned",
+            settings,
+            output,
+            progress=InterruptingLogger(after=2),
+            **off,
+        )
+    # Other chat options: the two finished prompts are not reused.
+    log = RecordingLogger()
+    on = sample_task(
+        directory,
+        prompts,
+        "finetuned",
+        settings,
+        output,
+        chat_template_kwargs={"enable_thinking": True},
+        progress=log,
+    )
+    assert not any("resuming" in m for m in log.messages)
+    without = sample_task(
+        directory, prompts, "finetuned", settings, tmp_path / "off.parquet", **off
+    )
+    lengths = {pid: len(text.split()) + 2 for pid, text in PROMPTS.items()}
+    assert on.groupby("prompt_id")["prompt_tokens"].first().to_dict() == lengths
+    assert without.groupby("prompt_id")["prompt_tokens"].first().to_dict() == {
+        pid: n + 2 for pid, n in lengths.items()  # <think> </think> after <assistant>
+    }
+    with pytest.raises(ValueError, match="never reads enable_thinkng"):
+        sample_task(
+            directory,
+            prompts,
+            "finetuned",
+            settings,
+            tmp_path / "typo.parquet",
+            chat_template_kwargs={"enable_thinkng": False},
+        )
+    with pytest.raises(ValueError, match="finetuned variant only"):
+        sample_task(directory, prompts, "base", settings, tmp_path / "b.parquet", **off)
+
+
+def test_bfloat16_models_run_through_the_slot_cache() -> None:
+    """The dtype GPUs sample in: masks and cache buffers follow the model's dtype, and every step
+    still matches the cache-free recomputation (to bfloat16's precision)."""
+    model = build("qwen3").to(torch.bfloat16)
+    settings = SamplingSettings(rollouts=4, max_new_tokens=8, top_k=0, seed=2, max_batch_rows=6)
+    rows, _ = run(model, settings)
+    worst_h, worst_lq, steps = cache_free_errors(model, rows, settings)
+    assert steps > 30 and worst_h < 0.05 and worst_lq < 0.05, (worst_h, worst_lq)
