@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BootstrapSettings", "BOOTSTRAP_COLUMNS", "paired_bootstrap"]
+__all__ = ["BootstrapSettings", "BOOTSTRAP_COLUMNS", "paired_bootstrap", "estimator_notes"]
 
 #: Columns of the table :func:`paired_bootstrap` returns.
 BOOTSTRAP_COLUMNS: tuple[str, ...] = (
@@ -251,3 +251,19 @@ def paired_bootstrap(
     table["seed"] = settings.seed
     table["n_prompts"] = table["n_prompts"].astype(np.int64)
     return table
+
+
+def estimator_notes(table: pd.DataFrame, panel: pd.DataFrame) -> pd.Series:
+    """A ``note`` per bootstrap row saying which H(N) estimator H(Y | N) subtracted.
+
+    The metric tables carry it as ``length_entropy_estimator`` (one value per run: it is a
+    setting); rows of other metrics get an empty note. A panel without the column (tables from
+    before the setting existed) says so rather than guessing.
+    """
+    if "length_entropy_estimator" in panel.columns:
+        names = sorted(set(panel["length_entropy_estimator"].dropna().astype(str)))
+        used = "H(N) by " + " and ".join(names)
+    else:
+        used = "H(N) estimator not recorded"
+    text = f"H(Y|N) = CE* - H(N), {used}"
+    return table["metric"].map(lambda m: text if m == "conditional_entropy_given_length" else "")

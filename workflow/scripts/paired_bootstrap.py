@@ -5,7 +5,7 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.bootstrap import BootstrapSettings, paired_bootstrap  # noqa: E402
+from canopy.bootstrap import BootstrapSettings, estimator_notes, paired_bootstrap  # noqa: E402
 from canopy.io import write_tsv  # noqa: E402
 
 METRICS = [
@@ -16,6 +16,7 @@ METRICS = [
     "cov_length_rate",
     "rho_pearson",
     "length_entropy_miller_madow",
+    "length_entropy_chao_shen",
     "conditional_entropy_given_length",
     "branching_factor",
     "generation_perplexity",
@@ -32,5 +33,6 @@ table = paired_bootstrap(
     confidence=settings.confidence,
     seed=settings.seed,
 )
+table["note"] = estimator_notes(table, panel)
 write_tsv(table, snakemake.output[0])
 log.info("paired bootstrap: %d rows", len(table))
