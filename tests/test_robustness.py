@@ -4,6 +4,8 @@ matched table, and (slow) the pymer4 linear mixed model on a simulated panel."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from canopy.robustness import (
     pairwise_dissimilarity,
 )
 from canopy.simulate_panel import simulate_panel, simulate_rollouts
-from canopy.stats import StatsSettings, prepare_panel
+from canopy.stats import StatsSettings, fit_beta_glmm_many, prepare_panel
 
 
 def test_match_lengths_gives_identical_bin_histograms():
@@ -109,7 +111,12 @@ def test_fixed_effects_slopes_match_hand_built_least_squares(tmp_path):
 
 def test_length_matched_table(tmp_path):
     rollouts, embeddings = simulate_rollouts(4, n_prompts=10, n_rollouts=30)
-    settings = StatsSettings.from_config({"robustness": {"length_repeats": 3, "length_bins": 5}})
+    settings = StatsSettings.from_config({
+        # A small panel (80 rows): the paper's splines would not be estimable.
+        "formula": "D ~ R_sc * variant + invN_sc + task + (1 | prompt_uid) + (1 | family)",
+        "dispersion": "~ variant",
+        "robustness": {"length_repeats": 3, "length_bins": 5},
+    })
     table = length_matched(rollouts, embeddings, settings, tmp_path / "lm.tsv",
                            prompt_metrics_path=tmp_path / "prompts.tsv")
     assert set(table["analysis"]) == {"unmatched", "matched", "matched_pooled"}
@@ -137,6 +144,22 @@ def test_length_matched_table(tmp_path):
                                     embeddings[key]["embeddings"][emb_mask])
     for name in ("R", "N", "rho", "D"):
         assert row[name] == pytest.approx(direct[name], rel=1e-9)
+
+    # Every fit is the Beta GLMM on its matched panel, standardised as the unmatched panel is.
+    assert set(table["method"]) == {"wald", "delta", "bootstrap"}
+    constants = json.loads(table["standardisation"].iloc[0])
+    unmatched_panel = prompts[prompts["repeat"] == -1].drop(columns="repeat")
+    assert constants == prepare_panel(unmatched_panel, settings).attrs["standardisation"]
+    repeat0 = prompts[prompts["repeat"] == 0].drop(columns="repeat")
+    direct = fit_beta_glmm_many([repeat0], settings, [tmp_path / "direct"], save_model=False,
+                                standardisation=constants)[0].slopes
+    got = table[(table["analysis"] == "matched") & (table["repeat"] == 0)]
+    np.testing.assert_allclose(got["slope"], direct["slope"], rtol=1e-6)
+    own = fit_beta_glmm_many([repeat0], settings, [tmp_path / "own"], save_model=False)[0].slopes
+    # Re-standardising per repeat would rescale the slopes by that repeat's own SD of R.
+    sd_ratio = repeat0["R"].std(ddof=1) / constants["R"]["sd"]
+    np.testing.assert_allclose(own["slope"].iloc[:2], direct["slope"].iloc[:2] * sd_ratio,
+                               rtol=1e-3)
 
     again = length_matched(rollouts, embeddings, settings, tmp_path / "lm2.tsv")
     pd.testing.assert_frame_equal(table, again)

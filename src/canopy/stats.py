@@ -497,16 +497,18 @@ def fit_beta_glmm_many(
     out_dirs: Sequence[str | os.PathLike[str]],
     *,
     save_model: bool = True,
+    standardisation: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[BetaGlmmResult]:
     """Fit the Beta GLMM to several panels in one R process (one result per panel).
 
     Each ``out_dirs[i]`` receives the files of :func:`fit_beta_glmm`; each file is moved into
     place atomically and ``summary.json`` is written last, so its presence marks a complete fit.
+    ``standardisation`` is passed to :func:`prepare_panel` for every panel (None: each panel's own).
     """
     if len(panels) != len(out_dirs):
         raise ValueError("panels and out_dirs differ in length")
     r_env = check_r_environment(settings.rscript)
-    frames = [prepare_panel(panel, settings) for panel in panels]
+    frames = [prepare_panel(panel, settings, standardisation=standardisation) for panel in panels]
     targets = [Path(d) for d in out_dirs]
     for target in targets:
         target.mkdir(parents=True, exist_ok=True)
