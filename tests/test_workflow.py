@@ -31,6 +31,8 @@ def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
     # 3 families x 2 variants x 4 tasks, each sampled, scored and embedded once.
     assert jobs["sample_rollouts"] >= 24
     assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["embed_rollouts"]
+    # diversity.semantic_entropy names an NLI model: one clustering job per rollout table.
+    assert jobs["semantic_entropy"] == jobs["sample_rollouts"]
     assert jobs["download_model"] == 6
     assert jobs["fit_glmm"] == 1
     assert "pretrain_base_model" not in jobs

@@ -26,7 +26,7 @@ CONFIG_CONSUMERS = {
     "sampling": ["sample_rollouts"],
     "metrics": ["prompt_metrics", "paired_bootstrap"],
     "embedders": ["embed_rollouts"],
-    "diversity": ["diversity"],
+    "diversity": ["diversity", "semantic_entropy"],
     "stats": [
         "fit_glmm",
         "glmm_diagnostics",
@@ -120,6 +120,16 @@ def analysis_targets():
 
 # Every (family, variant, task) of the experiment, in the order stats scripts pair with paths.
 MATRIX = [(f, v, t) for f in FAMILIES for v in VARIANTS for t in TASKS]
+
+
+def semantic_entropy_paths():
+    """Input function of the panel: the semantic-entropy tables when diversity.semantic_entropy
+    is set, else none."""
+    if not config["diversity"].get("semantic_entropy"):
+        return []
+    return matrix_paths(
+        "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet"
+    )
 
 
 def matrix_paths(pattern, matrix=None):

@@ -24,11 +24,13 @@ METRICS = [
     "dissimilarity",
     "vendi",
 ]
+# Present only when diversity.semantic_entropy is set.
+OPTIONAL = ["semantic_entropy", "semantic_entropy_weighted"]
 settings = BootstrapSettings.from_config(snakemake.params.settings)
 panel = pd.read_parquet(snakemake.input[0])
 table = paired_bootstrap(
     panel,
-    METRICS,
+    METRICS + [name for name in OPTIONAL if name in panel.columns],
     resamples=settings.resamples,
     confidence=settings.confidence,
     seed=settings.seed,
