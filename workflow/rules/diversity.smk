@@ -33,7 +33,9 @@ rule diversity:
     conda:
         "../../envs/analysis.yaml"
     params:
-        settings={k: v for k, v in config["diversity"].items() if k != "semantic_entropy"},
+        settings={
+            k: v for k, v in config["diversity"].items() if k != "semantic_entropy"
+        },
     script:
         "../scripts/diversity.py"
 
