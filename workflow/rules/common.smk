@@ -155,7 +155,7 @@ FIGURE_STYLE = [
     workflow.source_path(f"{_FIGURE_SRC}/canopy.mplstyle"),
 ]
 # Figures of one sampling setting, and figures of one (sampling setting, embedder).
-SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance"]
+SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance", "rho"]
 EMBEDDER_FIGURES = ["slopes", "residuals"]
 
 
@@ -196,16 +196,21 @@ def figure_inputs(name, pattern):
 
 
 def figure_targets():
-    """Every figure of every sampling setting (1-4) and (sampling setting, embedder) (5-6)."""
-    return expand(
-        "results/figures/{sampling}/{figure}.{ext}",
-        sampling=list(config["sampling"]),
-        figure=SAMPLING_FIGURES,
-        ext=["pdf", "png"],
-    ) + expand(
-        "results/figures/{sampling}/{embedder}/{figure}.{ext}",
-        sampling=list(config["sampling"]),
-        embedder=list(config["embedders"]),
-        figure=EMBEDDER_FIGURES,
-        ext=["pdf", "png"],
+    """Every figure of every sampling setting (1-4, 7) and (sampling setting, embedder) (5-6),
+    and the ablation forest plot over all of them (8)."""
+    return (
+        expand(
+            "results/figures/{sampling}/{figure}.{ext}",
+            sampling=list(config["sampling"]),
+            figure=SAMPLING_FIGURES,
+            ext=["pdf", "png"],
+        )
+        + expand(
+            "results/figures/{sampling}/{embedder}/{figure}.{ext}",
+            sampling=list(config["sampling"]),
+            embedder=list(config["embedders"]),
+            figure=EMBEDDER_FIGURES,
+            ext=["pdf", "png"],
+        )
+        + expand("results/figures/ablation_forest.{ext}", ext=["pdf", "png"])
     )
