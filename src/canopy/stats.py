@@ -498,12 +498,15 @@ def fit_beta_glmm_many(
     *,
     save_model: bool = True,
     standardisation: Mapping[str, Mapping[str, float]] | None = None,
-) -> list[BetaGlmmResult]:
+    keep_going: bool = False,
+) -> list[BetaGlmmResult | str]:
     """Fit the Beta GLMM to several panels in one R process (one result per panel).
 
     Each ``out_dirs[i]`` receives the files of :func:`fit_beta_glmm`; each file is moved into
     place atomically and ``summary.json`` is written last, so its presence marks a complete fit.
     ``standardisation`` is passed to :func:`prepare_panel` for every panel (None: each panel's own).
+    With ``keep_going`` a panel glmmTMB cannot fit gives its error message (a ``str``) in place
+    of a result, and the other panels are still fitted.
     """
     if len(panels) != len(out_dirs):
         raise ValueError("panels and out_dirs differ in length")
@@ -520,10 +523,14 @@ def fit_beta_glmm_many(
             _panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
             jobs.append({"panel": str(panel_path), "out_dir": str(work / f"fit{index}")})
         _run_r("fit_beta_glmm.R", {**settings.job_settings(), "jobs": jobs,
-                                   "save_model": save_model}, work, settings.rscript)
-        results = []
+                                   "save_model": save_model, "keep_going": keep_going},
+               work, settings.rscript)
+        results: list[BetaGlmmResult | str] = []
         for index, (frame, target) in enumerate(zip(frames, targets)):
             staged = work / f"fit{index}"
+            if (staged / "error.txt").exists():
+                results.append((staged / "error.txt").read_text().strip())
+                continue
             (target / "summary.json").unlink(missing_ok=True)
             names = [*FIT_FILES, "model.rds"] if save_model else list(FIT_FILES)
             for name in names:
@@ -565,7 +572,9 @@ def fit_beta_glmm(
     A fit that does not converge cleanly is still written, flagged in ``convergence.json`` and
     announced with a ``RuntimeWarning``.
     """
-    return fit_beta_glmm_many([panel], settings, [out_dir], save_model=True)[0]
+    result = fit_beta_glmm_many([panel], settings, [out_dir], save_model=True)[0]
+    assert isinstance(result, BetaGlmmResult)  # without keep_going a failure raises
+    return result
 
 
 # --------------------------------------------------------------------------------------------

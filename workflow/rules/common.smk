@@ -23,7 +23,7 @@ CONFIG_CONSUMERS = {
         "sample_rollouts",
     ],
     "training": ["build_corpus", "pretrain_base_model", "finetune_model"],
-    "sampling": ["sample_rollouts"],
+    "sampling": ["sample_rollouts", "filter_rollouts"],
     "metrics": ["prompt_metrics", "paired_bootstrap"],
     "embedders": ["embed_rollouts"],
     "diversity": ["diversity", "semantic_entropy"],
@@ -56,12 +56,20 @@ VARIANTS = ["base", "finetuned"]
 FAMILIES = list(config["families"])
 TASKS = list(config["tasks"])
 SAMPLINGS = list(config["sampling"])
+# Sampling entries with a `filter` block are made from another entry's rollouts (filters.smk).
+FILTERED_SAMPLINGS = [s for s in SAMPLINGS if config["sampling"][s].get("filter")]
 EMBEDDERS = list(config["embedders"])
 
 
 def _one_of(names):
     """Regex accepting exactly the given names (none: a regex that never matches)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+def sampled_point(sampling):
+    """The sampling entry that actually sampled a sweep point's rollouts (a filter's `from`)."""
+    spec = config["sampling"][sampling].get("filter")
+    return spec["from"] if spec else sampling
 
 
 def model_source(family, variant):

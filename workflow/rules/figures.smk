@@ -102,9 +102,9 @@ rule figure_lengths:
         settings=figure_settings("lengths"),
         matrix=figure_matrix("lengths"),
         # The cap drawn on the figure is the one the rollouts were sampled with.
-        max_new_tokens=lambda wildcards: config["sampling"][wildcards.sampling].get(
-            "max_new_tokens"
-        ),
+        max_new_tokens=lambda wildcards: config["sampling"][
+            sampled_point(wildcards.sampling)
+        ].get("max_new_tokens"),
     script:
         "../scripts/plot_lengths.py"
 
