@@ -94,7 +94,7 @@ def _rollouts(rng: np.random.Generator, prompts: list[str], m: int) -> pd.DataFr
         for sample in range(m):
             words = rng.choice(WORDS, size=rng.integers(1, 9))
             rows.append({"prompt_id": prompt, "sample": sample, "text": " ".join(words),
-                         "n_steps": len(words) + 1})
+                         "n_steps": len(words) + 1, "sum_logprob": -1.5 * (len(words) + 1)})
     return pd.DataFrame(rows)
 
 
@@ -149,3 +149,58 @@ def test_filter_keeps_the_best_scored_share_of_each_prompt(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "kept.parquet"), kept)
     with pytest.raises(ValueError, match="no prompt text"):
         filter_rollouts(rollouts, {"p0": "x"}, scorer, keep=0.7)
+
+
+# ------------------------------------------------------------------------------ the workflow
+
+
+@pytest.mark.slow
+def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
+    """A filtered sweep point is made by filter_rollouts (not sampled), from the rollouts of its
+    `from` entry, and the semantic-entropy stage runs on it with an NLI model from a directory."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import yaml
+
+    from test_semantic_entropy import _tiny_nli
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
+    rm = tiny_reward_model(tmp_path / "rm")
+    nli = _tiny_nli(tmp_path)
+    config["sampling"]["rm50"] = {
+        "filter": {"from": "default", "reward_model": {"model": str(rm)}, "keep": 0.5,
+                   "batch_size": 4, "device": "cpu"}
+    }
+    config["diversity"] = {"semantic_entropy": {"model": str(nli), "device": "cpu"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    rollouts = _rollouts(np.random.default_rng(3), ["p0", "p1"], 6)
+    write_parquet(rollouts, tmp_path / "results/rollouts/default/tinygpt/base/math.parquet")
+    write_prompts([Prompt("p0", "math", "the cat", "t"), Prompt("p1", "math", "a dog", "t")],
+                  tmp_path / "resources/prompts/math.jsonl")
+    (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
+        configfile: "config.yaml"
+        include: "{repo / 'workflow/rules/common.smk'}"
+        include: "{repo / 'workflow/rules/rollouts.smk'}"
+        include: "{repo / 'workflow/rules/filters.smk'}"
+        include: "{repo / 'workflow/rules/diversity.smk'}"
+        rule all:
+            input: "results/semantic_entropy/rm50/tinygpt/base/math.parquet"
+        """))
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(tmp_path),
+         "--snakefile", str(tmp_path / "Snakefile")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "rule filter_rollouts" in run.stderr and "rule sample_rollouts" not in run.stderr
+    kept = pd.read_parquet(tmp_path / "results/rollouts/rm50/tinygpt/base/math.parquet")
+    scores = pd.read_parquet(tmp_path / "results/rewards/rm50/tinygpt/base/math.parquet")
+    assert len(kept) == 6 and len(scores) == 12 and int(scores["kept"].sum()) == 6
+    semantic = pd.read_parquet(tmp_path / "results/semantic_entropy/rm50/tinygpt/base/math.parquet")
+    assert sorted(semantic["prompt_id"]) == ["p0", "p1"]
+    assert (semantic["n_semantic_clusters"].between(1, 3)).all()
