@@ -178,6 +178,17 @@ def test_length_matched_table(tmp_path):
     with pytest.raises(RuntimeError, match="unmatched panel"):
         length_matched(rollouts, embeddings, spline, tmp_path / "lm3.tsv")
 
+    # Matching that leaves fewer rollouts than min_matched everywhere drops every prompt: the
+    # repeats are reported as not estimable, the unmatched analysis still stands.
+    strict = StatsSettings.from_config({
+        "formula": settings.formula, "dispersion": settings.dispersion,
+        "robustness": {"length_repeats": 2, "length_bins": 5, "min_matched": 31},
+    })
+    table = length_matched(rollouts, embeddings, strict, tmp_path / "lm4.tsv")
+    matched = table[table["analysis"] == "matched"]
+    assert matched["error"].str.startswith("not estimable").all() and matched["slope"].isna().all()
+    assert table.loc[table["analysis"] == "unmatched", "slope"].notna().all()
+
 
 def test_length_matched_rejects_missing_embeddings(tmp_path):
     rollouts, embeddings = simulate_rollouts(4, n_prompts=3, n_rollouts=5)

@@ -377,21 +377,35 @@ def length_matched(
 
     repeats = [None, *range(rob.length_repeats)]
     panels, dropped_counts = [], []
+    columns = ["family", "variant", "task", "prompt_id", "prompt_uid", "R", "N", "rho", "D", "M"]
     for repeat in repeats:
         rows, dropped = metrics_rows(repeat)
-        metrics = pd.DataFrame(rows)
+        metrics = pd.DataFrame(rows, columns=columns)
         metrics["repeat"] = -1 if repeat is None else repeat
         panels.append(metrics)
         dropped_counts.append(dropped)
     # The unmatched panel's constants, for every fit (see the docstring).
     standardisation = prepare_panel(panels[0], settings).attrs["standardisation"]
+    # A matched panel can lose so many prompts that the model is no longer estimable (a task or
+    # a variant's spread in R gone): that repeat is reported as failed, not fitted.
+    fits: list[Any] = []
+    for metrics in panels:
+        try:
+            prepare_panel(metrics, settings, standardisation=standardisation)
+            fits.append(None)
+        except ValueError as error:
+            fits.append(f"not estimable: {error}")
+    estimable = [i for i, fit in enumerate(fits) if fit is None]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".length-matched-",
                                      dir=Path(out_path).parent) as tmp:
-        fits = fit_beta_glmm_many(
-            panels, settings, [Path(tmp) / f"fit{i}" for i in range(len(panels))],
+        fitted = fit_beta_glmm_many(
+            [panels[i] for i in estimable], settings,
+            [Path(tmp) / f"fit{i}" for i in estimable],
             save_model=False, standardisation=standardisation, keep_going=True,
         )
+    for i, fit in zip(estimable, fitted):
+        fits[i] = fit
     if isinstance(fits[0], str):
         raise RuntimeError(f"the Beta GLMM could not be fitted to the unmatched panel: {fits[0]}")
     tables = []
@@ -408,7 +422,7 @@ def length_matched(
         else:
             slopes = fit.slopes.copy()
             slopes["error"] = ""
-        means = metrics.groupby("variant")[["N", "R", "rho"]].mean()
+        means = metrics.groupby("variant")[["N", "R", "rho"]].mean().reindex(variants)
         for column in ("N", "R", "rho"):
             slopes[f"mean_{column}"] = slopes["variant"].map(means[column])
         slopes.insert(0, "analysis", "unmatched" if repeat is None else "matched")
@@ -417,7 +431,7 @@ def length_matched(
         slopes["n_rows"] = len(metrics)
         slopes["n_prompts"] = int(metrics["prompt_uid"].nunique())
         slopes["n_prompts_dropped"] = dropped
-        slopes["mean_rollouts"] = float(metrics["M"].mean())
+        slopes["mean_rollouts"] = float(metrics["M"].mean()) if len(metrics) else np.nan
         tables.append(slopes)
     table = pd.concat(tables, ignore_index=True)
     matched = table[(table["analysis"] == "matched") & table["method"].isin(["wald", "delta"])
