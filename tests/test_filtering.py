@@ -39,14 +39,26 @@ def tiny_reward_model(path, seed: int = 0):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=["<user>", "<assistant>", "<end_turn>"],
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<user>", "<assistant>", "<end_turn>"],
     )
     tokenizer.chat_template = TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        num_labels=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config)
@@ -79,7 +91,11 @@ def test_settings_from_config_name_the_key():
     block = {"from": "default", "reward_model": {"model": "org/rm", "revision": "abc"}, "keep": 0.5}
     settings = FilterSettings.from_config(block, "rm70")
     assert (settings.source, settings.model, settings.revision, settings.keep) == (
-        "default", "org/rm", "abc", 0.5)
+        "default",
+        "org/rm",
+        "abc",
+        0.5,
+    )
     with pytest.raises(ValueError, match=r"sampling\.rm70\.filter\.keep"):
         FilterSettings.from_config({**block, "keep": 1.5}, "rm70")
     with pytest.raises(ValueError, match=r"sampling\.rm70\.filter\.reward_model"):
@@ -93,8 +109,15 @@ def _rollouts(rng: np.random.Generator, prompts: list[str], m: int) -> pd.DataFr
     for prompt in prompts:
         for sample in range(m):
             words = rng.choice(WORDS, size=rng.integers(1, 9))
-            rows.append({"prompt_id": prompt, "sample": sample, "text": " ".join(words),
-                         "n_steps": len(words) + 1, "sum_logprob": -1.5 * (len(words) + 1)})
+            rows.append(
+                {
+                    "prompt_id": prompt,
+                    "sample": sample,
+                    "text": " ".join(words),
+                    "n_steps": len(words) + 1,
+                    "sum_logprob": -1.5 * (len(words) + 1),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -104,12 +127,23 @@ def test_scorer_batches_agree_with_one_pair_at_a_time(tmp_path):
     # The conversation as the reward model expects it: user turn, assistant turn, its specials.
     ids = scorer.encode("the cat sat", "a dog ran")
     assert scorer.tokenizer.convert_ids_to_tokens(ids) == [
-        "<bos>", "<user>", "the", "cat", "sat", "<end_turn>",
-        "<assistant>", "a", "dog", "ran", "<end_turn>",
+        "<bos>",
+        "<user>",
+        "the",
+        "cat",
+        "sat",
+        "<end_turn>",
+        "<assistant>",
+        "a",
+        "dog",
+        "ran",
+        "<end_turn>",
     ]
     rng = np.random.default_rng(1)
-    pairs = [(" ".join(rng.choice(WORDS, 3)), " ".join(rng.choice(WORDS, rng.integers(1, 12))))
-             for _ in range(11)]
+    pairs = [
+        (" ".join(rng.choice(WORDS, 3)), " ".join(rng.choice(WORDS, rng.integers(1, 12))))
+        for _ in range(11)
+    ]
     batched = scorer.score(pairs)
     single = []
     for prompt, answer in pairs:
@@ -138,13 +172,19 @@ def test_filter_keeps_the_best_scored_share_of_each_prompt(tmp_path):
 
     # The file-level entry point, as the workflow calls it.
     write_parquet(rollouts, tmp_path / "r.parquet")
-    write_prompts([Prompt(p, "math", text, "test") for p, text in prompts.items()],
-                  tmp_path / "prompts.jsonl")
-    settings = FilterSettings(source="default", model=str(path), keep=0.7, batch_size=4,
-                              device="cpu")
-    written = write_filtered_rollouts(tmp_path / "r.parquet", tmp_path / "prompts.jsonl",
-                                      tmp_path / "kept.parquet", tmp_path / "scores.parquet",
-                                      settings)
+    write_prompts(
+        [Prompt(p, "math", text, "test") for p, text in prompts.items()], tmp_path / "prompts.jsonl"
+    )
+    settings = FilterSettings(
+        source="default", model=str(path), keep=0.7, batch_size=4, device="cpu"
+    )
+    written = write_filtered_rollouts(
+        tmp_path / "r.parquet",
+        tmp_path / "prompts.jsonl",
+        tmp_path / "kept.parquet",
+        tmp_path / "scores.parquet",
+        settings,
+    )
     np.testing.assert_allclose(written["reward"], scores["reward"], rtol=1e-6)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "kept.parquet"), kept)
     with pytest.raises(ValueError, match="no prompt text"):
@@ -172,15 +212,22 @@ def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
     rm = tiny_reward_model(tmp_path / "rm")
     nli = _tiny_nli(tmp_path)
     config["sampling"]["rm50"] = {
-        "filter": {"from": "default", "reward_model": {"model": str(rm)}, "keep": 0.5,
-                   "batch_size": 4, "device": "cpu"}
+        "filter": {
+            "from": "default",
+            "reward_model": {"model": str(rm)},
+            "keep": 0.5,
+            "batch_size": 4,
+            "device": "cpu",
+        }
     }
     config["diversity"] = {"semantic_entropy": {"model": str(nli), "device": "cpu"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     rollouts = _rollouts(np.random.default_rng(3), ["p0", "p1"], 6)
     write_parquet(rollouts, tmp_path / "results/rollouts/default/tinygpt/base/math.parquet")
-    write_prompts([Prompt("p0", "math", "the cat", "t"), Prompt("p1", "math", "a dog", "t")],
-                  tmp_path / "resources/prompts/math.jsonl")
+    write_prompts(
+        [Prompt("p0", "math", "the cat", "t"), Prompt("p1", "math", "a dog", "t")],
+        tmp_path / "resources/prompts/math.jsonl",
+    )
     (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
         configfile: "config.yaml"
         include: "{repo / 'workflow/rules/common.smk'}"
@@ -192,9 +239,22 @@ def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
         """))
     env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1")
     run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(tmp_path),
-         "--snakefile", str(tmp_path / "Snakefile")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--cores",
+            "1",
+            "--directory",
+            str(tmp_path),
+            "--snakefile",
+            str(tmp_path / "Snakefile"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "rule filter_rollouts" in run.stderr and "rule sample_rollouts" not in run.stderr

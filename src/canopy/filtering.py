@@ -67,26 +67,39 @@ class FilterSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"
+            )
 
     @classmethod
     def from_config(cls, block: Mapping[str, Any], name: str = "<name>") -> FilterSettings:
         """From ``sampling.<name>.filter``: ``{from, reward_model: {model, revision}, keep, ...}``."""
         where = f"sampling.{name}.filter"
         block = dict(block)
-        allowed = {"from", "reward_model"} | {f.name for f in fields(cls)} - {"source", "model",
-                                                                              "revision"}
+        allowed = {"from", "reward_model"} | {f.name for f in fields(cls)} - {
+            "source",
+            "model",
+            "revision",
+        }
         unknown = sorted(set(block) - allowed)
         if unknown:
             raise ValueError(f"unknown key(s) {where}.{', '.join(unknown)}")
         model = block.pop("reward_model", None)
         if not isinstance(model, Mapping) or "model" not in model:
-            raise ValueError(f"{where}.reward_model must be a mapping with `model` (and `revision`)")
+            raise ValueError(
+                f"{where}.reward_model must be a mapping with `model` (and `revision`)"
+            )
         if "from" not in block:
-            raise ValueError(f"{where}.from must name the sampling entry whose rollouts are filtered")
+            raise ValueError(
+                f"{where}.from must name the sampling entry whose rollouts are filtered"
+            )
         try:
-            return cls(source=block.pop("from"), model=model["model"],
-                       revision=model.get("revision"), **block)
+            return cls(
+                source=block.pop("from"),
+                model=model["model"],
+                revision=model.get("revision"),
+                **block,
+            )
         except ValueError as error:
             raise ValueError(f"sampling.{name}.{error}") from error
 
@@ -115,26 +128,41 @@ class RewardScorer:
     in batches of similar length, right-padded.
     """
 
-    def __init__(self, source: str, *, batch_size: int = 8, max_length: int = 4096,
-                 device: str = "cpu", dtype: str = "auto", revision: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        batch_size: int = 8,
+        max_length: int = 4096,
+        device: str = "cpu",
+        dtype: str = "auto",
+        revision: str | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self._torch = torch
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}.get(dtype)
+        torch_dtype = {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }.get(dtype)
         if torch_dtype is None:  # auto
             torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         if self.tokenizer.chat_template is None:
-            raise ValueError(f"reward model {source!r} has no chat template: it cannot be "
-                             "given (prompt, answer) conversations the way it was trained")
+            raise ValueError(
+                f"reward model {source!r} has no chat template: it cannot be "
+                "given (prompt, answer) conversations the way it was trained"
+            )
         self.model = AutoModelForSequenceClassification.from_pretrained(
             source, revision=revision, dtype=torch_dtype
         )
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {source!r} has {self.model.config.num_labels} "
-                             "labels; a reward model gives one score per sequence")
+            raise ValueError(
+                f"reward model {source!r} has {self.model.config.num_labels} "
+                "labels; a reward model gives one score per sequence"
+            )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
@@ -145,8 +173,10 @@ class RewardScorer:
         self.max_length = max_length
 
     def encode(self, prompt: str, answer: str) -> list[int]:
-        conversation = [{"role": "user", "content": prompt},
-                        {"role": "assistant", "content": answer}]
+        conversation = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[: self.max_length]
@@ -167,8 +197,9 @@ class RewardScorer:
                 ids[row, : len(tokens)] = self._torch.tensor(tokens)
                 mask[row, : len(tokens)] = 1
             with self._torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).logits
             rewards[chunk] = logits[:, 0].float().cpu().numpy()
         return rewards
 
@@ -185,17 +216,23 @@ def filter_rollouts(
     missing = sorted(set(map(str, rollouts["prompt_id"])) - set(prompts))
     if missing:
         raise ValueError(f"rollouts of prompt(s) {missing[:5]} have no prompt text to score with")
-    pairs = [(prompts[str(p)], "" if t is None else str(t))
-             for p, t in zip(rollouts["prompt_id"], rollouts["text"])]
-    scores = pd.DataFrame({
-        "prompt_id": rollouts["prompt_id"].to_numpy(),
-        "sample": rollouts["sample"].to_numpy(),
-        "reward": scorer.score(pairs),
-    })
+    pairs = [
+        (prompts[str(p)], "" if t is None else str(t))
+        for p, t in zip(rollouts["prompt_id"], rollouts["text"])
+    ]
+    scores = pd.DataFrame(
+        {
+            "prompt_id": rollouts["prompt_id"].to_numpy(),
+            "sample": rollouts["sample"].to_numpy(),
+            "reward": scorer.score(pairs),
+        }
+    )
     if not np.isfinite(scores["reward"]).all():
         bad = scores.loc[~np.isfinite(scores["reward"])].iloc[0]
-        raise ValueError(f"reward model gave a non-finite score to prompt {bad['prompt_id']!r}, "
-                         f"sample {bad['sample']}")
+        raise ValueError(
+            f"reward model gave a non-finite score to prompt {bad['prompt_id']!r}, "
+            f"sample {bad['sample']}"
+        )
     scores["kept"] = select_top(scores, keep)
     kept = rollouts.reset_index(drop=True)[scores["kept"].to_numpy()].reset_index(drop=True)
     return kept, scores
@@ -210,8 +247,13 @@ def write_filtered_rollouts(
 ) -> pd.DataFrame:
     """Read a rollout table and its prompts, write the kept rollouts and all scores atomically."""
     source = _model_source(settings.model, "sampling.<filter>.filter.reward_model.model")
-    scorer = RewardScorer(source, batch_size=settings.batch_size, max_length=settings.max_length,
-                          device=resolve_device(settings.device), dtype=settings.dtype)
+    scorer = RewardScorer(
+        source,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        device=resolve_device(settings.device),
+        dtype=settings.dtype,
+    )
     rollouts = pd.read_parquet(rollouts_path)
     prompts = {p.prompt_id: p.prompt for p in read_prompts(prompts_path)}
     kept, scores = filter_rollouts(rollouts, prompts, scorer, settings.keep)
