@@ -371,3 +371,28 @@ def test_few_shot_needs_worked_answers(tmp_path):
     spec = {"source": "jsonl", "path": str(path), "field": "q", "n_prompts": 1, "few_shot": {"k": 1}}
     with pytest.raises(PromptSourceError, match=r"tasks\.t\.few_shot needs worked answers"):
         prepare_prompts("t", spec, seed=1)
+
+
+def test_few_shot_from_a_hub_split_skips_the_prompts(tmp_path):
+    """A data set in the hub layout (parquet under data/), loaded by `datasets` as a hub source
+    would be: the examples come from its train split with their answers, never a prompt."""
+    import pandas as pd
+
+    (tmp_path / "data").mkdir()
+    questions = [f"question number {i}?" for i in range(12)]
+    pd.DataFrame({"question": questions, "answer": [f"answer {i}" for i in range(12)]}).to_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet"
+    )
+    spec = {"source": "hub", "dataset": str(tmp_path), "revision": "main", "split": "train",
+            "field": "question", "n_prompts": 8, "few_shot": {"k": 3, "answer_field": "answer"}}
+    prompts = prepare_prompts("math_fewshot", spec, seed=3)
+    blocks = prompts[0].prompt.split("\n\n")[:-1]
+    assert len(blocks) == 3
+    for block in blocks:
+        question, answer = block.split("\n")
+        index = questions.index(question.removeprefix("Question: "))
+        assert index >= 8 and answer == f"Answer: answer {index}"
+    with pytest.raises(PromptSourceError, match=r"few_shot\.answer_field is required"):
+        prepare_prompts("m", {**spec, "few_shot": {"k": 1}}, seed=3)
+    with pytest.raises(PromptSourceError, match=r"few_shot\.k = 5, but only 4 examples"):
+        prepare_prompts("m", {**spec, "few_shot": {"k": 5, "answer_field": "answer"}}, seed=3)
