@@ -197,4 +197,6 @@ def test_estimator_notes_name_the_length_estimator():
     panel = pd.DataFrame({"length_entropy_estimator": ["chao_shen", "chao_shen"]})
     notes = estimator_notes(table, panel)
     assert notes.tolist() == ["", "H(Y|N) = CE* - H(N), H(N) by chao_shen"]
-    assert "not recorded" in estimator_notes(table, panel.drop(columns="length_entropy_estimator"))[1]
+    assert (
+        "not recorded" in estimator_notes(table, panel.drop(columns="length_entropy_estimator"))[1]
+    )

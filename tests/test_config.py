@@ -80,8 +80,12 @@ def test_ablations_merged_onto_the_paper_config_are_valid() -> None:
     config = validate_config(merged, SCHEMA)
     check_references(config)
     assert set(config["sampling"]) == {"default", "topk1000", "topk5000", "rm70"}
-    assert set(config["embedders"]) == {"modernbert", "bge_m3", "e5_mistral",
-                                        "modernbert_clustering"}
+    assert set(config["embedders"]) == {
+        "modernbert",
+        "bge_m3",
+        "e5_mistral",
+        "modernbert_clustering",
+    }
     assert {"math", "math_fewshot", "coding_fewshot"} <= set(config["tasks"])
     assert config["sampling"]["rm70"]["filter"]["from"] == "default"
     assert config["embedders"]["modernbert_clustering"]["prefix"] == "clustering: "

@@ -343,8 +343,12 @@ def test_few_shot_prefix_is_reproducible_and_never_a_prompt():
 
 
 def test_few_shot_examples_take_the_task_template():
-    spec = {"source": "generated", "generator": "stories", "n_prompts": 1,
-            "few_shot": {"k": 1, "example": "{question}\n=> {answer}", "query": "{text}\n=>"}}
+    spec = {
+        "source": "generated",
+        "generator": "stories",
+        "n_prompts": 1,
+        "few_shot": {"k": 1, "example": "{question}\n=> {answer}", "query": "{text}\n=>"},
+    }
     prompt = prepare_prompts("stories_fewshot", spec, seed=1)[0].prompt
     assert prompt.count(PAPER_CREATIVE_TEMPLATE.split("{text}")[0]) == 2
     assert prompt.endswith("\n=>") and "\n=> " in prompt
@@ -368,7 +372,13 @@ def test_few_shot_settings_are_checked(few_shot, message):
 def test_few_shot_needs_worked_answers(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"q": "one"}\n{"q": "two"}\n')
-    spec = {"source": "jsonl", "path": str(path), "field": "q", "n_prompts": 1, "few_shot": {"k": 1}}
+    spec = {
+        "source": "jsonl",
+        "path": str(path),
+        "field": "q",
+        "n_prompts": 1,
+        "few_shot": {"k": 1},
+    }
     with pytest.raises(PromptSourceError, match=r"tasks\.t\.few_shot needs worked answers"):
         prepare_prompts("t", spec, seed=1)
 
@@ -383,8 +393,15 @@ def test_few_shot_from_a_hub_split_skips_the_prompts(tmp_path):
     pd.DataFrame({"question": questions, "answer": [f"answer {i}" for i in range(12)]}).to_parquet(
         tmp_path / "data" / "train-00000-of-00001.parquet"
     )
-    spec = {"source": "hub", "dataset": str(tmp_path), "revision": "main", "split": "train",
-            "field": "question", "n_prompts": 8, "few_shot": {"k": 3, "answer_field": "answer"}}
+    spec = {
+        "source": "hub",
+        "dataset": str(tmp_path),
+        "revision": "main",
+        "split": "train",
+        "field": "question",
+        "n_prompts": 8,
+        "few_shot": {"k": 3, "answer_field": "answer"},
+    }
     prompts = prepare_prompts("math_fewshot", spec, seed=3)
     blocks = prompts[0].prompt.split("\n\n")[:-1]
     assert len(blocks) == 3
