@@ -227,7 +227,9 @@ def _few_shot_settings(task: str, block: Any, seed: int) -> dict[str, Any] | Non
         try:
             names = sorted(n for _, n, _, _ in string.Formatter().parse(str(value)) if n)
         except ValueError as error:
-            raise PromptSourceError(f"{where}.{key} is not a valid format string ({error})") from error
+            raise PromptSourceError(
+                f"{where}.{key} is not a valid format string ({error})"
+            ) from error
         if not isinstance(value, str) or names != sorted(fields_):
             raise PromptSourceError(
                 f"{where}.{key} must be a string with the field(s) "
