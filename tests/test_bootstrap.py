@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from canopy.bootstrap import BOOTSTRAP_COLUMNS, BootstrapSettings, paired_bootstrap
+from canopy.bootstrap import (
+    BOOTSTRAP_COLUMNS,
+    BootstrapSettings,
+    estimator_notes,
+    paired_bootstrap,
+)
 
 
 def simulated_panel(
@@ -185,3 +190,13 @@ def test_settings_from_config():
         BootstrapSettings(confidence=1.5)
     with pytest.raises(ValueError, match="resamples"):
         BootstrapSettings(resamples=0)
+
+
+def test_estimator_notes_name_the_length_estimator():
+    table = pd.DataFrame({"metric": ["canopy_entropy", "conditional_entropy_given_length"]})
+    panel = pd.DataFrame({"length_entropy_estimator": ["chao_shen", "chao_shen"]})
+    notes = estimator_notes(table, panel)
+    assert notes.tolist() == ["", "H(Y|N) = CE* - H(N), H(N) by chao_shen"]
+    assert (
+        "not recorded" in estimator_notes(table, panel.drop(columns="length_entropy_estimator"))[1]
+    )

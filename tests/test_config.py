@@ -68,3 +68,42 @@ def test_references_are_checked(default_config: dict, tmp_path: Path) -> None:
     assert "families.tinygpt: source 'train' must be used for both" in message
     assert "families.tinyllama.base.recipe: 'missing'" in message
     assert "stats.reference_task: 'poetry'" in message
+
+
+def test_ablations_merged_onto_the_paper_config_are_valid() -> None:
+    """config/ablations.yaml is merged on top of config/paper.yaml the way Snakemake merges two
+    --configfile arguments (nested mappings key by key): the result is valid and keeps both."""
+    from snakemake.utils import update_config
+
+    merged = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    update_config(merged, yaml.safe_load((REPO / "config/ablations.yaml").read_text()))
+    config = validate_config(merged, SCHEMA)
+    check_references(config)
+    assert set(config["sampling"]) == {"default", "topk1000", "topk5000", "rm70"}
+    assert set(config["embedders"]) == {
+        "modernbert",
+        "bge_m3",
+        "e5_mistral",
+        "modernbert_clustering",
+    }
+    assert {"math", "math_fewshot", "coding_fewshot"} <= set(config["tasks"])
+    assert config["sampling"]["rm70"]["filter"]["from"] == "default"
+    assert config["embedders"]["modernbert_clustering"]["prefix"] == "clustering: "
+
+
+def test_a_filter_must_come_from_a_sampled_entry(default_config: dict) -> None:
+    config = copy.deepcopy(default_config)
+    rm = {"model": "org/rm", "revision": "abc"}
+    config["sampling"]["rm"] = {"filter": {"from": "nowhere", "reward_model": rm}}
+    config["sampling"]["rm2"] = {"filter": {"from": "rm", "reward_model": rm}}
+    config = validate_config(config, SCHEMA)
+    assert config["sampling"]["rm"]["filter"]["keep"] == 0.7
+    with pytest.raises(ConfigError) as info:
+        check_references(config)
+    message = str(info.value)
+    assert "sampling.rm.filter.from: 'nowhere' must name a sampling entry" in message
+    assert "sampling.rm2.filter.from: 'rm'" in message
+    bad = copy.deepcopy(default_config)
+    bad["sampling"]["rm"] = {"filter": {"from": "default", "reward_model": rm, "keep": 1.5}}
+    with pytest.raises(ConfigError, match=r"sampling\.rm\.filter\.keep"):
+        validate_config(bad, SCHEMA)

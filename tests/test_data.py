@@ -315,3 +315,101 @@ def test_write_and_read_prompts_round_trip(tmp_path: Path) -> None:
     path.write_text(lines[0] + "\n{broken\n")
     with pytest.raises(PromptSourceError, match=r"t\.jsonl:2"):
         read_prompts(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot variants
+
+
+def test_few_shot_prefix_is_reproducible_and_never_a_prompt():
+    spec = {"source": "generated", "generator": "arithmetic", "n_prompts": 6, "few_shot": {"k": 2}}
+    shots = prepare_prompts("math_fewshot", spec, seed=42)
+    plain = prepare_prompts("math_fewshot", {**spec, "few_shot": None}, seed=42)
+    assert shots == prepare_prompts("math_fewshot", spec, seed=42)
+    questions = {p.prompt for p in plain}
+    prefixes = set()
+    for shot, base in zip(shots, plain):
+        # The same prompts, each after the same two worked examples, in the query format.
+        assert shot.prompt.endswith("\n\nQuestion: " + base.prompt + "\nAnswer:")
+        prefix = shot.prompt[: -len("\n\nQuestion: " + base.prompt + "\nAnswer:")]
+        prefixes.add(prefix)
+        assert prefix.count("Question: ") == 2 and prefix.count("The answer is") == 2
+        for block in prefix.split("\n\n"):
+            assert block.split("\n")[0].removeprefix("Question: ") not in questions
+        assert shot.source == "generated:arithmetic+2shot"
+    assert len(prefixes) == 1
+    other = prepare_prompts("math_fewshot", {**spec, "few_shot": {"k": 2, "seed": 7}}, seed=42)
+    assert other[0].prompt != shots[0].prompt
+
+
+def test_few_shot_examples_take_the_task_template():
+    spec = {
+        "source": "generated",
+        "generator": "stories",
+        "n_prompts": 1,
+        "few_shot": {"k": 1, "example": "{question}\n=> {answer}", "query": "{text}\n=>"},
+    }
+    prompt = prepare_prompts("stories_fewshot", spec, seed=1)[0].prompt
+    assert prompt.count(PAPER_CREATIVE_TEMPLATE.split("{text}")[0]) == 2
+    assert prompt.endswith("\n=>") and "\n=> " in prompt
+
+
+@pytest.mark.parametrize(
+    "few_shot, message",
+    [
+        ({"k": 0}, r"tasks\.t\.few_shot\.k must be a positive integer"),
+        ({"k": 1, "shots": 2}, r"tasks\.t\.few_shot\.shots is not a few-shot key"),
+        ({"k": 1, "example": "{question}"}, r"tasks\.t\.few_shot\.example must be a string"),
+        ({"k": 1, "query": "{prompt}"}, r"tasks\.t\.few_shot\.query must be a string"),
+    ],
+)
+def test_few_shot_settings_are_checked(few_shot, message):
+    spec = {"source": "generated", "generator": "arithmetic", "n_prompts": 1, "few_shot": few_shot}
+    with pytest.raises(PromptSourceError, match=message):
+        prepare_prompts("t", spec, seed=1)
+
+
+def test_few_shot_needs_worked_answers(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"q": "one"}\n{"q": "two"}\n')
+    spec = {
+        "source": "jsonl",
+        "path": str(path),
+        "field": "q",
+        "n_prompts": 1,
+        "few_shot": {"k": 1},
+    }
+    with pytest.raises(PromptSourceError, match=r"tasks\.t\.few_shot needs worked answers"):
+        prepare_prompts("t", spec, seed=1)
+
+
+def test_few_shot_from_a_hub_split_skips_the_prompts(tmp_path):
+    """A data set in the hub layout (parquet under data/), loaded by `datasets` as a hub source
+    would be: the examples come from its train split with their answers, never a prompt."""
+    import pandas as pd
+
+    (tmp_path / "data").mkdir()
+    questions = [f"question number {i}?" for i in range(12)]
+    pd.DataFrame({"question": questions, "answer": [f"answer {i}" for i in range(12)]}).to_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet"
+    )
+    spec = {
+        "source": "hub",
+        "dataset": str(tmp_path),
+        "revision": "main",
+        "split": "train",
+        "field": "question",
+        "n_prompts": 8,
+        "few_shot": {"k": 3, "answer_field": "answer"},
+    }
+    prompts = prepare_prompts("math_fewshot", spec, seed=3)
+    blocks = prompts[0].prompt.split("\n\n")[:-1]
+    assert len(blocks) == 3
+    for block in blocks:
+        question, answer = block.split("\n")
+        index = questions.index(question.removeprefix("Question: "))
+        assert index >= 8 and answer == f"Answer: answer {index}"
+    with pytest.raises(PromptSourceError, match=r"few_shot\.answer_field is required"):
+        prepare_prompts("m", {**spec, "few_shot": {"k": 1}}, seed=3)
+    with pytest.raises(PromptSourceError, match=r"few_shot\.k = 5, but only 4 examples"):
+        prepare_prompts("m", {**spec, "few_shot": {"k": 5, "answer_field": "answer"}}, seed=3)

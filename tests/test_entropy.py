@@ -23,6 +23,7 @@ from canopy.entropy import (
     PROMPT_METRIC_COLUMNS,
     MetricSettings,
     TruncationWarning,
+    chao_shen_entropy,
     entropy_trajectory,
     length_entropy,
     prompt_metrics,
@@ -411,6 +412,69 @@ def test_length_entropy_by_hand():
     expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert plugin == pytest.approx(expected, abs=1e-15)
     assert mm == pytest.approx(expected + 2 / 8, abs=1e-15)
+
+
+def test_chao_shen_by_hand():
+    # lengths 2, 2, 3, 5: M = 4, two singletons, coverage C = 1 - 2/4 = 1/2, so the shrunk
+    # frequencies are (1/4, 1/8, 1/8); each term is divided by 1 - (1 - C p)^4.
+    terms = [(0.25, 1 - 0.75**4), (0.125, 1 - 0.875**4), (0.125, 1 - 0.875**4)]
+    expected = -sum(pa * math.log(pa) / inclusion for pa, inclusion in terms)
+    assert chao_shen_entropy(np.array([2, 2, 3, 5])) == pytest.approx(expected, abs=1e-15)
+    # no singletons: coverage 1, and with every value seen often the correction vanishes
+    many = np.repeat([1, 2], 500)
+    assert chao_shen_entropy(many) == pytest.approx(math.log(2), abs=1e-12)
+    assert chao_shen_entropy(np.array([7])) == 0.0
+    assert math.isnan(chao_shen_entropy(np.array([], dtype=int)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["uniform over 1000 lengths", "log-normal lengths up to 4000"],
+)
+def test_chao_shen_is_far_less_biased_when_lengths_outnumber_rollouts(name):
+    """M = 100 rollouts whose lengths spread over thousands of values, as the paper's do: the
+    plug-in estimate is capped at ln 100 = 4.6 nats and Miller–Madow adds at most 0.5; the
+    coverage-adjusted estimate must land near the known entropy (about 6.9 nats)."""
+    if name.startswith("uniform"):
+        p = np.full(1000, 1 / 1000)
+    else:
+        x = np.arange(1, 4001)
+        w = np.exp(-((np.log(x) - math.log(300)) ** 2) / (2 * 0.8**2)) / x
+        p = w / w.sum()
+    truth = _entropy(p)
+    rng = np.random.default_rng(5)
+    reps, m = 300, 100
+    draws = rng.choice(p.size, size=(reps, m), p=p) + 1
+    plugin, mm = np.array([length_entropy(d) for d in draws]).T
+    cs = np.array([chao_shen_entropy(d) for d in draws])
+    cs_bias, mm_bias = cs.mean() - truth, mm.mean() - truth
+    assert plugin.max() <= math.log(m) + 1e-12
+    assert mm_bias < -1.5  # Miller–Madow stays far below the truth
+    assert abs(cs_bias) < 0.35 and abs(cs_bias) < abs(mm_bias) / 5
+
+
+def test_conditional_entropy_uses_the_configured_length_estimator():
+    rollouts = pd.DataFrame(
+        {
+            "prompt_id": "p",
+            "sample": range(6),
+            "n_steps": [3, 3, 4, 7, 9, 9],
+            "truncated": False,
+            "sum_entropy": [1.0, 2.0, 1.5, 3.0, 2.5, 2.0],
+            "sum_logprob": [-1.0, -2.5, -1.0, -3.5, -2.0, -2.0],
+        }
+    )
+    ce = float(np.mean([1.0, 2.0, 1.5, 3.0, 2.5, 2.0]))
+    for estimator in ("plugin", "miller_madow", "chao_shen"):
+        settings = MetricSettings(truncation_warning=1.0, length_entropy=estimator)
+        row = prompt_metrics(rollouts, settings).iloc[0]
+        assert row["length_entropy_estimator"] == estimator
+        assert row["conditional_entropy_given_length"] == pytest.approx(
+            ce - row[f"length_entropy_{estimator}"], abs=1e-12
+        )
+    assert MetricSettings().length_entropy == "chao_shen"
+    with pytest.raises(ValueError, match="length_entropy"):
+        MetricSettings(length_entropy="nsb")
 
 
 def test_miller_madow_corrects_plugin_bias():

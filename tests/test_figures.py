@@ -28,6 +28,8 @@ from matplotlib.lines import Line2D
 from canopy.figures import (
     SETTINGS_CLASSES,
     DecompositionSettings,
+    ForestSettings,
+    RhoSettings,
     LengthsSettings,
     ResidualsSettings,
     SlopesSettings,
@@ -37,15 +39,20 @@ from canopy.figures import (
     diagnostic_p_values,
     keyed_paths,
     plot_decomposition,
+    plot_forest,
     plot_lengths,
     plot_residuals,
+    plot_rho,
     plot_slopes,
     plot_trajectory,
     plot_variance,
     read_matrix_tables,
     render_decomposition,
+    render_forest,
     render_lengths,
     render_residuals,
+    render_rho,
+    rho_summary,
     render_slopes,
     render_trajectory,
     render_variance,
@@ -114,6 +121,7 @@ def make_metrics(rollouts: pd.DataFrame) -> pd.DataFrame:
                 mean_rate=r.mean(),
                 cov_length_rate=np.mean(n * r) - n.mean() * r.mean(),
                 decomposition_product=n.mean() * r.mean(),
+                rho_pearson=np.corrcoef(n, r)[0, 1],
             )
         )
     return pd.DataFrame(rows)
@@ -191,6 +199,24 @@ def make_residuals(n: int = 200, seed: int = 2) -> pd.DataFrame:
             "observed": predicted,
             "predicted": predicted,
             "scaled_residual": rng.uniform(0, 1, n),
+        }
+    )
+
+
+def make_ablation() -> pd.DataFrame:
+    """An ablation table of three sweep points (the main one first)."""
+    return pd.DataFrame(
+        {
+            "sampling": ["default", "topk1000", "default"],
+            "embedder": ["minilm", "minilm", "minilm_prefix"],
+            "slope_ratio": [2.7, 2.2, 3.1],
+            "slope_ratio_ci_low": [1.9, 1.5, 2.0],
+            "slope_ratio_ci_high": [3.5, 2.9, 4.2],
+            "slope_ratio_boot_ci_low": [2.0, 1.6, 2.1],
+            "slope_ratio_boot_ci_high": [3.7, 3.0, 4.5],
+            "rho_difference": [0.21, 0.15, 0.21],
+            "rho_difference_ci_low": [0.1, 0.02, 0.1],
+            "rho_difference_ci_high": [0.3, 0.27, 0.3],
         }
     )
 
@@ -599,6 +625,64 @@ def test_binned_quantiles_and_residual_checks() -> None:
         plot_residuals(bad, TESTS_JSON, ResidualsSettings(**SMALL))
 
 
+# --------------------------------------------------------------------------- rho and forest
+
+
+def test_rho_summary_means_and_bootstrap_intervals() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "family": "f", "task": "math",
+            "variant": np.repeat(["base", "finetuned"], n),
+            "rho_pearson": np.r_[rng.normal(0.1, 0.2, n), rng.normal(0.4, 0.2, n)],
+        }
+    )
+    frame.loc[0, "rho_pearson"] = np.nan  # an undefined correlation is left out and counted
+    summary = rho_summary(frame, RhoSettings(resamples=4000)).set_index("variant")
+    for variant, values in frame.groupby("variant")["rho_pearson"]:
+        row = summary.loc[variant]
+        assert row["mean"] == pytest.approx(values.mean())  # pandas skips the NaN
+        # The percentile interval of a mean of normal values is the textbook one, ±1.96 SE.
+        half = 1.96 * values.std(ddof=1) / np.sqrt(values.notna().sum())
+        assert row["ci_high"] - row["ci_low"] == pytest.approx(2 * half, rel=0.1)
+        assert row["ci_low"] < row["mean"] < row["ci_high"]
+    assert summary.loc["base", "n_missing"] == 1 and summary.loc["base", "n_prompts"] == n - 1
+    again = rho_summary(frame, RhoSettings(resamples=4000))
+    pd.testing.assert_frame_equal(summary.reset_index()[again.columns], again)
+
+
+def test_rho_figure_draws_every_family_and_variant(metrics: pd.DataFrame) -> None:
+    settings = RhoSettings(**SMALL, resamples=200)
+    figure = plot_rho(metrics, settings)
+    summary = rho_summary(metrics, settings)
+    drawn = {line.get_gid(): line for ax in figure.axes for line in ax.lines if line.get_gid()}
+    for family in FAMILIES:
+        for variant in VARIANTS:
+            line = drawn[f"rho/{family}/{variant}"]
+            part = summary[(summary.family == family) & (summary.variant == variant)]
+            expected = part.set_index("task").reindex(list(pd.unique(metrics["task"])))["mean"]
+            np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
+    assert not label_clashes(figure)
+    with pytest.raises(ValueError, match=r"figures\.rho\.correlation"):
+        RhoSettings(correlation="distance")
+
+
+def test_forest_plot_has_one_row_per_sweep_point() -> None:
+    table = make_ablation()
+    figure = plot_forest(table, ForestSettings(**SMALL))
+    ratio = {l.get_gid(): l for l in figure.axes[0].lines if l.get_gid()}
+    assert set(ratio) == {f"slope_ratio/{s} / {e}" for s, e in zip(table.sampling, table.embedder)}
+    assert ratio["slope_ratio/topk1000 / minilm"].get_xdata()[0] == 2.2
+    ticks = sorted(figure.axes[0].get_yticklabels(), key=lambda t: -t.get_position()[1])
+    # Top to bottom in table order: the main setting on top.
+    assert [t.get_text() for t in ticks] == ["default / minilm", "topk1000 / minilm",
+                                             "default / minilm_prefix"]
+    assert not label_clashes(figure)
+    with pytest.raises(ValueError, match="slope_ratio_boot_ci_low"):
+        plot_forest(table.drop(columns="slope_ratio_boot_ci_low"), ForestSettings(interval="bootstrap"))
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -632,6 +716,7 @@ def write_inputs(root: Path, rollouts: pd.DataFrame, metrics: pd.DataFrame) -> d
     write_tsv(make_residuals(), stats / "diagnostics/residuals.tsv")
     write_json(TESTS_JSON, stats / "diagnostics/tests.json")
     write_parquet(make_panel(), root / "results/panel/default/minilm.parquet")
+    write_tsv(make_ablation(), root / "results/ablation/summary.tsv")
     return paths
 
 
@@ -652,7 +737,9 @@ def test_render_functions_write_pdf_and_png(
                   panel_path=tmp_path / "results/panel/default/minilm.parquet")
     render_residuals(stats / "diagnostics/residuals.tsv", stats / "diagnostics/tests.json",
                      SMALL, out / "r.pdf", out / "r.png")
-    for stem in "dtlvsr":
+    render_rho(paths["metrics"], {**SMALL, "resamples": 200}, out / "h.pdf", out / "h.png")
+    render_forest(tmp_path / "results/ablation/summary.tsv", SMALL, out / "f.pdf", out / "f.png")
+    for stem in "dtlvsrhf":
         assert_written(out / f"{stem}.pdf", out / f"{stem}.png")
     with pytest.raises(ValueError, match=r"figures\.lengths\.bin;"):
         render_lengths(paths["rollouts"], {"bin": 3}, out / "x.pdf", out / "x.png")
@@ -699,7 +786,7 @@ def test_style_does_not_leak_into_global_rcparams(metrics: pd.DataFrame) -> None
 COMMON_SMK = REPO / "workflow/rules/common.smk"
 FIGURES_SMK = REPO / "workflow/rules/figures.smk"
 TINY_CONFIG = REPO / "tests/configs/tiny.yaml"
-SAMPLING_FIGURES = ("decomposition", "trajectory", "lengths", "variance")
+SAMPLING_FIGURES = ("decomposition", "trajectory", "lengths", "variance", "rho")
 
 
 @pytest.mark.slow
@@ -745,6 +832,7 @@ def test_figure_rules_run_and_settings_rerun_only_their_figure(
     assert figures == sorted(
         [f"default/{n}.{e}" for n in SAMPLING_FIGURES for e in ("pdf", "png")]
         + [f"default/minilm/{n}.{e}" for n in ("slopes", "residuals") for e in ("pdf", "png")]
+        + [f"ablation_forest.{e}" for e in ("pdf", "png")]
     )
     again = snakemake("-n")
     assert "Nothing to be done" in again.stdout + again.stderr

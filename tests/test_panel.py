@@ -66,3 +66,24 @@ def test_missing_model_is_an_error() -> None:
     key = ("a", "base", "math")
     with pytest.raises(ValueError, match="different"):
         build_panel({key: _metrics(["p0"], 0)}, {})
+
+
+def test_semantic_entropy_joins_by_prompt_and_must_cover_the_same_prompts():
+    prompts = ["a", "b", "c"]
+    key = ("fam", "base", "math")
+    semantic = pd.DataFrame(
+        {
+            "prompt_id": ["c", "a", "b"],
+            "semantic_entropy": [0.3, 0.1, 0.2],
+            "semantic_entropy_weighted": [0.0, 0.0, 0.0],
+            "n_semantic_clusters": [3, 1, 2],
+        }
+    )
+    panel = build_panel({key: _metrics(prompts, 0)}, {key: _diversity(prompts)}, {key: semantic})
+    assert panel.set_index("prompt_id")["semantic_entropy"].to_dict() == {
+        "a": 0.1,
+        "b": 0.2,
+        "c": 0.3,
+    }
+    with pytest.raises(ValueError, match="semantic entropy disagree"):
+        build_panel({key: _metrics(prompts, 0)}, {key: _diversity(prompts)}, {key: semantic[:2]})

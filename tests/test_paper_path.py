@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from canopy.hub import is_commit
@@ -201,6 +202,27 @@ def test_the_whole_dag_runs_to_the_report(paper_run) -> None:
                 path = results / f"rollouts/default/{family}/{variant}/{task}.parquet"
                 assert path.stat().st_size > 0, path
     assert list((results / "figures").rglob("*.png"))
+
+
+def test_the_instruct_qwen3_is_sampled_with_thinking_off(paper_run) -> None:
+    """config/paper.yaml switches Qwen3's thinking mode off; the prompts the fine-tuned Qwen3 was
+    sampled from are its chat template's with that switch, not the template's default."""
+    from transformers import AutoTokenizer
+
+    from canopy.data import read_prompts
+    from canopy.modeling import format_prompt
+
+    server, config, commits, workdir, *_ = paper_run
+    options = config["families"]["qwen3"]["finetuned"]["chat_template_kwargs"]
+    assert options == {"enable_thinking": False}
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "resources/models/qwen3/finetuned")
+    rollouts = pd.read_parquet(workdir / "results/rollouts/default/qwen3/finetuned/math.parquet")
+    for prompt in read_prompts(workdir / "resources/prompts/math.jsonl"):
+        off = format_prompt(tokenizer, prompt.prompt, "finetuned", chat_template_kwargs=options)
+        on = format_prompt(tokenizer, prompt.prompt, "finetuned")
+        assert tokenizer.decode(off).endswith("<think> </think>")  # the empty trace
+        lengths = set(rollouts.loc[rollouts["prompt_id"] == prompt.prompt_id, "prompt_tokens"])
+        assert lengths == {len(off)} != {len(on)}
 
 
 def test_the_lock_file_names_the_served_commits(paper_run) -> None:

@@ -4,6 +4,8 @@ matched table, and (slow) the pymer4 linear mixed model on a simulated panel."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from canopy.robustness import (
     pairwise_dissimilarity,
 )
 from canopy.simulate_panel import simulate_panel, simulate_rollouts
-from canopy.stats import StatsSettings, prepare_panel
+from canopy.stats import BetaGlmmResult, StatsSettings, fit_beta_glmm_many, prepare_panel
 
 
 def test_match_lengths_gives_identical_bin_histograms():
@@ -109,7 +111,12 @@ def test_fixed_effects_slopes_match_hand_built_least_squares(tmp_path):
 
 def test_length_matched_table(tmp_path):
     rollouts, embeddings = simulate_rollouts(4, n_prompts=10, n_rollouts=30)
-    settings = StatsSettings.from_config({"robustness": {"length_repeats": 3, "length_bins": 5}})
+    settings = StatsSettings.from_config({
+        # A small panel (80 rows): the paper's splines would not be estimable.
+        "formula": "D ~ R_sc * variant + invN_sc + task + (1 | prompt_uid) + (1 | family)",
+        "dispersion": "~ variant",
+        "robustness": {"length_repeats": 3, "length_bins": 5},
+    })
     table = length_matched(rollouts, embeddings, settings, tmp_path / "lm.tsv",
                            prompt_metrics_path=tmp_path / "prompts.tsv")
     assert set(table["analysis"]) == {"unmatched", "matched", "matched_pooled"}
@@ -138,8 +145,49 @@ def test_length_matched_table(tmp_path):
     for name in ("R", "N", "rho", "D"):
         assert row[name] == pytest.approx(direct[name], rel=1e-9)
 
+    # Every fit is the Beta GLMM on its matched panel, standardised as the unmatched panel is.
+    assert set(table["method"]) == {"wald", "delta", "bootstrap"}
+    constants = json.loads(table["standardisation"].iloc[0])
+    unmatched_panel = prompts[prompts["repeat"] == -1].drop(columns="repeat")
+    assert constants == prepare_panel(unmatched_panel, settings).attrs["standardisation"]
+    repeat0 = prompts[prompts["repeat"] == 0].drop(columns="repeat")
+    direct = fit_beta_glmm_many([repeat0], settings, [tmp_path / "direct"], save_model=False,
+                                standardisation=constants)[0].slopes
+    got = table[(table["analysis"] == "matched") & (table["repeat"] == 0)]
+    np.testing.assert_allclose(got["slope"], direct["slope"], rtol=1e-6)
+    own = fit_beta_glmm_many([repeat0], settings, [tmp_path / "own"], save_model=False)[0].slopes
+    # Re-standardising per repeat would rescale the slopes by that repeat's own SD of R.
+    sd_ratio = repeat0["R"].std(ddof=1) / constants["R"]["sd"]
+    np.testing.assert_allclose(own["slope"].iloc[:2], direct["slope"].iloc[:2] * sd_ratio,
+                               rtol=1e-3)
+
     again = length_matched(rollouts, embeddings, settings, tmp_path / "lm2.tsv")
     pd.testing.assert_frame_equal(table, again)
+
+    # The paper's splines are too rich for this 80-row panel: glmmTMB fails. A refit on a
+    # resampled panel may fail like this where the main fit did not; keep_going reports it per
+    # panel instead of stopping the whole analysis.
+    spline = StatsSettings.from_config({"robustness": {"length_repeats": 1}})
+    fits = fit_beta_glmm_many([unmatched_panel, repeat0], spline,
+                              [tmp_path / f"f{i}" for i in range(2)], save_model=False,
+                              keep_going=True)
+    assert isinstance(fits[0], str) and "glmmTMB could not fit" in fits[0]
+    assert isinstance(fits[1], BetaGlmmResult)  # the next panel is still fitted
+    with pytest.raises(RuntimeError, match="glmmTMB could not fit"):
+        fit_beta_glmm_many([unmatched_panel], spline, [tmp_path / "f2"], save_model=False)
+    with pytest.raises(RuntimeError, match="unmatched panel"):
+        length_matched(rollouts, embeddings, spline, tmp_path / "lm3.tsv")
+
+    # Matching that leaves fewer rollouts than min_matched everywhere drops every prompt: the
+    # repeats are reported as not estimable, the unmatched analysis still stands.
+    strict = StatsSettings.from_config({
+        "formula": settings.formula, "dispersion": settings.dispersion,
+        "robustness": {"length_repeats": 2, "length_bins": 5, "min_matched": 31},
+    })
+    table = length_matched(rollouts, embeddings, strict, tmp_path / "lm4.tsv")
+    matched = table[table["analysis"] == "matched"]
+    assert matched["error"].str.startswith("not estimable").all() and matched["slope"].isna().all()
+    assert table.loc[table["analysis"] == "unmatched", "slope"].notna().all()
 
 
 def test_length_matched_rejects_missing_embeddings(tmp_path):

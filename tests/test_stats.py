@@ -5,6 +5,7 @@ simulated panels with known coefficients."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -85,6 +86,38 @@ def test_prepare_panel_standardises_and_clips():
     inv = 1 / panel["N"].to_numpy()
     np.testing.assert_allclose(frame["invN_sc"], (inv - inv.mean()) / inv.std(ddof=1))
     np.testing.assert_allclose(frame["invN_sc"], standardise(inv))
+
+
+def test_d_outside_unit_interval_by_round_off_is_clipped():
+    """Rollouts that embed identically give D a hair below 0 (float32 unit vectors): clipped."""
+    panel = _small_panel()
+    panel.loc[0, "D"] = -3e-7
+    panel.loc[1, "D"] = 1 + 2e-7
+    frame = prepare_panel(panel, StatsSettings())
+    assert frame.loc[0, "D_raw"] == 0.0 and frame.loc[1, "D_raw"] == 1.0
+    assert frame.loc[0, "D"] == 1e-6 and frame.loc[1, "D"] == 1 - 1e-6
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.2, -1e-4])
+def test_d_clearly_outside_unit_interval_names_the_prompt(value):
+    panel = _small_panel()
+    panel.loc[4, "D"] = value
+    with pytest.raises(ValueError, match=rf"column D .*{re.escape(panel.loc[4, 'prompt_uid'])}"):
+        prepare_panel(panel, StatsSettings())
+
+
+def test_prepare_panel_with_given_standardisation():
+    """A refit on a subset keeps the original fit's unit of R: same constants, not its own."""
+    panel = _small_panel()
+    full = prepare_panel(panel, StatsSettings())
+    constants = full.attrs["standardisation"]
+    subset = panel.iloc[: len(panel) // 2].copy()
+    frame = prepare_panel(subset, StatsSettings(), standardisation=constants)
+    np.testing.assert_allclose(frame["R_sc"], full["R_sc"].iloc[: len(subset)])
+    np.testing.assert_allclose(frame["invN_sc"], full["invN_sc"].iloc[: len(subset)])
+    own = prepare_panel(subset, StatsSettings())
+    assert not np.allclose(own["R_sc"], frame["R_sc"])
+    assert frame.attrs["standardisation"] == constants
 
 
 def test_one_variant_names_the_interaction():

@@ -31,11 +31,33 @@ def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
     # 3 families x 2 variants x 4 tasks, each sampled, scored and embedded once.
     assert jobs["sample_rollouts"] >= 24
     assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["embed_rollouts"]
+    # diversity.semantic_entropy names an NLI model: one clustering job per rollout table.
+    assert jobs["semantic_entropy"] == jobs["sample_rollouts"]
     assert jobs["download_model"] == 6
     assert jobs["download_embedder"] == 1  # the paper's embedder is fetched like a model
     assert jobs["lock"] == 1
     assert jobs["fit_glmm"] == 1
     assert "pretrain_base_model" not in jobs
+
+
+def test_ablations_plan_every_sweep_point_offline(tmp_path: Path) -> None:
+    """`--configfile config/paper.yaml config/ablations.yaml`: Snakemake merges the two, and every
+    sweep point (3 sampled settings and a reward-model filter, 4 embedders, 2 few-shot tasks)
+    enters the plan as wildcard values."""
+    macgyver = tmp_path / "resources" / "data" / "macgyver.jsonl"
+    macgyver.parent.mkdir(parents=True)
+    macgyver.write_text('{"Problem": "Open a jar without a grip."}\n')
+    configs = [str(REPO / "config" / "paper.yaml"), str(REPO / "config" / "ablations.yaml")]
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", *configs).stdout)
+    models, tasks = 6, 6
+    assert jobs["prepare_prompts"] == tasks
+    assert jobs["sample_rollouts"] == 3 * models * tasks  # default, topk1000, topk5000
+    assert jobs["filter_rollouts"] == models * tasks  # rm70, from default
+    assert jobs["prompt_metrics"] == 4 * models * tasks
+    assert jobs["embed_rollouts"] == jobs["diversity"] == 4 * 4 * models * tasks
+    assert jobs["fit_glmm"] == jobs["panel"] == 16
+    assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
+    assert jobs["figure_rho"] == 4
 
 
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:
@@ -55,7 +77,11 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         "headline",
     ):
         assert jobs.get(rule, 0) >= 1, rule
-    assert jobs["sample_rollouts"] == 2 * 2 * 4
+    # Its sweep points: 2 sampling settings (default, topk20) x 2 families x 2 variants x 5 tasks
+    # (4 + the one-shot math_1shot), and 2 embedders (minilm, minilm_query) for each.
+    assert jobs["sample_rollouts"] == 2 * 2 * 2 * 5
+    assert jobs["embed_rollouts"] == 2 * jobs["sample_rollouts"]
+    assert jobs["fit_glmm"] == 2 * 2
 
 
 @pytest.mark.parametrize(

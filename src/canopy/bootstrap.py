@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BootstrapSettings", "BOOTSTRAP_COLUMNS", "paired_bootstrap"]
+__all__ = [
+    "BootstrapSettings",
+    "BOOTSTRAP_COLUMNS",
+    "estimator_notes",
+    "mean_intervals",
+    "paired_bootstrap",
+]
 
 #: Columns of the table :func:`paired_bootstrap` returns.
 BOOTSTRAP_COLUMNS: tuple[str, ...] = (
@@ -104,9 +110,7 @@ def _resampled_means(
     for stratum in np.unique(strata):
         members = np.flatnonzero(strata == stratum)
         draws = members[rng.integers(0, members.size, size=(resamples, members.size))]
-        counts += np.bincount((draws + rows).ravel(), minlength=resamples * n).reshape(
-            resamples, n
-        )
+        counts += np.bincount((draws + rows).ravel(), minlength=resamples * n).reshape(resamples, n)
     # Column by column, so identical columns give bitwise identical resampled means.
     totals = np.column_stack([counts @ values[:, j] for j in range(values.shape[1])])
     return totals / n
@@ -251,3 +255,57 @@ def paired_bootstrap(
     table["seed"] = settings.seed
     table["n_prompts"] = table["n_prompts"].astype(np.int64)
     return table
+
+
+def estimator_notes(table: pd.DataFrame, panel: pd.DataFrame) -> pd.Series:
+    """A ``note`` per bootstrap row saying which H(N) estimator H(Y | N) subtracted.
+
+    The metric tables carry it as ``length_entropy_estimator`` (one value per run: it is a
+    setting); rows of other metrics get an empty note. A panel without the column (tables from
+    before the setting existed) says so rather than guessing.
+    """
+    if "length_entropy_estimator" in panel.columns:
+        names = sorted(set(panel["length_entropy_estimator"].dropna().astype(str)))
+        used = "H(N) by " + " and ".join(names)
+    else:
+        used = "H(N) estimator not recorded"
+    text = f"H(Y|N) = CE* - H(N), {used}"
+    return table["metric"].map(lambda m: text if m == "conditional_entropy_given_length" else "")
+
+
+def mean_intervals(
+    frame: pd.DataFrame,
+    metric: str,
+    by: Sequence[str],
+    settings: BootstrapSettings | None = None,
+) -> pd.DataFrame:
+    """Mean of ``metric`` over rows (prompts) per group of ``by``, with a percentile bootstrap
+    interval (rows resampled with replacement, NaN rows left out and counted).
+
+    Returns ``by`` columns then ``n_prompts``, ``n_missing``, ``mean``, ``ci_low``, ``ci_high``.
+    Seeded per group and metric like :func:`paired_bootstrap`, so a group's interval does not
+    depend on which other groups are in the frame.
+    """
+    settings = settings or BootstrapSettings()
+    missing = [c for c in [*by, metric] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {', '.join(missing)}")
+    alpha = 1.0 - settings.confidence
+    rows = []
+    for group, part in frame.groupby(list(by), sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        values = part[metric].to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        row = dict(zip(by, group))
+        row.update(n_prompts=int(finite.size), n_missing=int(values.size - finite.size))
+        if finite.size == 0:
+            row.update(mean=math.nan, ci_low=math.nan, ci_high=math.nan)
+        else:
+            rng = _stream_seed(settings.seed, *group, metric)
+            means = _resampled_means(
+                finite[:, None], np.zeros(finite.size), settings.resamples, rng
+            )[:, 0]
+            low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+            row.update(mean=float(finite.mean()), ci_low=float(low), ci_high=float(high))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*by, "n_prompts", "n_missing", "mean", "ci_low", "ci_high"])

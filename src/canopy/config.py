@@ -130,6 +130,15 @@ def check_references(config: Mapping[str, Any]) -> None:
                 f"families.{family}: source 'train' must be used for both base and finetuned "
                 "(the fine-tuned model is made from the trained base)"
             )
+    sampling = config.get("sampling", {})
+    for name, spec in sampling.items():
+        source = (spec.get("filter") or {}).get("from")
+        if source is not None and (source not in sampling or sampling[source].get("filter")):
+            sampled = [n for n, other in sampling.items() if not other.get("filter")]
+            problems.append(
+                f"sampling.{name}.filter.from: {source!r} must name a sampling entry that samples "
+                f"(not a filter): one of {', '.join(sampled) or 'none'}"
+            )
     stats = config.get("stats", {})
     reference_task = stats.get("reference_task")
     if reference_task is not None and reference_task not in config.get("tasks", {}):

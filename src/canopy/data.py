@@ -30,6 +30,16 @@ Sources and their keys (every block also takes ``source``, ``n_prompts`` and an 
     network (``HF_HUB_OFFLINE=1`` or a connection error) and without a cached copy it raises
     :class:`PromptSourceError` saying where to put a local file instead.
 
+Few-shot variants (``few_shot: {k, seed, split, answer_field, example, query}``, any source with
+worked answers: ``generated``, ``humaneval``, ``hub``) put ``k`` worked examples before every prompt
+of the task. The examples are drawn once per task, reproducibly (``few_shot.seed``, else the global
+seed, and the task name), from the data set's train split (``hub``: ``few_shot.split``, default
+``train``, answers under ``few_shot.answer_field``; ``generated``: a stream of the same generator
+separate from the prompts'; ``humaneval``: problems with their canonical solutions), never one of
+the task's own prompts. ``example`` formats each (``{question}``, ``{answer}``), ``query`` the
+prompt (``{text}``); the examples and the query are joined by blank lines. A few-shot variant is
+an extra task entry (``math_fewshot``) so it is its own wildcard value.
+
 The generators also produce worked answers (:func:`arithmetic_problem`, :func:`creative_problem`,
 :func:`everyday_scene`), which :mod:`canopy.corpus` uses to train the default's small models on
 text of the same kinds.
@@ -74,6 +84,7 @@ __all__ = [
     "CreativeProblem",
     "EverydayScene",
     "derived_rng",
+    "FEW_SHOT_DEFAULTS",
 ]
 
 
@@ -97,7 +108,17 @@ PAPER_CREATIVE_TEMPLATE = (
 )
 
 _COMMON_REQUIRED = ("source", "n_prompts")
-_COMMON_OPTIONAL = ("template",)
+_COMMON_OPTIONAL = ("template", "few_shot")
+
+#: Keys of ``tasks.<task>.few_shot`` and their defaults (None: required or source-dependent).
+FEW_SHOT_DEFAULTS: dict[str, Any] = {
+    "k": None,
+    "seed": None,
+    "split": "train",
+    "answer_field": None,
+    "example": "Question: {question}\nAnswer: {answer}",
+    "query": "Question: {text}\nAnswer:",
+}
 
 #: For each source: (required keys, optional keys), besides ``source``, ``n_prompts``, ``template``.
 SOURCE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -161,13 +182,127 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
         records = _hub_records(task, spec, n_prompts)
         label = f"hub:{spec['dataset']}@{spec['revision']}"
 
+    few_shot = _few_shot_settings(task, spec.get("few_shot"), seed)
+    prefix = ""
+    if few_shot is not None:
+        examples = _few_shot_examples(task, spec, few_shot, {text for _, text in records})
+        prefix = "\n\n".join(
+            few_shot["example"].format(
+                question=question if template is None else template.format(text=question),
+                answer=answer,
+            )
+            for question, answer in examples
+        )
+        label += f"+{few_shot['k']}shot"
+
     prompts = []
     for prompt_id, text in records:
         if template is not None:
             text = template.format(text=text)
+        if few_shot is not None:
+            text = prefix + "\n\n" + few_shot["query"].format(text=text)
         prompts.append(Prompt(prompt_id=prompt_id, task=task, prompt=text, source=label))
     _check_unique(task, prompts)
     return prompts
+
+
+def _few_shot_settings(task: str, block: Any, seed: int) -> dict[str, Any] | None:
+    """The validated ``tasks.<task>.few_shot`` block with defaults filled (None: no few-shot)."""
+    if block is None:
+        return None
+    where = f"tasks.{task}.few_shot"
+    if not isinstance(block, dict):
+        raise PromptSourceError(f"{where} must be a mapping with at least `k`, got {block!r}")
+    unknown = sorted(set(block) - set(FEW_SHOT_DEFAULTS))
+    if unknown:
+        raise PromptSourceError(
+            f"{where}.{unknown[0]} is not a few-shot key; allowed: {', '.join(FEW_SHOT_DEFAULTS)}"
+        )
+    settings = {**FEW_SHOT_DEFAULTS, **{k: v for k, v in block.items() if v is not None}}
+    k = settings["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PromptSourceError(f"{where}.k must be a positive integer, got {k!r}")
+    if settings["seed"] is None:
+        settings["seed"] = seed
+    for key, fields_ in (("example", ["question", "answer"]), ("query", ["text"])):
+        value = settings[key]
+        try:
+            names = sorted(n for _, n, _, _ in string.Formatter().parse(str(value)) if n)
+        except ValueError as error:
+            raise PromptSourceError(
+                f"{where}.{key} is not a valid format string ({error})"
+            ) from error
+        if not isinstance(value, str) or names != sorted(fields_):
+            raise PromptSourceError(
+                f"{where}.{key} must be a string with the field(s) "
+                f"{', '.join('{' + f + '}' for f in fields_)} once each, got {value!r}"
+            )
+    return settings
+
+
+def _few_shot_examples(
+    task: str, spec: dict[str, Any], few_shot: dict[str, Any], exclude: set[str]
+) -> list[tuple[str, str]]:
+    """``k`` (question, answer) pairs for the task's few-shot prefix, none of them a prompt."""
+    k, seed, source = few_shot["k"], few_shot["seed"], spec["source"]
+    rng = derived_rng(seed, "few_shot", task)
+    if source == "generated":
+        generator = spec["generator"]
+        worked = {
+            "arithmetic": lambda r: (lambda p: (p.question, p.solution))(arithmetic_problem(r)),
+            "stories": lambda r: (lambda p: (p.problem, p.solution))(creative_problem(r)),
+            "completion": lambda r: (lambda s: (s.context, s.ending))(everyday_scene(r)),
+        }[generator]
+        examples: list[tuple[str, str]] = []
+        for _ in range(50 * k + 1000):
+            question, answer = worked(rng)
+            if question not in exclude and question not in {q for q, _ in examples}:
+                examples.append((question, answer))
+            if len(examples) == k:
+                return examples
+        raise PromptSourceError(f"tasks.{task}.few_shot.k = {k}: too few distinct examples")
+    if source == "humaneval":
+        pool = [
+            (humaneval_instruction(p), p["prompt"] + p["canonical_solution"])
+            for p in load_humaneval_problems()
+        ]
+    elif source == "hub":
+        pool = _hub_examples(task, spec, few_shot)
+    else:
+        raise PromptSourceError(
+            f"tasks.{task}.few_shot needs worked answers, which `source: {source}` does not "
+            "have; use a generated, humaneval or hub source"
+        )
+    pool = [pair for pair in pool if pair[0] not in exclude]
+    if len(pool) < k:
+        raise PromptSourceError(
+            f"tasks.{task}.few_shot.k = {k}, but only {len(pool)} examples are not prompts"
+        )
+    return rng.sample(pool, k)
+
+
+def _hub_examples(
+    task: str, spec: dict[str, Any], few_shot: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Every (question, answer) row of the few-shot split of a hub task's data set."""
+    answer_field = few_shot["answer_field"]
+    if not answer_field:
+        raise PromptSourceError(
+            f"tasks.{task}.few_shot.answer_field is required for `source: hub` (the column "
+            "holding each example's worked answer, e.g. `answer` for GSM8K)"
+        )
+    import datasets  # noqa: PLC0415 - optional and slow; _hub_records has checked it imports
+
+    rows = datasets.load_dataset(
+        spec["dataset"], spec.get("config"), split=few_shot["split"], revision=spec["revision"]
+    )
+    for column in (spec["field"], answer_field):
+        if column not in rows.column_names:
+            raise PromptSourceError(
+                f"tasks.{task}: the few-shot split {few_shot['split']!r} of {spec['dataset']} has "
+                f"no column {column!r} (columns: {', '.join(rows.column_names)})"
+            )
+    return [(str(q), str(a)) for q, a in zip(rows[spec["field"]], rows[answer_field])]
 
 
 def write_prompts(prompts: Iterable[Prompt], path: str | os.PathLike[str]) -> None:

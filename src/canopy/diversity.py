@@ -93,8 +93,9 @@ class EmbedderSettings:
     ``get_model_path()``), a local sentence-transformers/transformers directory, or a hub id
     with a ``revision`` (the workflow fetches it into ``resources/embedders/<name>/`` and loads it
     from there; a notebook may load it from the local hub cache). ``trust_remote_code`` lets a
-    model run the modelling code it ships (only code inside the fetched directory). ``prefix`` is prepended to every
-    text (ModernBERT-embed wants ``"search_document: "``). ``max_length`` caps the tokens per text
+    model run the modelling code it ships (only code inside the fetched directory). ``prefix`` is
+    prepended to every text (ModernBERT-embed wants ``"search_document: "``). ``max_length`` caps
+    the tokens per text
     (``None`` keeps the model's own limit). ``device`` is ``auto`` (CUDA when present), ``cpu``
     or ``cuda``/``cuda:<index>``.
     """

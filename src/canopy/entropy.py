@@ -9,7 +9,10 @@ estimate, from its M rollouts (DESIGN.md section 1, natural logarithms):
 * the mean length N̄ and mean entropy rate R̄ = mean_i H_i / N_i, with standard errors;
 * the sample decomposition CE* = N̄·R̄ + Cov(N, r) (covariance with 1/M: an exact identity);
 * Pearson, Spearman and Kendall correlations of (N_i, r_i) with their p-values;
-* the length entropy H(N) (plug-in and Miller–Madow) and H(Y | N) = CE* − H(N) (plug-in);
+* the length entropy H(N) by three estimators (plug-in, Miller–Madow, Chao–Shen) and
+  H(Y | N) = CE* − H(N) with the estimator chosen by ``MetricSettings.length_entropy``
+  (Chao–Shen by default: lengths spread over far more values than there are rollouts, where the
+  plug-in estimate is capped at ln M and Miller–Madow's first-order correction falls short);
 * the branching factor exp(R̄), the generation perplexity exp(CE*/N̄) and the truncation rate.
 
 Degenerate prompts (one rollout, constant length, all rollouts dropped) get NaN where a value is
@@ -39,6 +42,8 @@ __all__ = [
     "EXTRA_METRIC_COLUMNS",
     "prompt_metrics",
     "entropy_trajectory",
+    "LENGTH_ENTROPY_ESTIMATORS",
+    "chao_shen_entropy",
     "length_entropy",
     "write_metrics",
 ]
@@ -74,10 +79,13 @@ PROMPT_METRIC_COLUMNS: tuple[str, ...] = (
     "note",
 )
 
-#: Columns added after the contract columns: the rollout count before ``truncated="drop"`` and
-#: Student-t confidence intervals (level ``MetricSettings.confidence``) of the four means.
+#: Columns added after the contract columns: the rollout count before ``truncated="drop"``, the
+#: Chao–Shen estimate of H(N) and the name of the H(N) estimator that
+#: ``conditional_entropy_given_length`` subtracts, and Student-t confidence intervals (level ``MetricSettings.confidence``) of the four means.
 EXTRA_METRIC_COLUMNS: tuple[str, ...] = (
     "n_rollouts_total",
+    "length_entropy_chao_shen",
+    "length_entropy_estimator",
     "canopy_entropy_ci_low",
     "canopy_entropy_ci_high",
     "canopy_entropy_surprisal_ci_low",
@@ -87,6 +95,10 @@ EXTRA_METRIC_COLUMNS: tuple[str, ...] = (
     "mean_rate_ci_low",
     "mean_rate_ci_high",
 )
+
+#: H(N) estimators, by the name ``metrics.length_entropy`` uses; each is a column
+#: ``length_entropy_<name>`` of the metric table.
+LENGTH_ENTROPY_ESTIMATORS: tuple[str, ...] = ("plugin", "miller_madow", "chao_shen")
 
 _REQUIRED_COLUMNS = ("prompt_id", "sample", "n_steps", "truncated", "sum_entropy", "sum_logprob")
 
@@ -110,12 +122,14 @@ class MetricSettings:
     canopy cut at ``max_new_tokens``, the estimator stays unbiased for it); ``"drop"`` removes
     truncated rollouts first (conditioning on finishing; the truncation rate is still that of
     the full set). ``truncation_warning``: warn when a prompt's truncation rate exceeds it.
-    ``confidence``: level of the confidence-interval columns.
+    ``confidence``: level of the confidence-interval columns. ``length_entropy``: the H(N)
+    estimator that H(Y | N) = CE* − H(N) uses (one of :data:`LENGTH_ENTROPY_ESTIMATORS`).
     """
 
     truncated: str = "keep"
     truncation_warning: float = 0.05
     confidence: float = 0.95
+    length_entropy: str = "chao_shen"
 
     def __post_init__(self) -> None:
         if self.truncated not in ("keep", "drop"):
@@ -127,6 +141,11 @@ class MetricSettings:
             )
         if not 0.0 < float(self.confidence) < 1.0:
             raise ValueError(f"metrics.confidence must lie in (0, 1), got {self.confidence!r}")
+        if self.length_entropy not in LENGTH_ENTROPY_ESTIMATORS:
+            raise ValueError(
+                f"metrics.length_entropy must be one of {', '.join(LENGTH_ENTROPY_ESTIMATORS)}, "
+                f"got {self.length_entropy!r}"
+            )
 
     @classmethod
     def from_config(cls, block: Mapping[str, Any] | None) -> MetricSettings:
@@ -269,6 +288,29 @@ def length_entropy(lengths: np.ndarray) -> tuple[float, float]:
     return plugin, plugin + (counts.size - 1) / (2.0 * m)
 
 
+def chao_shen_entropy(values: np.ndarray) -> float:
+    """Chao–Shen coverage-adjusted estimate of the entropy (nats) of the values' distribution.
+
+    The sample coverage C = 1 − f1/M (f1 values seen exactly once) estimates the probability
+    mass of the values seen; each observed frequency is shrunk to C·p̂, and every term is divided
+    by the probability 1 − (1 − C·p̂)^M that its value was seen at all (Horvitz–Thompson), which
+    accounts for the mass of unseen values the plug-in estimator ignores. When every value is a
+    singleton (C = 0) f1 is taken as M − 1, the usual convention that keeps C positive.
+    """
+    values = np.asarray(values)
+    m = values.size
+    if m == 0:
+        return math.nan
+    _, counts = np.unique(values, return_counts=True)
+    singletons = int((counts == 1).sum())
+    if singletons == m:
+        singletons = m - 1
+    coverage = 1.0 - singletons / m
+    pa = coverage * counts / m
+    inclusion = 1.0 - (1.0 - pa) ** m
+    return float(-(pa * np.log(pa) / inclusion).sum())
+
+
 def _correlations(n: np.ndarray, r: np.ndarray) -> tuple[list[float], str]:
     """Pearson, Spearman, Kendall (each with p-value) of (N, r); NaN with a reason if undefined."""
     if n.size < 2:
@@ -335,6 +377,10 @@ def _one_prompt(
     if corr_note:
         notes.append(corr_note)
     h_plugin, h_mm = length_entropy(n)
+    h_cs = chao_shen_entropy(n)
+    h_length = {"plugin": h_plugin, "miller_madow": h_mm, "chao_shen": h_cs}[
+        settings.length_entropy
+    ]
 
     row: dict[str, Any] = {
         "prompt_id": prompt_id,
@@ -359,11 +405,13 @@ def _one_prompt(
         "rho_kendall_p": corr[5],
         "length_entropy_plugin": h_plugin,
         "length_entropy_miller_madow": h_mm,
-        "conditional_entropy_given_length": ce - h_plugin,
+        "conditional_entropy_given_length": ce - h_length,
         "branching_factor": math.exp(mean_r) if m else math.nan,
         "generation_perplexity": math.exp(ce / mean_n) if m else math.nan,
         "note": "; ".join(notes),
         "n_rollouts_total": total,
+        "length_entropy_chao_shen": h_cs,
+        "length_entropy_estimator": settings.length_entropy,
     }
     for name, mean, se in (
         ("canopy_entropy", ce, ce_se),

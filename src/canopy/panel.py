@@ -35,15 +35,24 @@ _ID_COLUMNS = ["family", "variant", "task", "prompt_id", "prompt_uid"]
 def build_panel(
     metrics: Mapping[PanelKey, pd.DataFrame],
     diversity: Mapping[PanelKey, pd.DataFrame],
+    semantic: Mapping[PanelKey, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Join metrics and diversity tables of every (family, variant, task) into one panel.
 
     Both mappings must hold the same keys, and each pair of tables the same prompts: a prompt
     missing on one side means a stage dropped it, which would silently bias the regression.
+    ``semantic`` (optional, the semantic-entropy tables) joins the same way, adding its columns.
     """
     if set(metrics) != set(diversity):
         missing = sorted(set(metrics) ^ set(diversity))
-        raise ValueError(f"metrics and diversity cover different (family, variant, task): {missing}")
+        raise ValueError(
+            f"metrics and diversity cover different (family, variant, task): {missing}"
+        )
+    if semantic is not None and set(semantic) != set(metrics):
+        missing = sorted(set(metrics) ^ set(semantic))
+        raise ValueError(
+            f"metrics and semantic entropy cover different (family, variant, task): {missing}"
+        )
     frames = []
     for key in sorted(metrics):
         family, variant, task = key
@@ -55,8 +64,19 @@ def build_panel(
             )
         # n_rollouts appears on both sides; the diversity count is the one embedded, which equals
         # the metric count unless truncated rollouts were dropped from the metrics.
-        right = right.rename(columns={"n_rollouts": "n_rollouts_embedded", "note": "diversity_note"})
+        right = right.rename(
+            columns={"n_rollouts": "n_rollouts_embedded", "note": "diversity_note"}
+        )
         joined = left.merge(right, on="prompt_id", how="inner", validate="one_to_one")
+        if semantic is not None:
+            extra = semantic[key]
+            if set(extra["prompt_id"]) != set(left["prompt_id"]):
+                only = sorted(set(left["prompt_id"]) ^ set(extra["prompt_id"]))
+                raise ValueError(
+                    f"{family}/{variant}/{task}: metrics and semantic entropy disagree on "
+                    f"prompts {only[:5]}"
+                )
+            joined = joined.merge(extra, on="prompt_id", how="inner", validate="one_to_one")
         joined.insert(0, "task", task)
         joined.insert(0, "variant", variant)
         joined.insert(0, "family", family)
@@ -78,8 +98,14 @@ def build_panel(
 def read_panel_inputs(
     metric_paths: Mapping[PanelKey, str | Path],
     diversity_paths: Mapping[PanelKey, str | Path],
+    semantic_paths: Mapping[PanelKey, str | Path] | None = None,
 ) -> pd.DataFrame:
     """Read the per-(family, variant, task) tables from disk and build the panel."""
     metrics = {key: pd.read_parquet(path) for key, path in metric_paths.items()}
     diversity = {key: pd.read_parquet(path) for key, path in diversity_paths.items()}
-    return build_panel(metrics, diversity)
+    semantic = (
+        {key: pd.read_parquet(path) for key, path in semantic_paths.items()}
+        if semantic_paths
+        else None
+    )
+    return build_panel(metrics, diversity, semantic)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["headline_table"]
+from canopy.bootstrap import ALL_TASKS, BootstrapSettings, paired_bootstrap
+
+__all__ = ["ABLATION_COLUMNS", "ablation_table", "headline_table"]
 
 _MEANS = {
     "canopy_entropy": "CE",
@@ -47,7 +49,9 @@ def headline_table(
         means.insert(0, "embedder", embedder)
         means.insert(0, "sampling", sampling)
         means["n_prompts"] = panel.groupby(["family", "variant"]).size().to_numpy()
-        by_variant = slopes[slopes["variant"].isin(["base", "finetuned"])].drop_duplicates("variant")
+        by_variant = slopes[slopes["variant"].isin(["base", "finetuned"])].drop_duplicates(
+            "variant"
+        )
         slope_of = dict(zip(by_variant["variant"], by_variant["slope"]))
         means["entropy_rate_slope"] = means["variant"].map(slope_of)
         if len(ratio):
@@ -56,3 +60,90 @@ def headline_table(
             means["slope_ratio_ci_high"] = float(ratio["ci_high"].iloc[0])
         rows.append(means)
     return pd.concat(rows, ignore_index=True)
+
+
+#: Columns of :func:`ablation_table`, one row per sweep point (sampling x embedder).
+ABLATION_COLUMNS: tuple[str, ...] = (
+    "sampling",
+    "embedder",
+    "n_prompts",
+    "slope_base",
+    "slope_finetuned",
+    "slope_ratio",
+    "slope_ratio_ci_low",
+    "slope_ratio_ci_high",
+    "slope_ratio_boot_ci_low",
+    "slope_ratio_boot_ci_high",
+    "rho_base",
+    "rho_finetuned",
+    "rho_difference",
+    "rho_difference_ci_low",
+    "rho_difference_ci_high",
+)
+
+
+def ablation_table(
+    combinations: Sequence[tuple[str, str]],
+    panel_paths: Sequence[str | Path],
+    slope_paths: Sequence[str | Path],
+    bootstrap: BootstrapSettings | None = None,
+    *,
+    rho: str = "rho_pearson",
+) -> pd.DataFrame:
+    """One row per sweep point (sampling setting x embedder; a rollout filter is a sampling
+    setting): the Beta GLMM's entropy-rate slopes and their ratio fine-tuned / base with its
+    delta-method and parametric-bootstrap intervals, and the mean ρ(N, r_N) per variant with the
+    paired prompt-bootstrap interval of their difference, pooled over families and tasks
+    (resampling prompts within each task).
+
+    The sequences are parallel, as in :func:`headline_table`.
+    """
+    bootstrap = bootstrap or BootstrapSettings()
+    rows = []
+    for (sampling, embedder), panel_path, slope_path in zip(
+        combinations, panel_paths, slope_paths, strict=True
+    ):
+        slopes = pd.read_csv(slope_path, sep="\t")
+
+        def pick(variant: str, method: str) -> pd.Series:
+            hit = slopes[(slopes["variant"] == variant) & (slopes["method"] == method)]
+            if hit.empty:
+                raise ValueError(f"{slope_path} has no {variant}/{method} row")
+            return hit.iloc[0]
+
+        base, finetuned = pick("base", "wald"), pick("finetuned", "wald")
+        delta, boot = pick("ratio", "delta"), pick("ratio", "bootstrap")
+        panel = pd.read_parquet(panel_path, columns=["family", "variant", "task", "prompt_id", rho])
+        # Pool the families: one pseudo-family whose prompts are (family, prompt) pairs.
+        pooled = panel.assign(
+            prompt_id=panel["family"].astype(str) + "/" + panel["prompt_id"].astype(str),
+            family=ALL_TASKS,
+        )
+        table = paired_bootstrap(
+            pooled,
+            [rho],
+            resamples=bootstrap.resamples,
+            confidence=bootstrap.confidence,
+            seed=bootstrap.seed,
+        )
+        overall = table[table["task"] == ALL_TASKS].iloc[0]
+        rows.append(
+            {
+                "sampling": sampling,
+                "embedder": embedder,
+                "n_prompts": int(overall["n_prompts"]),
+                "slope_base": float(base["slope"]),
+                "slope_finetuned": float(finetuned["slope"]),
+                "slope_ratio": float(delta["slope"]),
+                "slope_ratio_ci_low": float(delta["ci_low"]),
+                "slope_ratio_ci_high": float(delta["ci_high"]),
+                "slope_ratio_boot_ci_low": float(boot["ci_low"]),
+                "slope_ratio_boot_ci_high": float(boot["ci_high"]),
+                "rho_base": float(overall["base_mean"]),
+                "rho_finetuned": float(overall["finetuned_mean"]),
+                "rho_difference": float(overall["difference"]),
+                "rho_difference_ci_low": float(overall["ci_low"]),
+                "rho_difference_ci_high": float(overall["ci_high"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))

@@ -7,8 +7,9 @@
     prompt.
 (c) :func:`length_matched`: base and fine-tuned rollouts of each prompt subsampled to the same
     length distribution; per-prompt rate, length, rho(N, r_N) and D recomputed on the subsamples
-    and the slopes refitted with the fixed-effects OLS of (b) (cheap: one least-squares solve per
-    repeat, against a Beta GLMM fit of seconds per repeat).
+    and the Beta GLMM refitted (glmmTMB, the main model) on every matched panel, with R and 1/N
+    standardised by the constants of the unmatched panel so that every slope is per the same
+    unit of R. All fits of one analysis run in one R process.
 
 Every function returns a tidy table and writes it as TSV. Slope rows: ``variant`` (base,
 fine-tuned, ``ratio``), ``slope`` (of ``R_sc`` on the logit scale), ``se``, ``ci_low``,
@@ -17,10 +18,13 @@ fine-tuned, ``ratio``), ``slope`` (of ``R_sc`` on the logit scale), ``se``, ``ci
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +32,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from canopy.io import write_tsv
-from canopy.stats import SLOPE_TERM, StatsSettings, prepare_panel
+from canopy.stats import SLOPE_TERM, StatsSettings, fit_beta_glmm_many, prepare_panel
 
 __all__ = [
     "fixed_effects_robustness",
@@ -320,13 +324,18 @@ def length_matched(
     For every (family, task, prompt), :func:`match_lengths` subsamples the base and fine-tuned
     rollouts to the same length distribution (``settings.robustness.length_bins`` quantile bins,
     seeded by ``settings.seed``, repeated ``length_repeats`` times). R, N, rho and D are recomputed
-    per prompt and variant on the subsamples, and :func:`fixed_effects_slopes` refits the slopes
-    per repeat. Prompts with fewer than ``min_matched`` matched rollouts per variant are dropped
-    (counted in ``n_prompts_dropped``).
+    per prompt and variant on the subsamples, and the Beta GLMM of :mod:`canopy.stats` (same
+    formulas) is refitted on the unmatched panel and on every matched one. R and 1/N of every
+    panel are standardised with the unmatched panel's mean and SD: re-standardising per repeat
+    would rescale the slope by each subsample's own SD of R and confound the comparison. Prompts
+    with fewer than ``min_matched`` matched rollouts per variant are dropped (counted in
+    ``n_prompts_dropped``).
 
     Output rows: ``analysis`` = ``unmatched`` (all rollouts), ``matched`` (one per repeat,
-    ``repeat`` = 0..R-1) and ``matched_pooled`` (mean slope over repeats; se combines the mean
-    within-repeat variance and the between-repeat variance). Per-variant rows also carry the
+    ``repeat`` = 0..R-1) and ``matched_pooled`` (mean over repeats of the Wald slopes and the
+    delta-method ratio; se combines the mean within-repeat variance and the between-repeat
+    variance). ``method`` is glmmTMB's (``wald``, ``delta``, ``bootstrap`` for the ratio's
+    parametric-bootstrap interval); ``converged`` flags each fit. Per-variant rows also carry the
     mean over prompts of N, R and rho. ``prompt_metrics_path`` optionally receives the per-prompt
     metrics of every repeat.
     """
@@ -366,24 +375,67 @@ def length_matched(
                     })
         return rows, dropped
 
-    tables, prompt_tables = [], []
-    for repeat in [None, *range(rob.length_repeats)]:
+    repeats = [None, *range(rob.length_repeats)]
+    panels, dropped_counts = [], []
+    columns = ["family", "variant", "task", "prompt_id", "prompt_uid", "R", "N", "rho", "D", "M"]
+    for repeat in repeats:
         rows, dropped = metrics_rows(repeat)
-        metrics = pd.DataFrame(rows)
+        metrics = pd.DataFrame(rows, columns=columns)
         metrics["repeat"] = -1 if repeat is None else repeat
-        prompt_tables.append(metrics)
-        frame = prepare_panel(metrics, settings)
-        slopes = fixed_effects_slopes(frame, settings, method="ols_fe")
-        means = metrics.groupby("variant")[["N", "R", "rho"]].mean()
+        panels.append(metrics)
+        dropped_counts.append(dropped)
+    # The unmatched panel's constants, for every fit (see the docstring).
+    standardisation = prepare_panel(panels[0], settings).attrs["standardisation"]
+    # A matched panel can lose so many prompts that the model is no longer estimable (a task or
+    # a variant's spread in R gone): that repeat is reported as failed, not fitted.
+    fits: list[Any] = []
+    for metrics in panels:
+        try:
+            prepare_panel(metrics, settings, standardisation=standardisation)
+            fits.append(None)
+        except ValueError as error:
+            fits.append(f"not estimable: {error}")
+    estimable = [i for i, fit in enumerate(fits) if fit is None]
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".length-matched-",
+                                     dir=Path(out_path).parent) as tmp:
+        fitted = fit_beta_glmm_many(
+            [panels[i] for i in estimable], settings,
+            [Path(tmp) / f"fit{i}" for i in estimable],
+            save_model=False, standardisation=standardisation, keep_going=True,
+        )
+    for i, fit in zip(estimable, fitted):
+        fits[i] = fit
+    if isinstance(fits[0], str):
+        raise RuntimeError(f"the Beta GLMM could not be fitted to the unmatched panel: {fits[0]}")
+    tables = []
+    for repeat, metrics, dropped, fit in zip(repeats, panels, dropped_counts, fits):
+        if isinstance(fit, str):
+            # A matched subsample too small or too degenerate for the model: say so in the
+            # table and leave the repeat out of the pooled slopes.
+            warnings.warn(f"length-matched repeat {repeat}: Beta GLMM failed: {fit}",
+                          RuntimeWarning, stacklevel=2)
+            slopes = pd.DataFrame({"variant": [*variants, "ratio"], "slope": np.nan,
+                                   "se": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                                   "method": ["wald", "wald", "delta"]})
+            slopes["error"] = fit
+        else:
+            slopes = fit.slopes.copy()
+            slopes["error"] = ""
+        means = metrics.groupby("variant")[["N", "R", "rho"]].mean().reindex(variants)
         for column in ("N", "R", "rho"):
             slopes[f"mean_{column}"] = slopes["variant"].map(means[column])
         slopes.insert(0, "analysis", "unmatched" if repeat is None else "matched")
         slopes.insert(1, "repeat", -1 if repeat is None else repeat)
+        slopes["converged"] = not isinstance(fit, str) and fit.converged
+        slopes["n_rows"] = len(metrics)
+        slopes["n_prompts"] = int(metrics["prompt_uid"].nunique())
         slopes["n_prompts_dropped"] = dropped
-        slopes["mean_rollouts"] = float(metrics["M"].mean())
+        slopes["mean_rollouts"] = float(metrics["M"].mean()) if len(metrics) else np.nan
         tables.append(slopes)
     table = pd.concat(tables, ignore_index=True)
-    matched = table[table["analysis"] == "matched"]
+    matched = table[(table["analysis"] == "matched") & table["method"].isin(["wald", "delta"])
+                    & (table["error"] == "")]
     z = sps.norm.ppf(1 - (1 - settings.confidence) / 2)
     pooled = []
     for variant, rows in matched.groupby("variant", sort=False):
@@ -393,12 +445,14 @@ def length_matched(
         pooled.append({
             "analysis": "matched_pooled", "repeat": -1, "variant": variant, "slope": mean,
             "se": se, "ci_low": mean - z * se, "ci_high": mean + z * se,
-            "method": rows["method"].iloc[0],
-            **{c: float(rows[c].mean()) for c in ("n_rows", "n_clusters", "mean_N", "mean_R",
+            "method": rows["method"].iloc[0], "converged": bool(rows["converged"].all()),
+            "error": "", "n_repeats": int(len(rows)),
+            **{c: float(rows[c].mean()) for c in ("n_rows", "n_prompts", "mean_N", "mean_R",
                                                   "mean_rho", "n_prompts_dropped", "mean_rollouts")},
         })
     table = pd.concat([table, pd.DataFrame(pooled)], ignore_index=True)
+    table["standardisation"] = json.dumps(standardisation, sort_keys=True)
     write_tsv(table, out_path)
     if prompt_metrics_path is not None:
-        write_tsv(pd.concat(prompt_tables, ignore_index=True), prompt_metrics_path)
+        write_tsv(pd.concat(panels, ignore_index=True), prompt_metrics_path)
     return table

@@ -69,6 +69,11 @@ SLOPE_TERM = "R_sc"
 #: Converged means: optimiser code 0, positive-definite Hessian, and max scaled gradient below this
 #: (lme4's default tolerance for its scaled-gradient check).
 GRADIENT_TOLERANCE = 0.002
+#: How far D may stray outside [0, 1] by round-off alone: D = 1 - mean cosine of float32 unit
+#: vectors, whose squared norms miss 1 by up to ~1e-6 at a few thousand dimensions, so a prompt
+#: whose rollouts embed identically gives D a hair below 0. Such values are clipped to [0, 1];
+#: anything further out is a corrupt diversity table and stops the regression.
+D_ROUNDOFF = 1e-5
 FIT_FILES = ("coefficients.tsv", "slopes.tsv", "variance_components.tsv", "convergence.json")
 INSTALL_HINT = (
     "install R and glmmTMB: Debian/Ubuntu `apt-get install r-base-core r-cran-glmmtmb`; "
@@ -297,10 +302,23 @@ def _formula_variables(text: str, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if re.search(rf"(?<![\w.]){re.escape(c)}(?![\w.])", text)]
 
 
-def prepare_panel(panel: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
+def prepare_panel(
+    panel: pd.DataFrame,
+    settings: StatsSettings,
+    *,
+    standardisation: Mapping[str, Mapping[str, float]] | None = None,
+) -> pd.DataFrame:
     """Validate the panel and add the model's columns (``D`` clipped, ``R_sc``, ``invN_sc``).
 
-    The original dissimilarity is kept as ``D_raw``. Raises ``ValueError`` naming the offending
+    ``D`` within :data:`D_ROUNDOFF` of [0, 1] is round-off and is first clipped to [0, 1]; further
+    out it raises, naming the prompts. The dissimilarity before the ``clip`` margin is kept as
+    ``D_raw``.
+
+    ``standardisation`` (``{"R": {"mean", "sd"}, "invN": {"mean", "sd"}}``, as in a fit's
+    ``summary.json``) standardises with given constants instead of this panel's own, so that a
+    refit on a subset or resample of the data (the length-matched reanalysis) reports its slopes
+    per the same unit of R as the original fit. The constants used are in
+    ``frame.attrs["standardisation"]``. Raises ``ValueError`` naming the offending
     column, rows (``prompt_uid``) or control that cannot be estimated.
     """
     required = [*ID_COLUMNS, "D", "R", "N"]
@@ -323,7 +341,8 @@ def prepare_panel(panel: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = ~np.isfinite(values.to_numpy(float))
         if column == "D":
-            bad |= (values < 0).to_numpy() | (values > 1).to_numpy()
+            bad |= (values < -D_ROUNDOFF).to_numpy() | (values > 1 + D_ROUNDOFF).to_numpy()
+            values = values.clip(0.0, 1.0)
         if column == "N":
             bad |= (values <= 0).to_numpy()
         if bad.any():
@@ -336,17 +355,29 @@ def prepare_panel(panel: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
     check_estimable(frame, settings)
     frame["D_raw"] = frame["D"]
     frame["D"] = frame["D"].clip(settings.clip, 1.0 - settings.clip)
-    frame["R_sc"] = _standardise(frame["R"], "R")
-    frame["invN_sc"] = _standardise(1.0 / frame["N"], "1/N")
+    inv_n = 1.0 / frame["N"]
+    if standardisation is None:
+        standardisation = {"R": _moments(frame["R"], "R"), "invN": _moments(inv_n, "1/N")}
+    frame["R_sc"] = _standardise(frame["R"], standardisation["R"])
+    frame["invN_sc"] = _standardise(inv_n, standardisation["invN"])
+    frame.attrs["standardisation"] = {
+        name: {"mean": float(values["mean"]), "sd": float(values["sd"])}
+        for name, values in standardisation.items()
+    }
     frame["logit_D"] = np.log(frame["D"] / (1.0 - frame["D"]))
     return frame
 
 
-def _standardise(values: pd.Series, name: str) -> np.ndarray:
+def _moments(values: pd.Series, name: str) -> dict[str, float]:
+    """Mean and sample SD of a covariate over the panel (its standardisation constants)."""
     sd = float(values.std(ddof=1))
     if not np.isfinite(sd) or sd == 0:
         raise ValueError(f"{name} is constant over the panel: its slope cannot be estimated")
-    return ((values - values.mean()) / sd).to_numpy()
+    return {"mean": float(values.mean()), "sd": sd}
+
+
+def _standardise(values: pd.Series, moments: Mapping[str, float]) -> np.ndarray:
+    return ((values - moments["mean"]) / moments["sd"]).to_numpy()
 
 
 def check_estimable(panel: pd.DataFrame, settings: StatsSettings) -> None:
@@ -434,7 +465,6 @@ def _summary(
 
     variants = [settings.reference_variant,
                 *sorted(set(frame["variant"]) - {settings.reference_variant})]
-    inv_n = 1.0 / frame["N"]
     return {
         "n_rows": int(len(frame)),
         "n_prompts": int(frame["prompt_uid"].nunique()),
@@ -448,10 +478,7 @@ def _summary(
         "reference_task": settings.reference_task,
         "clip": settings.clip,
         "n_clipped": int((frame["D"] != frame["D_raw"]).sum()),
-        "standardisation": {
-            "R": {"mean": float(frame["R"].mean()), "sd": float(frame["R"].std(ddof=1))},
-            "invN": {"mean": float(inv_n.mean()), "sd": float(inv_n.std(ddof=1))},
-        },
+        "standardisation": frame.attrs["standardisation"],
         "confidence": settings.confidence,
         "slopes": {variants[0]: row(variants[0], "wald"), variants[1]: row(variants[1], "wald")},
         "slope_ratio": {
@@ -470,16 +497,21 @@ def fit_beta_glmm_many(
     out_dirs: Sequence[str | os.PathLike[str]],
     *,
     save_model: bool = True,
-) -> list[BetaGlmmResult]:
+    standardisation: Mapping[str, Mapping[str, float]] | None = None,
+    keep_going: bool = False,
+) -> list[BetaGlmmResult | str]:
     """Fit the Beta GLMM to several panels in one R process (one result per panel).
 
     Each ``out_dirs[i]`` receives the files of :func:`fit_beta_glmm`; each file is moved into
     place atomically and ``summary.json`` is written last, so its presence marks a complete fit.
+    ``standardisation`` is passed to :func:`prepare_panel` for every panel (None: each panel's own).
+    With ``keep_going`` a panel glmmTMB cannot fit gives its error message (a ``str``) in place
+    of a result, and the other panels are still fitted.
     """
     if len(panels) != len(out_dirs):
         raise ValueError("panels and out_dirs differ in length")
     r_env = check_r_environment(settings.rscript)
-    frames = [prepare_panel(panel, settings) for panel in panels]
+    frames = [prepare_panel(panel, settings, standardisation=standardisation) for panel in panels]
     targets = [Path(d) for d in out_dirs]
     for target in targets:
         target.mkdir(parents=True, exist_ok=True)
@@ -491,10 +523,14 @@ def fit_beta_glmm_many(
             _panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
             jobs.append({"panel": str(panel_path), "out_dir": str(work / f"fit{index}")})
         _run_r("fit_beta_glmm.R", {**settings.job_settings(), "jobs": jobs,
-                                   "save_model": save_model}, work, settings.rscript)
-        results = []
+                                   "save_model": save_model, "keep_going": keep_going},
+               work, settings.rscript)
+        results: list[BetaGlmmResult | str] = []
         for index, (frame, target) in enumerate(zip(frames, targets)):
             staged = work / f"fit{index}"
+            if (staged / "error.txt").exists():
+                results.append((staged / "error.txt").read_text().strip())
+                continue
             (target / "summary.json").unlink(missing_ok=True)
             names = [*FIT_FILES, "model.rds"] if save_model else list(FIT_FILES)
             for name in names:
@@ -536,7 +572,9 @@ def fit_beta_glmm(
     A fit that does not converge cleanly is still written, flagged in ``convergence.json`` and
     announced with a ``RuntimeWarning``.
     """
-    return fit_beta_glmm_many([panel], settings, [out_dir], save_model=True)[0]
+    result = fit_beta_glmm_many([panel], settings, [out_dir], save_model=True)[0]
+    assert isinstance(result, BetaGlmmResult)  # without keep_going a failure raises
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,10 +25,15 @@ CONFIG_CONSUMERS = {
         "sample_rollouts_chunk",
     ],
     "training": ["build_corpus", "pretrain_base_model", "finetune_model"],
-    "sampling": ["sample_rollouts", "sample_rollouts_chunk", "gather_rollouts"],
+    "sampling": [
+        "sample_rollouts",
+        "sample_rollouts_chunk",
+        "gather_rollouts",
+        "filter_rollouts",
+    ],
     "metrics": ["prompt_metrics", "paired_bootstrap"],
     "embedders": ["embed_rollouts"],
-    "diversity": ["diversity"],
+    "diversity": ["diversity", "semantic_entropy"],
     "stats": [
         "fit_glmm",
         "glmm_diagnostics",
@@ -58,12 +63,20 @@ VARIANTS = ["base", "finetuned"]
 FAMILIES = list(config["families"])
 TASKS = list(config["tasks"])
 SAMPLINGS = list(config["sampling"])
+# Sampling entries with a `filter` block are made from another entry's rollouts (filters.smk).
+FILTERED_SAMPLINGS = [s for s in SAMPLINGS if config["sampling"][s].get("filter")]
 EMBEDDERS = list(config["embedders"])
 
 
 def _one_of(names):
     """Regex accepting exactly the given names (none: a regex that never matches)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+def sampled_point(sampling):
+    """The sampling entry that actually sampled a sweep point's rollouts (a filter's `from`)."""
+    spec = config["sampling"][sampling].get("filter")
+    return spec["from"] if spec else sampling
 
 
 def model_source(family, variant):
@@ -204,6 +217,16 @@ def analysis_targets():
 MATRIX = [(f, v, t) for f in FAMILIES for v in VARIANTS for t in TASKS]
 
 
+def semantic_entropy_paths():
+    """Input function of the panel: the semantic-entropy tables when diversity.semantic_entropy
+    is set, else none."""
+    if not config["diversity"].get("semantic_entropy"):
+        return []
+    return matrix_paths(
+        "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet"
+    )
+
+
 def matrix_paths(pattern, matrix=None):
     """Input function: the pattern's path for every (family, variant, task) of ``matrix`` (all of
     MATRIX by default), in that order; scripts pair the paths with the same list in params.
@@ -227,7 +250,7 @@ FIGURE_STYLE = [
     workflow.source_path(f"{_FIGURE_SRC}/canopy.mplstyle"),
 ]
 # Figures of one sampling setting, and figures of one (sampling setting, embedder).
-SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance"]
+SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance", "rho"]
 EMBEDDER_FIGURES = ["slopes", "residuals"]
 
 
@@ -268,16 +291,21 @@ def figure_inputs(name, pattern):
 
 
 def figure_targets():
-    """Every figure of every sampling setting (1-4) and (sampling setting, embedder) (5-6)."""
-    return expand(
-        "results/figures/{sampling}/{figure}.{ext}",
-        sampling=list(config["sampling"]),
-        figure=SAMPLING_FIGURES,
-        ext=["pdf", "png"],
-    ) + expand(
-        "results/figures/{sampling}/{embedder}/{figure}.{ext}",
-        sampling=list(config["sampling"]),
-        embedder=list(config["embedders"]),
-        figure=EMBEDDER_FIGURES,
-        ext=["pdf", "png"],
+    """Every figure of every sampling setting (1-4, 7) and (sampling setting, embedder) (5-6),
+    and the ablation forest plot over all of them (8)."""
+    return (
+        expand(
+            "results/figures/{sampling}/{figure}.{ext}",
+            sampling=list(config["sampling"]),
+            figure=SAMPLING_FIGURES,
+            ext=["pdf", "png"],
+        )
+        + expand(
+            "results/figures/{sampling}/{embedder}/{figure}.{ext}",
+            sampling=list(config["sampling"]),
+            embedder=list(config["embedders"]),
+            figure=EMBEDDER_FIGURES,
+            ext=["pdf", "png"],
+        )
+        + expand("results/figures/ablation_forest.{ext}", ext=["pdf", "png"])
     )

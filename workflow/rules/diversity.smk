@@ -34,6 +34,28 @@ rule diversity:
     conda:
         "../../envs/analysis.yaml"
     params:
-        settings=config["diversity"],
+        settings={
+            k: v for k, v in config["diversity"].items() if k != "semantic_entropy"
+        },
     script:
         "../scripts/diversity.py"
+
+
+rule semantic_entropy:
+    input:
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+    output:
+        "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet",
+    log:
+        "logs/semantic_entropy/{sampling}/{family}/{variant}/{task}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=lambda wildcards: device_gpus(
+            (config["diversity"]["semantic_entropy"] or {}).get("device", "auto")
+        ),
+    params:
+        settings=config["diversity"]["semantic_entropy"],
+    script:
+        "../scripts/semantic_entropy.py"

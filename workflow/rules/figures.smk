@@ -102,9 +102,9 @@ rule figure_lengths:
         settings=figure_settings("lengths"),
         matrix=figure_matrix("lengths"),
         # The cap drawn on the figure is the one the rollouts were sampled with.
-        max_new_tokens=lambda wildcards: config["sampling"][wildcards.sampling].get(
-            "max_new_tokens"
-        ),
+        max_new_tokens=lambda wildcards: config["sampling"][
+            sampled_point(wildcards.sampling)
+        ].get("max_new_tokens"),
     script:
         "../scripts/plot_lengths.py"
 
@@ -204,3 +204,63 @@ rule figure_residuals:
         settings=figure_settings("residuals"),
     script:
         "../scripts/plot_residuals.py"
+
+
+rule figure_rho:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("rho")
+        + [workflow.source_path("../../src/canopy/bootstrap.py")],
+        metrics=figure_inputs(
+            "rho", "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"
+        ),
+    output:
+        pdf=report(
+            "results/figures/{sampling}/rho.pdf",
+            caption="../report/figures/rho.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+        png=report(
+            "results/figures/{sampling}/rho.png",
+            caption="../report/figures/rho.rst",
+            category="Figures",
+            subcategory="{sampling}",
+        ),
+    log:
+        "logs/figures/{sampling}/rho.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("rho"),
+        matrix=figure_matrix("rho"),
+    script:
+        "../scripts/plot_rho.py"
+
+
+rule figure_forest:
+    input:
+        style=FIGURE_STYLE,
+        code=figure_code("forest"),
+        table="results/ablation/summary.tsv",
+    output:
+        pdf=report(
+            "results/figures/ablation_forest.pdf",
+            caption="../report/figures/forest.rst",
+            category="Ablations",
+        ),
+        png=report(
+            "results/figures/ablation_forest.png",
+            caption="../report/figures/forest.rst",
+            category="Ablations",
+        ),
+    log:
+        "logs/figures/ablation_forest.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=figure_settings("forest"),
+    script:
+        "../scripts/plot_forest.py"

@@ -9,6 +9,7 @@ rule panel:
         diversity=matrix_paths(
             "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet"
         ),
+        semantic=semantic_entropy_paths(),
     output:
         "results/panel/{sampling}/{embedder}.parquet",
     log:

@@ -9,4 +9,6 @@ from canopy.training import Recipe, finetune  # noqa: E402
 
 recipe = Recipe.from_config(snakemake.params.recipe)
 pairs = read_pairs(snakemake.input.pairs)
-finetune(snakemake.input.base, pairs, recipe, snakemake.output[0], threads=snakemake.threads, logger=log)
+finetune(
+    snakemake.input.base, pairs, recipe, snakemake.output[0], threads=snakemake.threads, logger=log
+)

@@ -9,7 +9,5 @@ from canopy.robustness import fixed_effects_robustness  # noqa: E402
 from canopy.stats import StatsSettings  # noqa: E402
 
 settings = StatsSettings.from_config(snakemake.params.settings)
-table = fixed_effects_robustness(
-    pd.read_parquet(snakemake.input[0]), settings, snakemake.output[0]
-)
+table = fixed_effects_robustness(pd.read_parquet(snakemake.input[0]), settings, snakemake.output[0])
 log.info("\n%s", table.to_string(index=False))

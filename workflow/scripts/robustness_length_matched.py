@@ -12,8 +12,7 @@ from canopy.stats import StatsSettings  # noqa: E402
 COLUMNS = ["prompt_id", "sample", "n_steps", "sum_entropy", "hit_eos", "truncated"]
 keys = [tuple(key) for key in snakemake.params.matrix]
 rollouts = {
-    key: pd.read_parquet(path, columns=COLUMNS)
-    for key, path in zip(keys, snakemake.input.rollouts)
+    key: pd.read_parquet(path, columns=COLUMNS) for key, path in zip(keys, snakemake.input.rollouts)
 }
 embeddings = {
     key: dict(np.load(path, allow_pickle=False))

@@ -9,6 +9,7 @@
 #   reference_variant, reference_task: first factor levels
 #   slope_term: the covariate whose slope is compared between variants ("R_sc")
 #   confidence, bootstrap, seed, gradient_tolerance, save_model
+#   keep_going: a failed fit writes its message to out_dir/error.txt instead of stopping R
 #
 # Per job it writes into out_dir: coefficients.tsv, slopes.tsv, variance_components.tsv,
 # convergence.json and (if save_model) model.rds. The Python caller moves them into place.
@@ -189,5 +190,14 @@ fit_one <- function(panel_path, out_dir) {
 }
 
 for (entry in job$jobs) {
-  fit_one(entry$panel, entry$out_dir)
+  if (isTRUE(job$keep_going)) {
+    # A refit on a resampled panel (length matching) may fail where the main fit did not: record
+    # why in error.txt and go on with the next panel; the caller reports it.
+    tryCatch(fit_one(entry$panel, entry$out_dir), error = function(e) {
+      dir.create(entry$out_dir, showWarnings = FALSE, recursive = TRUE)
+      writeLines(conditionMessage(e), file.path(entry$out_dir, "error.txt"))
+    })
+  } else {
+    fit_one(entry$panel, entry$out_dir)
+  }
 }

@@ -12,6 +12,8 @@ lengths        sequence-length distributions with the max_new_tokens cap
 variance       within-prompt variances of H_i, N_i and r_i across prompts
 slopes         the GLMM entropy-rate slope by variant, their ratio, D vs R̄ scatter
 residuals      DHARMa-style QQ and residual-vs-predicted diagnostics
+rho            mean ρ(N, r_N) by family, task and variant with bootstrap intervals
+forest         ablation forest plot: slope ratio and ρ difference per sweep point
 =============  ==========================================================================
 """
 
@@ -22,6 +24,7 @@ from canopy.figures.decomposition import (
     plot_decomposition,
     render_decomposition,
 )
+from canopy.figures.forest import ForestSettings, forest_rows, plot_forest, render_forest
 from canopy.figures.lengths import LengthsSettings, plot_lengths, render_lengths
 from canopy.figures.residuals import (
     ResidualsSettings,
@@ -29,6 +32,7 @@ from canopy.figures.residuals import (
     plot_residuals,
     render_residuals,
 )
+from canopy.figures.rho import RhoSettings, plot_rho, render_rho, rho_summary
 from canopy.figures.slopes import SlopesSettings, plot_slopes, render_slopes
 from canopy.figures.style import (
     COLUMN_WIDTH,
@@ -56,6 +60,8 @@ SETTINGS_CLASSES: dict[str, type[FigureSettings]] = {
         VarianceSettings,
         SlopesSettings,
         ResidualsSettings,
+        RhoSettings,
+        ForestSettings,
     )
 }
 
@@ -91,4 +97,12 @@ __all__ = [
     "diagnostic_p_values",
     "plot_residuals",
     "render_residuals",
+    "RhoSettings",
+    "rho_summary",
+    "plot_rho",
+    "render_rho",
+    "ForestSettings",
+    "forest_rows",
+    "plot_forest",
+    "render_forest",
 ]

@@ -1,0 +1,131 @@
+"""Figure 8: the ablation forest plot, one row per sweep point (sampling setting x embedder).
+
+Left: the Beta GLMM's entropy-rate slope ratio fine-tuned / base with its interval (a dotted
+line at 1: no change). Right: the difference of the mean ρ(N, r_N) fine-tuned − base with its
+paired prompt-bootstrap interval (a dotted line at 0). Both read the ablation table of
+:func:`canopy.report.ablation_table`; the main setting (the first row) is drawn in black.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from canopy.figures.common import FigureSettings, read_table, require_columns
+from canopy.figures.style import (
+    COLUMN_WIDTH,
+    NEUTRAL_COLOR,
+    VARIANT_COLORS,
+    figure_style,
+    finish_figure,
+    new_figure,
+    save_figure,
+)
+
+__all__ = ["ForestSettings", "forest_rows", "plot_forest", "render_forest"]
+
+_INTERVALS = {
+    "delta": ("slope_ratio_ci_low", "slope_ratio_ci_high"),
+    "bootstrap": ("slope_ratio_boot_ci_low", "slope_ratio_boot_ci_high"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ForestSettings(FigureSettings):
+    """Settings of the ablation forest plot (``config["figures"]["forest"]``).
+
+    ``interval``: the slope ratio's delta-method or parametric-bootstrap interval.
+    """
+
+    figure = "forest"
+
+    width: float = 2 * COLUMN_WIDTH
+    height: float | None = None
+    dpi: int = 300
+    interval: str = "delta"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._choice("interval", tuple(_INTERVALS))
+
+
+def forest_rows(table: pd.DataFrame) -> list[str]:
+    """Row labels, top to bottom: ``sampling / embedder`` in table order."""
+    require_columns(table, ["sampling", "embedder"], "ablation")
+    return [f"{s} / {e}" for s, e in zip(table["sampling"], table["embedder"])]
+
+
+def plot_forest(table: pd.DataFrame, settings: ForestSettings) -> Figure:
+    """Draw the forest plot from the ablation table (one row per sweep point)."""
+    low, high = _INTERVALS[settings.interval]
+    require_columns(
+        table,
+        [
+            "slope_ratio",
+            low,
+            high,
+            "rho_difference",
+            "rho_difference_ci_low",
+            "rho_difference_ci_high",
+        ],
+        "ablation",
+    )
+    if table.empty:
+        raise ValueError("the ablation table has no rows: no sweep point to draw")
+    labels = forest_rows(table)
+    y = np.arange(len(labels))[::-1].astype(float)
+    colors = [NEUTRAL_COLOR] + [VARIANT_COLORS["finetuned"]] * (len(labels) - 1)
+    panels = [
+        ("slope_ratio", low, high, 1.0, "entropy-rate slope ratio\n(fine-tuned / base)"),
+        (
+            "rho_difference",
+            "rho_difference_ci_low",
+            "rho_difference_ci_high",
+            0.0,
+            r"$\Delta$ mean $\rho(N, r_N)$" + "\n(fine-tuned − base)",
+        ),
+    ]
+    with figure_style():
+        figure = new_figure(settings.width, settings.figure_height(len(labels), 0.28, 0.9))
+        axes = figure.subplots(1, 2, sharey=True)
+        for ax, (column, lo, hi, reference, title) in zip(axes, panels):
+            ax.axvline(reference, color=NEUTRAL_COLOR, linewidth=0.6, linestyle=":")
+            estimate = table[column].to_numpy(dtype=float)
+            errors = np.vstack(
+                [estimate - table[lo].to_numpy(float), table[hi].to_numpy(float) - estimate]
+            )
+            for row in range(len(labels)):
+                bars = ax.errorbar(
+                    estimate[row],
+                    y[row],
+                    xerr=errors[:, row : row + 1],
+                    fmt="s",
+                    markersize=3.5,
+                    color=colors[row],
+                    elinewidth=1.0,
+                    capsize=2.0,
+                )
+                bars.lines[0].set_gid(f"{column}/{labels[row]}")
+            ax.set_xlabel(title)
+        axes[0].set_yticks(y, labels)
+        return finish_figure(figure)
+
+
+def render_forest(
+    table_path: str | os.PathLike[str],
+    settings: Mapping[str, Any] | ForestSettings,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+) -> Figure:
+    """Read the ablation table, draw the forest plot and write it as PDF and PNG."""
+    if not isinstance(settings, ForestSettings):
+        settings = ForestSettings.from_config(settings)
+    figure = plot_forest(read_table(table_path), settings)
+    save_figure(figure, pdf, png, dpi=settings.dpi)
+    return figure

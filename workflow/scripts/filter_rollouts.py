@@ -1,0 +1,24 @@
+"""Score a rollout table with a reward model and keep each prompt's best share."""
+
+from script_setup import setup
+
+log = setup(snakemake)
+
+from canopy.filtering import FilterSettings, write_filtered_rollouts  # noqa: E402
+
+settings = FilterSettings.from_config(snakemake.params.settings, snakemake.wildcards.sampling)
+scores = write_filtered_rollouts(
+    snakemake.input.rollouts,
+    snakemake.input.prompts,
+    snakemake.output[0],
+    snakemake.output.scores,
+    settings,
+)
+log.info(
+    "%d of %d rollouts kept (keep %.2f); mean reward kept %.3f, dropped %.3f",
+    int(scores["kept"].sum()),
+    len(scores),
+    settings.keep,
+    scores.loc[scores["kept"], "reward"].mean(),
+    scores.loc[~scores["kept"], "reward"].mean(),
+)
