@@ -244,9 +244,19 @@ def write_filtered_rollouts(
     out_path: str | os.PathLike[str],
     scores_path: str | os.PathLike[str],
     settings: FilterSettings,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
-    """Read a rollout table and its prompts, write the kept rollouts and all scores atomically."""
-    source = _model_source(settings.model, "sampling.<filter>.filter.reward_model.model")
+    """Read a rollout table and its prompts, write the kept rollouts and all scores atomically.
+
+    ``model_dir``: where the reward model was fetched to (the workflow's resources/classifiers/);
+    without it the model is found from ``settings.model`` (a directory, package or hub cache).
+    """
+    source = (
+        str(model_dir)
+        if model_dir is not None
+        else _model_source(settings.model, "sampling.<filter>.filter.reward_model.model")
+    )
     scorer = RewardScorer(
         source,
         batch_size=settings.batch_size,

@@ -27,6 +27,7 @@ __all__ = [
     "RevisionsMovedError",
     "build_lock",
     "check_revisions",
+    "classifier_entry",
     "embedder_entry",
     "fetched_records",
     "lock_table",
@@ -122,11 +123,20 @@ def embedder_entry(
     return {"name": name, "source": "local", "path": str(model)}
 
 
+def classifier_entry(name: str, directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Lock entry of a fetched sequence classifier (a reward or NLI model)."""
+    record = read_fetch_record(directory)
+    if record is None:
+        raise FileNotFoundError(f"{directory} has no fetch record: delete it and rerun to fetch it")
+    return {"name": name, "source": "hub", **_fetched(record)}
+
+
 def build_lock(
     *,
     models: Iterable[Mapping[str, Any]],
     prompts: Iterable[Mapping[str, Any]],
     embedders: Iterable[Mapping[str, Any]],
+    classifiers: Iterable[Mapping[str, Any]] = (),
     r_versions: Mapping[str, Any] | None = None,
     packages: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
@@ -135,6 +145,7 @@ def build_lock(
         "models": [dict(entry) for entry in models],
         "prompts": [dict(entry) for entry in prompts],
         "embedders": [dict(entry) for entry in embedders],
+        "classifiers": [dict(entry) for entry in classifiers],
         "software": {
             **(dict(packages) if packages is not None else package_versions()),
             **({"R": r_versions.get("R_version"), "glmmTMB": r_versions.get("glmmTMB_version")}
@@ -178,6 +189,10 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
             row.update(repository=entry["package"], revision=entry["version"], pinned=True)
         else:
             row.update(repository=entry["path"])
+        rows.append(row)
+    for entry in lock.get("classifiers", []):
+        row = {"kind": "classifier", "name": entry["name"], "source": entry["source"]}
+        row.update({k: entry[k] for k in ("repository", "revision", "commit", "pinned")})
         rows.append(row)
     for name, version in lock["software"].items():
         rows.append(

@@ -263,9 +263,16 @@ class NliEntailment:
         return out
 
 
-def load_nli(settings: SemanticEntropySettings) -> NliEntailment:
-    """The NLI model of ``settings`` from a directory, a package or the local hub cache."""
-    source = _model_source(settings.model, "diversity.semantic_entropy.model")
+def load_nli(
+    settings: SemanticEntropySettings, *, model_dir: str | os.PathLike[str] | None = None
+) -> NliEntailment:
+    """The NLI model of ``settings``: from ``model_dir`` where it was fetched to, else from the
+    directory, package or local hub cache ``settings.model`` names."""
+    source = (
+        str(model_dir)
+        if model_dir is not None
+        else _model_source(settings.model, "diversity.semantic_entropy.model")
+    )
     return NliEntailment(
         source,
         batch_size=settings.batch_size,
@@ -278,10 +285,13 @@ def write_semantic_entropy(
     rollouts_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     settings: SemanticEntropySettings,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Read a rollout parquet, write its per-prompt semantic entropies atomically."""
     columns = ["prompt_id", "text", "sum_logprob", "n_steps"]
     rollouts = pd.read_parquet(rollouts_path, columns=columns)
-    table = semantic_entropy_table(rollouts, load_nli(settings), logprob=settings.logprob)
+    nli = load_nli(settings, model_dir=model_dir)
+    table = semantic_entropy_table(rollouts, nli, logprob=settings.logprob)
     write_parquet(table, out_path)
     return table

@@ -138,6 +138,41 @@ def model_dir(wildcards):
     return model_path(wildcards.family, wildcards.variant)
 
 
+def _classifier_specs():
+    """Sequence classifiers the config names, by the name of their resources/classifiers/ folder:
+    the reward model of each filtered sampling point and the NLI model of semantic entropy.
+    """
+    specs = {
+        f"reward-{s}": (
+            config["sampling"][s]["filter"]["reward_model"],
+            f"sampling.{s}.filter.reward_model",
+        )
+        for s in FILTERED_SAMPLINGS
+    }
+    semantic = config.get("diversity", {}).get("semantic_entropy")
+    if semantic:
+        specs["nli"] = (semantic, "diversity.semantic_entropy")
+    return specs
+
+
+# Those with a revision are hub models, fetched by download_classifier like the models.
+HUB_CLASSIFIERS = {
+    name: (spec, key)
+    for name, (spec, key) in _classifier_specs().items()
+    if spec.get("revision")
+}
+
+
+def classifier_dir(name):
+    """Input function: the fetched directory of a hub classifier, or nothing (a package or a
+    local directory named by `model`, loaded where it is)."""
+    return lambda wildcards: (
+        f"resources/classifiers/{name.format(**wildcards)}"
+        if name.format(**wildcards) in HUB_CLASSIFIERS
+        else []
+    )
+
+
 def embedder_path(name):
     """The embedder's model directory (fetched or the user's); None for a packaged one."""
     source = embedder_source(name)

@@ -43,7 +43,8 @@ rule diversity:
 
 rule semantic_entropy:
     input:
-        "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+        rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+        nli_model=classifier_dir("nli"),
     output:
         "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet",
     log:

@@ -13,6 +13,7 @@ rule filter_rollouts:
             f"{wildcards.family}/{wildcards.variant}/{wildcards.task}.parquet"
         ),
         prompts="resources/prompts/{task}.jsonl",
+        reward_model=classifier_dir("reward-{sampling}"),
     output:
         "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
         scores="results/rewards/{sampling}/{family}/{variant}/{task}.parquet",

@@ -75,3 +75,20 @@ rule download_embedder:
         spec=lambda wildcards: config["embedders"][wildcards.embedder],
     script:
         "../scripts/download_embedder.py"
+
+
+rule download_classifier:
+    output:
+        directory("resources/classifiers/{classifier}"),
+    log:
+        "logs/classifiers/{classifier}.download.log",
+    wildcard_constraints:
+        classifier=_one_of(HUB_CLASSIFIERS),
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        spec=lambda wildcards: HUB_CLASSIFIERS[wildcards.classifier][0],
+        config_key=lambda wildcards: HUB_CLASSIFIERS[wildcards.classifier][1],
+    script:
+        "../scripts/download_classifier.py"

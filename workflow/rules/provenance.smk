@@ -8,6 +8,7 @@ rule lock:
         models=model_dirs,
         prompts=expand("resources/prompts/{task}.source.json", task=TASKS),
         embedders=embedder_dirs,
+        classifiers=expand("resources/classifiers/{name}", name=list(HUB_CLASSIFIERS)),
         glmm=expand(
             "results/stats/{sampling}/{embedder}/glmm/summary.json",
             sampling=SAMPLINGS,
@@ -28,6 +29,7 @@ rule lock:
     params:
         models=[(f, v, config["families"][f][v]) for f in FAMILIES for v in VARIANTS],
         embedders=[(e, config["embedders"][e]) for e in EMBEDDERS],
+        classifiers=list(HUB_CLASSIFIERS),
     script:
         "../scripts/write_lock.py"
 
@@ -40,7 +42,8 @@ rule check_hub_revisions:
             for v in VARIANTS
             if model_source(f, v) == "hub"
         ]
-        + expand("resources/embedders/{embedder}", embedder=HUB_EMBEDDERS),
+        + expand("resources/embedders/{embedder}", embedder=HUB_EMBEDDERS)
+        + expand("resources/classifiers/{name}", name=list(HUB_CLASSIFIERS)),
         prompts=expand("resources/prompts/{task}.source.json", task=HUB_TASKS),
     log:
         "logs/provenance/check_hub_revisions.log",

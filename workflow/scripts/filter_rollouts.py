@@ -13,6 +13,7 @@ scores = write_filtered_rollouts(
     snakemake.output[0],
     snakemake.output.scores,
     settings,
+    model_dir=snakemake.input.reward_model or None,
 )
 log.info(
     "%d of %d rollouts kept (keep %.2f); mean reward kept %.3f, dropped %.3f",

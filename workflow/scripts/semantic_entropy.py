@@ -7,7 +7,13 @@ log = setup(snakemake)
 from canopy.semantic_entropy import SemanticEntropySettings, write_semantic_entropy  # noqa: E402
 
 settings = SemanticEntropySettings.from_config(snakemake.params.settings)
-table = write_semantic_entropy(snakemake.input[0], snakemake.output[0], settings)
+# A fetched NLI model is an input directory; a packaged or local one is found from the settings.
+table = write_semantic_entropy(
+    snakemake.input.rollouts,
+    snakemake.output[0],
+    settings,
+    model_dir=snakemake.input.nli_model or None,
+)
 log.info(
     "%d prompts: mean semantic entropy %.3f nats, mean %.1f clusters",
     len(table),

@@ -7,7 +7,13 @@ log = setup(snakemake)
 import yaml  # noqa: E402
 
 from canopy.io import atomic_path, read_json, write_tsv  # noqa: E402
-from canopy.provenance import build_lock, embedder_entry, lock_table, model_entry  # noqa: E402
+from canopy.provenance import (  # noqa: E402
+    build_lock,
+    classifier_entry,
+    embedder_entry,
+    lock_table,
+    model_entry,
+)
 
 inputs, params = snakemake.input, snakemake.params
 models = [
@@ -26,6 +32,10 @@ lock = build_lock(
     models=models,
     prompts=[read_json(path) for path in inputs.prompts],
     embedders=embedders,
+    classifiers=[
+        classifier_entry(name, directory)
+        for name, directory in zip(params.classifiers, inputs.classifiers, strict=True)
+    ],
     r_versions=r_versions,
 )
 with atomic_path(snakemake.output.lock) as tmp:
