@@ -299,6 +299,37 @@ def build_embedder(out_dir: Path, *, seed: int = 3) -> None:
     SentenceTransformer(modules=[encoder, pooling, Normalize()]).save(str(out_dir))
 
 
+def build_nli(out_dir: Path, *, seed: int = 4) -> None:
+    """A DeBERTa sequence classifier with the three MNLI labels, as deberta-large-mnli has."""
+    from transformers import DebertaConfig, DebertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(
+        out_dir,
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        bos="[CLS]",
+        eos="[SEP]",
+        pad="[PAD]",
+        unk="[UNK]",
+    )
+    labels = ("CONTRADICTION", "NEUTRAL", "ENTAILMENT")
+    config = DebertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    model = DebertaForSequenceClassification(config)
+    with torch.no_grad():  # spread the logits, so that the label depends on the pair
+        model.classifier.weight.mul_(200.0)
+    model.save_pretrained(out_dir)
+
+
 # Prompt sets with the paper's data sets' field names and layouts.
 def _sentences(count: int, offset: int) -> list[str]:
     return [

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 from canopy.hub import is_commit
-from hub_repos import BUILDERS, build_dataset, build_embedder
+from hub_repos import BUILDERS, build_dataset, build_embedder, build_nli
 from hub_server import HubServer, HubUnavailable
 from workflow_helpers import REPO, SNAKEFILE, planned_jobs
 
@@ -62,6 +62,7 @@ def paper_config_for_tests() -> dict:
         settings.update(rollouts=3, max_new_tokens=24, device="cpu", dtype="float32")
     for settings in config["embedders"].values():
         settings.update(device="cpu", batch_size=8, max_length=128)
+    config["diversity"]["semantic_entropy"].update(device="cpu", batch_size=16, max_length=128)
     config["metrics"]["bootstrap"]["resamples"] = 100
     config["stats"].update(
         formula="D ~ R_sc * variant + invN_sc + task + (1 | prompt_uid)",
@@ -90,6 +91,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
         directory = build / spec["model"]
         build_embedder(directory)
         commits[spec["model"]] = server.commit(spec["model"], {".": directory})
+    nli = config["diversity"]["semantic_entropy"]["model"]
+    build_nli(build / nli)
+    commits[nli] = server.commit(nli, {".": build / nli})
     for spec in config["tasks"].values():
         directory = build / spec["dataset"]
         build_dataset(directory, DATASETS[spec["dataset"]])
@@ -129,7 +133,7 @@ def write_config(workdir: Path, config: dict) -> str:
     return str(path)
 
 
-FETCH_RULES = ("download_model", "download_embedder", "prepare_prompts")
+FETCH_RULES = ("download_model", "download_embedder", "download_classifier", "prepare_prompts")
 
 
 # The end-to-end run keeps two of the four tasks (completion is the regression's reference): the
@@ -196,6 +200,8 @@ def test_the_whole_dag_runs_to_the_report(paper_run) -> None:
     results = workdir / "results"
     assert (results / "report.html").stat().st_size > 10_000
     assert (results / "headline.tsv").stat().st_size > 0
+    entropy = pd.read_parquet(results / "semantic_entropy/default/gemma3/finetuned/math.parquet")
+    assert entropy["semantic_entropy"].notna().all()  # the fetched NLI model clustered them
     for family in config["families"]:
         for variant in ("base", "finetuned"):
             for task in config["tasks"]:
@@ -230,9 +236,10 @@ def test_the_lock_file_names_the_served_commits(paper_run) -> None:
     lock = yaml.safe_load((workdir / "results/provenance/lock.yaml").read_text())
     locked = {entry["repository"]: entry["commit"] for entry in lock["models"]}
     locked |= {entry["repository"]: entry["commit"] for entry in lock["embedders"]}
+    locked |= {entry["repository"]: entry["commit"] for entry in lock["classifiers"]}
     locked |= {entry["repo_id"]: entry["commit"] for entry in lock["prompts"]}
     assert locked == commits
-    for entry in lock["models"] + lock["embedders"] + lock["prompts"]:
+    for entry in lock["models"] + lock["embedders"] + lock["classifiers"] + lock["prompts"]:
         pinned = is_commit(entry["revision"])
         assert entry["revision"] == (entry["commit"] if pinned else "main")
     software = lock["software"]
