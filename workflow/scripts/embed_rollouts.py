@@ -1,4 +1,4 @@
-"""Embed every rollout text of one model and task (cached apart from the diversity scores)."""
+"""Embed every rollout text of one model, one file per task (cached apart from the diversity scores)."""
 
 import pandas as pd
 from script_setup import setup
@@ -14,7 +14,8 @@ from canopy.diversity import (  # noqa: E402
 
 name = snakemake.wildcards.embedder
 settings = EmbedderSettings.from_config(snakemake.params.settings, name=name)
-rollouts = pd.read_parquet(snakemake.input[0], columns=["prompt_id", "sample", "text"])
-embeddings = embed_rollouts(rollouts, load_embedder(settings, name=name), settings)
-save_embeddings(embeddings, snakemake.output[0])
-log.info("embedded %d rollouts with %s", len(rollouts), settings.model)
+model = load_embedder(settings, name=name)
+for rollouts_path, output in zip(snakemake.input, snakemake.output):
+    rollouts = pd.read_parquet(rollouts_path, columns=["prompt_id", "sample", "text"])
+    save_embeddings(embed_rollouts(rollouts, model, settings), output)
+    log.info("embedded %d rollouts of %s with %s", len(rollouts), rollouts_path, settings.model)
