@@ -35,3 +35,4 @@ rule all:
     input:
         analysis_targets(),
         figure_targets(),
+        REPORT_INTRO,
