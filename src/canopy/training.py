@@ -252,9 +252,17 @@ def train_tokenizer(documents: Sequence[str], recipe: Recipe):
 def _train_sentencepiece_bpe(documents: Sequence[str], vocab_size: int, specials: list[str]):
     """Llama-style BPE: Metaspace pre-tokenizer, byte fallback over 256 byte tokens placed right
     after the specials (as in Llama's vocabulary), then the learned pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # Spaces become "▁" as in SentencePiece; a run of them (code indentation) stays one piece
+    # that BPE can merge, instead of one token per space, and the last space of a run stays with
+    # the word after it.
+    metaspace = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            pre_tokenizers.Split(Regex("▁+(?=▁[^▁])|▁?[^▁]+|▁+"), behavior="isolated"),
+        ]
+    )
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
     budget = max(vocab_size - len(specials) - len(byte_tokens), 32)
     # Characters outside the most frequent ones are left to byte fallback, as SentencePiece does
