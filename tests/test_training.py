@@ -169,7 +169,11 @@ def test_the_two_tokenizer_kinds_differ(corpus) -> None:
     gpt2 = train_tokenizer(corpus[0], tiny_recipe("gpt2"))
     llama = train_tokenizer(corpus[0], tiny_recipe("llama"))
     assert type(gpt2.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
-    assert type(llama.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
+    steps = json.loads(llama.backend_tokenizer.to_str())["pre_tokenizer"]["pretokenizers"]
+    assert steps[0]["type"] == "Metaspace"
+    # An indentation run is one piece (which BPE can merge), not one piece per space.
+    pieces = [p for p, _ in llama.backend_tokenizer.pre_tokenizer.pre_tokenize_str("    return x")]
+    assert pieces == ["▁▁▁", "▁return", "▁x"]
     assert "<0x41>" in llama.get_vocab() and "<0x41>" not in gpt2.get_vocab()
     text = "Emma buys 3 pencils."
     assert gpt2.convert_ids_to_tokens(gpt2(text)["input_ids"]) != llama.convert_ids_to_tokens(
