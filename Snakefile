@@ -38,3 +38,4 @@ rule all:
         analysis_targets(),
         figure_targets(),
         "results/provenance/lock.yaml",
+        REPORT_INTRO,

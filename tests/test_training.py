@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from canopy.corpus import pretraining_documents, sft_pairs  # noqa: E402
+from canopy.corpus import CorpusSettings, pretraining_documents, sft_pairs  # noqa: E402
 from canopy.modeling import eos_token_ids, format_prompt, load_model  # noqa: E402
 from canopy.training import (  # noqa: E402
     CHAT_TEMPLATES,
     ROLE_MARKERS,
     Recipe,
     RecipeError,
+    _sft_batches,
+    _token_stream,
     encode_pair,
     finetune,
     pretrain_base,
@@ -166,7 +169,11 @@ def test_the_two_tokenizer_kinds_differ(corpus) -> None:
     gpt2 = train_tokenizer(corpus[0], tiny_recipe("gpt2"))
     llama = train_tokenizer(corpus[0], tiny_recipe("llama"))
     assert type(gpt2.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
-    assert type(llama.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
+    steps = json.loads(llama.backend_tokenizer.to_str())["pre_tokenizer"]["pretokenizers"]
+    assert steps[0]["type"] == "Metaspace"
+    # An indentation run is one piece (which BPE can merge), not one piece per space.
+    pieces = [p for p, _ in llama.backend_tokenizer.pre_tokenizer.pre_tokenize_str("    return x")]
+    assert pieces == ["▁▁▁", "▁return", "▁x"]
     assert "<0x41>" in llama.get_vocab() and "<0x41>" not in gpt2.get_vocab()
     text = "Emma buys 3 pencils."
     assert gpt2.convert_ids_to_tokens(gpt2(text)["input_ids"]) != llama.convert_ids_to_tokens(
@@ -289,3 +296,54 @@ def test_pretraining_is_deterministic_and_replaces_the_output(corpus, tmp_path: 
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default's own training data
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def default_corpus() -> tuple[list[str], list[tuple[str, str]]]:
+    settings = CorpusSettings.from_config(DEFAULT_CONFIG["training"]["corpus"])
+    return (
+        pretraining_documents(settings.pretrain_documents, settings.seed),
+        sft_pairs(settings.sft_pairs, settings.seed),
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_default_training_examples_end_with_eos_under_the_loss(family: str, default_corpus) -> None:
+    """A model learns to end only from examples that end: in the default's corpus, tokenised as
+    its recipe does, every document is followed by EOS, and every fine-tuning example fits the
+    context whole, ends with EOS and has that EOS among its loss targets. Its responses are also
+    shorter than the default's max_new_tokens, so a model that answers like its fine-tuning data
+    ends before the cap."""
+    documents, pairs = default_corpus
+    recipe = Recipe.from_config(DEFAULT_CONFIG["training"]["recipes"][family], name=family)
+    tokenizer = train_tokenizer(documents, recipe)
+    eos = tokenizer.eos_token_id
+    stream = _token_stream(documents, tokenizer)
+    leading = 1 if tokenizer.bos_token_id == eos else 0
+    assert int((stream == eos).sum()) == len(documents) + leading
+    assert int(stream[-1]) == eos
+
+    tokenizer.chat_template = CHAT_TEMPLATES[recipe.tokenizer]
+    encoded = [encode_pair(tokenizer, i, r, recipe.context_length) for i, r in pairs]
+    assert all(item is not None for item in encoded), "a prompt does not fit the context"
+    lengths = []
+    for (instruction, response), (ids, n_prompt) in zip(pairs, encoded):
+        whole = len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
+        assert len(ids) == n_prompt + whole, f"cut by the context: {instruction[:60]!r}"
+        assert ids[-1] == eos
+        lengths.append(whole)
+    caps = {s["max_new_tokens"] for s in DEFAULT_CONFIG["sampling"].values()}
+    assert max(lengths) <= min(caps), (max(lengths), caps)
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids, mask, labels = next(_sft_batches(encoded, tokenizer.pad_token_id, 64, generator))
+    for row in range(input_ids.shape[0]):
+        last = int(mask[row].sum()) - 1
+        assert int(input_ids[row, last]) == eos and int(labels[row, last]) == eos

@@ -28,9 +28,9 @@ def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
     macgyver.write_text('{"Problem": "Open a jar without a grip."}\n')
     result = snakemake(tmp_path, "-n", "--configfile", paper)
     jobs = planned_jobs(result.stdout)
-    # 3 families x 2 variants x 4 tasks, each sampled, scored and embedded once.
+    # 3 families x 2 variants x 4 tasks, each sampled and scored once; one embedding job per model.
     assert jobs["sample_rollouts"] >= 24
-    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["embed_rollouts"]
+    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == 4 * jobs["embed_rollouts"]
     # diversity.semantic_entropy names an NLI model: one clustering job per rollout table.
     assert jobs["semantic_entropy"] == jobs["sample_rollouts"]
     assert jobs["download_model"] == 6

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from canopy.io import write_parquet
 
@@ -319,6 +318,8 @@ def _correlations(n: np.ndarray, r: np.ndarray) -> tuple[list[float], str]:
         return [math.nan] * 6, "correlations undefined: constant length"
     if np.all(r == r[0]):
         return [math.nan] * 6, "correlations undefined: constant entropy rate"
+    from scipy import stats  # here, not at module level: scipy.stats costs each job ~1 s to import
+
     out: list[float] = []
     for test in (stats.pearsonr, stats.spearmanr, stats.kendalltau):
         result = test(n, r)
@@ -329,6 +330,8 @@ def _correlations(n: np.ndarray, r: np.ndarray) -> tuple[list[float], str]:
 def _t_interval(mean: float, se: float, m: int, confidence: float) -> tuple[float, float]:
     if m < 2 or not np.isfinite(se):
         return math.nan, math.nan
+    from scipy import stats
+
     half = float(stats.t.ppf(0.5 + confidence / 2.0, df=m - 1)) * se
     return mean - half, mean + half
 

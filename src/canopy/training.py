@@ -252,9 +252,17 @@ def train_tokenizer(documents: Sequence[str], recipe: Recipe):
 def _train_sentencepiece_bpe(documents: Sequence[str], vocab_size: int, specials: list[str]):
     """Llama-style BPE: Metaspace pre-tokenizer, byte fallback over 256 byte tokens placed right
     after the specials (as in Llama's vocabulary), then the learned pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # Spaces become "▁" as in SentencePiece; a run of them (code indentation) stays one piece
+    # that BPE can merge, instead of one token per space, and the last space of a run stays with
+    # the word after it.
+    metaspace = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            pre_tokenizers.Split(Regex("▁+(?=▁[^▁])|▁?[^▁]+|▁+"), behavior="isolated"),
+        ]
+    )
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
     budget = max(vocab_size - len(specials) - len(byte_tokens), 32)
     # Characters outside the most frequent ones are left to byte fallback, as SentencePiece does
@@ -491,9 +499,9 @@ def pretrain_base(
 ) -> dict[str, Any]:
     """Train the tokenizer and a base causal LM from scratch; save both to ``out_dir``.
 
-    Each step draws windows at random offsets of the packed stream (seeded), so the run is
-    reproducible and independent of document order: ``batch_size`` windows of ``context_length``
-    tokens on every fourth step, ``2 * batch_size`` windows of half that length on the others
+    Each step draws windows of the packed stream that start at randomly chosen document starts
+    (seeded), so the run is reproducible and independent of document order: ``batch_size``
+    windows of ``context_length`` tokens on every fourth step, ``2 * batch_size`` windows of half that length on the others
     (the same tokens per step at lower attention cost; the full windows train every position).
     Returns the training record also saved as ``training_log.json``.
     """
@@ -515,6 +523,15 @@ def pretrain_base(
         optimizer = _optimizer(model, recipe.learning_rate)
         generator = torch.Generator().manual_seed(recipe.seed)
         offsets = torch.arange(block + 1)
+        # Windows start where a document starts (at its BOS, or right after the EOS that ends
+        # the one before when BOS and EOS are the same token): a model is sampled with the prompt
+        # at position 0, and GPT-2's learned position embeddings only learn that if documents
+        # begin there in training too (at random offsets its loss stayed about twice Llama's).
+        eos = tokenizer.eos_token_id
+        if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != eos:
+            doc_starts = (stream == tokenizer.bos_token_id).nonzero().flatten()
+        else:
+            doc_starts = (stream == eos).nonzero().flatten() + 1
         losses: list[float] = []
         tokens_seen = 0
         logger.info(
@@ -540,7 +557,10 @@ def pretrain_base(
             length, rows = (
                 (block, recipe.batch_size) if full else (block // 2, 2 * recipe.batch_size)
             )
-            starts = torch.randint(0, len(stream) - length - 1, (rows,), generator=generator)
+            usable = doc_starts[doc_starts < len(stream) - length - 1]
+            if len(usable) == 0:  # documents longer than the stream allows: any offset
+                usable = torch.arange(len(stream) - length - 1)
+            starts = usable[torch.randint(0, len(usable), (rows,), generator=generator)]
             batch = stream[starts[:, None] + offsets[: length + 1]]
             output = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
             optimizer.zero_grad(set_to_none=True)

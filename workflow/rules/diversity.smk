@@ -1,15 +1,24 @@
-# Stage 5: semantic diversity of each prompt's rollouts. Embeddings are cached per model and task,
-# so a change to a diversity setting recomputes the scores without re-embedding.
+# Stage 5: semantic diversity of each prompt's rollouts. Embeddings are cached per model and task
+# (one file per task, written by one job per model), so a change to a diversity setting
+# recomputes the scores without re-embedding.
 
 
 rule embed_rollouts:
+    # One job per model embeds all its tasks: loading sentence-transformers takes several seconds
+    # per process, more than embedding a small task's rollouts.
     input:
-        rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+        rollouts=expand(
+            "results/rollouts/{{sampling}}/{{family}}/{{variant}}/{task}.parquet",
+            task=TASKS,
+        ),
         embedder=embedder_dir,
     output:
-        "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
+        expand(
+            "results/embeddings/{{sampling}}/{{embedder}}/{{family}}/{{variant}}/{task}.npz",
+            task=TASKS,
+        ),
     log:
-        "logs/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.log",
+        "logs/embeddings/{sampling}/{embedder}/{family}/{variant}.log",
     conda:
         "../../envs/torch.yaml"
     threads: 2

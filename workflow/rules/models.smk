@@ -15,7 +15,10 @@ rule pretrain_base_model:
         family=_one_of(TRAINED_FAMILIES),
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # One thread: the default's models are too small for a second one to pay (its matrices are
+    # tiny, and on a busy machine the threads' synchronisation made a step 4x slower), and two
+    # families then train side by side on two cores.
+    threads: 1
     params:
         recipe=lambda wildcards: config["training"]["recipes"][
             config["families"][wildcards.family]["base"]["recipe"]
@@ -36,7 +39,7 @@ rule finetune_model:
         family=_one_of(TRAINED_FAMILIES),
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: 1
     params:
         recipe=lambda wildcards: config["training"]["recipes"][
             config["families"][wildcards.family]["finetuned"]["recipe"]

@@ -1,4 +1,4 @@
-"""Embed every rollout text of one model and task (cached apart from the diversity scores)."""
+"""Embed every rollout text of one model, one file per task (cached apart from the diversity scores)."""
 
 import pandas as pd
 from script_setup import setup
@@ -14,10 +14,9 @@ from canopy.diversity import (  # noqa: E402
 
 name = snakemake.wildcards.embedder
 settings = EmbedderSettings.from_config(snakemake.params.settings, name=name)
-rollouts = pd.read_parquet(snakemake.input.rollouts, columns=["prompt_id", "sample", "text"])
 # A fetched or local embedder is an input directory; a packaged one has none.
-directory = snakemake.input.embedder or None
-model = load_embedder(settings, name=name, directory=directory)
-embeddings = embed_rollouts(rollouts, model, settings)
-save_embeddings(embeddings, snakemake.output[0])
-log.info("embedded %d rollouts with %s", len(rollouts), settings.model)
+model = load_embedder(settings, name=name, directory=snakemake.input.embedder or None)
+for rollouts_path, output in zip(snakemake.input.rollouts, snakemake.output, strict=True):
+    rollouts = pd.read_parquet(rollouts_path, columns=["prompt_id", "sample", "text"])
+    save_embeddings(embed_rollouts(rollouts, model, settings), output)
+    log.info("embedded %d rollouts of %s with %s", len(rollouts), rollouts_path, settings.model)

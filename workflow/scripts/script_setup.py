@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 _SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
+# First, even when it is on the path already: an editable install of another checkout (a CI
+# clone beside the developer's) would otherwise come before it and run that checkout's library.
+while str(_SRC) in sys.path:
+    sys.path.remove(str(_SRC))
+sys.path.insert(0, str(_SRC))
 
 
 #: Variables that switch the hub libraries off; they read them when first imported.

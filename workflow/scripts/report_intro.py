@@ -1,0 +1,19 @@
+"""The report's opening section: workflow.rst rendered with this run's models and truncation."""
+
+from script_setup import setup
+
+log = setup(snakemake)
+
+from canopy.overview import describe_rows, write_intro  # noqa: E402
+
+pairs = [tuple(pair) for pair in snakemake.params.pairs]
+measured = write_intro(
+    snakemake.input.template,
+    snakemake.params.config,
+    dict(zip([tuple(key) for key in snakemake.params.matrix], snakemake.input.rollouts)),
+    dict(zip(pairs, snakemake.input.models)),
+    dict(zip(pairs, snakemake.params.sources)),
+    snakemake.output[0],
+    sampling=snakemake.params.sampling,
+)
+log.info("truncation per model and task:\n%s", describe_rows(measured["truncation"]))
