@@ -54,7 +54,10 @@ def test_ablations_plan_every_sweep_point_offline(tmp_path: Path) -> None:
     assert jobs["sample_rollouts"] == 3 * models * tasks  # default, topk1000, topk5000
     assert jobs["filter_rollouts"] == models * tasks  # rm70, from default
     assert jobs["prompt_metrics"] == 4 * models * tasks
-    assert jobs["embed_rollouts"] == jobs["diversity"] == 4 * 4 * models * tasks
+    # one embedding job per (sampling point, embedder, model) covers every task
+    assert jobs["embed_rollouts"] == 4 * 4 * models
+    assert jobs["diversity"] == 4 * 4 * models * tasks
+    assert jobs["download_embedder"] == 4 and jobs["download_classifier"] == 2  # + NLI, reward
     assert jobs["fit_glmm"] == jobs["panel"] == 16
     assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
     assert jobs["figure_rho"] == 4
@@ -77,11 +80,11 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         "headline",
     ):
         assert jobs.get(rule, 0) >= 1, rule
-    # Its sweep points: 2 sampling settings (default, topk20) x 2 families x 2 variants x 5 tasks
-    # (4 + the one-shot math_1shot), and 2 embedders (minilm, minilm_query) for each.
-    assert jobs["sample_rollouts"] == 2 * 2 * 2 * 5
-    assert jobs["embed_rollouts"] == 2 * jobs["sample_rollouts"]
-    assert jobs["fit_glmm"] == 2 * 2
+    # 2 families x 2 variants x 5 tasks (4 + the one-shot sweep point math_1shot); one embedding
+    # job per model; one sampling setting and one embedder, so one regression.
+    assert jobs["sample_rollouts"] == 2 * 2 * 5
+    assert jobs["embed_rollouts"] == 2 * 2
+    assert jobs["fit_glmm"] == 1
 
 
 @pytest.mark.parametrize(
