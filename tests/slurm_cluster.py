@@ -200,10 +200,11 @@ def write_slurm_conf(root: Path, cpus: int, memory_mib: int, munge_socket: Path)
         "MpiDefault=none",
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
-        # Finished jobs stay visible to squeue for the cluster's whole life (0: never purged): the
-        # executor reads their final state, and the tests check every job's state after a run that
-        # takes over five minutes on a busy machine (the default, 300 s, forgot the early ones).
-        "MinJobAge=0",
+        # Finished jobs stay visible to squeue for an hour, longer than any test cluster lives:
+        # the executor reads their final state, and the tests check every job's state after a run
+        # that takes over five minutes on a busy machine (the default, 300 s, forgot the early
+        # ones). 0 is no way out: squeue then shows no finished job at all and the executor waits.
+        "MinJobAge=3600",
         "SlurmctldTimeout=30",
         "SlurmdTimeout=30",
         "InactiveLimit=0",
