@@ -262,6 +262,28 @@ def build_gemma3(out_dir: Path, *, instruct: bool, seed: int = 2) -> None:
 BUILDERS = {"qwen3": build_qwen3, "llama31": build_llama31, "gemma3": build_gemma3}
 
 
+# Sizes of the tiny encoders (embedder, NLI model).
+TINY_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+}
+
+
+def build_encoder_tokenizer(out_dir: Path):
+    """A BERT-style word tokenizer ([CLS] text [SEP]) for the tiny encoders."""
+    return build_tokenizer(
+        out_dir,
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        bos="[CLS]",
+        eos="[SEP]",
+        pad="[PAD]",
+        unk="[UNK]",
+    )
+
+
 def build_embedder(out_dir: Path, *, seed: int = 3) -> None:
     """A sentence-transformers model over a tiny ModernBERT encoder, mean pooling, normalised."""
     from sentence_transformers import SentenceTransformer
@@ -270,21 +292,10 @@ def build_embedder(out_dir: Path, *, seed: int = 3) -> None:
 
     torch.manual_seed(seed)
     encoder_dir = out_dir.parent / f".{out_dir.name}.encoder"
-    tokenizer = build_tokenizer(
-        encoder_dir,
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        bos="[CLS]",
-        eos="[SEP]",
-        pad="[PAD]",
-        unk="[UNK]",
-    )
+    tokenizer = build_encoder_tokenizer(encoder_dir)
     config = ModernBertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
+        **TINY_ENCODER,
         pad_token_id=tokenizer.pad_token_id,
         cls_token_id=tokenizer.bos_token_id,
         sep_token_id=tokenizer.eos_token_id,
@@ -304,22 +315,11 @@ def build_nli(out_dir: Path, *, seed: int = 4) -> None:
     from transformers import DebertaConfig, DebertaForSequenceClassification
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(
-        out_dir,
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        bos="[CLS]",
-        eos="[SEP]",
-        pad="[PAD]",
-        unk="[UNK]",
-    )
+    tokenizer = build_encoder_tokenizer(out_dir)
     labels = ("CONTRADICTION", "NEUTRAL", "ENTAILMENT")
     config = DebertaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
+        **TINY_ENCODER,
         pad_token_id=tokenizer.pad_token_id,
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
