@@ -58,6 +58,10 @@ LOCK_COLUMNS: tuple[str, ...] = (
 )
 
 
+# The lock-table columns a fetched resource fills from its entry.
+_FETCH_COLUMNS = ("repository", "revision", "commit", "pinned")
+
+
 class RevisionsMovedError(RuntimeError):
     """A branch or tag a run fetched points to another commit on the hub today."""
 
@@ -118,8 +122,9 @@ def embedder_entry(
         except metadata.PackageNotFoundError:
             version = None
         return {"name": name, "source": "package", "package": distribution, "version": version}
-    if directory is not None and read_fetch_record(directory) is not None:
-        return {"name": name, "source": "hub", **_fetched(read_fetch_record(directory))}
+    record = read_fetch_record(directory) if directory is not None else None
+    if record is not None:
+        return {"name": name, "source": "hub", **_fetched(record)}
     return {"name": name, "source": "local", "path": str(model)}
 
 
@@ -174,7 +179,7 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
     for entry in lock["models"]:
         row = {"kind": "model", "name": entry["name"], "source": entry["source"]}
         if entry["source"] == "hub":
-            row.update({k: entry[k] for k in ("repository", "revision", "commit", "pinned")})
+            row.update({k: entry[k] for k in _FETCH_COLUMNS})
         elif entry["source"] == "train":
             row.update(repository=f"trained here (recipe {entry['recipe']})", pinned=True)
         else:
@@ -184,7 +189,7 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
     for entry in lock["embedders"]:
         row = {"kind": "embedder", "name": entry["name"], "source": entry["source"]}
         if entry["source"] == "hub":
-            row.update({k: entry[k] for k in ("repository", "revision", "commit", "pinned")})
+            row.update({k: entry[k] for k in _FETCH_COLUMNS})
         elif entry["source"] == "package":
             row.update(repository=entry["package"], revision=entry["version"], pinned=True)
         else:
@@ -192,7 +197,7 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
         rows.append(row)
     for entry in lock.get("classifiers", []):
         row = {"kind": "classifier", "name": entry["name"], "source": entry["source"]}
-        row.update({k: entry[k] for k in ("repository", "revision", "commit", "pinned")})
+        row.update({k: entry[k] for k in _FETCH_COLUMNS})
         rows.append(row)
     for name, version in lock["software"].items():
         rows.append(
