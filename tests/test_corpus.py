@@ -19,7 +19,7 @@ from canopy.corpus import (
     sft_pairs,
     write_corpus,
 )
-from canopy.data import PAPER_CREATIVE_TEMPLATE, derived_rng
+from canopy.prompts import PAPER_CREATIVE_TEMPLATE, derived_rng
 
 CREATIVE_PREFIX = PAPER_CREATIVE_TEMPLATE.split("{text}")[0]
 CODE_MARK = "You should write self-contained code starting with:"

@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from canopy.data import Prompt, write_prompts  # noqa: E402
+from canopy.prompts import Prompt, write_prompts  # noqa: E402
 from canopy.filtering import (  # noqa: E402
     FilterSettings,
     RewardScorer,

@@ -255,7 +255,7 @@ def test_a_hub_prompt_set_records_the_commit_it_was_read_at(hub, tmp_path: Path)
     server, commits = hub
     result = python(server, f"""
         import json
-        from canopy.data import prepare_prompts, prompt_source_record
+        from canopy.prompts import prepare_prompts, prompt_source_record
         spec = {{"source": "hub", "dataset": {DATASET!r}, "revision": "main", "split": "train",
                  "field": "question", "id_field": "id", "n_prompts": 2}}
         record = prompt_source_record("math", spec)

@@ -215,7 +215,7 @@ def test_the_instruct_qwen3_is_sampled_with_thinking_off(paper_run) -> None:
     sampled from are its chat template's with that switch, not the template's default."""
     from transformers import AutoTokenizer
 
-    from canopy.data import read_prompts
+    from canopy.prompts import read_prompts
     from canopy.modeling import format_prompt
 
     server, config, commits, workdir, *_ = paper_run

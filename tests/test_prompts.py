@@ -1,4 +1,4 @@
-"""canopy.data: prompt sources, the generators, and the prompt files.
+"""canopy.prompts: prompt sources, the generators, and the prompt files.
 
 The generators are checked for determinism and variety, and their worked arithmetic is checked
 against Python's own arithmetic; HumanEval is read from the installed package; the hub source is
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from canopy.data import (
+from canopy.prompts import (
     PAPER_CREATIVE_TEMPLATE,
     SOURCE_KEYS,
     Prompt,
@@ -266,7 +266,7 @@ def test_source_keys_table_is_what_prepare_prompts_accepts() -> None:
 
 def test_hub_source_offline_raises_the_actionable_error(tmp_path: Path) -> None:
     script = textwrap.dedent("""
-        from canopy.data import PromptSourceError, prepare_prompts
+        from canopy.prompts import PromptSourceError, prepare_prompts
         spec = {"source": "hub", "dataset": "openai/gsm8k", "config": "main", "revision": "main",
                 "split": "train", "field": "question", "n_prompts": 3}
         try:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from canopy.data import read_prompts
+from canopy.prompts import read_prompts
 from canopy.diversity import _model_source, resolve_device
 from canopy.io import write_parquet
 

@@ -1,7 +1,10 @@
-"""Atomic file output and small table helpers shared by every stage.
+"""Atomic file output, JSON lines and small table helpers shared by every stage.
 
 Every file the workflow produces is written to a temporary sibling and renamed into place, so an
-interrupted job never leaves a half-written output that a later run could mistake for a result.
+interrupted job never leaves a half-written output that a later run could mistake for a result:
+:func:`atomic_path` for a file, :func:`atomic_dir` for a directory (a model). JSON lines files (the
+prompts and the training corpus) are written by :func:`write_jsonl` and read by
+:func:`iter_jsonl`, which names the file and line of a malformed record.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,9 @@ import pandas as pd
 
 __all__ = [
     "atomic_path",
+    "atomic_dir",
+    "write_jsonl",
+    "iter_jsonl",
     "write_parquet",
     "write_tsv",
     "write_json",
@@ -43,6 +50,62 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` (a previous
+    directory there is moved aside first and removed after the rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write one JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    error: type[Exception] = ValueError,
+    where: str = "",
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON lines file, lazily.
+
+    A line that is not JSON, or not a JSON object, raises ``error`` naming ``path:line`` followed
+    by ``where`` (e.g. the config key the file belongs to).
+    """
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as problem:
+                raise error(f"{path}:{number}{where} is not valid JSON ({problem})") from problem
+            if not isinstance(record, dict):
+                raise error(f"{path}:{number}{where} is not a JSON object")
+            yield number, record
 
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:

@@ -9,7 +9,7 @@ from script_setup import setup
 spec = dict(snakemake.params.spec)
 log = setup(snakemake, network=spec["source"] == "hub")
 
-from canopy.data import prepare_prompts, prompt_source_record, write_prompts  # noqa: E402
+from canopy.prompts import prepare_prompts, prompt_source_record, write_prompts  # noqa: E402
 from canopy.io import write_json  # noqa: E402
 
 task = snakemake.wildcards.task

@@ -14,12 +14,12 @@ writes (the draws of a prompt do not depend on which other prompts are sampled w
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +39,7 @@ from canopy.modeling import (
     resolve_device,
     resolve_dtype,
 )
+from canopy.prompts import read_prompts
 from canopy.sampling.backends import make_backend
 from canopy.sampling.batcher import PromptJob
 from canopy.sampling.kernel import check_prompt_fits
@@ -57,35 +58,6 @@ from canopy.sampling.shards import (
 __all__ = ["read_prompts", "chunk_prompts", "sample_task", "gather_rollouts"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """The prompts of ``resources/prompts/{task}.jsonl``: one JSON object per line with at least
-    ``prompt_id`` and ``prompt``; ids must be unique."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt file {str(path)!r} does not exist: run the data stage first"
-        )
-    prompts: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-        if not isinstance(record, dict) or "prompt_id" not in record or "prompt" not in record:
-            raise ValueError(f"{path}:{number}: each line needs the fields prompt_id and prompt")
-        record["prompt_id"] = str(record["prompt_id"])
-        if record["prompt_id"] in seen:
-            raise ValueError(f"{path}:{number}: duplicate prompt_id {record['prompt_id']!r}")
-        seen.add(record["prompt_id"])
-        prompts.append(record)
-    if not prompts:
-        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
-    return prompts
 
 
 def chunk_prompts(prompts: Sequence[Any], chunk: int, chunks: int) -> list[Any]:
@@ -147,7 +119,7 @@ def sample_task(
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
     check_model_dir(model_dir)
-    prompts = read_prompts(prompts_path)
+    prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
     if chunk is not None:
         prompts = chunk_prompts(prompts, chunk, settings.chunks)
     chat = {
@@ -270,7 +242,7 @@ def gather_rollouts(
     table left from another prompt set is an error rather than a silently wrong table.
     """
     log = progress or logger
-    prompts = read_prompts(prompts_path)
+    prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
     tables = [pq.read_table(path).replace_schema_metadata(None) for path in chunk_paths]
     for path, table in zip(chunk_paths, tables):
         if table.schema != ROLLOUT_SCHEMA:
