@@ -1,5 +1,5 @@
-"""canopy.corpus: determinism, coverage of the four task kinds, correctness of the generated code
-and arithmetic (checked by running it), settings and files."""
+"""canopy.training.corpus: determinism, coverage of the four task kinds, correctness of the
+generated code and arithmetic (checked by running it), settings and files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from canopy.corpus import (
+from canopy.training.corpus import (
     CorpusError,
     CorpusSettings,
     pretraining_documents,

@@ -15,21 +15,21 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from canopy.corpus import CorpusSettings, pretraining_documents, sft_pairs  # noqa: E402
+from canopy.training.corpus import CorpusSettings, pretraining_documents, sft_pairs  # noqa: E402
 from canopy.modeling import eos_token_ids, format_prompt, load_model  # noqa: E402
 from canopy.training import (  # noqa: E402
     CHAT_TEMPLATES,
     ROLE_MARKERS,
     Recipe,
     RecipeError,
-    _sft_batches,
-    _token_stream,
     encode_pair,
     finetune,
     pretrain_base,
     response_loss,
     train_tokenizer,
 )
+from canopy.training.chat import response_batches  # noqa: E402
+from canopy.training.loop import _token_stream  # noqa: E402
 
 FAMILIES = {
     "gpt2": {"architecture": "gpt2", "tokenizer": "byte_bpe"},
@@ -343,7 +343,7 @@ def test_default_training_examples_end_with_eos_under_the_loss(family: str, defa
     assert max(lengths) <= min(caps), (max(lengths), caps)
 
     generator = torch.Generator().manual_seed(0)
-    input_ids, mask, labels = next(_sft_batches(encoded, tokenizer.pad_token_id, 64, generator))
+    input_ids, mask, labels = next(response_batches(encoded, tokenizer.pad_token_id, 64, generator))
     for row in range(input_ids.shape[0]):
         last = int(mask[row].sum()) - 1
         assert int(input_ids[row, last]) == eos and int(labels[row, last]) == eos

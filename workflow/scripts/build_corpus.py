@@ -4,7 +4,7 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.corpus import CorpusSettings, write_corpus  # noqa: E402
+from canopy.training.corpus import CorpusSettings, write_corpus  # noqa: E402
 
 settings = CorpusSettings.from_config(snakemake.params.settings)
 write_corpus(settings, pretrain_path=snakemake.output.pretrain, sft_path=snakemake.output.sft)

@@ -4,7 +4,7 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.corpus import read_documents  # noqa: E402
+from canopy.training.corpus import read_documents  # noqa: E402
 from canopy.training import Recipe, pretrain_base  # noqa: E402
 
 recipe = Recipe.from_config(snakemake.params.recipe)

@@ -10,7 +10,7 @@ Their word lists (names, objects, scenarios, activities) are package data:
 ``canopy/prompts/data/{arithmetic,creative,scenes}.json``. A ``generated`` task takes the first
 ``n_prompts`` distinct prompts of a stream seeded by the seed and the task name
 (:func:`generated_records`), so a longer request extends a shorter one; ids are
-``{generator}-{index:04d}``. :mod:`canopy.corpus` uses the same generators to write the training
+``{generator}-{index:04d}``. :mod:`canopy.training.corpus` uses the same generators to write the training
 text of the default's small models.
 """
 

@@ -1,23 +1,19 @@
-"""The embedded default's own model pairs: small causal LMs pre-trained here, then fine-tuned.
+"""Pre-training and fine-tuning the default's small causal LMs: one training loop for both.
 
-A family is made from a :class:`Recipe` (``training.recipes.<name>`` of config.yaml):
-
-1. :func:`train_tokenizer` fits a tokenizer on the pre-training documents: ``byte_bpe`` is GPT-2
-   style (byte-level pre-tokenizer and decoder, one ``<|endoftext|>`` token that is BOS, EOS and
-   document separator), ``sentencepiece_bpe`` is Llama style (Metaspace pre-tokenizer, BPE with
-   byte fallback over ``<0x00>``..``<0xFF>``, ``<s>`` prepended to every text, ``</s>`` as EOS).
-   Both carry a pad token and their family's chat role markers as special tokens.
-2. :func:`pretrain_base` trains a causal LM from scratch (a ``GPT2LMHeadModel`` or a
+1. :func:`pretrain_base` fits the recipe's tokenizer (:mod:`canopy.training.tokenizers`) on the
+   pre-training documents and trains a causal LM from scratch (a ``GPT2LMHeadModel`` or a
    ``LlamaForCausalLM`` built from the recipe) on the documents packed into one token stream with
    EOS after every document, so the base model also learns where text ends.
-3. :func:`finetune` continues from the base model on instruction pairs rendered through the
-   family's chat template (one user turn, the generation prompt, the response, EOS), with the loss
-   on the response tokens only, and saves the tokenizer with that chat template.
+2. :func:`finetune` continues from the base model on instruction pairs rendered through the
+   family's chat template (:mod:`canopy.training.chat`), with the loss on the response tokens
+   only, and saves the tokenizer with that chat template.
 
-Both steps run on the CPU with AdamW and a warm-up + cosine schedule, are deterministic for the
-recipe's seed at a given thread count, log step, loss and tokens/s, record the loss curve in
-``training_log.json`` inside the model directory, and write the directory atomically (a temporary
-sibling renamed into place). The results are ordinary transformers directories: they load with
+Both run :func:`_train` on the CPU: AdamW with the recipe's betas and weight decay, transformers'
+cosine schedule with linear warm-up and a floor (``warmup_fraction``, ``min_lr_ratio``), gradients
+clipped to ``max_grad_norm``. They are deterministic for the recipe's seed at a given thread
+count, log step, loss and tokens/s, record the loss curve in ``training_log.json`` inside the
+model directory, and write the directory atomically (a temporary sibling renamed into place).
+The results are ordinary transformers directories: they load with
 ``AutoModelForCausalLM``/``AutoTokenizer`` and ``local_files_only=True``, and their
 ``generation_config.json`` names the EOS id.
 """
@@ -29,274 +25,27 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = [
-    "Recipe",
-    "RecipeError",
-    "ARCHITECTURES",
-    "TOKENIZER_KINDS",
-    "CHAT_TEMPLATES",
-    "ROLE_MARKERS",
-    "train_tokenizer",
-    "pretrain_base",
-    "finetune",
-    "response_loss",
-    "encode_pair",
-    "count_parameters",
-]
+from canopy.io import atomic_dir
+from canopy.training.chat import CHAT_TEMPLATES, encode_pairs, response_batches
+from canopy.training.recipe import Recipe
+from canopy.training.tokenizers import train_tokenizer
+
+__all__ = ["LOG_FILE", "pretrain_base", "finetune", "count_parameters"]
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
-TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
-
 LOG_FILE = "training_log.json"
 
-
-class RecipeError(ValueError):
-    """A training recipe key is unknown or has a bad value (the message names it)."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one small family is made. Defaults are the calibrated values of the embedded default
-    (about a minute for base + fine-tune on 2 CPU cores); ``from_config`` fills what a config
-    block leaves out and rejects unknown keys."""
-
-    architecture: str
-    tokenizer: str
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    context_length: int = 512
-    pretrain_steps: int = 300
-    sft_steps: int = 150
-    batch_size: int = 8
-    learning_rate: float = 5e-3
-    sft_learning_rate: float = 1e-3
-    seed: int = 42
-
-    @classmethod
-    def from_config(cls, block: dict[str, Any], *, name: str = "<recipe>") -> Recipe:
-        """Build from a ``training.recipes.<name>`` block; errors name ``training.recipes.<name>.<key>``."""
-        if not isinstance(block, dict):
-            raise RecipeError(f"training.recipes.{name} must be a mapping of recipe keys")
-        known = {f.name: f for f in fields(cls)}
-        for key in block:
-            if key not in known:
-                raise RecipeError(
-                    f"training.recipes.{name}.{key} is not a recipe key; use {', '.join(known)}"
-                )
-        for key in ("architecture", "tokenizer"):
-            if key not in block:
-                raise RecipeError(f"training.recipes.{name}.{key} is required")
-        if block["architecture"] not in ARCHITECTURES:
-            raise RecipeError(
-                f"training.recipes.{name}.architecture is {block['architecture']!r}; use one of "
-                f"{', '.join(ARCHITECTURES)}"
-            )
-        if block["tokenizer"] not in TOKENIZER_KINDS:
-            raise RecipeError(
-                f"training.recipes.{name}.tokenizer is {block['tokenizer']!r}; use one of "
-                f"{', '.join(TOKENIZER_KINDS)}"
-            )
-        values: dict[str, Any] = {}
-        for key, value in block.items():
-            default = known[key].default
-            if isinstance(default, bool) or key in ("architecture", "tokenizer"):
-                values[key] = value
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be an integer, got {value!r}"
-                    )
-                if key != "seed" and value < 1:
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be at least 1, got {value}"
-                    )
-                values[key] = value
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be a positive number, got {value!r}"
-                    )
-                values[key] = float(value)
-        recipe = cls(**values)
-        if recipe.hidden_size % recipe.num_heads:
-            raise RecipeError(
-                f"training.recipes.{name}: hidden_size ({recipe.hidden_size}) must be divisible by "
-                f"num_heads ({recipe.num_heads})"
-            )
-        if recipe.architecture == "llama" and (recipe.hidden_size // recipe.num_heads) % 2:
-            raise RecipeError(
-                f"training.recipes.{name}: a llama recipe needs an even head size (rotary "
-                f"embeddings); hidden_size/num_heads is {recipe.hidden_size // recipe.num_heads}"
-            )
-        if recipe.vocab_size < 64:
-            raise RecipeError(f"training.recipes.{name}.vocab_size must be at least 64")
-        return recipe
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers and chat templates
-# ---------------------------------------------------------------------------------------------
-
-# Per tokenizer kind: special tokens (in id order) and the roles of some of them.
-_SPECIALS: dict[str, dict[str, Any]] = {
-    "byte_bpe": {
-        "tokens": ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"],
-        "bos": "<|endoftext|>",
-        "eos": "<|endoftext|>",
-        "pad": "<|pad|>",
-        "unk": None,
-        "roles": ["<|user|>", "<|assistant|>", "<|system|>"],
-    },
-    "sentencepiece_bpe": {
-        "tokens": ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"],
-        "bos": "<s>",
-        "eos": "</s>",
-        "pad": "<pad>",
-        "unk": "<unk>",
-        "roles": ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"],
-    },
-}
-
-#: The chat role markers of each tokenizer kind (single special tokens).
-ROLE_MARKERS: dict[str, tuple[str, ...]] = {
-    kind: tuple(spec["roles"]) for kind, spec in _SPECIALS.items()
-}
-
-#: Chat templates (jinja) per tokenizer kind; every assistant turn ends with the EOS token, and
-#: the generation prompt is exactly what precedes an assistant turn, so fine-tuning on rendered
-#: pairs teaches the model to answer after the generation prompt and then emit EOS.
-CHAT_TEMPLATES: dict[str, str] = {
-    "byte_bpe": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
-        "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
-        "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}\n"
-        "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-    ),
-    "sentencepiece_bpe": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}<<SYS>>\n{{ message['content'] }}\n<</SYS>>\n"
-        "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
-        "{% elif message['role'] == 'assistant' %} {{ message['content'] }}{{ eos_token }}"
-        "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-        "{% endfor %}"
-    ),
-}
-# The Llama-style template's generation prompt is the "[/INST]" that closes every user turn, so
-# add_generation_prompt adds nothing further there.
-
-
-def train_tokenizer(documents: Sequence[str], recipe: Recipe):
-    """A ``PreTrainedTokenizerFast`` of the recipe's kind fitted on ``documents``.
-
-    The vocabulary holds the special tokens, then (for ``sentencepiece_bpe``) the 256 byte tokens,
-    then learned pieces up to about ``recipe.vocab_size`` in all; ``len(tokenizer)`` is the exact
-    size and is what the model is built with.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not documents:
-        raise ValueError("train_tokenizer needs at least one document")
-    kind = recipe.tokenizer
-    spec = _SPECIALS[kind]
-    specials: list[str] = spec["tokens"]
-    if kind == "byte_bpe":
-        core = Tokenizer(models.BPE())
-        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        core.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=max(recipe.vocab_size, 256 + len(specials)),
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        core.train_from_iterator(documents, trainer=trainer)
-    else:
-        core = _train_sentencepiece_bpe(documents, recipe.vocab_size, specials)
-        bos = spec["bos"]
-        core.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A",
-            pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, core.token_to_id(bos))],
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=spec["bos"],
-        eos_token=spec["eos"],
-        pad_token=spec["pad"],
-        unk_token=spec["unk"],
-        additional_special_tokens=spec["roles"],
-        model_max_length=recipe.context_length,
-        clean_up_tokenization_spaces=False,
-    )
-    return tokenizer
-
-
-def _train_sentencepiece_bpe(documents: Sequence[str], vocab_size: int, specials: list[str]):
-    """Llama-style BPE: Metaspace pre-tokenizer, byte fallback over 256 byte tokens placed right
-    after the specials (as in Llama's vocabulary), then the learned pieces."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    # Spaces become "▁" as in SentencePiece; a run of them (code indentation) stays one piece
-    # that BPE can merge, instead of one token per space, and the last space of a run stays with
-    # the word after it.
-    metaspace = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-            pre_tokenizers.Split(Regex("▁+(?=▁[^▁])|▁?[^▁]+|▁+"), behavior="isolated"),
-        ]
-    )
-    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
-    budget = max(vocab_size - len(specials) - len(byte_tokens), 32)
-    # Characters outside the most frequent ones are left to byte fallback, as SentencePiece does
-    # with its character coverage, so that the learned pieces are spent on merges.
-    draft = Tokenizer(models.BPE(unk_token=None))
-    draft.pre_tokenizer = metaspace
-    trainer = trainers.BpeTrainer(
-        vocab_size=budget, limit_alphabet=min(budget, 96), special_tokens=[], show_progress=False
-    )
-    draft.train_from_iterator(documents, trainer=trainer)
-    learned = json.loads(draft.to_str())["model"]
-    vocab: dict[str, int] = {}
-    for token in [*specials, *byte_tokens]:
-        vocab[token] = len(vocab)
-    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
-        if piece not in vocab:
-            vocab[piece] = len(vocab)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    core = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    )
-    core.pre_tokenizer = metaspace
-    # Llama's decoder: pieces back to spaces, byte tokens back to UTF-8, and the space that the
-    # pre-tokenizer put in front of the text removed again.
-    core.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ]
-    )
-    core.add_special_tokens(specials)
-    return core
+#: One training step's model inputs and the number of tokens it trains on.
+Batch = tuple[dict[str, torch.Tensor], int]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +116,7 @@ def _generation_config(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training loop pieces
+# The training loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -380,7 +129,7 @@ def _schedule(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, parameter in model.named_parameters():
@@ -390,9 +139,12 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         # Norm gains and biases are not decayed (standard practice for transformers).
         (no_decay if parameter.ndim < 2 else decay).append(parameter)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=lr,
-        betas=(0.9, 0.95),
+        betas=(recipe.adam_beta1, recipe.adam_beta2),
     )
 
 
@@ -412,59 +164,69 @@ def _threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out_dir``; on success it replaces ``out_dir``."""
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _step_log(
-    logger: logging.Logger,
+def _train(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    *,
     stage: str,
-    step: int,
-    total: int,
-    loss: float,
-    lr: float,
-    tokens: int,
-    seconds: float,
-) -> None:
-    logger.info(
-        "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-        stage,
-        step,
-        total,
-        loss,
-        lr,
-        tokens / max(seconds, 1e-9),
-    )
+    steps: int,
+    peak_lr: float,
+    batch: Callable[[int], Batch],
+    logger: logging.Logger,
+) -> tuple[list[float], int]:
+    """Train ``model`` for ``steps`` steps on ``batch(step)``; (loss per step, tokens trained on).
+
+    Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
+    mode.
+    """
+    optimizer = _optimizer(model, recipe, peak_lr)
+    log_every = max(1, steps // 20)
+    model.train()
+    losses: list[float] = []
+    tokens_seen = 0
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(steps):
+        lr = _schedule(step, steps, peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, tokens = batch(step)
+        output = model(**inputs)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+        optimizer.step()
+        losses.append(output.loss.item())
+        tokens_seen += tokens
+        window_tokens += tokens
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            seconds = time.perf_counter() - window_start
+            logger.info(
+                "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+                stage,
+                step + 1,
+                steps,
+                losses[-1],
+                lr,
+                window_tokens / max(seconds, 1e-9),
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+    model.eval()
+    return losses, tokens_seen
 
 
-def _save(model, tokenizer, directory: Path, record: dict[str, Any]) -> None:
+def _tail_mean(losses: Sequence[float]) -> float:
+    """Mean of the last 10 % of the loss curve (at least one value): a less noisy final loss."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return float(sum(tail) / len(tail))
+
+
+def _save(model, tokenizer, out_dir: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Model, tokenizer, generation config and the training record, as one atomic directory."""
     model.generation_config = _generation_config(tokenizer)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _log_every(total: int) -> int:
-    return max(1, total // 20)
+    with atomic_dir(out_dir) as directory:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        (directory / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +263,9 @@ def pretrain_base(
 
     Each step draws windows of the packed stream that start at randomly chosen document starts
     (seeded), so the run is reproducible and independent of document order: ``batch_size``
-    windows of ``context_length`` tokens on every fourth step, ``2 * batch_size`` windows of half that length on the others
-    (the same tokens per step at lower attention cost; the full windows train every position).
-    Returns the training record also saved as ``training_log.json``.
+    windows of ``context_length`` tokens on every fourth step, ``2 * batch_size`` windows of half
+    that length on the others (the same tokens per step at lower attention cost; the full windows
+    train every position). Returns the training record also saved as ``training_log.json``.
     """
     logger = logger or log
     with _threads(threads):
@@ -519,8 +281,6 @@ def pretrain_base(
             )
         torch.manual_seed(recipe.seed)
         model = _build_model(recipe, tokenizer)
-        model.train()
-        optimizer = _optimizer(model, recipe.learning_rate)
         generator = torch.Generator().manual_seed(recipe.seed)
         offsets = torch.arange(block + 1)
         # Windows start where a document starts (at its BOS, or right after the EOS that ends
@@ -532,23 +292,8 @@ def pretrain_base(
             doc_starts = (stream == tokenizer.bos_token_id).nonzero().flatten()
         else:
             doc_starts = (stream == eos).nonzero().flatten() + 1
-        losses: list[float] = []
-        tokens_seen = 0
-        logger.info(
-            "pretrain %s/%s: %d parameters, vocabulary %d, corpus %d documents = %d tokens",
-            recipe.architecture,
-            recipe.tokenizer,
-            count_parameters(model),
-            len(tokenizer),
-            len(documents),
-            len(stream),
-        )
-        window_start = time.perf_counter()
-        window_tokens = 0
-        for step in range(recipe.pretrain_steps):
-            lr = _schedule(step, recipe.pretrain_steps, recipe.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+
+        def windows(step: int) -> Batch:
             # Three steps in four use windows of half the context with twice the rows (the same
             # number of tokens, but attention costs half as much); every fourth step uses full
             # windows so that every position of the context is trained (GPT-2's learned position
@@ -562,29 +307,27 @@ def pretrain_base(
                 usable = torch.arange(len(stream) - length - 1)
             starts = usable[torch.randint(0, len(usable), (rows,), generator=generator)]
             batch = stream[starts[:, None] + offsets[: length + 1]]
-            output = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(output.loss.item())
-            tokens_seen += batch.numel() - batch.shape[0]
-            window_tokens += batch.numel() - batch.shape[0]
-            if (step + 1) % _log_every(
-                recipe.pretrain_steps
-            ) == 0 or step + 1 == recipe.pretrain_steps:
-                _step_log(
-                    logger,
-                    "pretrain",
-                    step + 1,
-                    recipe.pretrain_steps,
-                    losses[-1],
-                    lr,
-                    window_tokens,
-                    time.perf_counter() - window_start,
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-        model.eval()
+            inputs = {"input_ids": batch[:, :-1], "labels": batch[:, :-1]}
+            return inputs, batch.numel() - batch.shape[0]
+
+        logger.info(
+            "pretrain %s/%s: %d parameters, vocabulary %d, corpus %d documents = %d tokens",
+            recipe.architecture,
+            recipe.tokenizer,
+            count_parameters(model),
+            len(tokenizer),
+            len(documents),
+            len(stream),
+        )
+        losses, tokens_seen = _train(
+            model,
+            recipe,
+            stage="pretrain",
+            steps=recipe.pretrain_steps,
+            peak_lr=recipe.learning_rate,
+            batch=windows,
+            logger=logger,
+        )
         seconds = time.perf_counter() - started
         record = {
             "stage": "pretrain",
@@ -600,8 +343,7 @@ def pretrain_base(
             "final_loss": _tail_mean(losses),
             "loss": losses,
         }
-        with _atomic_dir(out_dir) as tmp:
-            _save(model, tokenizer, tmp, record)
+        _save(model, tokenizer, out_dir, record)
         logger.info(
             "pretrain done in %.1f s: final loss %.3f (uniform %.3f); saved %s",
             seconds,
@@ -612,114 +354,9 @@ def pretrain_base(
         return record
 
 
-def _tail_mean(losses: Sequence[float]) -> float:
-    """Mean of the last 10 % of the loss curve (at least one value): a less noisy final loss."""
-    tail = losses[-max(1, len(losses) // 10) :]
-    return float(sum(tail) / len(tail))
-
-
 # ---------------------------------------------------------------------------------------------
 # Supervised fine-tuning
 # ---------------------------------------------------------------------------------------------
-
-
-def _chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
-
-
-def encode_pair(
-    tokenizer, instruction: str, response: str, max_length: int
-) -> tuple[list[int], int] | None:
-    """(token ids, number of prompt tokens) of one rendered pair, or None if it does not fit.
-
-    The prompt part is exactly what :func:`canopy.modeling.format_prompt` feeds a fine-tuned model
-    (chat template, one user turn, generation prompt); the rest is the response and EOS. A response
-    that does not fit is cut (keeping at least 8 tokens) and then has no EOS.
-    """
-    prompt = _chat_ids(
-        tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True
-    )
-    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt) + 8 > max_length:
-        return None
-    return (prompt + answer)[:max_length], len(prompt)
-
-
-def _sft_batches(
-    encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Endless seeded batches: input ids, attention mask, labels (-100 outside the responses)."""
-    while True:
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        for first in range(
-            0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size
-        ):
-            chosen = [encoded[i] for i in order[first : first + batch_size]]
-            width = max(len(ids) for ids, _ in chosen)
-            input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chosen), width), dtype=torch.long)
-            labels = torch.full((len(chosen), width), -100, dtype=torch.long)
-            for row, (ids, n_prompt) in enumerate(chosen):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                mask[row, : len(ids)] = 1
-                labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            yield input_ids, mask, labels
-
-
-def _encode_pairs(
-    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int
-) -> list[tuple[list[int], int]]:
-    encoded = []
-    for instruction, response in pairs:
-        item = encode_pair(tokenizer, instruction, response, max_length)
-        if item is not None:
-            encoded.append(item)
-    return encoded
-
-
-@torch.no_grad()
-def response_loss(
-    model,
-    tokenizer,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    max_length: int | None = None,
-    batch_size: int = 16,
-) -> float:
-    """Mean cross-entropy (nats per token) of the responses (and their EOS) given the chat-rendered
-    instructions; ``tokenizer`` must carry a chat template."""
-    max_length = max_length or int(
-        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions")
-    )
-    encoded = _encode_pairs(tokenizer, pairs, max_length)
-    if not encoded:
-        raise ValueError("no pair fits the model's context")
-    model.eval()
-    total, count = 0.0, 0
-    for first in range(0, len(encoded), batch_size):
-        chosen = encoded[first : first + batch_size]
-        width = max(len(ids) for ids, _ in chosen)
-        input_ids = torch.full((len(chosen), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, n_prompt) in enumerate(chosen):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            target.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(losses)
-        count += int((target != -100).sum())
-    return total / count
 
 
 def finetune(
@@ -755,7 +392,7 @@ def finetune(
             base_dir, local_files_only=True, dtype=torch.float32
         )
         max_length = recipe.context_length
-        encoded = _encode_pairs(tokenizer, pairs, max_length)
+        encoded = encode_pairs(tokenizer, pairs, max_length)
         if not encoded:
             raise ValueError(f"none of the {len(pairs)} pairs fits context_length={max_length}")
         dropped = len(pairs) - len(encoded)
@@ -767,41 +404,25 @@ def finetune(
             )
         torch.manual_seed(recipe.seed)
         generator = torch.Generator().manual_seed(recipe.seed + 1)
-        batches = _sft_batches(
+        batches = response_batches(
             encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator
         )
-        optimizer = _optimizer(model, recipe.sft_learning_rate)
-        model.train()
-        losses: list[float] = []
-        tokens_seen = 0
-        window_start, window_tokens = time.perf_counter(), 0
-        logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
-        for step in range(recipe.sft_steps):
-            lr = _schedule(step, recipe.sft_steps, recipe.sft_learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+
+        def next_batch(step: int) -> Batch:
             input_ids, mask, labels = next(batches)
-            output = model(input_ids=input_ids, attention_mask=mask, labels=labels)
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(output.loss.item())
-            tokens_seen += int(mask.sum())
-            window_tokens += int(mask.sum())
-            if (step + 1) % _log_every(recipe.sft_steps) == 0 or step + 1 == recipe.sft_steps:
-                _step_log(
-                    logger,
-                    "finetune",
-                    step + 1,
-                    recipe.sft_steps,
-                    losses[-1],
-                    lr,
-                    window_tokens,
-                    time.perf_counter() - window_start,
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-        model.eval()
+            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            return inputs, int(mask.sum())
+
+        logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
+        losses, tokens_seen = _train(
+            model,
+            recipe,
+            stage="finetune",
+            steps=recipe.sft_steps,
+            peak_lr=recipe.sft_learning_rate,
+            batch=next_batch,
+            logger=logger,
+        )
         seconds = time.perf_counter() - started
         record = {
             "stage": "finetune",
@@ -817,8 +438,7 @@ def finetune(
             "final_loss": _tail_mean(losses),
             "loss": losses,
         }
-        with _atomic_dir(out_dir) as tmp:
-            _save(model, tokenizer, tmp, record)
+        _save(model, tokenizer, out_dir, record)
         logger.info(
             "finetune done in %.1f s: final response loss %.3f; saved %s",
             seconds,
