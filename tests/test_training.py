@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,10 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4},
             r"divisible by num_heads",
+        ),
+        (
+            {"architecture": "gpt2", "tokenizer": "byte_bpe", "adam_beta2": 1},
+            r"adam_beta2 must lie strictly between 0 and 1, got 1",
         ),
     ]
     for block, message in cases:
@@ -278,6 +283,23 @@ def test_the_two_families_differ(families) -> None:
     }
     assert tokenizers["gpt2"].eos_token != tokenizers["llama"].eos_token
     assert tokenizers["gpt2"].chat_template != tokenizers["llama"].chat_template
+
+
+def test_the_recipe_sets_the_schedule(corpus, tmp_path: Path) -> None:
+    """Warm-up from zero over warmup_fraction of the steps to the peak, then cosine decay towards
+    min_lr_ratio times the peak; the record keeps the rate of every step."""
+    recipe = tiny_recipe("gpt2", pretrain_steps=20, warmup_fraction=0.2, min_lr_ratio=0.5)
+    record = pretrain_base(corpus[0][:100], recipe, tmp_path / "m", threads=1)
+    rates = record["lr"]
+    peak = recipe.learning_rate
+    assert len(rates) == 20 and record["recipe"]["warmup_fraction"] == 0.2
+    assert rates[:5] == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak])
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert 0.5 * peak < rates[-1] < 0.51 * peak
+    rerun = pretrain_base(
+        corpus[0][:100], replace(recipe, weight_decay=0.5), tmp_path / "n", threads=1
+    )
+    assert rerun["lr"] == rates and rerun["loss"] != record["loss"]
 
 
 def test_pretraining_is_deterministic_and_replaces_the_output(corpus, tmp_path: Path) -> None:

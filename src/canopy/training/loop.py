@@ -120,15 +120,6 @@ def _generation_config(tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _schedule(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak."""
-    warmup = max(1, int(0.05 * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -173,28 +164,38 @@ def _train(
     peak_lr: float,
     batch: Callable[[int], Batch],
     logger: logging.Logger,
-) -> tuple[list[float], int]:
-    """Train ``model`` for ``steps`` steps on ``batch(step)``; (loss per step, tokens trained on).
+) -> tuple[list[float], list[float], int]:
+    """Train ``model`` for ``steps`` steps on ``batch(step)``; (loss per step, learning rate per
+    step, tokens trained on).
 
     Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
     mode.
     """
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
     optimizer = _optimizer(model, recipe, peak_lr)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=max(1, int(recipe.warmup_fraction * steps)),
+        num_training_steps=steps,
+        min_lr_rate=recipe.min_lr_ratio,
+    )
     log_every = max(1, steps // 20)
     model.train()
     losses: list[float] = []
+    rates: list[float] = []
     tokens_seen = 0
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(steps):
-        lr = _schedule(step, steps, peak_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = scheduler.get_last_lr()[0]
+        rates.append(lr)
         inputs, tokens = batch(step)
         output = model(**inputs)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
         optimizer.step()
+        scheduler.step()
         losses.append(output.loss.item())
         tokens_seen += tokens
         window_tokens += tokens
@@ -211,7 +212,7 @@ def _train(
             )
             window_start, window_tokens = time.perf_counter(), 0
     model.eval()
-    return losses, tokens_seen
+    return losses, rates, tokens_seen
 
 
 def _tail_mean(losses: Sequence[float]) -> float:
@@ -319,7 +320,7 @@ def pretrain_base(
             len(documents),
             len(stream),
         )
-        losses, tokens_seen = _train(
+        losses, rates, tokens_seen = _train(
             model,
             recipe,
             stage="pretrain",
@@ -342,6 +343,7 @@ def pretrain_base(
             "uniform_loss": math.log(len(tokenizer)),
             "final_loss": _tail_mean(losses),
             "loss": losses,
+            "lr": rates,
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
@@ -414,7 +416,7 @@ def finetune(
             return inputs, int(mask.sum())
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
-        losses, tokens_seen = _train(
+        losses, rates, tokens_seen = _train(
             model,
             recipe,
             stage="finetune",
@@ -437,6 +439,7 @@ def finetune(
             "threads": torch.get_num_threads(),
             "final_loss": _tail_mean(losses),
             "loss": losses,
+            "lr": rates,
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
