@@ -1,7 +1,7 @@
 """Fit time of the paper-size Beta GLMM against two peers in the same run.
 
 Panel: 3 families x 2 variants x 4 tasks x 100 prompts (2400 rows), simulated with known
-coefficients (canopy.simulate_panel). Timed, each ``--repeats`` times (median reported):
+coefficients (benchmarks/simulate_panel.py). Timed, each ``--repeats`` times (median reported):
 
 * canopy.stats.fit_beta_glmm with the full formula (glmmTMB in a fresh Rscript, start-up included;
   the issue asks for <= 60 s on 2 cores),
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from canopy.robustness import fixed_effects_robustness, lmm_robustness
-from canopy.simulate_panel import simulate_panel
+from simulate_panel import simulate_panel
 from canopy.stats import StatsSettings, fit_beta_glmm
 
 

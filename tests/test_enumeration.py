@@ -1,8 +1,8 @@
 """Exact canopy enumeration against closed forms and brute force.
 
-Everything else checks its estimators against :mod:`canopy.enumeration`, so it is checked here
-against truths that do not use it: closed forms for a memoryless model, and for a model with
-memory a brute-force walk over every full-length token sequence.
+Everything else checks its estimators against the oracle in ``tests/enumeration.py``, so it is
+checked here against truths that do not use it: closed forms for a memoryless model, and for a
+model with memory a brute-force walk over every full-length token sequence.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from canopy.enumeration import enumerate_canopy, exact_canopy
+from enumeration import enumerate_canopy, exact_canopy
 
 
 def _entropy(q: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from canopy.robustness import (
     matched_prompt_metrics,
     pairwise_dissimilarity,
 )
-from canopy.simulate_panel import simulate_panel, simulate_rollouts
+from simulate_panel import simulate_panel, simulate_rollouts
 from canopy.stats import BetaGlmmResult, StatsSettings, fit_beta_glmm_many, prepare_panel
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from canopy.enumeration import enumerate_canopy, exact_canopy
+from enumeration import enumerate_canopy, exact_canopy
 from canopy.modeling import LoadedModel
 from canopy.sampling import SamplingSettings, processed_distribution, sample_prompt
 from test_modeling import build_gpt2, build_llama

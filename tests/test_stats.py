@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from canopy.simulate_panel import PanelTruth, simulate_panel, standardise
+from simulate_panel import PanelTruth, simulate_panel, standardise
 from canopy.stats import (
     REnvironmentError,
     StatsConfigError,
