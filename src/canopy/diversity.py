@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from canopy.hub import hub_offline
 from canopy.io import atomic_path
 
 if TYPE_CHECKING:  # sentence-transformers pulls in torch: import it only where a model is loaded
@@ -224,15 +225,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _hub_offline() -> bool:
-    # Read the environment at call time as well: huggingface_hub freezes its constant at import.
-    from huggingface_hub import constants
-
-    from canopy.hub import hub_offline
-
-    return bool(constants.HF_HUB_OFFLINE) or hub_offline()
-
-
 def _model_source(model: str, config_key: str) -> str:
     """A local directory for ``model`` (package, directory or cached hub id), or the hub id itself
     when the hub may be reached."""
@@ -266,7 +258,7 @@ def _model_source(model: str, config_key: str) -> str:
             f"{config_key} = {model!r} looks like a path but is not a model directory"
         )
 
-    if not _hub_offline():
+    if not hub_offline():
         return model  # sentence-transformers downloads (and caches) it
     from huggingface_hub import snapshot_download
 
@@ -310,7 +302,7 @@ def load_embedder(
             )
         source, local_only = str(directory), True
     else:
-        source, local_only = _model_source(settings.model, config_key), _hub_offline()
+        source, local_only = _model_source(settings.model, config_key), hub_offline()
     device = resolve_device(settings.device)
     model = SentenceTransformer(
         source,

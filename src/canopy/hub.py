@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -126,11 +127,16 @@ def is_commit(revision: str) -> bool:
 
 def hub_offline() -> bool:
     """True when the environment switches the hub off (``HF_HUB_OFFLINE`` or
-    ``HF_DATASETS_OFFLINE``), as every job but the fetching ones does."""
-    return any(
+    ``HF_DATASETS_OFFLINE``), as every job but the fetching ones does: the one offline check of
+    the library."""
+    environment = any(
         os.environ.get(name, "").strip().upper() in _TRUE
         for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; where it is imported already, what it
+    # read then decides what it does, so it counts as well.
+    constants = sys.modules.get("huggingface_hub.constants")
+    return environment or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _endpoint() -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from canopy.io import write_json, write_tsv
+from canopy.io import atomic_path, write_json, write_tsv
 
 __all__ = [
     "DEFAULT_FORMULA",
@@ -534,10 +534,9 @@ def fit_beta_glmm_many(
             (target / "summary.json").unlink(missing_ok=True)
             names = [*FIT_FILES, "model.rds"] if save_model else list(FIT_FILES)
             for name in names:
-                # Same file system for the final rename (temp dir of targets[0] may differ).
-                tmp_name = target / f".{name}.tmp"
-                shutil.copyfile(staged / name, tmp_name)
-                os.replace(tmp_name, target / name)
+                # Copied next to the target first: the temporary directory may be elsewhere.
+                with atomic_path(target / name) as tmp:
+                    shutil.copyfile(staged / name, tmp)
             results.append(_collect(frame, settings, target, r_env))
     return results
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, check_references, validate_config
-from canopy.modeling import chat_options
+from canopy.modeling import VARIANTS, chat_options
 
 CONFIG_CONSUMERS = {
     "seed": ["prepare_prompts"],
@@ -59,7 +59,6 @@ except ConfigError as error:
     )
 
 
-VARIANTS = ["base", "finetuned"]
 FAMILIES = list(config["families"])
 TASKS = list(config["tasks"])
 SAMPLINGS = list(config["sampling"])

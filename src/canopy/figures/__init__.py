@@ -18,37 +18,19 @@ forest         ablation forest plot: slope ratio and ρ difference per sweep poi
 """
 
 from canopy.figures.common import FigureSettings, keyed_paths, read_matrix_tables
-from canopy.figures.decomposition import (
-    DecompositionSettings,
-    decomposition_summary,
-    plot_decomposition,
-    render_decomposition,
-)
+from canopy.figures.decomposition import DecompositionSettings, decomposition_summary
+from canopy.figures.decomposition import plot_decomposition, render_decomposition
 from canopy.figures.forest import ForestSettings, forest_rows, plot_forest, render_forest
 from canopy.figures.lengths import LengthsSettings, plot_lengths, render_lengths
-from canopy.figures.residuals import (
-    ResidualsSettings,
-    diagnostic_p_values,
-    plot_residuals,
-    render_residuals,
-)
+from canopy.figures.residuals import ResidualsSettings, diagnostic_p_values, plot_residuals
+from canopy.figures.residuals import render_residuals
 from canopy.figures.rho import RhoSettings, plot_rho, render_rho, rho_summary
 from canopy.figures.slopes import SlopesSettings, plot_slopes, render_slopes
-from canopy.figures.style import (
-    COLUMN_WIDTH,
-    FULL_WIDTH,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    VARIANTS,
-    save_figure,
-)
+from canopy.figures.style import COLUMN_WIDTH, FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
+from canopy.figures.style import save_figure
 from canopy.figures.trajectory import TrajectorySettings, plot_trajectory, render_trajectory
-from canopy.figures.variance import (
-    VarianceSettings,
-    plot_variance,
-    render_variance,
-    within_prompt_variances,
-)
+from canopy.figures.variance import VarianceSettings, plot_variance, render_variance
+from canopy.figures.variance import within_prompt_variances
 
 #: figure name (the key under config["figures"]) -> its settings class.
 SETTINGS_CLASSES: dict[str, type[FigureSettings]] = {

@@ -22,6 +22,10 @@ from canopy.figures.style import FULL_WIDTH, VARIANTS
 
 __all__ = [
     "TableKey",
+    "FilePath",
+    "TablePaths",
+    "Config",
+    "settings_for",
     "FigureSettings",
     "keyed_paths",
     "read_matrix_tables",
@@ -34,6 +38,12 @@ __all__ = [
 
 #: (family, variant, task) of one table of the experiment matrix.
 TableKey = tuple[str, str, str]
+#: A file a figure reads or writes.
+FilePath = str | os.PathLike[str]
+#: The per-(family, variant, task) tables a figure reads.
+TablePaths = Mapping[TableKey, FilePath]
+#: A figure's config block (``figures.<name>``), as the workflow passes it.
+Config = Mapping[str, Any]
 
 _S = TypeVar("_S", bound="FigureSettings")
 
@@ -117,6 +127,11 @@ class FigureSettings:
         value = getattr(self, name)
         if value not in choices:
             self._fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def settings_for(cls: type[_S], settings: Config | _S | None) -> _S:
+    """``settings`` when it is a ``cls`` already, else ``cls`` built from the config block."""
+    return settings if isinstance(settings, cls) else cls.from_config(settings)
 
 
 def keyed_paths(

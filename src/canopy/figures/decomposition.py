@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,27 +19,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from canopy.figures.common import (
-    FigureSettings,
-    TableKey,
-    check_variants,
-    ordered_families,
-    ordered_tasks,
-    read_matrix_tables,
-    require_columns,
-    standard_error,
-)
-from canopy.figures.style import (
-    FULL_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    save_figure,
-    set_category_ticks,
-)
+from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns, standard_error
+from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
+from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
+from canopy.figures.style import set_category_ticks
 
 __all__ = [
     "DecompositionSettings",
@@ -217,18 +199,12 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
 
 
 def render_decomposition(
-    metric_paths: Mapping[TableKey, str | os.PathLike[str]],
-    settings: Mapping[str, Any] | DecompositionSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    metric_paths: TablePaths, settings: Config | DecompositionSettings, pdf: FilePath, png: FilePath
 ) -> Figure:
     """Read the metric tables, draw the figure and write it as PDF and PNG."""
-    if not isinstance(settings, DecompositionSettings):
-        settings = DecompositionSettings.from_config(settings)
+    settings = settings_for(DecompositionSettings, settings)
     metrics = read_matrix_tables(metric_paths, columns=DECOMPOSITION_COLUMNS)
-    figure = plot_decomposition(metrics, settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(plot_decomposition(metrics, settings), pdf, png, dpi=settings.dpi)
 
 
 def _offsets(variants: list[str]) -> dict[str, float]:

@@ -9,24 +9,15 @@ paired prompt-bootstrap interval (a dotted line at 0). Both read the ablation ta
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy.figures.common import FigureSettings, read_table, require_columns
-from canopy.figures.style import (
-    COLUMN_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    save_figure,
-)
+from canopy.figures.common import Config, FilePath, settings_for
+from canopy.figures.style import COLUMN_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, figure_style
+from canopy.figures.style import finish_figure, new_figure, save_figure
 
 __all__ = ["ForestSettings", "forest_rows", "plot_forest", "render_forest"]
 
@@ -118,14 +109,8 @@ def plot_forest(table: pd.DataFrame, settings: ForestSettings) -> Figure:
 
 
 def render_forest(
-    table_path: str | os.PathLike[str],
-    settings: Mapping[str, Any] | ForestSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    table_path: FilePath, settings: Config | ForestSettings, pdf: FilePath, png: FilePath
 ) -> Figure:
     """Read the ablation table, draw the forest plot and write it as PDF and PNG."""
-    if not isinstance(settings, ForestSettings):
-        settings = ForestSettings.from_config(settings)
-    figure = plot_forest(read_table(table_path), settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    settings = settings_for(ForestSettings, settings)
+    return save_figure(plot_forest(read_table(table_path), settings), pdf, png, dpi=settings.dpi)

@@ -9,36 +9,18 @@ which biases CE* downwards, so a reader must see how many there are.
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from canopy.figures.common import (
-    FigureSettings,
-    TableKey,
-    check_variants,
-    ordered_families,
-    ordered_tasks,
-    read_matrix_tables,
-    require_columns,
-)
-from canopy.figures.style import (
-    FULL_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    label_grid,
-    save_figure,
-    variant_handles,
-)
+from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
+from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
+from canopy.figures.style import figure_style, finish_figure, new_figure, label_grid, save_figure
+from canopy.figures.style import variant_handles
 
 __all__ = [
     "LengthsSettings",
@@ -173,16 +155,14 @@ def plot_lengths(
 
 
 def render_lengths(
-    rollout_paths: Mapping[TableKey, str | os.PathLike[str]],
-    settings: Mapping[str, Any] | LengthsSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    rollout_paths: TablePaths,
+    settings: Config | LengthsSettings,
+    pdf: FilePath,
+    png: FilePath,
     max_new_tokens: int | None = None,
 ) -> Figure:
     """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
-    if not isinstance(settings, LengthsSettings):
-        settings = LengthsSettings.from_config(settings)
+    settings = settings_for(LengthsSettings, settings)
     rollouts = read_matrix_tables(rollout_paths, columns=LENGTH_COLUMNS)
     figure = plot_lengths(rollouts, settings, max_new_tokens=max_new_tokens)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(figure, pdf, png, dpi=settings.dpi)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,17 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
-from canopy.figures.style import (
-    FULL_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    VARIANTS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    save_figure,
-    variant_handles,
-)
+from canopy.figures.common import Config, FilePath, settings_for
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANTS, figure_style
+from canopy.figures.style import finish_figure, new_figure, save_figure, variant_handles
 from canopy.io import read_json
 
 __all__ = [
@@ -223,20 +214,18 @@ def plot_residuals(
 
 
 def render_residuals(
-    residuals_path: str | os.PathLike[str],
-    tests_path: str | os.PathLike[str],
-    settings: Mapping[str, Any] | ResidualsSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    residuals_path: FilePath,
+    tests_path: FilePath,
+    settings: Config | ResidualsSettings,
+    pdf: FilePath,
+    png: FilePath,
 ) -> Figure:
     """Read ``residuals.tsv`` and ``tests.json``, draw and write PDF and PNG."""
-    if not isinstance(settings, ResidualsSettings):
-        settings = ResidualsSettings.from_config(settings)
+    settings = settings_for(ResidualsSettings, settings)
     residuals = read_table(residuals_path)
     tests = read_json(tests_path)
     if not isinstance(tests, Mapping):
-        raise ValueError(f"{tests_path}: expected a JSON object of test results, got "
-                         f"{type(tests).__name__}")
-    figure = plot_residuals(residuals, tests, settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+        raise ValueError(
+            f"{tests_path}: expected a JSON object of test results, got {type(tests).__name__}"
+        )
+    return save_figure(plot_residuals(residuals, tests, settings), pdf, png, dpi=settings.dpi)

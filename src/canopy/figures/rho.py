@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,26 +18,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from canopy.bootstrap import BootstrapSettings, mean_intervals
-from canopy.figures.common import (
-    FigureSettings,
-    TableKey,
-    check_variants,
-    ordered_families,
-    ordered_tasks,
-    read_matrix_tables,
-    require_columns,
-)
-from canopy.figures.style import (
-    FULL_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    save_figure,
-    set_category_ticks,
-)
+from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
+from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
+from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
+from canopy.figures.style import set_category_ticks
 
 __all__ = ["RhoSettings", "plot_rho", "render_rho", "rho_summary"]
 
@@ -157,15 +140,9 @@ def plot_rho(metrics: pd.DataFrame, settings: RhoSettings) -> Figure:
 
 
 def render_rho(
-    metric_paths: Mapping[TableKey, str | os.PathLike[str]],
-    settings: Mapping[str, Any] | RhoSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    metric_paths: TablePaths, settings: Config | RhoSettings, pdf: FilePath, png: FilePath
 ) -> Figure:
     """Read the metric tables, draw the figure and write it as PDF and PNG."""
-    if not isinstance(settings, RhoSettings):
-        settings = RhoSettings.from_config(settings)
+    settings = settings_for(RhoSettings, settings)
     metrics = read_matrix_tables(metric_paths, columns=["prompt_id", settings.column])
-    figure = plot_rho(metrics, settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(plot_rho(metrics, settings), pdf, png, dpi=settings.dpi)

@@ -10,8 +10,6 @@ data behind the slopes.
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,19 +17,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
-from canopy.figures.style import (
-    FULL_WIDTH,
-    NEUTRAL_COLOR,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    VARIANTS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    save_figure,
-    set_category_ticks,
-    variant_handles,
-)
+from canopy.figures.common import Config, FilePath, settings_for
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
+from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
+from canopy.figures.style import set_category_ticks, variant_handles
 
 __all__ = ["SlopesSettings", "SLOPE_COLUMNS", "plot_slopes", "render_slopes"]
 
@@ -146,24 +135,21 @@ def plot_slopes(
 
 
 def render_slopes(
-    slopes_path: str | os.PathLike[str],
-    settings: Mapping[str, Any] | SlopesSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
-    panel_path: str | os.PathLike[str] | None = None,
+    slopes_path: FilePath,
+    settings: Config | SlopesSettings,
+    pdf: FilePath,
+    png: FilePath,
+    panel_path: FilePath | None = None,
 ) -> Figure:
     """Read ``glmm/slopes.tsv`` (and the panel when scattering), draw and write PDF and PNG."""
-    if not isinstance(settings, SlopesSettings):
-        settings = SlopesSettings.from_config(settings)
+    settings = settings_for(SlopesSettings, settings)
     slopes = read_table(slopes_path)
     panel = None
     if settings.show_scatter:
         if panel_path is None:
             raise ValueError("figures.slopes.show_scatter is true but no panel file was given")
         panel = pd.read_parquet(panel_path, columns=["family", "variant", "task", "D", "R"])
-    figure = plot_slopes(slopes, settings, panel)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(plot_slopes(slopes, settings, panel), pdf, png, dpi=settings.dpi)
 
 
 def _interval(ax: Any, x: float, row: pd.Series, color: str, gid: str) -> None:

@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from canopy.io import atomic_path
+from canopy.modeling import VARIANTS  # the two variants, in the order they are drawn
 
 __all__ = [
     "VARIANTS",
@@ -42,8 +43,6 @@ __all__ = [
     "set_category_ticks",
 ]
 
-#: The two variants of every model family, in the order they are drawn.
-VARIANTS: tuple[str, ...] = ("base", "finetuned")
 #: How the variants are named in legends and tick labels.
 VARIANT_LABELS: dict[str, str] = {"base": "Base", "finetuned": "Fine-tuned"}
 #: Fixed colours (Okabe-Ito blue and vermillion: distinct for colour-blind readers and in grey).
@@ -103,8 +102,9 @@ def save_figure(
     pdf: str | os.PathLike[str] | None,
     png: str | os.PathLike[str] | None,
     dpi: int = 300,
-) -> None:
-    """Write ``figure`` as PDF and/or PNG, each atomically (temporary file, then rename).
+) -> Figure:
+    """Write ``figure`` as PDF and/or PNG, each atomically (temporary file, then rename), and
+    return it.
 
     The PDF carries no creation date, so redrawing unchanged data gives an identical file.
     """
@@ -115,6 +115,7 @@ def save_figure(
         if png is not None:
             with atomic_path(png) as tmp:
                 figure.savefig(tmp, format="png", dpi=dpi)
+    return figure
 
 
 def variant_handles(variants: list[str] | tuple[str, ...], kind: str = "patch") -> list[Artist]:

@@ -9,34 +9,16 @@ with too few of them, and ``max_positions`` cuts the x axis.
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
-from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from canopy.figures.common import (
-    FigureSettings,
-    TableKey,
-    check_variants,
-    ordered_families,
-    ordered_tasks,
-    read_matrix_tables,
-    require_columns,
-)
-from canopy.figures.style import (
-    FULL_WIDTH,
-    VARIANT_COLORS,
-    VARIANT_LABELS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    label_grid,
-    save_figure,
-    variant_handles,
-)
+from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
+from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS, figure_style
+from canopy.figures.style import finish_figure, new_figure, label_grid, save_figure, variant_handles
 
 __all__ = [
     "TrajectorySettings",
@@ -140,16 +122,10 @@ def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> F
 
 
 def render_trajectory(
-    trajectory_paths: Mapping[TableKey, str | os.PathLike[str]],
-    settings: Mapping[str, Any] | TrajectorySettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    trajectory_paths: TablePaths, settings: Config | TrajectorySettings, pdf: FilePath, png: FilePath
 ) -> Figure:
     """Read the trajectory tables, draw the figure and write it as PDF and PNG."""
-    if not isinstance(settings, TrajectorySettings):
-        settings = TrajectorySettings.from_config(settings)
+    settings = settings_for(TrajectorySettings, settings)
     trajectory = read_matrix_tables(trajectory_paths, columns=TRAJECTORY_COLUMNS)
-    figure = plot_trajectory(trajectory, settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(plot_trajectory(trajectory, settings), pdf, png, dpi=settings.dpi)
 

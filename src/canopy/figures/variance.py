@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,26 +19,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterSciNotation
 
-from canopy.figures.common import (
-    FigureSettings,
-    TableKey,
-    check_variants,
-    ordered_families,
-    ordered_tasks,
-    read_matrix_tables,
-    require_columns,
-)
-from canopy.figures.style import (
-    FULL_WIDTH,
-    VARIANT_COLORS,
-    figure_style,
-    finish_figure,
-    new_figure,
-    label_grid,
-    save_figure,
-    set_category_ticks,
-    variant_handles,
-)
+from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
+from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, figure_style, finish_figure, new_figure
+from canopy.figures.style import label_grid, save_figure, set_category_ticks, variant_handles
 
 __all__ = [
     "VarianceSettings",
@@ -195,15 +178,9 @@ class _SparseLogFormatter(LogFormatterSciNotation):
 
 
 def render_variance(
-    rollout_paths: Mapping[TableKey, str | os.PathLike[str]],
-    settings: Mapping[str, Any] | VarianceSettings,
-    pdf: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    rollout_paths: TablePaths, settings: Config | VarianceSettings, pdf: FilePath, png: FilePath
 ) -> Figure:
     """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
-    if not isinstance(settings, VarianceSettings):
-        settings = VarianceSettings.from_config(settings)
+    settings = settings_for(VarianceSettings, settings)
     rollouts = read_matrix_tables(rollout_paths, columns=VARIANCE_COLUMNS)
-    figure = plot_variance(rollouts, settings)
-    save_figure(figure, pdf, png, dpi=settings.dpi)
-    return figure
+    return save_figure(plot_variance(rollouts, settings), pdf, png, dpi=settings.dpi)
