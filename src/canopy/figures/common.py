@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from canopy.figures.style import FULL_WIDTH, VARIANTS
+from matplotlib.figure import Figure
+
+from canopy.figures.style import FULL_WIDTH, VARIANTS, save_figure
 
 __all__ = [
     "TableKey",
@@ -26,6 +28,7 @@ __all__ = [
     "TablePaths",
     "Config",
     "settings_for",
+    "renderer",
     "FigureSettings",
     "keyed_paths",
     "read_matrix_tables",
@@ -132,6 +135,34 @@ class FigureSettings:
 def settings_for(cls: type[_S], settings: Config | _S | None) -> _S:
     """``settings`` when it is a ``cls`` already, else ``cls`` built from the config block."""
     return settings if isinstance(settings, cls) else cls.from_config(settings)
+
+
+def renderer(
+    settings_class: type[_S],
+    plot: Callable[..., Figure],
+    columns: Sequence[str] | Callable[[_S], Sequence[str]],
+    what: str,
+) -> Callable[..., Figure]:
+    """The ``render_<figure>`` function of a figure drawn from the experiment matrix's tables.
+
+    ``render(paths, settings, pdf, png, **options)`` builds the settings from a config block
+    (:func:`settings_for`), reads ``columns`` (or ``columns(settings)``) of the tables at
+    ``paths`` (:func:`read_matrix_tables`), draws with ``plot(frame, settings, **options)`` and
+    writes the PDF and the PNG.
+    """
+
+    def render(
+        paths: TablePaths, settings: Config | _S, pdf: FilePath, png: FilePath, **options: Any
+    ) -> Figure:
+        settings = settings_for(settings_class, settings)
+        wanted = columns(settings) if callable(columns) else columns
+        figure = plot(read_matrix_tables(paths, columns=list(wanted)), settings, **options)
+        return save_figure(figure, pdf, png, dpi=settings.dpi)
+
+    render.__name__ = render.__qualname__ = f"render_{settings_class.figure}"
+    render.__module__ = plot.__module__
+    render.__doc__ = f"Read {what} of the tables, draw the figure and write it as PDF and PNG."
+    return render
 
 
 def keyed_paths(

@@ -20,10 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from canopy.figures.common import FigureSettings, check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns, standard_error
-from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.common import ordered_tasks, require_columns, standard_error
+from canopy.figures.common import renderer
 from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
-from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
+from canopy.figures.style import figure_style, finish_figure, new_figure
 from canopy.figures.style import set_category_ticks
 
 __all__ = [
@@ -194,17 +194,12 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
                 label=r"$\mathrm{CE}^*$ ± SE",
             ),
         ]
-        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
-        return finish_figure(figure)
+        return finish_figure(figure, handles)
 
 
-def render_decomposition(
-    metric_paths: TablePaths, settings: Config | DecompositionSettings, pdf: FilePath, png: FilePath
-) -> Figure:
-    """Read the metric tables, draw the figure and write it as PDF and PNG."""
-    settings = settings_for(DecompositionSettings, settings)
-    metrics = read_matrix_tables(metric_paths, columns=DECOMPOSITION_COLUMNS)
-    return save_figure(plot_decomposition(metrics, settings), pdf, png, dpi=settings.dpi)
+render_decomposition = renderer(
+    DecompositionSettings, plot_decomposition, DECOMPOSITION_COLUMNS, "the metric columns"
+)
 
 
 def _offsets(variants: list[str]) -> dict[str, float]:

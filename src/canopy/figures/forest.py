@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from canopy.figures.common import FigureSettings, read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
 from canopy.figures.style import COLUMN_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, figure_style
-from canopy.figures.style import finish_figure, new_figure, save_figure
+from canopy.figures.style import finish_figure, interval_marker, new_figure, save_figure
 
 __all__ = ["ForestSettings", "forest_rows", "plot_forest", "render_forest"]
 
@@ -92,17 +92,16 @@ def plot_forest(table: pd.DataFrame, settings: ForestSettings) -> Figure:
                 [estimate - table[lo].to_numpy(float), table[hi].to_numpy(float) - estimate]
             )
             for row in range(len(labels)):
-                bars = ax.errorbar(
+                interval_marker(
+                    ax,
                     estimate[row],
                     y[row],
-                    xerr=errors[:, row : row + 1],
-                    fmt="s",
-                    markersize=3.5,
+                    errors[:, row : row + 1],
+                    vertical=False,
+                    marker="s",
                     color=colors[row],
-                    elinewidth=1.0,
-                    capsize=2.0,
+                    gid=f"{column}/{labels[row]}",
                 )
-                bars.lines[0].set_gid(f"{column}/{labels[row]}")
             ax.set_xlabel(title)
         axes[0].set_yticks(y, labels)
         return finish_figure(figure)

@@ -16,10 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from canopy.figures.common import FigureSettings, check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
-from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.common import ordered_tasks, require_columns
+from canopy.figures.common import renderer
 from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
-from canopy.figures.style import figure_style, finish_figure, new_figure, label_grid, save_figure
+from canopy.figures.style import figure_style, finish_figure, new_figure, label_grid
 from canopy.figures.style import variant_handles
 
 __all__ = [
@@ -150,19 +150,7 @@ def plot_lengths(
                 Line2D([], [], color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8,
                        label=f"max_new_tokens = {cap}")
             )
-        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
-        return finish_figure(figure)
+        return finish_figure(figure, handles)
 
 
-def render_lengths(
-    rollout_paths: TablePaths,
-    settings: Config | LengthsSettings,
-    pdf: FilePath,
-    png: FilePath,
-    max_new_tokens: int | None = None,
-) -> Figure:
-    """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
-    settings = settings_for(LengthsSettings, settings)
-    rollouts = read_matrix_tables(rollout_paths, columns=LENGTH_COLUMNS)
-    figure = plot_lengths(rollouts, settings, max_new_tokens=max_new_tokens)
-    return save_figure(figure, pdf, png, dpi=settings.dpi)
+render_lengths = renderer(LengthsSettings, plot_lengths, LENGTH_COLUMNS, "the rollout lengths")

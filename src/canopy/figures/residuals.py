@@ -209,8 +209,7 @@ def plot_residuals(
         handles = variant_handles(variants, kind="marker")
         handles.append(Line2D([], [], color=NEUTRAL_COLOR, linewidth=1.1,
                               label="25/50/75% quantiles"))
-        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
-        return finish_figure(figure)
+        return finish_figure(figure, handles)
 
 
 def render_residuals(

@@ -15,15 +15,14 @@ import logging
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from canopy.bootstrap import BootstrapSettings, mean_intervals
 from canopy.figures.common import FigureSettings, check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
-from canopy.figures.common import Config, FilePath, settings_for, TablePaths
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
-from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
-from canopy.figures.style import set_category_ticks
+from canopy.figures.common import ordered_tasks, require_columns
+from canopy.figures.common import renderer
+from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, interval_marker
+from canopy.figures.style import figure_style, finish_figure, new_figure
+from canopy.figures.style import set_category_ticks, variant_handles
 
 __all__ = ["RhoSettings", "plot_rho", "render_rho", "rho_summary"]
 
@@ -109,40 +108,20 @@ def plot_rho(metrics: pd.DataFrame, settings: RhoSettings) -> Figure:
                 errors = np.vstack(
                     [mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean]
                 )
-                bars = ax.errorbar(
+                interval_marker(
+                    ax,
                     x + offsets[variant],
                     mean,
-                    yerr=errors,
-                    fmt="o",
-                    markersize=3.5,
+                    errors,
+                    vertical=True,
+                    marker="o",
                     color=VARIANT_COLORS[variant],
-                    elinewidth=1.0,
-                    capsize=2.0,
+                    gid=f"rho/{family}/{variant}",
                 )
-                bars.lines[0].set_gid(f"rho/{family}/{variant}")
             ax.set_title(family)
             set_category_ticks(ax, x, tasks, settings.width / len(families))
         axes[0].set_ylabel(rf"mean ${symbol}(N, r_N)$ over prompts")
-        handles = [
-            Line2D(
-                [],
-                [],
-                marker="o",
-                markersize=3.5,
-                color=VARIANT_COLORS[v],
-                linestyle="none",
-                label=VARIANT_LABELS[v],
-            )
-            for v in variants
-        ]
-        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
-        return finish_figure(figure)
+        return finish_figure(figure, variant_handles(variants, "marker", markersize=3.5))
 
 
-def render_rho(
-    metric_paths: TablePaths, settings: Config | RhoSettings, pdf: FilePath, png: FilePath
-) -> Figure:
-    """Read the metric tables, draw the figure and write it as PDF and PNG."""
-    settings = settings_for(RhoSettings, settings)
-    metrics = read_matrix_tables(metric_paths, columns=["prompt_id", settings.column])
-    return save_figure(plot_rho(metrics, settings), pdf, png, dpi=settings.dpi)
+render_rho = renderer(RhoSettings, plot_rho, lambda s: ["prompt_id", s.column], "the ρ column")

@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import matplotlib.style
@@ -39,6 +40,7 @@ __all__ = [
     "finish_figure",
     "save_figure",
     "variant_handles",
+    "interval_marker",
     "label_grid",
     "set_category_ticks",
 ]
@@ -72,14 +74,17 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def finish_figure(figure: Figure) -> Figure:
-    """Pin the style's tick settings onto every axes.
+def finish_figure(figure: Figure, legend: list[Artist] | None = None) -> Figure:
+    """Put ``legend`` (handles) in one row above the panels, and pin the style's tick settings
+    onto every axes.
 
     Matplotlib creates tick labels lazily, reading rcParams when they are first drawn; a figure
     returned from inside :func:`figure_style` and shown later (say in a notebook) would otherwise
     get default-sized ticks. Storing the sizes on each axis makes it look the same wherever it is
     drawn. (:func:`save_figure` draws inside the style anyway.)
     """
+    if legend:
+        figure.legend(handles=legend, loc="outside upper center", ncols=len(legend))
     rc = mpl.rcParams
     for axes in figure.axes:
         for axis_name in ("x", "y"):
@@ -118,10 +123,13 @@ def save_figure(
     return figure
 
 
-def variant_handles(variants: list[str] | tuple[str, ...], kind: str = "patch") -> list[Artist]:
+def variant_handles(
+    variants: list[str] | tuple[str, ...], kind: str = "patch", **line: Any
+) -> list[Artist]:
     """Legend handles naming each variant ("Base", "Fine-tuned") in its colour.
 
-    ``kind`` "patch" suits bars, histograms and bands, "line" lines, "marker" scatter points.
+    ``kind`` "patch" suits bars, histograms and bands, "line" lines, "marker" scatter points;
+    ``line`` are further Line2D properties of a line or marker handle (e.g. ``markersize``).
     """
     handles: list[Artist] = []
     for variant in variants:
@@ -129,14 +137,40 @@ def variant_handles(variants: list[str] | tuple[str, ...], kind: str = "patch") 
         if kind == "patch":
             handles.append(Patch(facecolor=color, edgecolor=color, alpha=0.8, label=label))
         elif kind == "line":
-            handles.append(Line2D([], [], color=color, label=label))
+            handles.append(Line2D([], [], color=color, label=label, **line))
         elif kind == "marker":
             handles.append(
-                Line2D([], [], color=color, marker="o", linestyle="none", label=label)
+                Line2D([], [], color=color, marker="o", linestyle="none", label=label, **line)
             )
         else:
             raise ValueError(f"kind must be 'patch', 'line' or 'marker', got {kind!r}")
     return handles
+
+
+def interval_marker(
+    axes: Axes,
+    x: Any,
+    y: Any,
+    error: np.ndarray,
+    *,
+    vertical: bool,
+    marker: str,
+    color: str,
+    gid: str,
+) -> None:
+    """An estimate with its interval (``error``: distances below and above, shape (2, n)) as a
+    marker with error bars, vertical or horizontal; ``gid`` names the marker in the SVG/PDF."""
+    bars = axes.errorbar(
+        x,
+        y,
+        **{"yerr" if vertical else "xerr": error},
+        fmt=marker,
+        markersize=3.5,
+        color=color,
+        elinewidth=1.0,
+        capsize=2.0,
+    )
+    bars.lines[0].set_gid(gid)
 
 
 def label_grid(axes: np.ndarray, row_labels: list[str], column_labels: list[str]) -> None:

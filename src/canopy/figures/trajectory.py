@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from canopy.figures.common import FigureSettings, check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
-from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.common import ordered_tasks, require_columns
+from canopy.figures.common import renderer
 from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS, figure_style
-from canopy.figures.style import finish_figure, new_figure, label_grid, save_figure, variant_handles
+from canopy.figures.style import finish_figure, new_figure, label_grid, variant_handles
 
 __all__ = [
     "TrajectorySettings",
@@ -117,15 +117,9 @@ def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> F
         handles = variant_handles(variants, kind="line")
         band = "±1 SE" if settings.band_se == 1.0 else f"±{settings.band_se:g} SE"
         handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0, label=band))
-        figure.legend(handles=handles, loc="outside upper center", ncols=len(handles))
-        return finish_figure(figure)
+        return finish_figure(figure, handles)
 
 
-def render_trajectory(
-    trajectory_paths: TablePaths, settings: Config | TrajectorySettings, pdf: FilePath, png: FilePath
-) -> Figure:
-    """Read the trajectory tables, draw the figure and write it as PDF and PNG."""
-    settings = settings_for(TrajectorySettings, settings)
-    trajectory = read_matrix_tables(trajectory_paths, columns=TRAJECTORY_COLUMNS)
-    return save_figure(plot_trajectory(trajectory, settings), pdf, png, dpi=settings.dpi)
-
+render_trajectory = renderer(
+    TrajectorySettings, plot_trajectory, TRAJECTORY_COLUMNS, "the trajectory columns"
+)

@@ -20,10 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterSciNotation
 
 from canopy.figures.common import FigureSettings, check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, read_matrix_tables, require_columns
-from canopy.figures.common import Config, FilePath, settings_for, TablePaths
+from canopy.figures.common import ordered_tasks, require_columns
+from canopy.figures.common import renderer
 from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, figure_style, finish_figure, new_figure
-from canopy.figures.style import label_grid, save_figure, set_category_ticks, variant_handles
+from canopy.figures.style import label_grid, set_category_ticks, variant_handles
 
 __all__ = [
     "VarianceSettings",
@@ -155,9 +155,7 @@ def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
                 ax.set_xlim(-0.6, len(tasks) - 0.4)
                 ax.set_ylabel(label)
         label_grid(axes, families, [title for title, _ in VARIANCE_QUANTITIES.values()])
-        figure.legend(handles=variant_handles(variants, kind="patch"),
-                      loc="outside upper center", ncols=len(variants))
-        return finish_figure(figure)
+        return finish_figure(figure, variant_handles(variants, kind="patch"))
 
 
 class _SparseLogFormatter(LogFormatterSciNotation):
@@ -177,10 +175,6 @@ class _SparseLogFormatter(LogFormatterSciNotation):
         self._sublabels = {1} if decades_in_view >= 2 else {1, 2, 5}
 
 
-def render_variance(
-    rollout_paths: TablePaths, settings: Config | VarianceSettings, pdf: FilePath, png: FilePath
-) -> Figure:
-    """Read the needed rollout columns, draw the figure and write it as PDF and PNG."""
-    settings = settings_for(VarianceSettings, settings)
-    rollouts = read_matrix_tables(rollout_paths, columns=VARIANCE_COLUMNS)
-    return save_figure(plot_variance(rollouts, settings), pdf, png, dpi=settings.dpi)
+render_variance = renderer(
+    VarianceSettings, plot_variance, VARIANCE_COLUMNS, "the needed rollout columns"
+)

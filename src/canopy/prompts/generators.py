@@ -10,8 +10,8 @@ Their word lists (names, objects, scenarios, activities) are package data:
 ``canopy/prompts/data/{arithmetic,creative,scenes}.json``. A ``generated`` task takes the first
 ``n_prompts`` distinct prompts of a stream seeded by the seed and the task name
 (:func:`generated_records`), so a longer request extends a shorter one; ids are
-``{generator}-{index:04d}``. :mod:`canopy.training.corpus` uses the same generators to write the training
-text of the default's small models.
+``{generator}-{index:04d}``. :mod:`canopy.training.corpus` uses the same generators to write the
+training text of the default's small models.
 """
 
 from __future__ import annotations

@@ -158,19 +158,22 @@ def _threads(threads: int | None) -> Iterator[None]:
 def _train(
     model: torch.nn.Module,
     recipe: Recipe,
-    *,
     stage: str,
-    steps: int,
-    peak_lr: float,
     batch: Callable[[int], Batch],
     logger: logging.Logger,
-) -> tuple[list[float], list[float], int]:
-    """Train ``model`` for ``steps`` steps on ``batch(step)``; (loss per step, learning rate per
-    step, tokens trained on).
+) -> dict[str, Any]:
+    """Train ``model`` on ``batch(step)`` for the recipe's steps of ``stage`` ("pretrain" or
+    "finetune") at that stage's peak learning rate; returns the part of the training record that
+    both stages share (with the loss and learning rate of every step).
 
     Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
     mode.
     """
+    steps, peak_lr = (
+        (recipe.pretrain_steps, recipe.learning_rate)
+        if stage == "pretrain"
+        else (recipe.sft_steps, recipe.sft_learning_rate)
+    )
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     optimizer = _optimizer(model, recipe, peak_lr)
@@ -212,7 +215,16 @@ def _train(
             )
             window_start, window_tokens = time.perf_counter(), 0
     model.eval()
-    return losses, rates, tokens_seen
+    return {
+        "stage": stage,
+        "recipe": asdict(recipe),
+        "parameters": count_parameters(model),
+        "tokens_seen": tokens_seen,
+        "threads": torch.get_num_threads(),
+        "final_loss": _tail_mean(losses),
+        "loss": losses,
+        "lr": rates,
+    }
 
 
 def _tail_mean(losses: Sequence[float]) -> float:
@@ -320,30 +332,15 @@ def pretrain_base(
             len(documents),
             len(stream),
         )
-        losses, rates, tokens_seen = _train(
-            model,
-            recipe,
-            stage="pretrain",
-            steps=recipe.pretrain_steps,
-            peak_lr=recipe.learning_rate,
-            batch=windows,
-            logger=logger,
-        )
+        run = _train(model, recipe, "pretrain", windows, logger)
         seconds = time.perf_counter() - started
         record = {
-            "stage": "pretrain",
-            "recipe": asdict(recipe),
-            "parameters": count_parameters(model),
+            **run,
             "vocab_size": len(tokenizer),
             "documents": len(documents),
             "corpus_tokens": len(stream),
-            "tokens_seen": tokens_seen,
             "seconds": round(seconds, 2),
-            "threads": torch.get_num_threads(),
             "uniform_loss": math.log(len(tokenizer)),
-            "final_loss": _tail_mean(losses),
-            "loss": losses,
-            "lr": rates,
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
@@ -416,30 +413,15 @@ def finetune(
             return inputs, int(mask.sum())
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
-        losses, rates, tokens_seen = _train(
-            model,
-            recipe,
-            stage="finetune",
-            steps=recipe.sft_steps,
-            peak_lr=recipe.sft_learning_rate,
-            batch=next_batch,
-            logger=logger,
-        )
+        run = _train(model, recipe, "finetune", next_batch, logger)
         seconds = time.perf_counter() - started
         record = {
-            "stage": "finetune",
+            **run,
             "base": str(base_dir),
-            "recipe": asdict(recipe),
-            "parameters": count_parameters(model),
             "vocab_size": len(tokenizer),
             "pairs": len(encoded),
             "pairs_skipped": dropped,
-            "tokens_seen": tokens_seen,
             "seconds": round(seconds, 2),
-            "threads": torch.get_num_threads(),
-            "final_loss": _tail_mean(losses),
-            "loss": losses,
-            "lr": rates,
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
