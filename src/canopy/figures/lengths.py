@@ -139,11 +139,7 @@ def plot_lengths(
                                gid="cap")
                 if settings.log_scale:
                     ax.set_xscale("log")
-                if row == len(families) - 1:
-                    ax.set_xlabel("length $N$ (tokens)")
-                if column == 0:
-                    ax.set_ylabel("share of rollouts")
-        label_grid(axes, families, tasks)
+        label_grid(axes, families, tasks, "length $N$ (tokens)", "share of rollouts")
         handles = variant_handles(variants, kind="patch")
         if cap is not None:
             handles.append(

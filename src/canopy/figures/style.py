@@ -173,9 +173,20 @@ def interval_marker(
     bars.lines[0].set_gid(gid)
 
 
-def label_grid(axes: np.ndarray, row_labels: list[str], column_labels: list[str]) -> None:
+def label_grid(
+    axes: np.ndarray,
+    row_labels: list[str],
+    column_labels: list[str],
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> None:
     """Facet labels of a panel grid: column names as titles of the top row, row names as
-    vertical strips right of the last column (one label per row, not per panel, saves room)."""
+    vertical strips right of the last column (one label per row, not per panel, saves room);
+    ``xlabel`` under the bottom row, ``ylabel`` left of the first column."""
+    for ax in axes[-1, :] if xlabel is not None else ():
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0] if ylabel is not None else ():
+        ax.set_ylabel(ylabel)
     for column, label in enumerate(column_labels):
         axes[0, column].set_title(label)
     if len(row_labels) == 1 and len(column_labels) > 1:

@@ -106,14 +106,10 @@ def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> F
                     )
                 if settings.log_x:
                     ax.set_xscale("log")
-                if row == len(families) - 1:
-                    ax.set_xlabel("step $t$ (tokens)")
-                if column == 0:
-                    ax.set_ylabel("mean $h_t$ (nats/token)")
             # Only once the whole row is drawn: fixing a limit switches off autoscaling for every
             # axis sharing it, so doing it per panel clipped the later tasks' higher curves.
             axes[row, 0].set_ylim(bottom=0.0)
-        label_grid(axes, families, tasks)
+        label_grid(axes, families, tasks, "step $t$ (tokens)", "mean $h_t$ (nats/token)")
         handles = variant_handles(variants, kind="line")
         band = "±1 SE" if settings.band_se == 1.0 else f"±{settings.band_se:g} SE"
         handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0, label=band))

@@ -157,14 +157,17 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 def _train(
     model: torch.nn.Module,
+    tokenizer,
     recipe: Recipe,
     stage: str,
     batch: Callable[[int], Batch],
     logger: logging.Logger,
+    started: float,
 ) -> dict[str, Any]:
     """Train ``model`` on ``batch(step)`` for the recipe's steps of ``stage`` ("pretrain" or
     "finetune") at that stage's peak learning rate; returns the part of the training record that
-    both stages share (with the loss and learning rate of every step).
+    both stages share (with the loss and learning rate of every step, and the seconds since
+    ``started``).
 
     Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
     mode.
@@ -219,7 +222,9 @@ def _train(
         "stage": stage,
         "recipe": asdict(recipe),
         "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
         "tokens_seen": tokens_seen,
+        "seconds": round(time.perf_counter() - started, 2),
         "threads": torch.get_num_threads(),
         "final_loss": _tail_mean(losses),
         "loss": losses,
@@ -332,20 +337,16 @@ def pretrain_base(
             len(documents),
             len(stream),
         )
-        run = _train(model, recipe, "pretrain", windows, logger)
-        seconds = time.perf_counter() - started
         record = {
-            **run,
-            "vocab_size": len(tokenizer),
+            **_train(model, tokenizer, recipe, "pretrain", windows, logger, started),
             "documents": len(documents),
             "corpus_tokens": len(stream),
-            "seconds": round(seconds, 2),
             "uniform_loss": math.log(len(tokenizer)),
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
             "pretrain done in %.1f s: final loss %.3f (uniform %.3f); saved %s",
-            seconds,
+            record["seconds"],
             record["final_loss"],
             record["uniform_loss"],
             out_dir,
@@ -413,20 +414,16 @@ def finetune(
             return inputs, int(mask.sum())
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
-        run = _train(model, recipe, "finetune", next_batch, logger)
-        seconds = time.perf_counter() - started
         record = {
-            **run,
+            **_train(model, tokenizer, recipe, "finetune", next_batch, logger, started),
             "base": str(base_dir),
-            "vocab_size": len(tokenizer),
             "pairs": len(encoded),
             "pairs_skipped": dropped,
-            "seconds": round(seconds, 2),
         }
         _save(model, tokenizer, out_dir, record)
         logger.info(
             "finetune done in %.1f s: final response loss %.3f; saved %s",
-            seconds,
+            record["seconds"],
             record["final_loss"],
             out_dir,
         )
