@@ -18,12 +18,14 @@ where each recorded branch points now, which is how a user learns that ``main`` 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +38,7 @@ __all__ = [
     "HubFetch",
     "HubFetchError",
     "ModelDownloadError",
+    "download",
     "download_embedder",
     "download_model",
     "fetch_snapshot",
@@ -221,6 +224,25 @@ def _token(token_env: str) -> str | None:
     return os.environ.get(token_env) or None
 
 
+@contextlib.contextmanager
+def _explained(
+    repo_id: str, revision: str, repo_type: str, config_key: str, instead: str, token_env: str
+) -> Iterator[None]:
+    """Re-raise any failure of the block's hub calls as :func:`explain_fetch_error` words it."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
+        raise explain_fetch_error(
+            error,
+            repo_id=repo_id,
+            revision=revision,
+            repo_type=repo_type,
+            config_key=config_key,
+            instead=instead,
+            token_env=token_env,
+        ) from error
+
+
 def resolve_revision(
     repo_id: str,
     revision: str,
@@ -233,20 +255,10 @@ def resolve_revision(
     """The commit ``revision`` of ``repo_id`` points to now (a commit resolves to itself)."""
     from huggingface_hub import HfApi
 
-    try:
+    with _explained(repo_id, revision, repo_type, config_key, instead, token_env):
         info = HfApi().repo_info(
             repo_id, revision=revision, repo_type=repo_type, token=_token(token_env)
         )
-    except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
-        raise explain_fetch_error(
-            error,
-            repo_id=repo_id,
-            revision=revision,
-            repo_type=repo_type,
-            config_key=config_key,
-            instead=instead,
-            token_env=token_env,
-        ) from error
     if not info.sha or not is_commit(info.sha):
         raise HubFetchError(
             f"{repo_id} at revision {revision!r}: the hub answered without a commit ({info.sha!r})"
@@ -342,20 +354,10 @@ def fetch_snapshot(
             token=_token(token_env),
         )
 
-    try:
+    with _explained(repo_id, revision, repo_type, config_key, instead, token_env):
         download(allow_patterns)
         if fallback_patterns and not any(partial.glob("*.safetensors")):
             download(fallback_patterns)
-    except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
-        raise explain_fetch_error(
-            error,
-            repo_id=repo_id,
-            revision=revision,
-            repo_type=repo_type,
-            config_key=config_key,
-            instead=instead,
-            token_env=token_env,
-        ) from error
     missing = [name for name in required if not (partial / name).exists()]
     if missing:
         raise HubFetchError(
@@ -383,29 +385,31 @@ def fetch_snapshot(
     return record
 
 
-def download_model(
+def download(
+    kind: str,
     repo_id: str,
     revision: str,
     out_dir: str | os.PathLike[str],
     *,
-    config_key: str = "families.<family>.<variant>",
+    config_key: str | None = None,
     token_env: str = "HF_TOKEN",
 ) -> HubFetch:
-    """Fetch a causal LM (weights, config, tokenizer and chat template, generation config) into
-    ``out_dir``. Gated models (Llama 3.1, Gemma 3) need an access token in ``token_env``."""
+    """Fetch a ``model`` or an ``embedder`` into ``out_dir``.
+
+    A model (a causal LM or a classifier): weights, config, tokenizer and chat template,
+    generation config; gated models (Llama 3.1, Gemma 3) need an access token in ``token_env``.
+    An embedder (a sentence-transformers model): every file but other runtimes' exports, custom
+    code included for models that need ``trust_remote_code``. :func:`download_model` and
+    :func:`download_embedder` are this function for one kind.
+    """
+    default_key, patterns = _DOWNLOADS[kind]
+    config_key = config_key or default_key
     record = fetch_snapshot(
-        repo_id,
-        revision,
-        out_dir,
-        kind="model",
-        config_key=config_key,
-        allow_patterns=ALLOW_PATTERNS,
-        ignore_patterns=_MODEL_IGNORE_PATTERNS,
-        fallback_patterns=_FALLBACK_WEIGHTS,
-        token_env=token_env,
+        repo_id, revision, out_dir, kind=kind, config_key=config_key, token_env=token_env, **patterns
     )
     target = Path(out_dir)
-    if not any(target.glob("*.safetensors")) and not any(target.glob("pytorch_model*.bin")):
+    weights = any(target.glob("*.safetensors")) or any(target.glob("pytorch_model*.bin"))
+    if kind == "model" and not weights:
         shutil.rmtree(target)
         raise HubFetchError(
             f"model {repo_id} at revision {revision!r}: no weights (safetensors or "
@@ -414,25 +418,23 @@ def download_model(
     return record
 
 
-def download_embedder(
-    repo_id: str,
-    revision: str,
-    out_dir: str | os.PathLike[str],
-    *,
-    config_key: str = "embedders.<name>",
-    token_env: str = "HF_TOKEN",
-) -> HubFetch:
-    """Fetch a sentence-transformers model (every file but other runtimes' exports) into
-    ``out_dir``, custom code included for models that need ``trust_remote_code``."""
-    return fetch_snapshot(
-        repo_id,
-        revision,
-        out_dir,
-        kind="embedder",
-        config_key=config_key,
-        ignore_patterns=EMBEDDER_IGNORE_PATTERNS,
-        token_env=token_env,
-    )
+# Per kind: the config key named in errors by default, and what to fetch.
+_DOWNLOADS: dict[str, tuple[str, dict[str, Sequence[str]]]] = {
+    "model": (
+        "families.<family>.<variant>",
+        {
+            "allow_patterns": ALLOW_PATTERNS,
+            "ignore_patterns": _MODEL_IGNORE_PATTERNS,
+            "fallback_patterns": _FALLBACK_WEIGHTS,
+        },
+    ),
+    "embedder": ("embedders.<name>", {"ignore_patterns": EMBEDDER_IGNORE_PATTERNS}),
+}
+
+#: ``download("model", ...)``.
+download_model = functools.partial(download, "model")
+#: ``download("embedder", ...)``.
+download_embedder = functools.partial(download, "embedder")
 
 
 def moved_revisions(
