@@ -2,7 +2,7 @@
 
 Two set-up paths must give the same software: pip + apt (requirements.txt, requirements-apt.txt,
 setup.sh) and conda (envs/*.yaml through `snakemake --use-conda`). Conda cannot be installed on the
-development machines (NOTES.md), so the envs are checked here statically: exact pins only, the same
+development machines, so the envs are checked here statically: exact pins only, the same
 versions as the pip/apt path, one existing env per rule, and every third-party module a rule's
 script can import (following the canopy functions it calls) shipped by that rule's env.
 """
@@ -36,7 +36,7 @@ PIP_SPEC = re.compile(
 )
 
 # R packages pinned for conda but not packaged by Debian bookworm (so absent from
-# requirements-apt.txt): the pip/apt path computes these diagnostics itself (NOTES.md).
+# requirements-apt.txt): the pip/apt path computes these diagnostics itself.
 CONDA_ONLY_R = {"r-dharma": "DHARMa is not in Debian; the apt path simulates its residuals itself"}
 # Packages that ship with R itself (r-base / r-base-core).
 BASE_R_PACKAGES = {

@@ -105,7 +105,7 @@ def make_rollouts(prompts: int = 6, m: int = 8, seed: int = 0) -> pd.DataFrame:
 
 
 def make_metrics(rollouts: pd.DataFrame) -> pd.DataFrame:
-    """Per-prompt metric rows from the rollouts, with the decomposition of DESIGN section 1."""
+    """Per-prompt metric rows from the rollouts, with CE* = mean(N)·mean(r) + Cov(N, r)."""
     rows = []
     keys = ["family", "variant", "task", "prompt_id"]
     for key, group in rollouts.groupby(keys, sort=False):

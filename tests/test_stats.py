@@ -33,7 +33,7 @@ from canopy.stats import (
 # ---------------------------------------------------------------------------------- settings
 
 
-def test_settings_defaults_match_the_design():
+def test_settings_defaults_are_the_papers_model():
     settings = StatsSettings.from_config({})
     assert settings.formula == (
         "D ~ R_sc * variant + ns(invN_sc, 4) * variant + task + (1 | prompt_uid) + (1 | family)"

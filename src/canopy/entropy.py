@@ -1,7 +1,7 @@
 """Canopy Entropy estimators and per-prompt metrics from a rollout table.
 
 Input is the rollout table of ``docs/architecture.md`` (one row per rollout). For every prompt we
-estimate, from its M rollouts (DESIGN.md section 1, natural logarithms):
+estimate, from its M rollouts (natural logarithms, nats):
 
 * the Canopy Entropy CE* = H(N, Y | X) by the chain-rule estimator mean_i H_i with H_i the summed
   per-step entropies, and by the surprisal estimator mean_i (-log q(y_i)) (same target, more

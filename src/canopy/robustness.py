@@ -1,4 +1,4 @@
-"""Robustness checks of the entropy-rate slopes (DESIGN section 1, "Robustness").
+"""Robustness checks of the entropy-rate slopes.
 
 (a) :func:`lmm_robustness`: a linear mixed model on logit(D) with the Beta GLMM's fixed effects and
     random intercepts, fitted by lme4 through pymer4.

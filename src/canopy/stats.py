@@ -1,4 +1,4 @@
-"""Beta mixed-effects regression of semantic dissimilarity on entropy rate (DESIGN section 1).
+"""Beta mixed-effects regression of semantic dissimilarity on entropy rate.
 
 The model (glmmTMB, Beta family, logit link) with the paper's defaults::
 

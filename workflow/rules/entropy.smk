@@ -1,4 +1,4 @@
-# Stage 4: Canopy Entropy and the other per-prompt metrics of DESIGN section 1.
+# Stage 4: Canopy Entropy and the other per-prompt metrics (docs/architecture.md).
 
 
 rule prompt_metrics:

@@ -1,4 +1,4 @@
-# Stage 7: the paper's figures (DESIGN section 1), one rule and one script per figure.
+# Stage 7: the paper's figures, one rule and one script per figure.
 #
 # Rerun triggers, deliberately: each figure's settings subtree `config["figures"][<name>]` is a
 # param of its rule only, so editing one figure's settings redraws only that figure. Snakemake

@@ -3,7 +3,7 @@
 vLLM returns, per step, the log-probabilities of the K most likely tokens of the *raw* model
 distribution (``logprobs_mode="raw_logprobs"``) plus the drawn token. Raw log-probabilities differ
 from the logits by one constant per step, which cancels in a softmax, so applying temperature,
-top-k and top-p to the K candidates and renormalising (DESIGN.md section 1) gives exactly the
+top-k and top-p to the K candidates and renormalising gives exactly the
 distribution vLLM sampled from whenever top_k <= K. With top-k off the tail beyond the K
 candidates is lost and the entropies are a (slight) underestimate: we warn.
 
