@@ -4,8 +4,8 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.training.corpus import read_pairs  # noqa: E402
 from canopy.training import Recipe, finetune  # noqa: E402
+from canopy.training.corpus import read_pairs  # noqa: E402
 
 recipe = Recipe.from_config(snakemake.params.recipe)
 pairs = read_pairs(snakemake.input.pairs)

@@ -9,8 +9,8 @@ from script_setup import setup
 spec = dict(snakemake.params.spec)
 log = setup(snakemake, network=spec["source"] == "hub")
 
-from canopy.prompts import prepare_prompts, prompt_source_record, write_prompts  # noqa: E402
 from canopy.io import write_json  # noqa: E402
+from canopy.prompts import prepare_prompts, prompt_source_record, write_prompts  # noqa: E402
 
 task = snakemake.wildcards.task
 record = prompt_source_record(task, spec)

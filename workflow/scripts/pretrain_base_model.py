@@ -4,8 +4,8 @@ from script_setup import setup
 
 log = setup(snakemake)
 
-from canopy.training.corpus import read_documents  # noqa: E402
 from canopy.training import Recipe, pretrain_base  # noqa: E402
+from canopy.training.corpus import read_documents  # noqa: E402
 
 recipe = Recipe.from_config(snakemake.params.recipe)
 documents = read_documents(snakemake.input.corpus)
