@@ -167,8 +167,22 @@ def simulate_panel(
     panel["rho"] = np.clip(rng.normal(-0.2, 0.2, len(panel)), -1, 1)
     panel["M"] = m
     panel["truncation_rate"] = 0.0
-    order = ["family", "variant", "task", "prompt_id", "prompt_uid", "D", "VS", "log_VS", "R",
-             "N", "CE", "rho", "M", "truncation_rate"]
+    order = [
+        "family",
+        "variant",
+        "task",
+        "prompt_id",
+        "prompt_uid",
+        "D",
+        "VS",
+        "log_VS",
+        "R",
+        "N",
+        "CE",
+        "rho",
+        "M",
+        "truncation_rate",
+    ]
     return SimulatedPanel(panel=panel[order], truth=truth)
 
 
@@ -181,7 +195,9 @@ def simulate_rollouts(
     n_rollouts: int = 40,
     dim: int = 16,
     length_shift: float = 0.5,
-) -> tuple[dict[tuple[str, str, str], pd.DataFrame], dict[tuple[str, str, str], dict[str, np.ndarray]]]:
+) -> tuple[
+    dict[tuple[str, str, str], pd.DataFrame], dict[tuple[str, str, str], dict[str, np.ndarray]]
+]:
     """Rollout tables and L2-normalised embeddings keyed by (family, variant, task).
 
     Fine-tuned rollouts are shorter (log length shifted by ``-length_shift``) and have lower
@@ -213,9 +229,13 @@ def simulate_rollouts(
                     vectors.append(vec.astype(np.float32))
                 key = (family, variant, task)
                 rollouts[key] = pd.DataFrame(
-                    {"prompt_id": ids, "sample": np.asarray(samples, np.int64),
-                     "n_steps": np.asarray(steps, np.int64), "sum_entropy": np.asarray(sums),
-                     "hit_eos": eos}
+                    {
+                        "prompt_id": ids,
+                        "sample": np.asarray(samples, np.int64),
+                        "n_steps": np.asarray(steps, np.int64),
+                        "sum_entropy": np.asarray(sums),
+                        "hit_eos": eos,
+                    }
                 )
                 embeddings[key] = {
                     "prompt_id": np.asarray(ids),
