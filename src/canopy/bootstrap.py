@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from canopy.modeling import VARIANTS
+
 __all__ = [
     "BootstrapSettings",
     "BOOTSTRAP_COLUMNS",
@@ -185,9 +187,9 @@ def paired_bootstrap(
     if missing:
         raise ValueError(f"panel lacks column(s) {', '.join(missing)}")
     variants = set(panel["variant"].unique())
-    unknown = sorted(map(str, variants - {"base", "finetuned"}))
+    unknown = sorted(map(str, variants - set(VARIANTS)))
     if unknown:
-        raise ValueError(f"panel variant must be 'base' or 'finetuned', found {unknown}")
+        raise ValueError(f"panel variant must be one of {', '.join(VARIANTS)}, found {unknown}")
     key = ["family", "task", "prompt_id", "variant"]
     duplicated = panel.duplicated(key)
     if duplicated.any():
@@ -200,7 +202,7 @@ def paired_bootstrap(
         panel.groupby(["family", "task", "prompt_id", "variant"], sort=True)
         .size()
         .unstack("variant", fill_value=0)
-        .reindex(columns=["base", "finetuned"], fill_value=0)
+        .reindex(columns=list(VARIANTS), fill_value=0)
         .reindex(wide.index, fill_value=0)
         > 0
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from canopy.bootstrap import ALL_TASKS, BootstrapSettings, paired_bootstrap
+from canopy.modeling import VARIANTS
 
 __all__ = ["ABLATION_COLUMNS", "ablation_table", "headline_table"]
 
@@ -49,7 +50,7 @@ def headline_table(
         means.insert(0, "embedder", embedder)
         means.insert(0, "sampling", sampling)
         means["n_prompts"] = panel.groupby(["family", "variant"]).size().to_numpy()
-        by_variant = slopes[slopes["variant"].isin(["base", "finetuned"])].drop_duplicates(
+        by_variant = slopes[slopes["variant"].isin(VARIANTS)].drop_duplicates(
             "variant"
         )
         slope_of = dict(zip(by_variant["variant"], by_variant["slope"]))
