@@ -15,13 +15,13 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from canopy.config import ConfigError  # noqa: E402
 from canopy.corpus import CorpusSettings, pretraining_documents, sft_pairs  # noqa: E402
 from canopy.modeling import eos_token_ids, format_prompt, load_model  # noqa: E402
 from canopy.training import (  # noqa: E402
     CHAT_TEMPLATES,
     ROLE_MARKERS,
     Recipe,
-    RecipeError,
     _sft_batches,
     _token_stream,
     encode_pair,
@@ -96,32 +96,32 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
         {"architecture": "llama", "tokenizer": "sentencepiece_bpe", "learning_rate": 1}, name="r"
     )
     assert recipe.learning_rate == 1.0 and isinstance(recipe.learning_rate, float)
-    assert recipe.vocab_size == Recipe.__dataclass_fields__["vocab_size"].default
+    assert recipe.vocab_size == Recipe.model_fields["vocab_size"].default
     cases = [
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "layers": 2},
-            r"training\.recipes\.r\.layers is not a recipe key",
+            r"training\.recipes\.r\.layers = 2: unknown key",
         ),
         (
             {"architecture": "gpt3", "tokenizer": "byte_bpe"},
-            r"training\.recipes\.r\.architecture is 'gpt3'",
+            r"training\.recipes\.r\.architecture = 'gpt3': Input should be 'gpt2' or 'llama'",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "wordpiece"},
-            r"training\.recipes\.r\.tokenizer is 'wordpiece'",
+            r"training\.recipes\.r\.tokenizer = 'wordpiece': Input should be",
         ),
-        ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is required"),
+        ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture = None: required key is missing"),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0},
-            r"training\.recipes\.r\.num_layers must be at least 1",
+            r"training\.recipes\.r\.num_layers = 0: Input should be greater than or equal to 1",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "batch_size": 2.5},
-            r"training\.recipes\.r\.batch_size must be an integer",
+            r"training\.recipes\.r\.batch_size = 2\.5: Input should be a valid integer",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "learning_rate": 0},
-            r"training\.recipes\.r\.learning_rate must be a positive",
+            r"training\.recipes\.r\.learning_rate = 0: Input should be greater than 0",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4},
@@ -129,7 +129,7 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
         ),
     ]
     for block, message in cases:
-        with pytest.raises(RecipeError, match=message):
+        with pytest.raises(ConfigError, match=message):
             Recipe.from_config(block, name="r")
 
 

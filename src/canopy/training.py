@@ -32,15 +32,15 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, Recipe
+
 __all__ = [
     "Recipe",
-    "RecipeError",
     "ARCHITECTURES",
     "TOKENIZER_KINDS",
     "CHAT_TEMPLATES",
@@ -55,95 +55,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
-TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
 
 LOG_FILE = "training_log.json"
-
-
-class RecipeError(ValueError):
-    """A training recipe key is unknown or has a bad value (the message names it)."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one small family is made. Defaults are the calibrated values of the embedded default
-    (about a minute for base + fine-tune on 2 CPU cores); ``from_config`` fills what a config
-    block leaves out and rejects unknown keys."""
-
-    architecture: str
-    tokenizer: str
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    context_length: int = 512
-    pretrain_steps: int = 300
-    sft_steps: int = 150
-    batch_size: int = 8
-    learning_rate: float = 5e-3
-    sft_learning_rate: float = 1e-3
-    seed: int = 42
-
-    @classmethod
-    def from_config(cls, block: dict[str, Any], *, name: str = "<recipe>") -> Recipe:
-        """Build from a ``training.recipes.<name>`` block; errors name ``training.recipes.<name>.<key>``."""
-        if not isinstance(block, dict):
-            raise RecipeError(f"training.recipes.{name} must be a mapping of recipe keys")
-        known = {f.name: f for f in fields(cls)}
-        for key in block:
-            if key not in known:
-                raise RecipeError(
-                    f"training.recipes.{name}.{key} is not a recipe key; use {', '.join(known)}"
-                )
-        for key in ("architecture", "tokenizer"):
-            if key not in block:
-                raise RecipeError(f"training.recipes.{name}.{key} is required")
-        if block["architecture"] not in ARCHITECTURES:
-            raise RecipeError(
-                f"training.recipes.{name}.architecture is {block['architecture']!r}; use one of "
-                f"{', '.join(ARCHITECTURES)}"
-            )
-        if block["tokenizer"] not in TOKENIZER_KINDS:
-            raise RecipeError(
-                f"training.recipes.{name}.tokenizer is {block['tokenizer']!r}; use one of "
-                f"{', '.join(TOKENIZER_KINDS)}"
-            )
-        values: dict[str, Any] = {}
-        for key, value in block.items():
-            default = known[key].default
-            if isinstance(default, bool) or key in ("architecture", "tokenizer"):
-                values[key] = value
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be an integer, got {value!r}"
-                    )
-                if key != "seed" and value < 1:
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be at least 1, got {value}"
-                    )
-                values[key] = value
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise RecipeError(
-                        f"training.recipes.{name}.{key} must be a positive number, got {value!r}"
-                    )
-                values[key] = float(value)
-        recipe = cls(**values)
-        if recipe.hidden_size % recipe.num_heads:
-            raise RecipeError(
-                f"training.recipes.{name}: hidden_size ({recipe.hidden_size}) must be divisible by "
-                f"num_heads ({recipe.num_heads})"
-            )
-        if recipe.architecture == "llama" and (recipe.hidden_size // recipe.num_heads) % 2:
-            raise RecipeError(
-                f"training.recipes.{name}: a llama recipe needs an even head size (rotary "
-                f"embeddings); hidden_size/num_heads is {recipe.hidden_size // recipe.num_heads}"
-            )
-        if recipe.vocab_size < 64:
-            raise RecipeError(f"training.recipes.{name}.vocab_size must be at least 64")
-        return recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,7 +501,7 @@ def pretrain_base(
         seconds = time.perf_counter() - started
         record = {
             "stage": "pretrain",
-            "recipe": asdict(recipe),
+            "recipe": recipe.to_config(),
             "parameters": count_parameters(model),
             "vocab_size": len(tokenizer),
             "documents": len(documents),
@@ -806,7 +719,7 @@ def finetune(
         record = {
             "stage": "finetune",
             "base": str(base_dir),
-            "recipe": asdict(recipe),
+            "recipe": recipe.to_config(),
             "parameters": count_parameters(model),
             "vocab_size": len(tokenizer),
             "pairs": len(encoded),

@@ -69,12 +69,13 @@ def validate_config(config: Mapping[str, Any], readers: Readers | None = None) -
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"the configuration must be a mapping, got {type(config).__name__}")
+    problems = []
     try:
         model = Config.model_validate(dict(config))
     except ValidationError as error:
         problems = problems_from(error)
-    else:
-        problems = cross_problems(model)
+    seen = {problem.key for problem in problems}
+    problems += [problem for problem in cross_problems(config) if problem.key not in seen]
     if problems:
         raise ConfigError(render(problems, readers), problems)
     return model.to_config()

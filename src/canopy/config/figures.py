@@ -6,7 +6,15 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from canopy.config.base import Block
-from canopy.config.types import Level, NonNegativeInt, PositiveInt, PositiveNumber, Share, TaskNames
+from canopy.config.types import (
+    Level,
+    NonNegativeInt,
+    PositiveInt,
+    PositiveNumber,
+    Resamples,
+    Share,
+    TaskNames,
+)
 
 __all__ = [
     "COLUMN_WIDTH",
@@ -140,7 +148,7 @@ class RhoSettings(FigureSettings):
     """Tasks to draw (null = all)."""
     correlation: Literal["pearson", "spearman", "kendall"] = "pearson"
     """Per-prompt correlation drawn (over its rollouts)."""
-    resamples: PositiveInt = 2000
+    resamples: Resamples = 2000
     """Bootstrap resamples of prompts per point."""
     confidence: Level = 0.95
     seed: NonNegativeInt = 42

@@ -14,15 +14,30 @@ __all__ = [
     "DISPERSION_FUNCTIONS",
     "FIXED_EFFECTS_FUNCTIONS",
     "GLMM_FUNCTIONS",
+    "PANEL_ALIASES",
     "PANEL_COLUMNS",
     "SLOPE_TERM",
     "check_formula",
 ]
 
-#: Columns of the prepared panel (canopy.stats.prepare_panel) a formula may use.
+#: Short names used by the regression (left) for columns of the metric and diversity tables
+#: (canopy.panel gives the panel these columns).
+PANEL_ALIASES: dict[str, str] = {
+    "D": "dissimilarity",
+    "VS": "vendi",
+    "log_VS": "log_vendi",
+    "R": "mean_rate",
+    "N": "mean_length",
+    "CE": "canopy_entropy",
+    "rho": "rho_pearson",
+    "M": "n_rollouts",
+}
+#: Columns of the prepared panel (canopy.stats.prepare_panel) a formula may use: identifiers,
+#: the short names and the columns they stand for, and the columns the preparation adds.
 PANEL_COLUMNS: tuple[str, ...] = (
-    "D", "D_raw", "logit_D", "R", "R_sc", "N", "invN_sc",
     "variant", "task", "family", "prompt_id", "prompt_uid",
+    *PANEL_ALIASES, *PANEL_ALIASES.values(),
+    "D_raw", "logit_D", "R_sc", "invN_sc",
 )  # fmt: skip
 #: The covariate whose slope is compared between the variants.
 SLOPE_TERM = "R_sc"

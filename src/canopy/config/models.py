@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from canopy.config.base import Block
 from canopy.config.types import NonEmptyStr, PositiveInt, PositiveNumber
@@ -31,22 +31,23 @@ class _ModelSource(Block):
     source: Literal["train", "hub", "local"]
     """train (made by this workflow), hub (downloaded at a pinned revision), local (a
     transformers directory)."""
-    recipe: NonEmptyStr | None = None
+    recipe: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: train — a key of training.recipes."""
-    id: NonEmptyStr | None = None
+    id: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — the hub repository id, e.g. Qwen/Qwen3-8B."""
-    revision: NonEmptyStr | None = None
+    revision: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — a commit hash (or tag) that pins the weights."""
-    path: NonEmptyStr | None = None
+    path: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: local — a transformers model directory."""
 
-    @model_validator(mode="after")
-    def _source_keys(self) -> Any:
+    @field_validator("recipe", "id", "revision", "path")
+    @classmethod
+    def _fits_source(cls, value: object, info: ValidationInfo) -> object:
         needs = {"train": ("recipe",), "hub": ("id", "revision"), "local": ("path",)}
-        missing = [key for key in needs[self.source] if getattr(self, key) is None]
-        if missing:
-            raise ValueError(f"source {self.source} needs {', '.join(missing)}")
-        return self
+        source = info.data.get("source")
+        if value is None and source is not None and info.field_name in needs[source]:
+            raise ValueError(f"required by source {source}")
+        return value
 
     def to_config(self) -> dict[str, Any]:
         return {key: value for key, value in super().to_config().items() if value is not None}

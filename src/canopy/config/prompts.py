@@ -4,29 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from canopy.config.base import Block
 from canopy.config.types import NonEmptyStr, PositiveInt, format_fields
 
-__all__ = ["FewShotSettings", "GENERATOR_NAMES", "SOURCE_REQUIRED", "TaskSettings"]
+__all__ = ["FewShotSettings", "GENERATOR_NAMES", "SOURCES", "SOURCE_KEYS", "TaskSettings"]
 
 #: Prompt generators of ``source: generated`` (canopy.data implements each).
 GENERATOR_NAMES = ("arithmetic", "stories", "completion")
-#: Keys each source needs besides ``source`` and ``n_prompts``.
-SOURCE_REQUIRED: dict[str, tuple[str, ...]] = {
-    "humaneval": (),
-    "generated": ("generator",),
-    "jsonl": ("path", "field"),
-    "hub": ("dataset", "revision", "split", "field"),
+#: For each source: (required keys, optional keys), besides ``source``, ``n_prompts``,
+#: ``template`` and ``few_shot``; any other key is an error (it would be ignored).
+SOURCE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "humaneval": ((), ()),
+    "generated": (("generator",), ()),
+    "jsonl": (("path", "field"), ("id_field",)),
+    "hub": (("dataset", "revision", "split", "field"), ("config", "id_field")),
 }
-#: Keys a source may set beyond its required ones (others are an error: they would be ignored).
-_SOURCE_OPTIONAL: dict[str, tuple[str, ...]] = {
-    "humaneval": (),
-    "generated": (),
-    "jsonl": ("id_field",),
-    "hub": ("config", "id_field"),
-}
+SOURCES: tuple[str, ...] = tuple(SOURCE_KEYS)
+_SOURCE_SPECIFIC = (
+    "generator",
+    "path",
+    "dataset",
+    "revision",
+    "config",
+    "split",
+    "field",
+    "id_field",
+)
 
 
 class FewShotSettings(Block):
@@ -61,44 +66,41 @@ class TaskSettings(Block):
     """humaneval (packaged), generated (by a generator), jsonl (a local file) or hub (a data set
     pinned to a revision)."""
     n_prompts: PositiveInt
-    generator: Literal["arithmetic", "stories", "completion"] | None = None
+    generator: Literal["arithmetic", "stories", "completion"] | None = Field(
+        default=None, validate_default=True
+    )
     """source: generated — the generator."""
-    path: NonEmptyStr | None = None
+    path: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: jsonl — a local file, one JSON object per line."""
-    dataset: NonEmptyStr | None = None
+    dataset: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — the data set id."""
-    revision: NonEmptyStr | None = None
+    revision: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — a commit hash that pins the data."""
-    config: NonEmptyStr | None = None
+    config: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — the data set configuration name."""
-    split: NonEmptyStr | None = None
+    split: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — the split the prompts come from."""
-    field: NonEmptyStr | None = None
+    field: NonEmptyStr | None = Field(default=None, validate_default=True)
     """jsonl/hub — the field holding the prompt text."""
-    id_field: NonEmptyStr | None = None
+    id_field: NonEmptyStr | None = Field(default=None, validate_default=True)
     """jsonl/hub — the field holding a stable prompt id (default: the row number)."""
     template: Annotated[str, format_fields("text")] | None = None
     """A format string with {text}, wrapping each prompt (e.g. the paper's instructions)."""
     few_shot: FewShotSettings | None = None
 
-    @model_validator(mode="after")
-    def _source_keys(self) -> TaskSettings:
-        missing = [key for key in SOURCE_REQUIRED[self.source] if getattr(self, key) is None]
-        if missing:
-            raise ValueError(f"source {self.source} needs {', '.join(missing)}")
-        allowed = {*SOURCE_REQUIRED[self.source], *_SOURCE_OPTIONAL[self.source]}
-        stray = [
-            key
-            for key in ("generator", "path", "dataset", "revision", "config", "split", "field",
-                        "id_field")
-            if getattr(self, key) is not None and key not in allowed
-        ]  # fmt: skip
-        if stray:
-            raise ValueError(
-                f"{', '.join(stray)} not used by source {self.source} (it reads "
-                f"{', '.join(sorted(allowed)) or 'no other key'})"
-            )
-        return self
+    @field_validator(*_SOURCE_SPECIFIC)
+    @classmethod
+    def _fits_source(cls, value: object, info: ValidationInfo) -> object:
+        source = info.data.get("source")
+        if source is None:
+            return value  # an invalid source is reported on its own
+        required, optional = SOURCE_KEYS[source]
+        if value is None and info.field_name in required:
+            raise ValueError(f"required by source {source}")
+        if value is not None and info.field_name not in (*required, *optional):
+            reads = ", ".join((*required, *optional)) or "none of the source keys"
+            raise ValueError(f"not used by source {source} (it reads {reads}): remove it")
+        return value
 
     def to_config(self) -> dict:
         # Keys a source does not use stay absent, as in the file.

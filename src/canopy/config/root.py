@@ -4,6 +4,7 @@ other entries, paths that must exist)."""
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -54,40 +55,63 @@ class Config(Block):
         return values
 
 
-def cross_problems(config: Config) -> list[Problem]:
-    """Problems a single block cannot see: keys naming other entries, local paths."""
+def _entries(value: Any) -> dict[str, Any]:
+    """A block of named entries as a dict of mappings (anything malformed is left to the models)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {name: entry for name, entry in value.items() if isinstance(entry, Mapping)}
+
+
+def cross_problems(config: Mapping[str, Any]) -> list[Problem]:
+    """Problems a single block cannot see: keys naming other entries, local paths. Reads the raw
+    mapping defensively, so that they are listed together with the blocks' own problems."""
     problems: list[Problem] = []
-    recipes = config.training.recipes
-    for name, family in config.families.items():
+    tasks = list(_entries(config.get("tasks")))
+    recipes = _entries(
+        config.get("training", {}).get("recipes")
+        if isinstance(config.get("training"), Mapping)
+        else None
+    )
+    for name, family in _entries(config.get("families")).items():
         for variant in ("base", "finetuned"):
-            spec = getattr(family, variant)
+            spec = family.get(variant)
+            if not isinstance(spec, Mapping):
+                continue
             key = ["families", name, variant]
-            if spec.source == "train" and spec.recipe not in recipes:
-                problems.append(Problem([*key, "recipe"], spec.recipe,
+            if spec.get("source") == "train" and "recipe" in spec and spec["recipe"] not in recipes:
+                problems.append(Problem([*key, "recipe"], spec["recipe"],
                                         f"not a key of training.recipes (known: "
                                         f"{', '.join(recipes) or 'none'})"))  # fmt: skip
-            if spec.source == "local" and not Path(spec.path).is_dir():
-                problems.append(Problem([*key, "path"], spec.path,
+            path = spec.get("path")
+            if spec.get("source") == "local" and isinstance(path, str) and not Path(path).is_dir():
+                problems.append(Problem([*key, "path"], path,
                                         "not a directory; put the transformers model directory "
                                         "there (config.json, weights, tokenizer) or correct it"))  # fmt: skip
-    sampled = [name for name, spec in config.sampling.items() if spec.filter is None]
-    for name, spec in config.sampling.items():
-        if spec.filter is not None and spec.filter.source not in sampled:
-            problems.append(Problem(["sampling", name, "filter", "from"], spec.filter.source,
+    sampling = _entries(config.get("sampling"))
+    sampled = [name for name, spec in sampling.items() if not spec.get("filter")]
+    for name, spec in sampling.items():
+        source = (
+            spec.get("filter", {}).get("from") if isinstance(spec.get("filter"), Mapping) else None
+        )
+        if source is not None and source not in sampled:
+            problems.append(Problem(["sampling", name, "filter", "from"], source,
                                     f"must name a sampling entry that samples (not a filter): "
                                     f"one of {', '.join(sampled) or 'none'}"))  # fmt: skip
-    tasks = list(config.tasks)
-    if config.stats.reference_task not in tasks:
-        problems.append(Problem(["stats", "reference_task"], config.stats.reference_task,
+    stats = config.get("stats") if isinstance(config.get("stats"), Mapping) else {}
+    reference = stats.get("reference_task", Config.model_fields["stats"].default.reference_task)
+    if tasks and reference not in tasks:
+        problems.append(Problem(["stats", "reference_task"], reference,
                                 f"not a key of tasks (known: {', '.join(tasks)})"))  # fmt: skip
-    for figure, settings in config.figures:
-        for task in getattr(settings, "tasks", None) or ():
-            if task not in tasks:
+    for figure, settings in _entries(config.get("figures")).items():
+        chosen = settings.get("tasks")
+        for task in chosen if isinstance(chosen, list) else ():
+            if tasks and task not in tasks:
                 problems.append(Problem(["figures", figure, "tasks"], task,
                                         f"not a key of tasks (known: {', '.join(tasks)})"))  # fmt: skip
-    for name, embedder in config.embedders.items():
-        model = embedder.model
-        if not model.startswith("package:") and embedder.revision is None and not Path(model).exists():
+    for name, embedder in _entries(config.get("embedders")).items():
+        model = embedder.get("model")
+        local = isinstance(model, str) and not model.startswith("package:")
+        if local and not embedder.get("revision") and not Path(model).exists():
             problems.append(Problem(["embedders", name, "model"], model,
                                     "neither a local directory nor a packaged model "
                                     "(package:<module>); for a hub model add "

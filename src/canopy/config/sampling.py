@@ -8,7 +8,14 @@ from typing import Any, Literal
 from pydantic import Field
 
 from canopy.config.base import Block
-from canopy.config.types import Device, NonEmptyStr, NonNegativeInt, PositiveInt, PositiveNumber, Share
+from canopy.config.types import (
+    Device,
+    NonEmptyStr,
+    NonNegativeInt,
+    PositiveInt,
+    PositiveNumber,
+    Share,
+)
 
 __all__ = ["BACKENDS", "DTYPES", "FilterSettings", "RewardModel", "SamplingSettings"]
 
@@ -31,7 +38,8 @@ class RewardModel(Block):
 class FilterSettings(Block):
     """``sampling.<name>.filter``: makes the entry a rollout filter instead of a sampling run: the
     reward model scores the rollouts of the entry ``from`` and each prompt's top ``keep`` share
-    forms this sweep point (rule filter_rollouts). The sampling keys of a filter entry are not used."""
+    forms this sweep point (rule filter_rollouts). The sampling keys of a filter entry are not used.
+    """
 
     where = "sampling.<name>.filter"
 
@@ -62,8 +70,6 @@ class SamplingSettings(Block):
 
     where = "sampling.<name>"
 
-    backend: Literal["canopy", "vllm"] = "canopy"
-    """canopy (our KV-cache sampler) or vllm (GPU; top-K log-probs renormalised)."""
     rollouts: PositiveInt = 100
     temperature: PositiveNumber = 1.0
     top_k: NonNegativeInt = 100
@@ -71,6 +77,8 @@ class SamplingSettings(Block):
     top_p: Share = 1.0
     max_new_tokens: PositiveInt = 4000
     seed: int = 42
+    backend: Literal["canopy", "vllm"] = "canopy"
+    """canopy (our KV-cache sampler) or vllm (GPU; top-K log-probs renormalised)."""
     device: Device = "auto"
     dtype: Dtype = "auto"
     max_batch_rows: NonNegativeInt = 0

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.path.read_text() if args.path.exists() else ""
         if current != text:
-            print(f"{args.path} is out of date: run python -m canopy.config.schema", file=sys.stderr)
+            print(
+                f"{args.path} is out of date: run python -m canopy.config.schema", file=sys.stderr
+            )
             return 1
         return 0
     args.path.write_text(text)

@@ -12,6 +12,8 @@ from canopy.config.base import _as_tuple
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveNumber = Annotated[float, Field(gt=0)]
+#: Bootstrap resamples: fewer than 10 cannot give an interval.
+Resamples = Annotated[int, Field(ge=10)]
 #: An open-interval probability, e.g. a confidence level.
 Level = Annotated[float, Field(gt=0, lt=1)]
 #: A share in (0, 1], e.g. an opacity or the share of rollouts kept.

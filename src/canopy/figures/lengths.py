@@ -8,7 +8,6 @@ which biases CE* downwards, so a reader must see how many there are.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from canopy.config.figures import LengthsSettings
 from canopy.figures.common import (
-    FigureSettings,
     TableKey,
     check_variants,
     ordered_families,
@@ -28,7 +27,6 @@ from canopy.figures.common import (
     require_columns,
 )
 from canopy.figures.style import (
-    FULL_WIDTH,
     NEUTRAL_COLOR,
     VARIANT_COLORS,
     VARIANT_LABELS,
@@ -51,29 +49,6 @@ __all__ = [
 
 #: Rollout-table columns the figure reads (the rest of a rollout table can be large).
 LENGTH_COLUMNS = ["prompt_id", "n_steps", "hit_eos"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LengthsSettings(FigureSettings):
-    """Settings of the lengths figure (``config["figures"]["lengths"]``).
-
-    ``bins``: number of histogram bins per panel. ``log_scale``: logarithmic length axis with
-    log-spaced bins (for lengths spanning orders of magnitude).
-    """
-
-    figure = "lengths"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    bins: int = 30
-    log_scale: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._positive_int("bins")
-        self._bool("log_scale")
 
 
 def infer_length_cap(rollouts: pd.DataFrame) -> int | None:
