@@ -15,7 +15,7 @@ from canopy.config import ConfigError, SamplingSettings, validate_config
 from canopy.modeling import chat_options
 
 
-# Library code is no input of any rule (one policy for all): Snakemake reruns a job when its
+# Library code is no input of any job, one policy for all. Snakemake reruns a job when its
 # script in workflow/scripts changes, but an edit in src/canopy/ reruns nothing by itself, because
 # every stage imports shared modules (canopy.io) and an edit there would otherwise redo the
 # sampling hours of a finished run. After changing what a stage computes, rerun it on purpose:
@@ -72,7 +72,9 @@ def rules_reading(key):
     key = [str(part) for part in key]
     found = []
     for path in sorted((REPO_ROOT / "workflow/rules").glob("*.smk")):
-        for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[1:]:
+        for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[
+            1:
+        ]:
             name = chunk.split(":", 1)[0].strip()
             for block, rest in _READS_CALL.findall(chunk):
                 keys = re.findall(r'"([^"]*)"', rest) or [""]
@@ -228,6 +230,11 @@ def prompt_source_files(wildcards):
     """
     spec = config["tasks"][wildcards.task]
     return [spec["path"]] if spec["source"] == "jsonl" else []
+
+
+def recipe_name(variant):
+    """Input function: the training recipe a trained family's variant names."""
+    return lambda wildcards: config["families"][wildcards.family][variant]["recipe"]
 
 
 def device_gpus(device):

@@ -13,7 +13,11 @@ rule prompt_metrics:
         "../../envs/analysis.yaml"
     params:
         settings=config_provider(
-            "metrics", "truncated", "truncation_warning", "confidence", "length_entropy"
+            "metrics",
+            "truncated",
+            "truncation_warning",
+            "confidence",
+            "length_entropy",
         ),
     script:
         "../scripts/prompt_metrics.py"

@@ -20,10 +20,7 @@ rule pretrain_base_model:
     # families then train side by side on two cores.
     threads: 1
     params:
-        recipe=config_provider(
-            "training.recipes.{recipe}",
-            recipe=lambda wildcards: config["families"][wildcards.family]["base"]["recipe"],
-        ),
+        recipe=config_provider("training.recipes.{recipe}", recipe=recipe_name("base")),
     script:
         "../scripts/pretrain_base_model.py"
 
@@ -43,8 +40,7 @@ rule finetune_model:
     threads: 1
     params:
         recipe=config_provider(
-            "training.recipes.{recipe}",
-            recipe=lambda wildcards: config["families"][wildcards.family]["finetuned"]["recipe"],
+            "training.recipes.{recipe}", recipe=recipe_name("finetuned")
         ),
     script:
         "../scripts/finetune_model.py"
