@@ -129,6 +129,9 @@ class Block(BaseModel):
         allow_inf_nan=False,
         populate_by_name=True,
         use_attribute_docstrings=True,
+        # Each job validates one block: build a model's validator when it is first used, not
+        # every model's at import (a job's start-up is most of its time with the tiny models).
+        defer_build=True,
     )
 
     #: Dotted key of the block in the configuration (``stats.robustness``); ``<name>`` stands for a

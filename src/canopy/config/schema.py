@@ -30,19 +30,23 @@ def config_schema() -> dict[str, Any]:
     schema = _tidy(Config.model_json_schema(by_alias=True, mode="validation"))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        **schema,
         "title": "canopy-entropy configuration",
+        **schema,
     }
 
 
 def _tidy(node: Any) -> Any:
     """Descriptions on one line (they come from docstrings), without pydantic's generated titles."""
     if isinstance(node, dict):
-        return {
+        tidy = {
             key: " ".join(value.split()) if key == "description" else _tidy(value)
             for key, value in node.items()
             if not (key == "title" and isinstance(value, str))
         }
+        if "patternProperties" in tidy:
+            # Entry names (tasks, families, ...) outside the pattern are refused, as by the models.
+            tidy.setdefault("additionalProperties", False)
+        return tidy
     if isinstance(node, list):
         return [_tidy(item) for item in node]
     return node
