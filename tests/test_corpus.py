@@ -108,9 +108,13 @@ def test_settings_reject_unknown_and_bad_keys() -> None:
     )
     with pytest.raises(ConfigError, match=r"training\.corpus\.documents = 3: unknown key"):
         CorpusSettings.from_config({"documents": 3})
-    with pytest.raises(ConfigError, match=r"training\.corpus\.sft_pairs = 0: Input should be greater"):
+    with pytest.raises(
+        ConfigError, match=r"training\.corpus\.sft_pairs = 0: Input should be greater"
+    ):
         CorpusSettings.from_config({"sft_pairs": 0})
-    with pytest.raises(ConfigError, match=r"training\.corpus\.seed = 'x': Input should be a valid integer"):
+    with pytest.raises(
+        ConfigError, match=r"training\.corpus\.seed = 'x': Input should be a valid integer"
+    ):
         CorpusSettings.from_config({"seed": "x"})
 
 

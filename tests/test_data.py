@@ -221,17 +221,26 @@ def test_jsonl_source_errors_name_the_problem(tmp_path: Path) -> None:
             {"source": "generated", "generator": "arithmetic", "n_prompts": 3, "path": "x"},
             r"tasks\.math\.path = 'x': not used by source generated",
         ),
-        ({"source": "humaneval", "n_prompts": 3, "field": "q"}, r"tasks\.math\.field = 'q': not used by source humaneval"),
+        (
+            {"source": "humaneval", "n_prompts": 3, "field": "q"},
+            r"tasks\.math\.field = 'q': not used by source humaneval",
+        ),
         (
             {"source": "hub", "dataset": "d", "split": "train", "field": "q", "n_prompts": 3},
             r"tasks\.math\.revision = None: required by source hub",
         ),
-        ({"source": "generated", "n_prompts": 3}, r"tasks\.math\.generator = None: required by source generated"),
+        (
+            {"source": "generated", "n_prompts": 3},
+            r"tasks\.math\.generator = None: required by source generated",
+        ),
         (
             {"source": "generated", "generator": "poems", "n_prompts": 3},
             r"tasks\.math\.generator = 'poems': Input should be 'arithmetic'",
         ),
-        ({"source": "web", "n_prompts": 3}, r"tasks\.math\.source = 'web': Input should be 'humaneval'"),
+        (
+            {"source": "web", "n_prompts": 3},
+            r"tasks\.math\.source = 'web': Input should be 'humaneval'",
+        ),
         (
             {"source": "humaneval", "n_prompts": 0},
             r"tasks\.math\.n_prompts = 0: Input should be greater than or equal to 1",
@@ -359,9 +368,18 @@ def test_few_shot_examples_take_the_task_template():
     "few_shot, message",
     [
         ({"k": 0}, r"tasks\.t\.few_shot\.k = 0: Input should be greater than or equal to 1"),
-        ({"k": 1, "shots": 2}, r"tasks\.t\.few_shot\.shots = 2: unknown key; allowed here: k, seed"),
-        ({"k": 1, "example": "{question}"}, r"tasks\.t\.few_shot\.example = '\{question\}': must contain \{question\}, \{answer\}"),
-        ({"k": 1, "query": "{prompt}"}, r"tasks\.t\.few_shot\.query = '\{prompt\}': must contain \{text\}"),
+        (
+            {"k": 1, "shots": 2},
+            r"tasks\.t\.few_shot\.shots = 2: unknown key; allowed here: k, seed",
+        ),
+        (
+            {"k": 1, "example": "{question}"},
+            r"tasks\.t\.few_shot\.example = '\{question\}': must contain \{question\}, \{answer\}",
+        ),
+        (
+            {"k": 1, "query": "{prompt}"},
+            r"tasks\.t\.few_shot\.query = '\{prompt\}': must contain \{text\}",
+        ),
     ],
 )
 def test_few_shot_settings_are_checked(few_shot, message):

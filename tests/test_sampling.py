@@ -74,7 +74,10 @@ def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None
     assert SamplingSettings.from_config(config).to_dict() == config
     integral = SamplingSettings.from_config({"temperature": 1, "top_p": 1})
     assert integral == SamplingSettings() and isinstance(integral.temperature, float)
-    with pytest.raises(ValueError, match=r"(?s)sampling\.<name>\.topk = 5: unknown key.*tempreature = 1\.0: unknown"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)sampling\.<name>\.topk = 5: unknown key.*tempreature = 1\.0: unknown",
+    ):
         SamplingSettings.from_config({"topk": 5, "tempreature": 1.0})
 
 
@@ -90,7 +93,10 @@ def test_settings_from_config_reads_every_key_and_rejects_unknown_ones() -> None
         (dict(backend="hf"), "backend\n  Input should be 'canopy' or 'vllm'"),
         (dict(dtype="fp8"), "dtype\n  Input should be 'auto'"),
         (dict(max_batch_rows=True), "max_batch_rows\n  Input should be a valid integer"),
-        (dict(max_batch_tokens=-1), "max_batch_tokens\n  Input should be greater than or equal to 0"),
+        (
+            dict(max_batch_tokens=-1),
+            "max_batch_tokens\n  Input should be greater than or equal to 0",
+        ),
         (dict(chunks=0), "chunks\n  Input should be greater than or equal to 1"),
     ],
 )

@@ -110,7 +110,10 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
             {"architecture": "gpt2", "tokenizer": "wordpiece"},
             r"training\.recipes\.r\.tokenizer = 'wordpiece': Input should be",
         ),
-        ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture = None: required key is missing"),
+        (
+            {"tokenizer": "byte_bpe"},
+            r"training\.recipes\.r\.architecture = None: required key is missing",
+        ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0},
             r"training\.recipes\.r\.num_layers = 0: Input should be greater than or equal to 1",
