@@ -222,9 +222,11 @@ def test_chat_options_belong_to_the_finetuned_side(default_config) -> None:
     config = copy.deepcopy(default_config)
     config["families"]["tinygpt"]["base"]["system_prompt"] = "Be brief."
     config["families"]["tinyllama"]["chat_template_kwargs"] = {"not a name": True}
+    config["families"]["tinyllama"]["finetuned"]["chat_template_kwargs"] = {"tokenize": False}
     message = problems(config)
     assert "families.tinygpt.base.system_prompt = 'Be brief.': unknown key" in message
     assert "families.tinyllama.chat_template_kwargs" in message
+    assert "families.tinyllama.finetuned.chat_template_kwargs: may not set tokenize" in message
 
 
 # -------------------------------------------------------------------- one definition

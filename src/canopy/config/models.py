@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from canopy.config.base import Block
 from canopy.config.types import NonEmptyStr, PositiveInt, PositiveNumber
@@ -15,6 +15,7 @@ __all__ = [
     "CorpusSettings",
     "FamilySettings",
     "ModelSettings",
+    "RESERVED_TEMPLATE_ARGUMENTS",
     "Recipe",
     "TOKENIZER_KINDS",
     "TrainingSettings",
@@ -23,8 +24,24 @@ __all__ = [
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
 TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
 
-#: Template variable names (keys of chat_template_kwargs).
-ChatKwargs = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any]
+#: apply_chat_template arguments the sampler itself decides.
+RESERVED_TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents"}
+)
+
+
+def _not_reserved(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGUMENTS)
+    if reserved:
+        raise ValueError(f"may not set {', '.join(reserved)} (the sampler sets it)")
+    return kwargs
+
+
+#: Template variable names (keys of chat_template_kwargs) and their values.
+ChatKwargs = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any],
+    AfterValidator(_not_reserved),
+]
 
 
 class _ModelSource(Block):
