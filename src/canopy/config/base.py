@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, ClassVar, TypeVar
+import typing
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Block", "ConfigError", "Problem", "Seq", "format_key", "problems_from"]
+__all__ = ["Block", "ConfigError", "Problem", "format_key", "plain", "problems_from", "render"]
 
 _B = TypeVar("_B", bound="Block")
 
@@ -86,8 +87,6 @@ _ROOTS: dict[str, type[BaseModel]] = {}
 
 
 def _model_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> type[BaseModel] | None:
-    import typing
-
     for part in loc:
         if model is None:
             return None
@@ -95,15 +94,15 @@ def _model_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> type[BaseMod
         field = fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue  # a dict key (a task's name) or a list index: same model further down
-        model = _block_in(field.annotation, typing)
+        model = _block_in(field.annotation)
     return model
 
 
-def _block_in(annotation: Any, typing: Any) -> type[BaseModel] | None:
+def _block_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _block_in(arg, typing)
+        found = _block_in(arg)
         if found is not None:
             return found
     return None
@@ -112,10 +111,6 @@ def _block_in(annotation: Any, typing: Any) -> type[BaseModel] | None:
 def _as_tuple(value: Any) -> Any:
     # YAML gives lists; frozen settings keep tuples so that they stay hashable.
     return tuple(value) if isinstance(value, list) else value
-
-
-#: A sequence in the config (a YAML list), held as a tuple.
-Seq = Annotated[tuple, BeforeValidator(_as_tuple)]
 
 
 class Block(BaseModel):
