@@ -5,7 +5,8 @@ settings, ...) are these models, re-exported by the modules that use them: a not
 with ``Settings(**values)`` or ``Settings.from_config(block)``, the workflow validates the whole
 file with :func:`validate_config` before any job, and the JSON schema in
 ``workflow/schemas/config.schema.yaml`` is generated from them (``python -m canopy.config.schema``).
-Importing this package loads pydantic only (the Snakefile validates at start-up).
+Importing this package loads pydantic only, and each block's models when first used (the
+Snakefile validates at start-up; every job imports the block it reads).
 """
 
 from __future__ import annotations
@@ -13,23 +14,49 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from canopy.config.analysis import (
-    BootstrapSettings,
-    DiversitySettings,
-    EmbedderSettings,
-    MetricSettings,
-    RobustnessSettings,
-    SemanticEntropySettings,
-    StatsSettings,
-)
-from canopy.config.base import Block, ConfigError, Problem, format_key, problems_from, render
-from canopy.config.figures import FigureSettings, FiguresSettings
-from canopy.config.models import CorpusSettings, FamilySettings, Recipe, TrainingSettings
-from canopy.config.prompts import FewShotSettings, TaskSettings
-from canopy.config.root import Config, cross_problems
-from canopy.config.sampling import FilterSettings, SamplingSettings
+from canopy.config.base import Block, ConfigError, Problem, format_key, render
+
+if TYPE_CHECKING:
+    from canopy.config.analysis import (
+        BootstrapSettings,
+        DiversitySettings,
+        EmbedderSettings,
+        MetricSettings,
+        RobustnessSettings,
+        SemanticEntropySettings,
+        StatsSettings,
+    )
+    from canopy.config.figures import FigureSettings, FiguresSettings
+    from canopy.config.models import CorpusSettings, FamilySettings, Recipe, TrainingSettings
+    from canopy.config.prompts import FewShotSettings, TaskSettings
+    from canopy.config.root import Config
+    from canopy.config.sampling import FilterSettings, SamplingSettings
+
+#: Where each model is defined. Loaded on first use: a job that validates one block (stats.py
+#: importing canopy.config.analysis) then builds only that module's models, not every block's.
+_HOMES = {
+    **dict.fromkeys(
+        ["BootstrapSettings", "DiversitySettings", "EmbedderSettings", "MetricSettings",
+         "RobustnessSettings", "SemanticEntropySettings", "StatsSettings"],
+        "analysis",
+    ),
+    **dict.fromkeys(["FigureSettings", "FiguresSettings"], "figures"),
+    **dict.fromkeys(["CorpusSettings", "FamilySettings", "Recipe", "TrainingSettings"], "models"),
+    **dict.fromkeys(["FewShotSettings", "TaskSettings"], "prompts"),
+    **dict.fromkeys(["FilterSettings", "SamplingSettings"], "sampling"),
+    "Config": "root",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"canopy.config.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Block",
@@ -67,6 +94,11 @@ def validate_config(config: Mapping[str, Any], readers: Readers | None = None) -
     Raises :class:`ConfigError` listing every problem (each block's own and those across blocks),
     each naming its key, its value, what is allowed and, with ``readers``, the rules reading it.
     """
+    from pydantic import ValidationError
+
+    from canopy.config.base import problems_from
+    from canopy.config.root import Config, cross_problems
+
     if not isinstance(config, Mapping):
         raise ConfigError(f"the configuration must be a mapping, got {type(config).__name__}")
     problems = []
