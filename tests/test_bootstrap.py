@@ -181,7 +181,7 @@ def test_bad_panels_are_rejected():
 
 def test_settings_from_config():
     assert BootstrapSettings.from_config({"resamples": 500, "seed": 1}) == BootstrapSettings(
-        500, 0.95, 1
+        resamples=500, confidence=0.95, seed=1
     )
     assert BootstrapSettings.from_config(None) == BootstrapSettings()
     with pytest.raises(ValueError, match="resample"):

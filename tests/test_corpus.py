@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from canopy.config import ConfigError
 from canopy.training.corpus import (
     CorpusError,
     CorpusSettings,
@@ -105,11 +106,15 @@ def test_settings_reject_unknown_and_bad_keys() -> None:
     assert (
         CorpusSettings.from_config({"pretrain_documents": 10, "seed": 1}).pretrain_documents == 10
     )
-    with pytest.raises(CorpusError, match=r"training\.corpus\.documents is not a corpus setting"):
+    with pytest.raises(ConfigError, match=r"training\.corpus\.documents = 3: unknown key"):
         CorpusSettings.from_config({"documents": 3})
-    with pytest.raises(CorpusError, match=r"training\.corpus\.sft_pairs must be at least 1"):
+    with pytest.raises(
+        ConfigError, match=r"training\.corpus\.sft_pairs = 0: Input should be greater"
+    ):
         CorpusSettings.from_config({"sft_pairs": 0})
-    with pytest.raises(CorpusError, match=r"training\.corpus\.seed must be an integer"):
+    with pytest.raises(
+        ConfigError, match=r"training\.corpus\.seed = 'x': Input should be a valid integer"
+    ):
         CorpusSettings.from_config({"seed": "x"})
 
 

@@ -199,9 +199,9 @@ def test_embedder_settings_from_config() -> None:
     )
     assert paper.prefix == "search_document: " and paper.max_length is None
     with pytest.raises(ValueError, match=r"embedders\.minilm\.batchsize"):
-        EmbedderSettings.from_config({"model": "x", "batchsize": 8}, name="minilm")
-    with pytest.raises(ValueError, match=r"embedders\.minilm\.model is required"):
-        EmbedderSettings.from_config({"prefix": ""}, name="minilm")
+        EmbedderSettings.from_config({"model": "x", "batchsize": 8}, where="embedders.minilm")
+    with pytest.raises(ValueError, match=r"embedders\.minilm\.model = '': .*at least 1 character"):
+        EmbedderSettings.from_config({"model": ""}, where="embedders.minilm")
     with pytest.raises(ValueError, match="device"):
         EmbedderSettings.from_config({"model": "x", "device": "gpu"})
     with pytest.raises(ValueError, match="batch_size"):
@@ -384,7 +384,7 @@ def test_missing_hub_model_offline_gives_a_clear_error(monkeypatch, tmp_path: Pa
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     settings = EmbedderSettings.from_config(
         {"model": "nomic-ai/modernbert-embed-large", "prefix": "search_document: "},
-        name="modernbert",
+        where="embedders.modernbert",
     )
     with pytest.raises(EmbedderUnavailableError) as raised:
         load_embedder(settings, name="modernbert")

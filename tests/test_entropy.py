@@ -641,7 +641,10 @@ def test_settings_from_config():
     settings = MetricSettings.from_config(
         {"truncated": "drop", "truncation_warning": 0.2, "bootstrap": {"resamples": 10}}
     )
-    assert settings == MetricSettings(truncated="drop", truncation_warning=0.2)
+    assert settings == MetricSettings(
+        truncated="drop", truncation_warning=0.2, bootstrap={"resamples": 10}
+    )
+    assert settings.bootstrap.resamples == 10
     assert MetricSettings.from_config(None) == MetricSettings()
     with pytest.raises(ValueError, match="truncaton"):
         MetricSettings.from_config({"truncaton": "keep"})

@@ -291,7 +291,7 @@ def assert_written(pdf: Path, png: Path) -> None:
 def test_settings_reject_unknown_keys_by_name(name: str) -> None:
     cls = SETTINGS_CLASSES[name]
     assert cls.from_config(None) == cls() == cls.from_config({})
-    with pytest.raises(ValueError, match=rf"figures\.{name}\.colour.*allowed keys: width"):
+    with pytest.raises(ValueError, match=rf"figures\.{name}\.colour.*allowed here: width"):
         cls.from_config({"width": 3.4, "colour": "red"})
     with pytest.raises(ValueError, match=rf"figures\.{name}\.width"):
         cls.from_config({"width": -1})
@@ -310,8 +310,11 @@ def test_settings_validate_values_and_freeze_task_lists() -> None:
         DecompositionSettings.from_config({"error_bars": "bootstrap"})
     with pytest.raises(ValueError, match=r"figures\.variance\.tasks"):
         VarianceSettings.from_config({"tasks": "math"})
-    with pytest.raises(TypeError, match=r"figures\.slopes"):
+    with pytest.raises(ValueError, match=r"figures\.slopes must be a mapping"):
         SlopesSettings.from_config(["width"])
+    # An opacity of 0 would draw nothing: refused here, as when the whole config is validated.
+    with pytest.raises(ValueError, match=r"figures\.slopes\.scatter_alpha = 0: .*greater than 0"):
+        SlopesSettings.from_config({"scatter_alpha": 0})
 
 
 # --------------------------------------------------------------------------- decomposition
@@ -664,7 +667,9 @@ def test_rho_figure_draws_every_family_and_variant(metrics: pd.DataFrame) -> Non
             expected = part.set_index("task").reindex(list(pd.unique(metrics["task"])))["mean"]
             np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
     assert not label_clashes(figure)
-    with pytest.raises(ValueError, match=r"figures\.rho\.correlation"):
+    with pytest.raises(ValueError, match=r"figures\.rho\.correlation = 'distance'"):
+        RhoSettings.from_config({"correlation": "distance"})
+    with pytest.raises(ValueError, match=r"correlation"):
         RhoSettings(correlation="distance")
 
 
@@ -741,7 +746,7 @@ def test_render_functions_write_pdf_and_png(
     render_forest(tmp_path / "results/ablation/summary.tsv", SMALL, out / "f.pdf", out / "f.png")
     for stem in "dtlvsrhf":
         assert_written(out / f"{stem}.pdf", out / f"{stem}.png")
-    with pytest.raises(ValueError, match=r"figures\.lengths\.bin;"):
+    with pytest.raises(ValueError, match=r"figures\.lengths\.bin = 3: unknown key; allowed here: .*bins"):
         render_lengths(paths["rollouts"], {"bin": 3}, out / "x.pdf", out / "x.png")
 
 

@@ -89,7 +89,7 @@ def test_select_top_per_prompt_with_deterministic_ties():
 
 def test_settings_from_config_name_the_key():
     block = {"from": "default", "reward_model": {"model": "org/rm", "revision": "abc"}, "keep": 0.5}
-    settings = FilterSettings.from_config(block, "rm70")
+    settings = FilterSettings.from_config(block, where="sampling.rm70.filter")
     assert (settings.source, settings.model, settings.revision, settings.keep) == (
         "default",
         "org/rm",
@@ -97,11 +97,11 @@ def test_settings_from_config_name_the_key():
         0.5,
     )
     with pytest.raises(ValueError, match=r"sampling\.rm70\.filter\.keep"):
-        FilterSettings.from_config({**block, "keep": 1.5}, "rm70")
+        FilterSettings.from_config({**block, "keep": 1.5}, where="sampling.rm70.filter")
     with pytest.raises(ValueError, match=r"sampling\.rm70\.filter\.reward_model"):
-        FilterSettings.from_config({"from": "default"}, "rm70")
+        FilterSettings.from_config({"from": "default"}, where="sampling.rm70.filter")
     with pytest.raises(ValueError, match=r"sampling\.rm70\.filter\.top"):
-        FilterSettings.from_config({**block, "top": 3}, "rm70")
+        FilterSettings.from_config({**block, "top": 3}, where="sampling.rm70.filter")
 
 
 def _rollouts(rng: np.random.Generator, prompts: list[str], m: int) -> pd.DataFrame:
@@ -176,7 +176,7 @@ def test_filter_keeps_the_best_scored_share_of_each_prompt(tmp_path):
         [Prompt(p, "math", text, "test") for p, text in prompts.items()], tmp_path / "prompts.jsonl"
     )
     settings = FilterSettings(
-        source="default", model=str(path), keep=0.7, batch_size=4, device="cpu"
+        source="default", reward_model={"model": str(path)}, keep=0.7, batch_size=4, device="cpu"
     )
     written = write_filtered_rollouts(
         tmp_path / "r.parquet",

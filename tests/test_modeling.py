@@ -270,9 +270,8 @@ def test_config_schema_accepts_chat_options_on_the_finetuned_side_only() -> None
     from canopy.config import ConfigError, validate_config
 
     root = Path(__file__).resolve().parents[1]
-    schema = root / "workflow" / "schemas" / "config.schema.yaml"
     config = yaml.safe_load((root / "config" / "paper.yaml").read_text())
-    checked = validate_config(config, schema)
+    checked = validate_config(config)
     assert checked["families"]["qwen3"]["finetuned"]["chat_template_kwargs"] == {
         "enable_thinking": False
     }
@@ -282,11 +281,11 @@ def test_config_schema_accepts_chat_options_on_the_finetuned_side_only() -> None
     bad = yaml.safe_load((root / "config" / "paper.yaml").read_text())
     bad["families"]["qwen3"]["base"]["chat_template_kwargs"] = {"enable_thinking": False}
     with pytest.raises(ConfigError, match=r"families.qwen3.base.chat_template_kwargs"):
-        validate_config(bad, schema)
+        validate_config(bad)
     bad = yaml.safe_load((root / "config" / "paper.yaml").read_text())
     bad["families"]["qwen3"]["system_prompt"] = ""
     with pytest.raises(ConfigError, match=r"families.qwen3.system_prompt"):
-        validate_config(bad, schema)
+        validate_config(bad)
 
 
 def test_prompt_formatting_errors_name_the_prompt() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from canopy.config import ConfigError
 from canopy.prompts import (
     PAPER_CREATIVE_TEMPLATE,
     SOURCE_KEYS,
@@ -218,39 +219,48 @@ def test_jsonl_source_errors_name_the_problem(tmp_path: Path) -> None:
     [
         (
             {"source": "generated", "generator": "arithmetic", "n_prompts": 3, "path": "x"},
-            r"tasks\.math\.path is not a key",
+            r"tasks\.math\.path = 'x': not used by source generated",
         ),
-        ({"source": "humaneval", "n_prompts": 3, "field": "q"}, r"tasks\.math\.field is not a key"),
+        (
+            {"source": "humaneval", "n_prompts": 3, "field": "q"},
+            r"tasks\.math\.field = 'q': not used by source humaneval",
+        ),
         (
             {"source": "hub", "dataset": "d", "split": "train", "field": "q", "n_prompts": 3},
-            r"tasks\.math\.revision is required",
+            r"tasks\.math\.revision = None: required by source hub",
         ),
-        ({"source": "generated", "n_prompts": 3}, r"tasks\.math\.generator is required"),
+        (
+            {"source": "generated", "n_prompts": 3},
+            r"tasks\.math\.generator = None: required by source generated",
+        ),
         (
             {"source": "generated", "generator": "poems", "n_prompts": 3},
-            r"tasks\.math\.generator is 'poems'",
+            r"tasks\.math\.generator = 'poems': Input should be 'arithmetic'",
         ),
-        ({"source": "web", "n_prompts": 3}, r"tasks\.math\.source is 'web'"),
+        (
+            {"source": "web", "n_prompts": 3},
+            r"tasks\.math\.source = 'web': Input should be 'humaneval'",
+        ),
         (
             {"source": "humaneval", "n_prompts": 0},
-            r"tasks\.math\.n_prompts must be a positive integer",
+            r"tasks\.math\.n_prompts = 0: Input should be greater than or equal to 1",
         ),
         (
             {"source": "humaneval", "n_prompts": 2, "template": "no field"},
-            r"tasks\.math\.template must contain",
+            r"tasks\.math\.template = 'no field': must contain \{text\}",
         ),
         (
             {"source": "humaneval", "n_prompts": 2, "template": "{txt}"},
-            r"tasks\.math\.template must contain",
+            r"tasks\.math\.template = '\{txt\}': must contain \{text\}",
         ),
         (
             {"source": "humaneval", "n_prompts": 2, "template": "{text"},
-            r"tasks\.math\.template is not a valid",
+            r"tasks\.math\.template = '\{text': not a valid format string",
         ),
     ],
 )
 def test_bad_keys_are_named(spec: dict, message: str) -> None:
-    with pytest.raises(PromptSourceError, match=message):
+    with pytest.raises(ConfigError, match=message):
         prepare_prompts("math", spec, seed=0)
 
 
@@ -357,15 +367,24 @@ def test_few_shot_examples_take_the_task_template():
 @pytest.mark.parametrize(
     "few_shot, message",
     [
-        ({"k": 0}, r"tasks\.t\.few_shot\.k must be a positive integer"),
-        ({"k": 1, "shots": 2}, r"tasks\.t\.few_shot\.shots is not a few-shot key"),
-        ({"k": 1, "example": "{question}"}, r"tasks\.t\.few_shot\.example must be a string"),
-        ({"k": 1, "query": "{prompt}"}, r"tasks\.t\.few_shot\.query must be a string"),
+        ({"k": 0}, r"tasks\.t\.few_shot\.k = 0: Input should be greater than or equal to 1"),
+        (
+            {"k": 1, "shots": 2},
+            r"tasks\.t\.few_shot\.shots = 2: unknown key; allowed here: k, seed",
+        ),
+        (
+            {"k": 1, "example": "{question}"},
+            r"tasks\.t\.few_shot\.example = '\{question\}': must contain \{question\}, \{answer\}",
+        ),
+        (
+            {"k": 1, "query": "{prompt}"},
+            r"tasks\.t\.few_shot\.query = '\{prompt\}': must contain \{text\}",
+        ),
     ],
 )
 def test_few_shot_settings_are_checked(few_shot, message):
     spec = {"source": "generated", "generator": "arithmetic", "n_prompts": 1, "few_shot": few_shot}
-    with pytest.raises(PromptSourceError, match=message):
+    with pytest.raises(ConfigError, match=message):
         prepare_prompts("t", spec, seed=1)
 
 

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from canopy.config import ConfigError
 from simulate_panel import PanelTruth, simulate_panel, standardise
 from canopy.stats import (
     REnvironmentError,
-    StatsConfigError,
     StatsSettings,
     check_r_environment,
     diagnose,
@@ -45,9 +45,9 @@ def test_settings_defaults_are_the_papers_model():
 
 
 def test_settings_reject_unknown_keys_by_name():
-    with pytest.raises(StatsConfigError, match=r"stats\.simulation\b"):
+    with pytest.raises(ConfigError, match=r"stats\.simulation\b"):
         StatsSettings.from_config({"simulation": 1000})
-    with pytest.raises(StatsConfigError, match=r"stats\.robustness\.repeats"):
+    with pytest.raises(ConfigError, match=r"stats\.robustness\.repeats"):
         StatsSettings.from_config({"robustness": {"repeats": 3}})
 
 
@@ -63,7 +63,7 @@ def test_settings_reject_unknown_keys_by_name():
     ],
 )
 def test_settings_reject_bad_values(block, key):
-    with pytest.raises(StatsConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         StatsSettings.from_config(block)
 
 
@@ -345,7 +345,22 @@ def test_paper_dispersion_model_is_too_rich_for_a_default_runs_panel(tmp_path):
         assert not (tmp_path / "paper" / "coefficients.tsv").exists()
 
 
+def test_a_formula_typo_is_refused_with_the_settings():
+    with pytest.raises(ConfigError, match=r"stats\.formula = .*unknown variable\(s\) Rsc"):
+        StatsSettings.from_config({"formula": "D ~ Rsc * variant + task"})
+    with pytest.raises(ConfigError, match=r"stats\.formula = .*unknown function\(s\) nss"):
+        StatsSettings.from_config({"formula": "D ~ R_sc * variant + nss(invN_sc, 3)"})
+    with pytest.raises(ConfigError, match=r"stats\.formula = .*interaction with variant"):
+        StatsSettings.from_config({"formula": "D ~ R_sc + variant"})
+    with pytest.raises(ConfigError, match=r"stats\.robustness\.fixed_effects_formula = .*logit_D"):
+        StatsSettings.from_config({"robustness": {"fixed_effects_formula": "D ~ R_sc * variant"}})
+
+
 def test_a_formula_variable_missing_from_the_panel_is_named(tmp_path):
-    settings = StatsSettings(formula="D ~ R_sc * variant + task + bogus + (1 | prompt_uid)")
-    with pytest.raises(RuntimeError, match=r"stats\.formula names bogus, which the panel"):
+    # A column a panel may have but this simulated one lacks (it holds the short name CE only)
+    # passes the settings and is named by the fit.
+    settings = StatsSettings(
+        formula="D ~ R_sc * variant + task + canopy_entropy + (1 | prompt_uid)"
+    )
+    with pytest.raises(RuntimeError, match=r"stats\.formula names canopy_entropy, which the panel"):
         fit_beta_glmm(_small_panel(), settings, tmp_path / "fit")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,13 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from canopy.config import ConfigError  # noqa: E402
 from canopy.training.corpus import CorpusSettings, pretraining_documents, sft_pairs  # noqa: E402
 from canopy.modeling import eos_token_ids, format_prompt, load_model  # noqa: E402
 from canopy.training import (  # noqa: E402
     CHAT_TEMPLATES,
     ROLE_MARKERS,
     Recipe,
-    RecipeError,
     encode_pair,
     finetune,
     pretrain_base,
@@ -97,32 +96,35 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
         {"architecture": "llama", "tokenizer": "sentencepiece_bpe", "learning_rate": 1}, name="r"
     )
     assert recipe.learning_rate == 1.0 and isinstance(recipe.learning_rate, float)
-    assert recipe.vocab_size == Recipe.__dataclass_fields__["vocab_size"].default
+    assert recipe.vocab_size == Recipe.model_fields["vocab_size"].default
     cases = [
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "layers": 2},
-            r"training\.recipes\.r\.layers is not a recipe key",
+            r"training\.recipes\.r\.layers = 2: unknown key",
         ),
         (
             {"architecture": "gpt3", "tokenizer": "byte_bpe"},
-            r"training\.recipes\.r\.architecture is 'gpt3'",
+            r"training\.recipes\.r\.architecture = 'gpt3': Input should be 'gpt2' or 'llama'",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "wordpiece"},
-            r"training\.recipes\.r\.tokenizer is 'wordpiece'",
+            r"training\.recipes\.r\.tokenizer = 'wordpiece': Input should be",
         ),
-        ({"tokenizer": "byte_bpe"}, r"training\.recipes\.r\.architecture is required"),
+        (
+            {"tokenizer": "byte_bpe"},
+            r"training\.recipes\.r\.architecture = None: required key is missing",
+        ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "num_layers": 0},
-            r"training\.recipes\.r\.num_layers must be at least 1",
+            r"training\.recipes\.r\.num_layers = 0: Input should be greater than or equal to 1",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "batch_size": 2.5},
-            r"training\.recipes\.r\.batch_size must be an integer",
+            r"training\.recipes\.r\.batch_size = 2\.5: Input should be a valid integer",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "learning_rate": 0},
-            r"training\.recipes\.r\.learning_rate must be a positive",
+            r"training\.recipes\.r\.learning_rate = 0: Input should be greater than 0",
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "hidden_size": 30, "num_heads": 4},
@@ -130,11 +132,11 @@ def test_recipe_defaults_and_errors_name_the_key() -> None:
         ),
         (
             {"architecture": "gpt2", "tokenizer": "byte_bpe", "adam_beta2": 1},
-            r"adam_beta2 must lie strictly between 0 and 1, got 1",
+            r"training\.recipes\.r\.adam_beta2 = 1: Input should be less than 1",
         ),
     ]
     for block, message in cases:
-        with pytest.raises(RecipeError, match=message):
+        with pytest.raises(ConfigError, match=message):
             Recipe.from_config(block, name="r")
 
 
@@ -297,7 +299,7 @@ def test_the_recipe_sets_the_schedule(corpus, tmp_path: Path) -> None:
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
     assert 0.5 * peak < rates[-1] < 0.51 * peak
     rerun = pretrain_base(
-        corpus[0][:100], replace(recipe, weight_decay=0.5), tmp_path / "n", threads=1
+        corpus[0][:100], recipe.model_copy(update={"weight_decay": 0.5}), tmp_path / "n", threads=1
     )
     assert rerun["lr"] == rates and rerun["loss"] != record["loss"]
 

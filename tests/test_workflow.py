@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -93,9 +94,28 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         (lambda c: c["sampling"]["default"].update(top_k="many"), "sampling.default.top_k"),
         (lambda c: c["sampling"]["default"].update(topk=5), "sampling.default.topk"),
         (lambda c: c["tasks"]["math"].pop("n_prompts"), "n_prompts"),
-        (lambda c: c["families"]["tinygpt"]["base"].update(recipe="nope"), "families.tinygpt.base.recipe"),
+        (
+            lambda c: c["families"]["tinygpt"]["base"].update(recipe="nope"),
+            "families.tinygpt.base.recipe",
+        ),
+        (
+            lambda c: c["stats"].update(formula="D ~ Rsc * variant + task + (1 | prompt_uid)"),
+            "stats.formula = 'D ~ Rsc * variant + task + (1 | prompt_uid)': unknown variable(s) Rsc",
+        ),
+        (
+            lambda c: c.update(figures={"slopes": {"scatter_alpha": 0}}),
+            "figures.slopes.scatter_alpha = 0: Input should be greater than 0 "
+            "(read by rule figure_slopes)",
+        ),
     ],
-    ids=["wrong-type", "unknown-key", "missing-key", "dangling-reference"],
+    ids=[
+        "wrong-type",
+        "unknown-key",
+        "missing-key",
+        "dangling-reference",
+        "formula-typo",
+        "figure-setting",
+    ],
 )
 def test_broken_config_fails_before_any_job_naming_the_key(tmp_path: Path, edit, expected) -> None:
     config = yaml.safe_load(TINY.read_text())
@@ -107,6 +127,125 @@ def test_broken_config_fails_before_any_job_naming_the_key(tmp_path: Path, edit,
     message = result.stdout + result.stderr
     assert expected in message, message[-3000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_formula_typo_names_every_rule_that_reads_the_formula(tmp_path: Path) -> None:
+    config = yaml.safe_load(TINY.read_text())
+    config["stats"]["formula"] = "D ~ Rsc * variant + task + (1 | prompt_uid)"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = snakemake(tmp_path, "-n", "--configfile", str(broken), check=False)
+    message = result.stdout + result.stderr
+    assert (
+        "(read by rules fit_glmm, robustness_lmm, robustness_fixed_effects, "
+        "robustness_length_matched)" in message
+    ), message[-3000:]
+
+
+# ------------------------------------------------------------------- what a change reruns
+
+
+def _recorded_outputs(workdir: Path) -> dict[str, dict]:
+    """Snakemake's record of every output (.snakemake/metadata: one JSON file per output, named
+    by the urlsafe base64 of its path, split into folders when long)."""
+    records = {}
+    root = workdir / ".snakemake" / "metadata"
+    for path in root.rglob("*"):
+        if path.is_file():
+            name = base64.urlsafe_b64decode("".join(path.relative_to(root).parts)).decode()
+            records[name] = json.loads(path.read_text())
+    return records
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config's workflow as Snakemake sees it after a finished run, without running it:
+    `--touch` records every job (its params included), then every output is created and touched
+    again in DAG order. Snakemake's dry run then plans only what a config change makes stale."""
+    workdir = tmp_path_factory.mktemp("recorded")
+    config = str(shutil.copy(TINY, workdir / "tiny.yaml"))
+    snakemake(workdir, "--touch", "--cores", "1", "--configfile", config)
+    for name in _recorded_outputs(workdir):
+        path = workdir / name
+        # The directory outputs of this workflow are the model folders (no suffix).
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    snakemake(workdir, "--touch", "--cores", "1", "--configfile", config)
+    result = snakemake(workdir, "-n", "--configfile", config)
+    assert planned_jobs(result.stdout) == {}, result.stdout[-2000:]
+    return workdir
+
+
+def _plan_after(workdir: Path, edit) -> dict[str, int]:
+    config = yaml.safe_load(TINY.read_text())
+    edit(config)
+    changed = workdir / "changed.yaml"
+    # Key order kept: the order of tasks is the order of the panel's rows.
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
+    return planned_jobs(snakemake(workdir, "-n", "--configfile", str(changed)).stdout)
+
+
+@pytest.mark.parametrize(
+    ("edit", "rerun"),
+    [
+        (
+            lambda c: c["stats"]["robustness"].update(length_repeats=7),
+            {"robustness_length_matched"},
+        ),
+        (
+            lambda c: c["stats"]["robustness"].update(
+                fixed_effects_formula="logit_D ~ R_sc * variant + C(prompt_uid)"
+            ),
+            {"robustness_fixed_effects"},
+        ),
+        # The residuals figure draws the diagnostics' output.
+        (lambda c: c["stats"].update(simulations=2000), {"glmm_diagnostics", "figure_residuals"}),
+        (
+            lambda c: c.setdefault("figures", {}).update(slopes={"scatter_alpha": 0.5}),
+            {"figure_slopes"},
+        ),
+        (
+            lambda c: c["stats"].update(formula="D ~ R_sc * variant + task + (1 | prompt_uid)"),
+            # ... and what reads the fit: its diagnostics, the figures and tables drawn from it.
+            {
+                "fit_glmm",
+                "robustness_lmm",
+                "robustness_fixed_effects",
+                "robustness_length_matched",
+                "glmm_diagnostics",
+                "figure_slopes",
+                "figure_residuals",
+                "headline",
+                "figure_forest",
+                "ablation_summary",
+                "lock",
+            },
+        ),
+    ],
+    ids=["length_repeats", "fixed_effects_formula", "simulations", "scatter_alpha", "formula"],
+)
+def test_a_setting_change_reruns_only_the_rules_that_read_it(
+    recorded_run: Path, edit, rerun
+) -> None:
+    """Params carry exactly the keys a rule reads, so a changed setting reruns those jobs (and,
+    through their outputs, what reads them) and nothing else: a robustness setting no longer
+    reruns the GLMM fit, its diagnostics, two figures and the headline table."""
+    planned = _plan_after(recorded_run, edit)
+    assert set(planned) - {"all"} == rerun
+
+
+def test_no_rule_takes_library_code_as_input(recorded_run: Path) -> None:
+    """The stated policy (workflow/rules/common.smk): library modules are no input of any job, so
+    an edit in src/canopy reruns nothing by itself (only a job's own script is tracked)."""
+    records = _recorded_outputs(recorded_run)
+    assert records, "no job was recorded"
+    code = sorted(
+        {path for record in records.values() for path in record["input"] if "src/canopy" in path}
+    )
+    assert code == []
 
 
 @pytest.fixture(scope="module")

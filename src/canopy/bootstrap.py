@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from canopy.modeling import VARIANTS
+from canopy.config.analysis import BootstrapSettings
 
 __all__ = [
     "BootstrapSettings",
@@ -51,42 +51,6 @@ BOOTSTRAP_COLUMNS: tuple[str, ...] = (
 )
 
 ALL_TASKS = "all"
-
-
-@dataclass(frozen=True)
-class BootstrapSettings:
-    """The ``metrics.bootstrap`` block of config.yaml."""
-
-    resamples: int = 2000
-    confidence: float = 0.95
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if int(self.resamples) != self.resamples or self.resamples < 1:
-            raise ValueError(
-                f"metrics.bootstrap.resamples must be a positive integer, got {self.resamples!r}"
-            )
-        if not 0.0 < float(self.confidence) < 1.0:
-            raise ValueError(
-                f"metrics.bootstrap.confidence must lie in (0, 1), got {self.confidence!r}"
-            )
-        if int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(
-                f"metrics.bootstrap.seed must be a non-negative integer, got {self.seed!r}"
-            )
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> BootstrapSettings:
-        """Build from the ``metrics.bootstrap`` block; unknown keys are rejected by name."""
-        block = dict(block or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in config metrics.bootstrap: {', '.join(unknown)} "
-                f"(allowed: {', '.join(sorted(known))})"
-            )
-        return cls(**block)
 
 
 def _stream_seed(seed: int, *names: Any) -> np.random.Generator:

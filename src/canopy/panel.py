@@ -12,22 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from canopy.config.formula import PANEL_ALIASES
+
 __all__ = ["PanelKey", "build_panel", "read_panel_inputs", "PANEL_ALIASES"]
 
 #: (family, variant, task)
 PanelKey = tuple[str, str, str]
-
-#: Short names used by the regression (left) for columns of the metric and diversity tables.
-PANEL_ALIASES: dict[str, str] = {
-    "D": "dissimilarity",
-    "VS": "vendi",
-    "log_VS": "log_vendi",
-    "R": "mean_rate",
-    "N": "mean_length",
-    "CE": "canopy_entropy",
-    "rho": "rho_pearson",
-    "M": "n_rollouts",
-}
 
 _ID_COLUMNS = ["family", "variant", "task", "prompt_id", "prompt_uid"]
 

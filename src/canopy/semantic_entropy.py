@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
+from canopy.config.analysis import SemanticEntropySettings
 from canopy.diversity import _model_source, resolve_device
 from canopy.io import write_parquet
 
@@ -52,53 +51,6 @@ SEMANTIC_COLUMNS: tuple[str, ...] = (
     "semantic_entropy_weighted",
     "n_semantic_clusters",
 )
-
-_DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class SemanticEntropySettings:
-    """The ``diversity.semantic_entropy`` block: the NLI model and how to weight clusters.
-
-    ``model``: a transformers sequence-classification directory or hub id whose config names an
-    ``entailment`` label; ``revision`` pins a hub id (the fetch rule reads it); ``batch_size``
-    pairs per forward pass; ``max_length`` tokens per pair; ``device`` auto/cpu/cuda[:i];
-    ``logprob``: ``sum`` or ``mean`` sequence log-probabilities for the weighted estimate.
-    """
-
-    model: str
-    revision: str | None = None
-    batch_size: int = 32
-    max_length: int = 512
-    device: str = "auto"
-    logprob: str = "sum"
-
-    def __post_init__(self) -> None:
-        where = "diversity.semantic_entropy"
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"{where}.model must name an NLI model, got {self.model!r}")
-        for key in ("batch_size", "max_length"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
-        device = self.device
-        if not (device in _DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise ValueError(f"{where}.device must be auto, cpu, cuda or cuda:<i>, got {device!r}")
-        if self.logprob not in ("sum", "mean"):
-            raise ValueError(f"{where}.logprob must be 'sum' or 'mean', got {self.logprob!r}")
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any]) -> SemanticEntropySettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) diversity.semantic_entropy.{', '.join(unknown)} "
-                f"(allowed: {', '.join(sorted(known))})"
-            )
-        if "model" not in block:
-            raise ValueError("diversity.semantic_entropy.model is required (an NLI model)")
-        return cls(**dict(block))
 
 
 class EntailmentCache:

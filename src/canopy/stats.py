@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from canopy.config.analysis import (
+    DEFAULT_DISPERSION,
+    DEFAULT_FORMULA,
+    RobustnessSettings,
+    StatsSettings,
+)
+from canopy.config.formula import SLOPE_TERM
 from canopy.io import atomic_path, write_json, write_tsv
 
 __all__ = [
@@ -47,7 +54,6 @@ __all__ = [
     "DiagnosticsResult",
     "REnvironmentError",
     "RobustnessSettings",
-    "StatsConfigError",
     "StatsSettings",
     "check_r_environment",
     "diagnose",
@@ -60,12 +66,6 @@ __all__ = [
     "uniformity_test",
 ]
 
-DEFAULT_FORMULA = (
-    "D ~ R_sc * variant + ns(invN_sc, 4) * variant + task + (1 | prompt_uid) + (1 | family)"
-)
-DEFAULT_DISPERSION = "~ variant * task + ns(invN_sc, 3) + R_sc * variant + family"
-#: The covariate whose slope is compared between the variants.
-SLOPE_TERM = "R_sc"
 #: Converged means: optimiser code 0, positive-definite Hessian, and max scaled gradient below this
 #: (lme4's default tolerance for its scaled-gradient check).
 GRADIENT_TOLERANCE = 0.002
@@ -81,138 +81,27 @@ INSTALL_HINT = (
 )
 
 
-class StatsConfigError(ValueError):
-    """The ``stats`` settings are invalid; the message names the offending key."""
-
-
 class REnvironmentError(RuntimeError):
     """Rscript or an R package the statistics stage needs is missing."""
 
 
 # --------------------------------------------------------------------------------------------
-# Settings
+# Settings (the StatsSettings model is defined with the other config blocks in canopy.config)
 
 
-def _check_keys(block: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    if not isinstance(block, Mapping):
-        raise StatsConfigError(f"{where} must be a mapping, got {type(block).__name__}")
-    unknown = sorted(set(block) - set(allowed))
-    if unknown:
-        names = ", ".join(f"{where}.{key}" for key in unknown)
-        raise StatsConfigError(f"unknown key {names} (allowed: {', '.join(allowed)})")
-
-
-@dataclass(frozen=True)
-class RobustnessSettings:
-    """Switches and settings of the robustness checks (:mod:`canopy.robustness`)."""
-
-    #: linear mixed model on logit(D) through pymer4 (same fixed and random effects)
-    lmm: bool = True
-    #: OLS on logit(D) with family, task and prompt fixed effects
-    fixed_effects: bool = True
-    #: C(task) is left out on purpose: every prompt belongs to one task, so the prompt fixed
-    #: effects absorb the task effects; adding C(task) leaves the slopes unchanged but makes
-    #: statsmodels count 3 redundant columns in the cluster-robust small-sample correction.
-    fixed_effects_formula: str = "logit_D ~ R_sc * variant + np.log(N) + C(family) + C(prompt_uid)"
-    #: cluster for the cluster-robust standard errors of the fixed-effects fit
-    cluster: str = "prompt_uid"
-    #: length-matched reanalysis from the rollouts
-    length_matched: bool = True
-    #: quantile bins of pooled log length within which base and fine-tuned rollouts are matched
-    length_bins: int = 10
-    #: independent matched subsamples (the slopes are reported per repeat and summarised)
-    length_repeats: int = 20
-    #: a prompt needs at least this many matched rollouts per variant, else it is dropped
-    min_matched: int = 5
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> RobustnessSettings:
-        block = dict(block or {})
-        _check_keys(block, [f.name for f in fields(cls)], "stats.robustness")
-        settings = cls(**block)
-        for name in ("lmm", "fixed_effects", "length_matched"):
-            if not isinstance(getattr(settings, name), bool):
-                raise StatsConfigError(f"stats.robustness.{name} must be true or false")
-        for name, low in (("length_bins", 1), ("length_repeats", 1), ("min_matched", 2)):
-            value = getattr(settings, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise StatsConfigError(f"stats.robustness.{name} must be an integer >= {low}")
-        if "~" not in settings.fixed_effects_formula:
-            raise StatsConfigError("stats.robustness.fixed_effects_formula must contain '~'")
-        return settings
-
-
-@dataclass(frozen=True)
-class StatsSettings:
-    """Validated ``stats`` block of the configuration (keys are the field names)."""
-
-    formula: str = DEFAULT_FORMULA
-    #: one-sided dispersion (log precision) formula
-    dispersion: str = DEFAULT_DISPERSION
-    reference_variant: str = "base"
-    reference_task: str = "completion"
-    clip: float = 1e-6
-    #: simulated responses for the residual diagnostics (>= 1000)
-    simulations: int = 1000
-    #: parametric-bootstrap draws for the slope-ratio interval
-    bootstrap: int = 2000
-    confidence: float = 0.95
-    seed: int = 42
-    #: the R front end to run; point it at another R installation if needed
-    rscript: str = "Rscript"
-    #: use R's DHARMa for the diagnostics when it is installed
-    use_dharma: bool = True
-    robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> StatsSettings:
-        """Validate a config ``stats`` block; unknown keys and bad values raise, naming the key."""
-        block = dict(block or {})
-        _check_keys(block, [f.name for f in fields(cls)], "stats")
-        block["robustness"] = RobustnessSettings.from_config(block.get("robustness"))
-        settings = cls(**block)
-        settings._validate()
-        return settings
-
-    def _validate(self) -> None:
-        def fail(key: str, why: str) -> None:
-            raise StatsConfigError(f"stats.{key}: {why} (got {getattr(self, key)!r})")
-
-        if not isinstance(self.formula, str) or "~" not in self.formula:
-            fail("formula", "must be a model formula 'D ~ ...'")
-        if SLOPE_TERM not in self.formula or "variant" not in self.formula:
-            fail("formula", f"must contain {SLOPE_TERM} and its interaction with variant")
-        if not isinstance(self.dispersion, str) or not self.dispersion.strip().startswith("~"):
-            fail("dispersion", "must be a one-sided formula '~ ...'")
-        for key in ("reference_variant", "reference_task", "rscript"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                fail(key, "must be a non-empty string")
-        if not isinstance(self.clip, (int, float)) or not 0 < self.clip < 0.5:
-            fail("clip", "must be a number in (0, 0.5)")
-        if not isinstance(self.simulations, int) or self.simulations < 1000:
-            fail("simulations", "must be an integer >= 1000 (DHARMa's minimum for stable tests)")
-        if not isinstance(self.bootstrap, int) or self.bootstrap < 1:
-            fail("bootstrap", "must be an integer >= 1")
-        if not isinstance(self.confidence, float) or not 0 < self.confidence < 1:
-            fail("confidence", "must be a number in (0, 1)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            fail("seed", "must be a non-negative integer")
-        if not isinstance(self.use_dharma, bool):
-            fail("use_dharma", "must be true or false")
-
-    def job_settings(self) -> dict[str, Any]:
-        """The settings the R scripts read."""
-        return {
-            "formula": self.formula,
-            "dispersion": self.dispersion,
-            "reference_variant": self.reference_variant,
-            "reference_task": self.reference_task,
-            "slope_term": SLOPE_TERM,
-            "confidence": self.confidence,
-            "bootstrap": self.bootstrap,
-            "seed": self.seed,
-            "gradient_tolerance": GRADIENT_TOLERANCE,
-        }
+def _job_settings(settings: StatsSettings) -> dict[str, Any]:
+    """The settings the R scripts read."""
+    return {
+        "formula": settings.formula,
+        "dispersion": settings.dispersion,
+        "reference_variant": settings.reference_variant,
+        "reference_task": settings.reference_task,
+        "slope_term": SLOPE_TERM,
+        "confidence": settings.confidence,
+        "bootstrap": settings.bootstrap,
+        "seed": settings.seed,
+        "gradient_tolerance": GRADIENT_TOLERANCE,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +411,7 @@ def fit_beta_glmm_many(
             panel_path = work / f"panel{index}.tsv"
             _panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
             jobs.append({"panel": str(panel_path), "out_dir": str(work / f"fit{index}")})
-        _run_r("fit_beta_glmm.R", {**settings.job_settings(), "jobs": jobs,
+        _run_r("fit_beta_glmm.R", {**_job_settings(settings), "jobs": jobs,
                                    "save_model": save_model, "keep_going": keep_going},
                work, settings.rscript)
         results: list[BetaGlmmResult | str] = []

@@ -11,51 +11,87 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from snakemake.exceptions import WorkflowError
 
-from canopy.config import ConfigError, check_references, validate_config
+from canopy.config import ConfigError, SamplingSettings, validate_config
 from canopy.modeling import VARIANTS, chat_options
 
-CONFIG_CONSUMERS = {
-    "seed": ["prepare_prompts"],
-    "tasks": ["prepare_prompts"],
-    "families": [
-        "pretrain_base_model",
-        "finetune_model",
-        "download_model",
-        "sample_rollouts",
-        "sample_rollouts_chunk",
-    ],
-    "training": ["build_corpus", "pretrain_base_model", "finetune_model"],
-    "sampling": [
-        "sample_rollouts",
-        "sample_rollouts_chunk",
-        "gather_rollouts",
-        "filter_rollouts",
-    ],
-    "metrics": ["prompt_metrics", "paired_bootstrap"],
-    "embedders": ["embed_rollouts"],
-    "diversity": ["diversity", "semantic_entropy"],
-    "stats": [
-        "fit_glmm",
-        "glmm_diagnostics",
-        "robustness_lmm",
-        "robustness_fixed_effects",
-        "robustness_length_matched",
-    ],
-    "figures": ["figure_{name}"],
-}
+
+# Library code is no input of any job, one policy for all. Snakemake reruns a job when its
+# script in workflow/scripts changes, but an edit in src/canopy/ reruns nothing by itself, because
+# every stage imports shared modules (canopy.io) and an edit there would otherwise redo the
+# sampling hours of a finished run. After changing what a stage computes, rerun it on purpose:
+# `snakemake --forcerun <rule>` (tests/test_workflow.py checks that no job lists library files).
+#
+# Params are exactly what a rule reads, so that Snakemake's params rerun trigger reruns only the
+# jobs whose settings changed (editing stats.robustness.length_repeats reruns the length-matched
+# reanalysis, not the GLMM fit). Every rule takes its settings through config_provider, which is
+# also how a config error finds the rules that read the bad key (rules_reading below).
+def config_provider(block, *keys, **derived):
+    """Params input function (after PyPSA-Eur's): the config under the dotted ``block`` with
+    ``{wildcards}`` filled in per job, reduced to ``keys`` (dotted; ``*`` for every entry) when
+    given. ``derived`` fills further ``{names}`` of ``block`` from the wildcards (e.g. a family's
+    recipe)."""
+
+    def provide(wildcards):
+        names = {**wildcards, **{name: fn(wildcards) for name, fn in derived.items()}}
+        node = _config_at(block.format(**names)) if block else config
+        return _select(node, keys) if keys else node
+
+    return provide
+
+
+def _config_at(dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _select(node, keys):
+    """The nested mapping of ``node`` holding only the dotted ``keys``."""
+    out = {}
+    for key in keys:
+        _put(out, node, key.split("."))
+    return out
+
+
+def _put(out, node, parts):
+    head, rest = parts[0], parts[1:]
+    for name in node if head == "*" else [head]:
+        if rest:
+            _put(out.setdefault(name, {}), node[name], rest)
+        else:
+            out[name] = node[name]
+
+
+_READS_CALL = re.compile(r'config_provider\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
+
+
+def rules_reading(key):
+    """The rules whose params hold ``key`` (a key path) or part of it, from their
+    config_provider calls in workflow/rules/*.smk."""
+    key = [str(part) for part in key]
+    found = []
+    for path in sorted((REPO_ROOT / "workflow/rules").glob("*.smk")):
+        for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[
+            1:
+        ]:
+            name = chunk.split(":", 1)[0].strip()
+            for block, rest in _READS_CALL.findall(chunk):
+                keys = re.findall(r'"([^"]*)"', rest) or [""]
+                for sub in keys:
+                    pattern = [p for p in f"{block}.{sub}".split(".") if p]
+                    pattern = ["*" if p.startswith("{") else p for p in pattern]
+                    if all(p in ("*", k) for p, k in zip(pattern, key)):
+                        found.append(name)
+    return list(dict.fromkeys(found))
+
 
 try:
-    config.update(
-        validate_config(
-            config,
-            REPO_ROOT / "workflow/schemas/config.schema.yaml",
-            CONFIG_CONSUMERS,
-        )
-    )
-    check_references(config)
+    config.update(validate_config(config, readers=rules_reading))
 except ConfigError as error:
     raise WorkflowError(
-        f"{error}\nFix these keys in your config file (see config.yaml for a valid example)."
+        f"{error}\nFix these keys in your config file (every key is described in "
+        "workflow/schemas/config.schema.yaml; config.yaml is a valid example)."
     )
 
 
@@ -106,14 +142,6 @@ def embedder_source(name):
 
 
 HUB_EMBEDDERS = [e for e in EMBEDDERS if embedder_source(e) == "hub"]
-for _name in EMBEDDERS:
-    _model = config["embedders"][_name]["model"]
-    if embedder_source(_name) == "local" and not Path(_model).exists():
-        raise WorkflowError(
-            f"embedders.{_name}.model = {_model!r} is neither a local directory nor a packaged "
-            f"model (package:<module>). For a hub model, add embedders.{_name}.revision (a commit "
-            "SHA, or a branch such as main) and the download_embedder rule fetches it."
-        )
 HUB_TASKS = [t for t in TASKS if config["tasks"][t]["source"] == "hub"]
 
 
@@ -203,14 +231,18 @@ def prompt_source_files(wildcards):
     return [spec["path"]] if spec["source"] == "jsonl" else []
 
 
+def recipe_name(variant):
+    """Input function: the training recipe a trained family's variant names."""
+    return lambda wildcards: config["families"][wildcards.family][variant]["recipe"]
+
+
 def device_gpus(device):
     """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present)."""
     return 0 if device == "cpu" else 1
 
 
-def sampling_params(wildcards):
-    """The keys sample_rollouts reads: changing them reruns exactly these jobs."""
-    return config["sampling"][wildcards.sampling]
+# The keys sample_rollouts reads: an entry's sampling keys, not its filter block.
+SAMPLING_KEYS = [key for key in SamplingSettings.model_fields if key != "filter"]
 
 
 def chat_params(wildcards):
@@ -276,40 +308,15 @@ def matrix_paths(pattern, matrix=None):
 
 
 # Figures (rules in figures.smk).
-# Library files as inputs: source_path resolves them next to this file, whatever the working
-# directory (--directory), and Snakemake still notices when they change.
-_FIGURE_SRC = "../../src/canopy/figures"
-FIGURE_STYLE = [
-    workflow.source_path(f"{_FIGURE_SRC}/style.py"),
-    workflow.source_path(f"{_FIGURE_SRC}/canopy.mplstyle"),
-]
 # Figures of one sampling setting, and figures of one (sampling setting, embedder).
 SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance", "rho"]
 EMBEDDER_FIGURES = ["slopes", "residuals"]
 
 
-def figure_settings(name):
-    """The figure's settings subtree (the schema fills its defaults; {} before it does)."""
-    return (config.get("figures") or {}).get(name) or {}
-
-
-def figure_code(name):
-    """Library modules that draw the figure: inputs, so that editing them redraws it."""
-    return [
-        workflow.source_path(f"{_FIGURE_SRC}/common.py"),
-        workflow.source_path(f"{_FIGURE_SRC}/{name}.py"),
-    ]
-
-
 def figure_matrix(name):
-    """(family, variant, task) drawn by a figure: its `tasks` setting, or every task in config order."""
-    tasks = figure_settings(name).get("tasks") or list(config["tasks"])
-    unknown = [task for task in tasks if task not in config["tasks"]]
-    if unknown:
-        raise WorkflowError(
-            f"figures.{name}.tasks names task(s) {', '.join(map(str, unknown))} that are not "
-            f"keys of tasks ({', '.join(config['tasks'])}): fix figures.{name}.tasks"
-        )
+    """(family, variant, task) drawn by a figure: its `tasks` setting (checked against tasks when
+    the config is validated), or every task in config order."""
+    tasks = config["figures"][name].get("tasks") or TASKS
     return [
         (family, variant, task)
         for family in config["families"]

@@ -13,8 +13,8 @@ rule prepare_prompts:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=lambda wildcards: config["tasks"][wildcards.task],
-        seed=config["seed"],
+        spec=config_provider("tasks.{task}"),
+        seed=config_provider("seed"),
     script:
         "../scripts/prepare_prompts.py"
 
@@ -29,6 +29,6 @@ rule build_corpus:
     conda:
         "../../envs/data.yaml"
     params:
-        settings=config["training"]["corpus"],
+        settings=config_provider("training.corpus"),
     script:
         "../scripts/build_corpus.py"

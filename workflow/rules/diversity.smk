@@ -27,7 +27,7 @@ rule embed_rollouts:
             config["embedders"][wildcards.embedder]["device"]
         ),
     params:
-        settings=lambda wildcards: config["embedders"][wildcards.embedder],
+        settings=config_provider("embedders.{embedder}"),
     script:
         "../scripts/embed_rollouts.py"
 
@@ -43,9 +43,7 @@ rule diversity:
     conda:
         "../../envs/analysis.yaml"
     params:
-        settings={
-            k: v for k, v in config["diversity"].items() if k != "semantic_entropy"
-        },
+        settings=config_provider("diversity", "distinct_n", "vendi_orders"),
     script:
         "../scripts/diversity.py"
 
@@ -66,6 +64,6 @@ rule semantic_entropy:
             (config["diversity"]["semantic_entropy"] or {}).get("device", "auto")
         ),
     params:
-        settings=config["diversity"]["semantic_entropy"],
+        settings=config_provider("diversity.semantic_entropy"),
     script:
         "../scripts/semantic_entropy.py"

@@ -12,6 +12,12 @@ rule prompt_metrics:
     conda:
         "../../envs/analysis.yaml"
     params:
-        settings={k: v for k, v in config["metrics"].items() if k != "bootstrap"},
+        settings=config_provider(
+            "metrics",
+            "truncated",
+            "truncation_warning",
+            "confidence",
+            "length_entropy",
+        ),
     script:
         "../scripts/prompt_metrics.py"

@@ -1,16 +1,12 @@
 # Stage 7: the paper's figures, one rule and one script per figure.
 #
-# Rerun triggers, deliberately: each figure's settings subtree `config["figures"][<name>]` is a
-# param of its rule only, so editing one figure's settings redraws only that figure. Snakemake
-# does not track modules that a script imports, so the shared style (style.py and the .mplstyle
-# file) is an input of every figure, and each figure's own module (plus the shared helpers in
-# common.py) is an input of its rule: editing any of them redraws exactly the figures drawn by it.
+# Rerun triggers: each figure's settings block `figures.<name>` is a param of its rule only, so
+# editing one figure's settings redraws only that figure. Library code is no input (the policy in
+# common.smk): after editing src/canopy/figures/, redraw with `--forcerun figure_<name>`.
 
 
 rule figure_decomposition:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("decomposition"),
         metrics=figure_inputs(
             "decomposition",
             "results/metrics/{sampling}/{family}/{variant}/{task}.parquet",
@@ -34,7 +30,7 @@ rule figure_decomposition:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("decomposition"),
+        settings=config_provider("figures.decomposition"),
         matrix=figure_matrix("decomposition"),
     script:
         "../scripts/plot_decomposition.py"
@@ -42,8 +38,6 @@ rule figure_decomposition:
 
 rule figure_trajectory:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("trajectory"),
         trajectories=figure_inputs(
             "trajectory",
             "results/metrics/{sampling}/{family}/{variant}/{task}.trajectory.parquet",
@@ -67,7 +61,7 @@ rule figure_trajectory:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("trajectory"),
+        settings=config_provider("figures.trajectory"),
         matrix=figure_matrix("trajectory"),
     script:
         "../scripts/plot_trajectory.py"
@@ -75,8 +69,6 @@ rule figure_trajectory:
 
 rule figure_lengths:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("lengths"),
         rollouts=figure_inputs(
             "lengths", "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
         ),
@@ -99,20 +91,19 @@ rule figure_lengths:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("lengths"),
+        settings=config_provider("figures.lengths"),
         matrix=figure_matrix("lengths"),
         # The cap drawn on the figure is the one the rollouts were sampled with.
-        max_new_tokens=lambda wildcards: config["sampling"][
-            sampled_point(wildcards.sampling)
-        ].get("max_new_tokens"),
+        max_new_tokens=config_provider(
+            "sampling.{point}.max_new_tokens",
+            point=lambda wildcards: sampled_point(wildcards.sampling),
+        ),
     script:
         "../scripts/plot_lengths.py"
 
 
 rule figure_variance:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("variance"),
         rollouts=figure_inputs(
             "variance", "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
         ),
@@ -135,7 +126,7 @@ rule figure_variance:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("variance"),
+        settings=config_provider("figures.variance"),
         matrix=figure_matrix("variance"),
     script:
         "../scripts/plot_variance.py"
@@ -143,13 +134,11 @@ rule figure_variance:
 
 rule figure_slopes:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("slopes"),
         slopes="results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
         # The scatter of D vs R is drawn from the panel; without it the panel is not needed.
         panel=(
             "results/panel/{sampling}/{embedder}.parquet"
-            if figure_settings("slopes").get("show_scatter", True)
+            if config["figures"]["slopes"]["show_scatter"]
             else []
         ),
     output:
@@ -171,15 +160,13 @@ rule figure_slopes:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("slopes"),
+        settings=config_provider("figures.slopes"),
     script:
         "../scripts/plot_slopes.py"
 
 
 rule figure_residuals:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("residuals"),
         residuals="results/stats/{sampling}/{embedder}/diagnostics/residuals.tsv",
         tests="results/stats/{sampling}/{embedder}/diagnostics/tests.json",
     output:
@@ -201,16 +188,13 @@ rule figure_residuals:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("residuals"),
+        settings=config_provider("figures.residuals"),
     script:
         "../scripts/plot_residuals.py"
 
 
 rule figure_rho:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("rho")
-        + [workflow.source_path("../../src/canopy/bootstrap.py")],
         metrics=figure_inputs(
             "rho", "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"
         ),
@@ -233,7 +217,7 @@ rule figure_rho:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("rho"),
+        settings=config_provider("figures.rho"),
         matrix=figure_matrix("rho"),
     script:
         "../scripts/plot_rho.py"
@@ -241,8 +225,6 @@ rule figure_rho:
 
 rule figure_forest:
     input:
-        style=FIGURE_STYLE,
-        code=figure_code("forest"),
         table="results/ablation/summary.tsv",
     output:
         pdf=report(
@@ -261,6 +243,6 @@ rule figure_forest:
     conda:
         "../../envs/figures.yaml"
     params:
-        settings=figure_settings("forest"),
+        settings=config_provider("figures.forest"),
     script:
         "../scripts/plot_forest.py"

@@ -29,6 +29,6 @@ rule filter_rollouts:
             config["sampling"][wildcards.sampling]["filter"]["device"]
         ),
     params:
-        settings=lambda wildcards: config["sampling"][wildcards.sampling]["filter"],
+        settings=config_provider("sampling.{sampling}.filter"),
     script:
         "../scripts/filter_rollouts.py"

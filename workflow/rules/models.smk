@@ -20,9 +20,7 @@ rule pretrain_base_model:
     # families then train side by side on two cores.
     threads: 1
     params:
-        recipe=lambda wildcards: config["training"]["recipes"][
-            config["families"][wildcards.family]["base"]["recipe"]
-        ],
+        recipe=config_provider("training.recipes.{recipe}", recipe=recipe_name("base")),
     script:
         "../scripts/pretrain_base_model.py"
 
@@ -41,9 +39,9 @@ rule finetune_model:
         "../../envs/torch.yaml"
     threads: 1
     params:
-        recipe=lambda wildcards: config["training"]["recipes"][
-            config["families"][wildcards.family]["finetuned"]["recipe"]
-        ],
+        recipe=config_provider(
+            "training.recipes.{recipe}", recipe=recipe_name("finetuned")
+        ),
     script:
         "../scripts/finetune_model.py"
 
@@ -59,7 +57,7 @@ rule download_model:
     conda:
         "../../envs/torch.yaml"
     params:
-        spec=lambda wildcards: config["families"][wildcards.family][wildcards.variant],
+        spec=config_provider("families.{family}.{variant}", "id", "revision"),
     script:
         "../scripts/download_model.py"
 
@@ -75,7 +73,7 @@ rule download_embedder:
     conda:
         "../../envs/torch.yaml"
     params:
-        spec=lambda wildcards: config["embedders"][wildcards.embedder],
+        spec=config_provider("embedders.{embedder}", "model", "revision"),
     script:
         "../scripts/download_embedder.py"
 

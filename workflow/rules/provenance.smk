@@ -27,8 +27,8 @@ rule lock:
     conda:
         "../../envs/torch.yaml"
     params:
-        models=[(f, v, config["families"][f][v]) for f in FAMILIES for v in VARIANTS],
-        embedders=[(e, config["embedders"][e]) for e in EMBEDDERS],
+        families=config_provider("families"),
+        embedders=config_provider("embedders"),
         classifiers=list(HUB_CLASSIFIERS),
     script:
         "../scripts/write_lock.py"

@@ -72,7 +72,7 @@ rule ablation_summary:
         "../../envs/analysis.yaml"
     params:
         combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
-        bootstrap=config["metrics"]["bootstrap"],
+        bootstrap=config_provider("metrics.bootstrap"),
     script:
         "../scripts/ablation_summary.py"
 
@@ -80,7 +80,6 @@ rule ablation_summary:
 rule report_intro:
     input:
         template=workflow.source_path("../report/workflow.rst"),
-        code=workflow.source_path("../../src/canopy/overview.py"),
         rollouts=expand(
             "results/rollouts/{sampling}/{matrix}.parquet",
             sampling=SAMPLINGS[0],
@@ -95,8 +94,12 @@ rule report_intro:
     conda:
         "../../envs/analysis.yaml"
     params:
-        # The whole config: the text quotes several settings, and the job is cheap to rerun.
-        config=config,
+        # The settings the text quotes (workflow.rst), and the names it lists.
+        config=config_provider(
+            "", "metrics.truncation_warning", "sampling.*.max_new_tokens"
+        ),
+        families=FAMILIES,
+        tasks=TASKS,
         sampling=SAMPLINGS[0],
         matrix=MATRIX,
         pairs=[(f, v) for f in FAMILIES for v in VARIANTS],

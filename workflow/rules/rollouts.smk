@@ -21,7 +21,7 @@ rule sample_rollouts:
     resources:
         gpu=sampling_gpus,
     params:
-        settings=sampling_params,
+        settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,
         chunk=None,
     script:
@@ -45,7 +45,7 @@ rule sample_rollouts_chunk:
     resources:
         gpu=sampling_gpus,
     params:
-        settings=sampling_params,
+        settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,
         chunk=lambda wildcards: int(wildcards.chunk),
     script:

@@ -47,7 +47,18 @@ rule fit_glmm:
         "../../envs/stats.yaml"
     threads: 2
     params:
-        settings=config["stats"],
+        settings=config_provider(
+            "stats",
+            "formula",
+            "dispersion",
+            "reference_variant",
+            "reference_task",
+            "clip",
+            "bootstrap",
+            "confidence",
+            "seed",
+            "rscript",
+        ),
     script:
         "../scripts/fit_glmm.py"
 
@@ -70,7 +81,13 @@ rule glmm_diagnostics:
         "../../envs/stats.yaml"
     threads: 2
     params:
-        settings=config["stats"],
+        settings=config_provider(
+            "stats",
+            "simulations",
+            "seed",
+            "rscript",
+            "use_dharma",
+        ),
     script:
         "../scripts/glmm_diagnostics.py"
 
@@ -89,7 +106,15 @@ rule robustness_lmm:
     conda:
         "../../envs/stats.yaml"
     params:
-        settings=config["stats"],
+        settings=config_provider(
+            "stats",
+            "formula",
+            "dispersion",
+            "reference_variant",
+            "reference_task",
+            "clip",
+            "confidence",
+        ),
     script:
         "../scripts/robustness_lmm.py"
 
@@ -108,7 +133,17 @@ rule robustness_fixed_effects:
     conda:
         "../../envs/stats.yaml"
     params:
-        settings=config["stats"],
+        settings=config_provider(
+            "stats",
+            "formula",
+            "dispersion",
+            "reference_variant",
+            "reference_task",
+            "clip",
+            "confidence",
+            "robustness.fixed_effects_formula",
+            "robustness.cluster",
+        ),
     script:
         "../scripts/robustness_fixed_effects.py"
 
@@ -134,7 +169,21 @@ rule robustness_length_matched:
     threads: 2
     params:
         matrix=MATRIX,
-        settings=config["stats"],
+        settings=config_provider(
+            "stats",
+            "formula",
+            "dispersion",
+            "reference_variant",
+            "reference_task",
+            "clip",
+            "bootstrap",
+            "confidence",
+            "seed",
+            "rscript",
+            "robustness.length_bins",
+            "robustness.length_repeats",
+            "robustness.min_matched",
+        ),
     script:
         "../scripts/robustness_length_matched.py"
 
@@ -154,6 +203,6 @@ rule paired_bootstrap:
     conda:
         "../../envs/analysis.yaml"
     params:
-        settings=config["metrics"]["bootstrap"],
+        settings=config_provider("metrics.bootstrap"),
     script:
         "../scripts/paired_bootstrap.py"

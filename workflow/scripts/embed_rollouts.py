@@ -13,7 +13,7 @@ from canopy.diversity import (  # noqa: E402
 )
 
 name = snakemake.wildcards.embedder
-settings = EmbedderSettings.from_config(snakemake.params.settings, name=name)
+settings = EmbedderSettings.from_config(snakemake.params.settings, where=f"embedders.{name}")
 # A fetched or local embedder is an input directory; a packaged one has none.
 model = load_embedder(settings, name=name, directory=snakemake.input.embedder or None)
 for rollouts_path, output in zip(snakemake.input.rollouts, snakemake.output, strict=True):

@@ -6,7 +6,9 @@ log = setup(snakemake)
 
 from canopy.filtering import FilterSettings, write_filtered_rollouts  # noqa: E402
 
-settings = FilterSettings.from_config(snakemake.params.settings, snakemake.wildcards.sampling)
+settings = FilterSettings.from_config(
+    snakemake.params.settings, where=f"sampling.{snakemake.wildcards.sampling}.filter"
+)
 scores = write_filtered_rollouts(
     snakemake.input.rollouts,
     snakemake.input.prompts,

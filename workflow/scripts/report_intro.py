@@ -7,9 +7,15 @@ log = setup(snakemake)
 from canopy.overview import describe_rows, write_intro  # noqa: E402
 
 pairs = [tuple(pair) for pair in snakemake.params.pairs]
+# The settings workflow.rst quotes, and the family and task names it lists.
+config = {
+    **snakemake.params.config,
+    "families": dict.fromkeys(snakemake.params.families, {}),
+    "tasks": dict.fromkeys(snakemake.params.tasks, {}),
+}
 measured = write_intro(
     snakemake.input.template,
-    snakemake.params.config,
+    config,
     dict(zip([tuple(key) for key in snakemake.params.matrix], snakemake.input.rollouts)),
     dict(zip(pairs, snakemake.input.models)),
     dict(zip(pairs, snakemake.params.sources)),

@@ -16,15 +16,17 @@ from canopy.provenance import (  # noqa: E402
 )
 
 inputs, params = snakemake.input, snakemake.params
+# inputs.models runs family by family, base then fine-tuned, in config order.
+pairs = [(family, variant) for family in params.families for variant in ("base", "finetuned")]
 models = [
-    model_entry(family, variant, spec, directory)
-    for (family, variant, spec), directory in zip(params.models, inputs.models, strict=True)
+    model_entry(family, variant, params.families[family][variant], directory)
+    for (family, variant), directory in zip(pairs, inputs.models, strict=True)
 ]
 # A packaged embedder has no input directory: pair the others with theirs in config order.
 directories = iter(inputs.embedders)
 embedders = [
     embedder_entry(name, spec, None if spec["model"].startswith("package:") else next(directories))
-    for name, spec in params.embedders
+    for name, spec in params.embedders.items()
 ]
 # Every fit ran in the same R: the first one's summary names its versions.
 r_versions = read_json(inputs.glmm[0])["R"] if inputs.glmm else None

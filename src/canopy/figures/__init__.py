@@ -1,8 +1,8 @@
 """The paper's figures as library functions.
 
-Each figure has a frozen settings dataclass (``<Name>Settings.from_config`` takes the figure's
-``config["figures"][<name>]`` subtree and rejects unknown keys), a ``plot_<name>`` function that
-draws it from DataFrames (testable with synthetic frames, usable from a notebook) and a
+Each figure has a frozen settings model (in canopy.config.figures; ``<Name>Settings.from_config``
+takes the figure's ``figures.<name>`` block and rejects unknown keys by name), a ``plot_<name>``
+function that draws it from DataFrames (testable with synthetic frames, usable from a notebook) and a
 ``render_<name>`` function that reads the workflow's files and writes PDF and PNG atomically.
 
 =============  ==========================================================================

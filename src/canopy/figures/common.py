@@ -1,4 +1,5 @@
-"""What every figure shares besides its look: settings validation, table loading, small helpers.
+"""What every figure shares besides its look: table loading and small helpers (the settings
+models are in canopy.config.figures).
 
 Figure functions take plain DataFrames (the concatenation of the per-(family, variant, task)
 tables with those three columns added), so a notebook or a test can draw them from synthetic
@@ -7,12 +8,10 @@ frames; :func:`read_matrix_tables` builds such a frame from the workflow's files
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,8 @@ import pyarrow.parquet as pq
 
 from matplotlib.figure import Figure
 
-from canopy.figures.style import FULL_WIDTH, VARIANTS, save_figure
+from canopy.config.figures import FigureSettings
+from canopy.figures.style import VARIANTS, save_figure
 
 __all__ = [
     "TableKey",
@@ -48,88 +48,7 @@ TablePaths = Mapping[TableKey, FilePath]
 #: A figure's config block (``figures.<name>``), as the workflow passes it.
 Config = Mapping[str, Any]
 
-_S = TypeVar("_S", bound="FigureSettings")
-
-
-@dataclasses.dataclass(frozen=True)
-class FigureSettings:
-    """Settings every figure has; each figure's settings class adds its own.
-
-    ``width`` and ``height`` are in inches (the paper's column is about 3.4 in wide, the full page
-    about 7 in); ``height`` None picks a height from the number of panel rows. ``dpi`` applies to
-    the PNG (the PDF is vector).
-    """
-
-    #: The figure's key under ``config["figures"]``; used in error messages.
-    figure: ClassVar[str] = "figure"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-
-    @classmethod
-    def from_config(cls: type[_S], config: Mapping[str, Any] | None) -> _S:
-        """Build the settings from the figure's config subtree, rejecting unknown keys by name."""
-        if config is None:
-            config = {}
-        if not isinstance(config, Mapping):
-            raise TypeError(
-                f"figures.{cls.figure} must be a mapping of settings, got {type(config).__name__}"
-            )
-        allowed = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(config) - set(allowed))
-        if unknown:
-            names = ", ".join(f"figures.{cls.figure}.{key}" for key in unknown)
-            raise ValueError(
-                f"unknown figure setting {names}; allowed keys: {', '.join(allowed)}"
-            )
-        return cls(**dict(config))
-
-    def __post_init__(self) -> None:
-        self._positive_number("width")
-        if self.height is not None:
-            self._positive_number("height")
-        self._positive_int("dpi")
-        if "tasks" in {field.name for field in dataclasses.fields(self)}:
-            tasks = getattr(self, "tasks")
-            if tasks is not None:
-                if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
-                    self._fail("tasks", tasks, "a list of task names (or null for all tasks)")
-                if len(tasks) == 0:
-                    self._fail("tasks", tasks, "a non-empty list (or null for all tasks)")
-                # Frozen dataclasses must stay hashable: store the list as a tuple.
-                object.__setattr__(self, "tasks", tuple(tasks))
-
-    def figure_height(self, rows: int, row_height: float, extra: float) -> float:
-        """``height`` if set, otherwise ``rows * row_height + extra`` (legend and labels)."""
-        return self.height if self.height is not None else rows * row_height + extra
-
-    # Validation helpers used by the subclasses' __post_init__.
-    def _fail(self, name: str, value: Any, expected: str) -> None:
-        raise ValueError(f"figures.{self.figure}.{name} = {value!r}: expected {expected}")
-
-    def _positive_number(self, name: str) -> None:
-        value = getattr(self, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value <= 0:
-            self._fail(name, value, "a positive number")
-
-    def _positive_int(self, name: str, allow_none: bool = False) -> None:
-        value = getattr(self, name)
-        if value is None and allow_none:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            self._fail(name, value, "a positive integer" + (" or null" if allow_none else ""))
-
-    def _bool(self, name: str) -> None:
-        value = getattr(self, name)
-        if not isinstance(value, bool):
-            self._fail(name, value, "true or false")
-
-    def _choice(self, name: str, choices: Sequence[str]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            self._fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+_S = TypeVar("_S", bound=FigureSettings)
 
 
 def settings_for(cls: type[_S], settings: Config | _S | None) -> _S:
@@ -163,8 +82,6 @@ def renderer(
     render.__module__ = plot.__module__
     render.__doc__ = f"Read {what} of the tables, draw the figure and write it as PDF and PNG."
     return render
-
-
 def keyed_paths(
     matrix: Sequence[Sequence[str]], paths: Sequence[str | os.PathLike[str]]
 ) -> dict[TableKey, str | os.PathLike[str]]:

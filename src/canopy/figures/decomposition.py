@@ -10,7 +10,6 @@ since it is often small next to the product.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -19,10 +18,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.config.figures import DecompositionSettings
+from canopy.figures.common import check_variants, ordered_families
 from canopy.figures.common import ordered_tasks, require_columns, standard_error
 from canopy.figures.common import renderer
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import figure_style, finish_figure, new_figure
 from canopy.figures.style import set_category_ticks
 
@@ -46,31 +46,6 @@ DECOMPOSITION_COLUMNS = [
 ]
 
 _BAR_WIDTH = 0.38
-
-
-@dataclasses.dataclass(frozen=True)
-class DecompositionSettings(FigureSettings):
-    """Settings of the decomposition figure (``config["figures"]["decomposition"]``).
-
-    ``error_bars``: "prompts" draws the standard error of the mean CE* across prompts (how much
-    the average would move with another prompt sample); "rollouts" the pooled within-prompt
-    standard error sqrt(sum_p se_p^2) / P (the sampling error of the rollouts alone).
-    ``show_covariance_panel`` adds a row with the covariance term alone.
-    """
-
-    figure = "decomposition"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    error_bars: str = "prompts"
-    show_covariance_panel: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._choice("error_bars", ("prompts", "rollouts"))
-        self._bool("show_covariance_panel")
 
 
 def decomposition_summary(metrics: pd.DataFrame, error_bars: str = "prompts") -> pd.DataFrame:

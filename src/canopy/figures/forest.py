@@ -8,15 +8,15 @@ paired prompt-bootstrap interval (a dotted line at 0). Both read the ablation ta
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from canopy.figures.common import FigureSettings, read_table, require_columns
+from canopy.config.figures import ForestSettings
+from canopy.figures.common import read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
-from canopy.figures.style import COLUMN_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, figure_style
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, figure_style
 from canopy.figures.style import finish_figure, interval_marker, new_figure, save_figure
 
 __all__ = ["ForestSettings", "forest_rows", "plot_forest", "render_forest"]
@@ -25,25 +25,6 @@ _INTERVALS = {
     "delta": ("slope_ratio_ci_low", "slope_ratio_ci_high"),
     "bootstrap": ("slope_ratio_boot_ci_low", "slope_ratio_boot_ci_high"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ForestSettings(FigureSettings):
-    """Settings of the ablation forest plot (``config["figures"]["forest"]``).
-
-    ``interval``: the slope ratio's delta-method or parametric-bootstrap interval.
-    """
-
-    figure = "forest"
-
-    width: float = 2 * COLUMN_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    interval: str = "delta"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._choice("interval", tuple(_INTERVALS))
 
 
 def forest_rows(table: pd.DataFrame) -> list[str]:

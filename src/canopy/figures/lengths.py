@@ -8,17 +8,17 @@ which biases CE* downwards, so a reader must see how many there are.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.config.figures import LengthsSettings
+from canopy.figures.common import check_variants, ordered_families
 from canopy.figures.common import ordered_tasks, require_columns
 from canopy.figures.common import renderer
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import figure_style, finish_figure, new_figure, label_grid
 from canopy.figures.style import variant_handles
 
@@ -33,29 +33,6 @@ __all__ = [
 
 #: Rollout-table columns the figure reads (the rest of a rollout table can be large).
 LENGTH_COLUMNS = ["prompt_id", "n_steps", "hit_eos"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LengthsSettings(FigureSettings):
-    """Settings of the lengths figure (``config["figures"]["lengths"]``).
-
-    ``bins``: number of histogram bins per panel. ``log_scale``: logarithmic length axis with
-    log-spaced bins (for lengths spanning orders of magnitude).
-    """
-
-    figure = "lengths"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    bins: int = 30
-    log_scale: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._positive_int("bins")
-        self._bool("log_scale")
 
 
 def infer_length_cap(rollouts: pd.DataFrame) -> int | None:

@@ -10,7 +10,6 @@ equal-count bins of the prediction; for a good fit these lie on the dashed lines
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +19,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
+from canopy.config.figures import ResidualsSettings
+from canopy.figures.common import check_variants, read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANTS, figure_style
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANTS, figure_style
 from canopy.figures.style import finish_figure, new_figure, save_figure, variant_handles
 from canopy.io import read_json
 
@@ -50,30 +50,6 @@ _KNOWN_TESTS = {
     "dispersion_p": "dispersion", "dispersion": "dispersion",
     "outlier_p": "outliers", "outliers": "outliers",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ResidualsSettings(FigureSettings):
-    """Settings of the residuals figure (``config["figures"]["residuals"]``).
-
-    ``quantile_bins``: number of equal-count bins of the rank-transformed prediction in which the
-    residual quantiles are computed. ``point_alpha``: opacity of the residual points.
-    """
-
-    figure = "residuals"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    quantile_bins: int = 10
-    point_alpha: float = 0.4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._positive_int("quantile_bins")
-        self._positive_number("point_alpha")
-        if self.point_alpha > 1:
-            self._fail("point_alpha", self.point_alpha, "a number in (0, 1]")
 
 
 def diagnostic_p_values(tests: Mapping[str, Any]) -> dict[str, float]:

@@ -9,7 +9,6 @@ along the x axis, base and fine-tuned side by side, a line at ρ = 0.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -17,10 +16,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy.bootstrap import BootstrapSettings, mean_intervals
-from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.config.figures import RhoSettings
+from canopy.figures.common import check_variants, ordered_families
 from canopy.figures.common import ordered_tasks, require_columns
 from canopy.figures.common import renderer
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, interval_marker
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, interval_marker
 from canopy.figures.style import figure_style, finish_figure, new_figure
 from canopy.figures.style import set_category_ticks, variant_handles
 
@@ -32,39 +32,6 @@ _CORRELATIONS = ("pearson", "spearman", "kendall")
 _SYMBOLS = {"pearson": r"\rho", "spearman": r"\rho_S", "kendall": r"\tau"}
 
 
-@dataclasses.dataclass(frozen=True)
-class RhoSettings(FigureSettings):
-    """Settings of the ρ(N, r_N) figure (``config["figures"]["rho"]``).
-
-    ``correlation``: which per-prompt correlation to draw; ``resamples``, ``confidence`` and
-    ``seed``: the prompt bootstrap of each mean.
-    """
-
-    figure = "rho"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    correlation: str = "pearson"
-    resamples: int = 2000
-    confidence: float = 0.95
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._choice("correlation", _CORRELATIONS)
-        self._positive_int("resamples")
-        if not isinstance(self.confidence, float) or not 0 < self.confidence < 1:
-            self._fail("confidence", self.confidence, "a number in (0, 1)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            self._fail("seed", self.seed, "a non-negative integer")
-
-    @property
-    def column(self) -> str:
-        return f"rho_{self.correlation}"
-
-
 def rho_summary(metrics: pd.DataFrame, settings: RhoSettings) -> pd.DataFrame:
     """Mean ρ over prompts per (family, variant, task) with its bootstrap interval.
 
@@ -72,7 +39,9 @@ def rho_summary(metrics: pd.DataFrame, settings: RhoSettings) -> pd.DataFrame:
     left out and counted in ``n_missing``.
     """
     require_columns(metrics, ["family", "variant", "task", settings.column], "metrics")
-    bootstrap = BootstrapSettings(settings.resamples, settings.confidence, settings.seed)
+    bootstrap = BootstrapSettings(
+        resamples=settings.resamples, confidence=settings.confidence, seed=settings.seed
+    )
     return mean_intervals(metrics, settings.column, ["family", "variant", "task"], bootstrap)
 
 

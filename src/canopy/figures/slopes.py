@@ -9,16 +9,16 @@ data behind the slopes.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from canopy.figures.common import FigureSettings, check_variants, read_table, require_columns
+from canopy.config.figures import SlopesSettings
+from canopy.figures.common import check_variants, read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
-from canopy.figures.style import FULL_WIDTH, NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
 from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
 from canopy.figures.style import set_category_ticks, variant_handles
 
@@ -26,30 +26,6 @@ __all__ = ["SlopesSettings", "SLOPE_COLUMNS", "plot_slopes", "render_slopes"]
 
 #: Columns of ``glmm/slopes.tsv`` the figure reads.
 SLOPE_COLUMNS = ["variant", "slope", "ci_low", "ci_high"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SlopesSettings(FigureSettings):
-    """Settings of the slopes figure (``config["figures"]["slopes"]``).
-
-    ``show_scatter``: add the panel's D vs R̄ scatter (needs the panel file as input).
-    ``scatter_alpha``: opacity of the scatter points (many prompts overlap).
-    """
-
-    figure = "slopes"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    show_scatter: bool = True
-    scatter_alpha: float = 0.35
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._bool("show_scatter")
-        self._positive_number("scatter_alpha")
-        if self.scatter_alpha > 1:
-            self._fail("scatter_alpha", self.scatter_alpha, "a number in (0, 1]")
 
 
 def plot_slopes(

@@ -2,9 +2,7 @@
 
 Every figure is drawn inside :func:`figure_style` (the rc settings of ``canopy.mplstyle``) on a
 :class:`matplotlib.figure.Figure` created without pyplot, so plotting never touches global
-pyplot state and works on any backend. The workflow declares this module and the style file as
-inputs of every figure rule: Snakemake does not track imported modules, so that is what makes an
-edit here redraw all figures.
+pyplot state and works on any backend.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from canopy.config.figures import COLUMN_WIDTH, FULL_WIDTH
 from canopy.io import atomic_path
 from canopy.modeling import VARIANTS  # the two variants, in the order they are drawn
 
@@ -51,10 +50,6 @@ VARIANT_LABELS: dict[str, str] = {"base": "Base", "finetuned": "Fine-tuned"}
 VARIANT_COLORS: dict[str, str] = {"base": "#0072B2", "finetuned": "#D55E00"}
 #: Reference lines, totals and anything that belongs to no variant.
 NEUTRAL_COLOR = "#333333"
-
-#: Width in inches of one column and of the full page of a two-column paper.
-COLUMN_WIDTH = 3.4
-FULL_WIDTH = 7.0
 
 STYLE_PATH = Path(__file__).with_name("canopy.mplstyle")
 

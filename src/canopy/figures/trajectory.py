@@ -8,16 +8,16 @@ with too few of them, and ``max_positions`` cuts the x axis.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.config.figures import TrajectorySettings
+from canopy.figures.common import check_variants, ordered_families
 from canopy.figures.common import ordered_tasks, require_columns
 from canopy.figures.common import renderer
-from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS, figure_style
+from canopy.figures.style import VARIANT_COLORS, VARIANT_LABELS, figure_style
 from canopy.figures.style import finish_figure, new_figure, label_grid, variant_handles
 
 __all__ = [
@@ -30,34 +30,6 @@ __all__ = [
 
 #: Trajectory-table columns the figure reads.
 TRAJECTORY_COLUMNS = ["position", "mean_entropy", "se", "n_active"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrajectorySettings(FigureSettings):
-    """Settings of the trajectory figure (``config["figures"]["trajectory"]``).
-
-    ``max_positions``: draw steps 1..max_positions only (null: all). ``min_active``: hide steps
-    averaged over fewer rollouts than this. ``band_se``: half-width of the band in standard
-    errors (1: ±1 SE; 1.96: a 95 % interval). ``log_x``: logarithmic step axis.
-    """
-
-    figure = "trajectory"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    max_positions: int | None = None
-    min_active: int = 5
-    band_se: float = 1.0
-    log_x: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._positive_int("max_positions", allow_none=True)
-        self._positive_int("min_active")
-        self._positive_number("band_se")
-        self._bool("log_x")
 
 
 def trajectory_lines(trajectory: pd.DataFrame, settings: TrajectorySettings) -> pd.DataFrame:

@@ -10,7 +10,6 @@ log axis; such prompts are counted in the panel instead of silently vanishing.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -19,10 +18,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterSciNotation
 
-from canopy.figures.common import FigureSettings, check_variants, ordered_families
+from canopy.config.figures import VarianceSettings
+from canopy.figures.common import check_variants, ordered_families
 from canopy.figures.common import ordered_tasks, require_columns
 from canopy.figures.common import renderer
-from canopy.figures.style import FULL_WIDTH, VARIANT_COLORS, figure_style, finish_figure, new_figure
+from canopy.figures.style import VARIANT_COLORS, figure_style, finish_figure, new_figure
 from canopy.figures.style import label_grid, set_category_ticks, variant_handles
 
 __all__ = [
@@ -47,29 +47,6 @@ VARIANCE_QUANTITIES: dict[str, tuple[str, str]] = {
 }
 
 _BOX_WIDTH = 0.36
-
-
-@dataclasses.dataclass(frozen=True)
-class VarianceSettings(FigureSettings):
-    """Settings of the variance figure (``config["figures"]["variance"]``).
-
-    ``log_scale``: logarithmic variance axis (variances across prompts span orders of magnitude).
-    ``show_outliers``: draw the points beyond the whiskers.
-    """
-
-    figure = "variance"
-
-    width: float = FULL_WIDTH
-    height: float | None = None
-    dpi: int = 300
-    tasks: tuple[str, ...] | None = None
-    log_scale: bool = True
-    show_outliers: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._bool("log_scale")
-        self._bool("show_outliers")
 
 
 def within_prompt_variances(rollouts: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,6 @@ from canopy.prompts.records import (
     write_prompts,
 )
 from canopy.prompts.sources import (
-    FEW_SHOT_DEFAULTS,
     SOURCE_KEYS,
     SOURCES,
     prepare_prompts,
@@ -55,5 +54,4 @@ __all__ = [
     "CreativeProblem",
     "EverydayScene",
     "derived_rng",
-    "FEW_SHOT_DEFAULTS",
 ]

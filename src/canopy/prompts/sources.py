@@ -36,16 +36,15 @@ an extra task entry (``math_fewshot``) so it is its own wildcard value.
 from __future__ import annotations
 
 import hashlib
-import string
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from canopy.config.prompts import SOURCE_KEYS, SOURCES, FewShotSettings, TaskSettings
 from canopy.io import iter_jsonl
 from canopy.prompts.generators import (
     DEFAULT_GENERATOR_TEMPLATES,
-    GENERATORS,
     WORKED_EXAMPLES,
     generated_records,
 )
@@ -59,32 +58,9 @@ from canopy.prompts.records import Prompt, PromptSourceError, derived_rng
 __all__ = [
     "SOURCES",
     "SOURCE_KEYS",
-    "FEW_SHOT_DEFAULTS",
     "prepare_prompts",
     "prompt_source_record",
 ]
-
-_COMMON_REQUIRED = ("source", "n_prompts")
-_COMMON_OPTIONAL = ("template", "few_shot")
-
-#: Keys of ``tasks.<task>.few_shot`` and their defaults (None: required or source-dependent).
-FEW_SHOT_DEFAULTS: dict[str, Any] = {
-    "k": None,
-    "seed": None,
-    "split": "train",
-    "answer_field": None,
-    "example": "Question: {question}\nAnswer: {answer}",
-    "query": "Question: {text}\nAnswer:",
-}
-
-#: For each source: (required keys, optional keys), besides ``source``, ``n_prompts``, ``template``.
-SOURCE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "humaneval": ((), ()),
-    "generated": (("generator",), ()),
-    "jsonl": (("path", "field"), ("id_field",)),
-    "hub": (("dataset", "revision", "split", "field"), ("config", "id_field")),
-}
-SOURCES: tuple[str, ...] = tuple(SOURCE_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,27 +71,12 @@ SOURCES: tuple[str, ...] = tuple(SOURCE_KEYS)
 def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Prompt]:
     """The prompts of ``task`` as configured by ``spec`` (the ``tasks.<task>`` block).
 
-    Raises :class:`PromptSourceError` naming ``tasks.<task>.<key>`` for a missing, unknown or
-    malformed key, and for a source that cannot be read.
+    Raises :class:`canopy.config.ConfigError` naming ``tasks.<task>.<key>`` for a missing, unknown
+    or malformed key, and :class:`PromptSourceError` for a source that cannot be read.
     """
-    if not isinstance(spec, dict):
-        raise PromptSourceError(
-            f"tasks.{task} must be a mapping with at least `source` and `n_prompts`"
-        )
-    source = spec.get("source")
-    if source not in SOURCE_KEYS:
-        raise PromptSourceError(
-            f"tasks.{task}.source is {source!r}; use one of {', '.join(SOURCES)}"
-        )
-    _check_keys(task, spec, source)
-    n_prompts = spec["n_prompts"]
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise PromptSourceError(
-            f"tasks.{task}.n_prompts must be a positive integer, got {n_prompts!r}"
-        )
-    template = spec.get("template")
-    if template is not None:
-        _check_template(task, template)
+    settings = TaskSettings.from_config(spec, where=f"tasks.{task}")
+    spec = settings.to_config()
+    source, n_prompts, template = settings.source, settings.n_prompts, settings.template
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PromptSourceError(f"the seed for tasks.{task} must be an integer, got {seed!r}")
 
@@ -124,10 +85,6 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
         label = "humaneval"
     elif source == "generated":
         generator = spec["generator"]
-        if generator not in GENERATORS:
-            raise PromptSourceError(
-                f"tasks.{task}.generator is {generator!r}; use one of {', '.join(GENERATORS)}"
-            )
         records = generated_records(task, generator, n_prompts, seed)
         if template is None:
             template = DEFAULT_GENERATOR_TEMPLATES.get(generator)
@@ -139,7 +96,7 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
         records = _hub_records(task, spec, n_prompts)
         label = f"hub:{spec['dataset']}@{spec['revision']}"
 
-    few_shot = _few_shot_settings(task, spec.get("few_shot"), seed)
+    few_shot = _few_shot_settings(settings.few_shot, seed)
     prefix = ""
     if few_shot is not None:
         examples = _few_shot_examples(task, spec, few_shot, {text for _, text in records})
@@ -163,38 +120,11 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
     return prompts
 
 
-def _few_shot_settings(task: str, block: Any, seed: int) -> dict[str, Any] | None:
-    """The validated ``tasks.<task>.few_shot`` block with defaults filled (None: no few-shot)."""
+def _few_shot_settings(block: FewShotSettings | None, seed: int) -> dict[str, Any] | None:
+    """The few-shot settings as plain values, the global seed filling an unset one."""
     if block is None:
         return None
-    where = f"tasks.{task}.few_shot"
-    if not isinstance(block, dict):
-        raise PromptSourceError(f"{where} must be a mapping with at least `k`, got {block!r}")
-    unknown = sorted(set(block) - set(FEW_SHOT_DEFAULTS))
-    if unknown:
-        raise PromptSourceError(
-            f"{where}.{unknown[0]} is not a few-shot key; allowed: {', '.join(FEW_SHOT_DEFAULTS)}"
-        )
-    settings = {**FEW_SHOT_DEFAULTS, **{k: v for k, v in block.items() if v is not None}}
-    k = settings["k"]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise PromptSourceError(f"{where}.k must be a positive integer, got {k!r}")
-    if settings["seed"] is None:
-        settings["seed"] = seed
-    for key, fields_ in (("example", ["question", "answer"]), ("query", ["text"])):
-        value = settings[key]
-        try:
-            names = sorted(n for _, n, _, _ in string.Formatter().parse(str(value)) if n)
-        except ValueError as error:
-            raise PromptSourceError(
-                f"{where}.{key} is not a valid format string ({error})"
-            ) from error
-        if not isinstance(value, str) or names != sorted(fields_):
-            raise PromptSourceError(
-                f"{where}.{key} must be a string with the field(s) "
-                f"{', '.join('{' + f + '}' for f in fields_)} once each, got {value!r}"
-            )
-    return settings
+    return {**block.to_config(), "seed": seed if block.seed is None else block.seed}
 
 
 def _few_shot_examples(
@@ -304,42 +234,6 @@ def prompt_source_record(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     elif source == "generated":
         record.update(generator=spec.get("generator"))
     return record
-
-
-def _check_keys(task: str, spec: dict[str, Any], source: str) -> None:
-    required, optional = SOURCE_KEYS[source]
-    allowed = set(_COMMON_REQUIRED) | set(_COMMON_OPTIONAL) | set(required) | set(optional)
-    for key in spec:
-        if key not in allowed:
-            raise PromptSourceError(
-                f"tasks.{task}.{key} is not a key of `source: {source}`; allowed keys: "
-                f"{', '.join(sorted(allowed))}"
-            )
-    for key in (*_COMMON_REQUIRED, *required):
-        if key not in spec or spec[key] is None:
-            raise PromptSourceError(f"tasks.{task}.{key} is required for `source: {source}`")
-    for key in (*required, *optional):
-        if key in spec and key != "n_prompts" and not isinstance(spec[key], str):
-            raise PromptSourceError(f"tasks.{task}.{key} must be a string, got {spec[key]!r}")
-
-
-def _check_template(task: str, template: Any) -> None:
-    if not isinstance(template, str):
-        raise PromptSourceError(
-            f"tasks.{task}.template must be a string with {{text}}, got {template!r}"
-        )
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as error:
-        raise PromptSourceError(
-            f"tasks.{task}.template is not a valid format string ({error}); write literal braces as "
-            "{{ and }}"
-        ) from error
-    if names != ["text"]:
-        raise PromptSourceError(
-            f"tasks.{task}.template must contain the field {{text}} exactly once and no other field; "
-            f"it has {names!r}"
-        )
 
 
 def _check_unique(task: str, prompts: list[Prompt]) -> None:

@@ -26,10 +26,11 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from canopy.config.models import CorpusSettings
 from canopy.io import iter_jsonl, write_jsonl
 from canopy.prompts import (
     PAPER_CREATIVE_TEMPLATE,
@@ -56,32 +57,7 @@ __all__ = [
 
 
 class CorpusError(ValueError):
-    """Bad corpus settings or a malformed corpus file (the message names the key or line)."""
-
-
-@dataclass(frozen=True)
-class CorpusSettings:
-    """``training.corpus`` of config.yaml: how many documents and pairs, and their seed."""
-
-    pretrain_documents: int = 4000
-    sft_pairs: int = 1500
-    seed: int = 42
-
-    @classmethod
-    def from_config(cls, block: dict[str, Any] | None) -> CorpusSettings:
-        block = dict(block or {})
-        known = {f.name for f in fields(cls)}
-        for key in block:
-            if key not in known:
-                raise CorpusError(
-                    f"training.corpus.{key} is not a corpus setting; use {', '.join(sorted(known))}"
-                )
-        for key, value in block.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise CorpusError(f"training.corpus.{key} must be an integer, got {value!r}")
-            if key != "seed" and value < 1:
-                raise CorpusError(f"training.corpus.{key} must be at least 1, got {value}")
-        return cls(**block)
+    """A malformed corpus file or a bad count (the message names the line or the value)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,4 +304,4 @@ def read_corpus(
 
 def describe(settings: CorpusSettings) -> dict[str, Any]:
     """The settings as a plain dictionary (for logs)."""
-    return asdict(settings)
+    return settings.to_config()

@@ -27,7 +27,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import torch
 
 from canopy.io import atomic_dir
 from canopy.training.chat import CHAT_TEMPLATES, encode_pairs, response_batches
-from canopy.training.recipe import Recipe
+from canopy.config.models import Recipe
 from canopy.training.tokenizers import train_tokenizer
 
 __all__ = ["LOG_FILE", "pretrain_base", "finetune", "count_parameters"]
@@ -220,7 +219,7 @@ def _train(
     model.eval()
     return {
         "stage": stage,
-        "recipe": asdict(recipe),
+        "recipe": recipe.to_config(),
         "parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "tokens_seen": tokens_seen,

@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from canopy.training.recipe import Recipe
+from canopy.config.models import Recipe
 
 __all__ = ["ROLE_MARKERS", "train_tokenizer"]
 

@@ -1,0 +1,194 @@
+"""The pieces every config block is built from: one error type, a frozen strict model base, and
+the conversion of pydantic's errors into messages that name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+import typing
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = ["Block", "ConfigError", "Problem", "format_key", "plain", "problems_from", "render"]
+
+_B = TypeVar("_B", bound="Block")
+
+
+class ConfigError(ValueError):
+    """The configuration (or one settings block of it) is invalid; the message lists every problem,
+    each with its dotted key, the value found and what is allowed there."""
+
+    def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def format_key(path: Iterable[Any]) -> str:
+    """Dotted key for a path (``['sampling', 'default', 'top_k']`` -> ``sampling.default.top_k``)."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in path]
+    return ".".join(parts).replace(".[", "[") or "<top level>"
+
+
+class Problem:
+    """One invalid key: where it is, what it holds and what is allowed."""
+
+    __slots__ = ("key", "value", "allowed")
+
+    def __init__(self, key: Sequence[Any], value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = tuple(key), value, allowed
+
+    @property
+    def dotted(self) -> str:
+        return format_key(self.key)
+
+    def __str__(self) -> str:
+        if isinstance(self.value, Mapping):
+            # A check across a block's keys: the message names them; the block itself is long.
+            return f"{self.dotted}: {self.allowed}"
+        return f"{self.dotted} = {self.value!r}: {self.allowed}"
+
+    def __repr__(self) -> str:
+        return f"Problem({self})"
+
+
+_MISSING = object()
+
+
+def problems_from(error: ValidationError, prefix: Sequence[Any] = ()) -> list[Problem]:
+    """One :class:`Problem` per pydantic error, keyed from the root of the configuration."""
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = [*prefix, *item["loc"]]
+        kind, message = item["type"], item["msg"]
+        value = item.get("input", _MISSING)
+        if kind == "extra_forbidden":
+            allowed = "unknown key; allowed here: " + ", ".join(_allowed_at(error, item["loc"]))
+        elif kind == "missing":
+            allowed, value = "required key is missing", None
+        else:
+            # "Value error, ..." is how pydantic prefixes a validator's own message.
+            allowed = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        problems.append(Problem(loc, None if value is _MISSING else value, allowed))
+    return problems
+
+
+def _allowed_at(error: ValidationError, loc: Sequence[Any]) -> list[str]:
+    """The keys the model at ``loc[:-1]`` accepts (for an unknown key's message)."""
+    model = _model_at(_ROOTS.get(error.title), loc[:-1])
+    if model is None:
+        return ["(see the schema)"]
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+#: Block classes by name, to find which model an error's location points into.
+_ROOTS: dict[str, type[BaseModel]] = {}
+
+
+def _model_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> type[BaseModel] | None:
+    for part in loc:
+        if model is None:
+            return None
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a dict key (a task's name) or a list index: same model further down
+        model = _block_in(field.annotation)
+    return model
+
+
+def _block_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _block_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _as_tuple(value: Any) -> Any:
+    # YAML gives lists; frozen settings keep tuples so that they stay hashable.
+    return tuple(value) if isinstance(value, list) else value
+
+
+class Block(BaseModel):
+    """A config block: frozen, unknown keys rejected, no silent type coercion (``1`` is not
+    ``true``, ``"3"`` is not ``3``; an integer is accepted where a number is)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        # Each job validates one block: build a model's validator when it is first used, not
+        # every model's at import (a job's start-up is most of its time with the tiny models).
+        defer_build=True,
+    )
+
+    #: Dotted key of the block in the configuration (``stats.robustness``); ``<name>`` stands for a
+    #: user-chosen entry name. Used in the messages of :meth:`from_config` and direct construction.
+    where: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _ROOTS[cls.__name__] = cls
+
+    @classmethod
+    def from_config(
+        cls: type[_B],
+        block: Mapping[str, Any] | None,
+        where: str | None = None,
+        *,
+        name: str | None = None,
+    ) -> _B:
+        """The settings of a plain config mapping (``None``: every default).
+
+        Raises :class:`ConfigError` naming each bad key under ``where`` (default: the block's
+        place in the configuration, with ``name`` for its entry name, e.g. the recipe's), its
+        value and what is allowed.
+        """
+        if where is None:
+            where = re.sub(r"<[a-z]+>", name, cls.where, count=1) if name else cls.where
+        if block is None:
+            block = {}
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{where} must be a mapping of settings, got {type(block).__name__}")
+        try:
+            return cls.model_validate(dict(block))
+        except ValidationError as error:
+            raise _config_error(error, where) from None
+
+    def to_config(self) -> dict[str, Any]:
+        """The block as plain config values (keys as in the config file, lists as lists)."""
+        return plain(self.model_dump(by_alias=True))
+
+
+def plain(value: Any) -> Any:
+    """Tuples to lists, recursively: what a YAML file or Snakemake's params would hold."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def _config_error(error: ValidationError, where: str) -> ConfigError:
+    prefix = [part for part in where.split(".") if part] if where else []
+    problems = problems_from(error, prefix)
+    return ConfigError(render(problems), problems)
+
+
+def render(problems: Sequence[Problem], readers: Any = None) -> str:
+    """The message of a :class:`ConfigError`: one line per problem (and the rules reading it)."""
+    lines = []
+    for problem in problems:
+        line = f"  - {problem}"
+        rules = readers(problem.key) if readers else []
+        if rules:
+            line += f" (read by rule{'s' if len(rules) > 1 else ''} {', '.join(rules)})"
+        lines.append(line)
+    return f"invalid configuration ({len(problems)} problem(s)):\n" + "\n".join(lines)

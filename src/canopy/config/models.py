@@ -1,0 +1,190 @@
+"""``families`` (the model pairs) and ``training`` (how families with ``source: train`` are made:
+canopy.training and its corpus read these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+
+from canopy.config.base import Block
+from canopy.config.types import NonEmptyStr, PositiveInt, PositiveNumber
+
+__all__ = [
+    "ARCHITECTURES",
+    "CorpusSettings",
+    "FamilySettings",
+    "ModelSettings",
+    "RESERVED_TEMPLATE_ARGUMENTS",
+    "Recipe",
+    "TOKENIZER_KINDS",
+    "TrainingSettings",
+]
+
+ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
+TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
+
+#: apply_chat_template arguments the sampler itself decides.
+RESERVED_TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents"}
+)
+
+
+def _not_reserved(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGUMENTS)
+    if reserved:
+        raise ValueError(f"may not set {', '.join(reserved)} (the sampler sets it)")
+    return kwargs
+
+
+#: Template variable names (keys of chat_template_kwargs) and their values.
+ChatKwargs = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any],
+    AfterValidator(_not_reserved),
+]
+
+
+class _ModelSource(Block):
+    source: Literal["train", "hub", "local"]
+    """train (made by this workflow), hub (downloaded at a pinned revision), local (a
+    transformers directory)."""
+    recipe: NonEmptyStr | None = Field(default=None, validate_default=True)
+    """source: train — a key of training.recipes."""
+    id: NonEmptyStr | None = Field(default=None, validate_default=True)
+    """source: hub — the hub repository id, e.g. Qwen/Qwen3-8B."""
+    revision: NonEmptyStr | None = Field(default=None, validate_default=True)
+    """source: hub — a commit hash (or tag) that pins the weights."""
+    path: NonEmptyStr | None = Field(default=None, validate_default=True)
+    """source: local — a transformers model directory."""
+
+    @field_validator("recipe", "id", "revision", "path")
+    @classmethod
+    def _fits_source(cls, value: object, info: ValidationInfo) -> object:
+        needs = {"train": ("recipe",), "hub": ("id", "revision"), "local": ("path",)}
+        source = info.data.get("source")
+        if value is None and source is not None and info.field_name in needs[source]:
+            raise ValueError(f"required by source {source}")
+        return value
+
+    def to_config(self) -> dict[str, Any]:
+        return {key: value for key, value in super().to_config().items() if value is not None}
+
+
+class BaseModelSettings(_ModelSource):
+    """``families.<family>.base``: the pre-trained model, sampled from the raw prompt text (chat
+    options belong to the family or to its finetuned entry)."""
+
+    where = "families.<family>.base"
+
+
+class ModelSettings(_ModelSource):
+    """``families.<family>.finetuned``: the fine-tuned model, sampled through its chat template."""
+
+    where = "families.<family>.finetuned"
+
+    chat_template_kwargs: ChatKwargs | None = None
+    """Keyword arguments of the chat template (tokenizer.apply_chat_template), e.g.
+    enable_thinking: false for Qwen3; wins key by key over the family's."""
+    system_prompt: NonEmptyStr | None = None
+    """A system turn before each prompt (wins over the family's)."""
+
+
+class FamilySettings(Block):
+    """``families.<family>``: a base model and its fine-tuned variant."""
+
+    where = "families.<family>"
+
+    base: BaseModelSettings
+    finetuned: ModelSettings
+    chat_template_kwargs: ChatKwargs | None = None
+    """Keyword arguments of the finetuned variant's chat template; part of what is sampled, so
+    changing it resamples that family only."""
+    system_prompt: NonEmptyStr | None = None
+    """A system turn before each prompt in the finetuned variant's chat template."""
+
+    @model_validator(mode="after")
+    def _trained_together(self) -> FamilySettings:
+        # A fine-tuned model is made from its own base, so a trained family trains both.
+        if (self.base.source == "train") != (self.finetuned.source == "train"):
+            raise ValueError(
+                "source train must be used for both base and finetuned (the fine-tuned model is "
+                "made from the trained base)"
+            )
+        return self
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_config(),
+            "finetuned": self.finetuned.to_config(),
+            **{
+                key: value
+                for key, value in super().to_config().items()
+                if key not in ("base", "finetuned") and value is not None
+            },
+        }
+
+
+class CorpusSettings(Block):
+    """``training.corpus``: how many pre-training documents and fine-tuning pairs, and their seed."""
+
+    where = "training.corpus"
+
+    pretrain_documents: PositiveInt = 4000
+    sft_pairs: PositiveInt = 1500
+    seed: int = 42
+
+
+class Recipe(Block):
+    """``training.recipes.<recipe>``: how one small family is made. The defaults are the calibrated
+    values of the embedded default (about a minute for base + fine-tune on 2 CPU cores)."""
+
+    where = "training.recipes.<recipe>"
+
+    architecture: Literal["gpt2", "llama"]
+    tokenizer: Literal["byte_bpe", "sentencepiece_bpe"]
+    vocab_size: Annotated[int, Field(ge=64)] = 1024
+    hidden_size: Annotated[int, Field(ge=8)] = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    context_length: Annotated[int, Field(ge=16)] = 512
+    pretrain_steps: PositiveInt = 300
+    sft_steps: PositiveInt = 150
+    batch_size: PositiveInt = 8
+    learning_rate: PositiveNumber = 5e-3
+    sft_learning_rate: PositiveNumber = 1e-3
+    seed: int = 42
+    # The optimiser and schedule of both stages: AdamW with these betas and weight decay (not on
+    # norm gains and biases), linear warm-up over this fraction of the steps, cosine decay to
+    # min_lr_ratio times the peak, gradients clipped to this norm.
+    warmup_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Share of each stage's steps spent warming the learning rate up from zero."""
+    min_lr_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Floor of the cosine decay, as a share of the peak learning rate."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    """AdamW weight decay (norm gains and biases are not decayed)."""
+    adam_beta1: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    max_grad_norm: PositiveNumber = 1.0
+    """Gradients are clipped to this global norm."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> Recipe:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.architecture == "llama" and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                "a llama recipe needs an even head size (rotary embeddings); "
+                f"hidden_size/num_heads is {self.hidden_size // self.num_heads}"
+            )
+        return self
+
+
+class TrainingSettings(Block):
+    """``training``: how families with ``source: train`` are made (the embedded default)."""
+
+    where = "training"
+
+    corpus: CorpusSettings = CorpusSettings()
+    recipes: dict[NonEmptyStr, Recipe] = {}

@@ -1,0 +1,100 @@
+"""``sampling.<name>``: one sweep point, sampled (canopy.sampling) or filtered from another point's
+rollouts by a reward model (canopy.filtering)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from canopy.config.base import Block
+from canopy.config.types import (
+    Device,
+    NonEmptyStr,
+    NonNegativeInt,
+    PositiveInt,
+    PositiveNumber,
+    Share,
+)
+
+__all__ = ["BACKENDS", "DTYPES", "FilterSettings", "RewardModel", "SamplingSettings"]
+
+BACKENDS: tuple[str, ...] = ("canopy", "vllm")
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class RewardModel(Block):
+    """A sequence-classification reward model with a chat template."""
+
+    where = "sampling.<name>.filter.reward_model"
+
+    model: NonEmptyStr
+    """Hub id, model directory or package:<module>."""
+    revision: NonEmptyStr | None = None
+    """A hub id's revision (fetched into resources/classifiers/ by download_classifier)."""
+
+
+class FilterSettings(Block):
+    """``sampling.<name>.filter``: makes the entry a rollout filter instead of a sampling run: the
+    reward model scores the rollouts of the entry ``from`` and each prompt's top ``keep`` share
+    forms this sweep point (rule filter_rollouts). The sampling keys of a filter entry are not used.
+    """
+
+    where = "sampling.<name>.filter"
+
+    source: NonEmptyStr = Field(alias="from")
+    """The sampling entry whose rollouts are filtered."""
+    reward_model: RewardModel
+    keep: Share = 0.7
+    """Share of each prompt's rollouts kept."""
+    batch_size: PositiveInt = 8
+    """(prompt, answer) pairs per forward pass."""
+    max_length: PositiveInt = 4096
+    """Tokens per (prompt, answer) pair; longer ones are cut from the end."""
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    """auto: bfloat16 on CUDA, float32 on the CPU."""
+
+    @property
+    def model(self) -> str:
+        return self.reward_model.model
+
+    @property
+    def revision(self) -> str | None:
+        return self.reward_model.revision
+
+
+class SamplingSettings(Block):
+    """``sampling.<name>``: one sampling run (the paper's defaults); the key names a results folder."""
+
+    where = "sampling.<name>"
+
+    rollouts: PositiveInt = 100
+    temperature: PositiveNumber = 1.0
+    top_k: NonNegativeInt = 100
+    """0 turns top-k off."""
+    top_p: Share = 1.0
+    max_new_tokens: PositiveInt = 4000
+    seed: int = 42
+    backend: Literal["canopy", "vllm"] = "canopy"
+    """canopy (our KV-cache sampler) or vllm (GPU; top-K log-probs renormalised)."""
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    max_batch_rows: NonNegativeInt = 0
+    """Rows of the continuous batch, filled with the rollouts of one prompt after another (0 = the
+    rollout count). Never changes a token: lower it after running out of memory."""
+    max_batch_tokens: NonNegativeInt = 0
+    """KV-cache budget of the batch in token slots (each row holds the length class, 32 x 2^k
+    positions, that fits it; 0 = no limit): no new rollout is admitted while it would be
+    exceeded. Never changes a token."""
+    chunks: PositiveInt = 1
+    """Sampling jobs per (model, task), each with its own prompts slice (and GPU on a cluster),
+    gathered into the same rollout table as one job writes."""
+    filter: FilterSettings | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sampling keys (not ``filter``), as plain values."""
+        values = self.to_config()
+        values.pop("filter")
+        return values

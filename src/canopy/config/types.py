@@ -1,0 +1,43 @@
+"""Value types shared by several config blocks (constraints appear in the generated schema)."""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from canopy.config.base import _as_tuple
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+#: Bootstrap resamples: fewer than 10 cannot give an interval.
+Resamples = Annotated[int, Field(ge=10)]
+#: An open-interval probability, e.g. a confidence level.
+Level = Annotated[float, Field(gt=0, lt=1)]
+#: A share in (0, 1], e.g. an opacity or the share of rollouts kept.
+Share = Annotated[float, Field(gt=0, le=1)]
+#: auto (CUDA when present, else the CPU), cpu, cuda or cuda:<index>.
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+#: A list of task names (at least one); null means every task.
+TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
+
+
+def format_fields(*names: str) -> Any:
+    """A validator: the string is a format string with exactly these ``{fields}``, once each."""
+
+    def check(value: str) -> str:
+        try:
+            found = [n for _, n, _, _ in string.Formatter().parse(value) if n is not None]
+        except ValueError as error:
+            raise ValueError(
+                f"not a valid format string ({error}); write literal braces as {{{{ and }}}}"
+            ) from None
+        if sorted(found) != sorted(names):
+            wanted = ", ".join("{" + n + "}" for n in names)
+            raise ValueError(f"must contain {wanted} once each and no other field, has {found}")
+        return value
+
+    return AfterValidator(check)
