@@ -1,5 +1,6 @@
 # Shared helpers: configuration validation, the experiment matrix, and input functions.
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -204,9 +205,36 @@ def prompt_source_files(wildcards):
     return [spec["path"]] if spec["source"] == "jsonl" else []
 
 
+def local_cuda_devices():
+    """CUDA devices this machine shows (NVIDIA's driver, or ROCm's), read without importing torch:
+    the Snakefile is parsed by every snakemake call, and torch takes seconds to load."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    count = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
+    return count or int(Path("/dev/kfd").exists())
+
+
 def device_gpus(device):
-    """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present)."""
-    return 0 if device == "cpu" else 1
+    """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present).
+
+    `auto` asks for none only when the job runs here (the local executor, not a dry run) and this
+    machine has no CUDA device: the job then runs on the CPU anyway, and asking for a GPU would
+    make the local `gpu` limit run such jobs one at a time. A cluster executor, or a dry run that
+    plans for one, always asks for the GPU that `auto` uses on the node.
+    """
+    if device == "cpu":
+        return 0
+    plugin = workflow.executor_plugin
+    runs_here = plugin is not None and not (
+        plugin.common_settings.non_local_exec
+        or plugin.common_settings.dryrun_exec
+        or plugin.common_settings.touch_exec
+    )
+    if device == "auto" and runs_here and local_cuda_devices() == 0:
+        return 0
+    return 1
 
 
 def sampling_params(wildcards):

@@ -21,7 +21,8 @@ rule embed_rollouts:
         "logs/embeddings/{sampling}/{embedder}/{family}/{variant}.log",
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # One thread, like sampling: on a CPU-only machine two jobs at once beat one job on two.
+    threads: 1
     resources:
         gpu=lambda wildcards: device_gpus(
             config["embedders"][wildcards.embedder]["device"]
