@@ -1,6 +1,5 @@
 # Shared helpers: configuration validation, the experiment matrix, and input functions.
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, check_references, validate_config
-from canopy.modeling import chat_options
+from canopy.modeling import chat_options, visible_cuda_devices
 
 CONFIG_CONSUMERS = {
     "seed": ["prepare_prompts"],
@@ -270,17 +269,6 @@ def prompt_source_files(wildcards):
     return [spec["path"]] if spec["source"] == "jsonl" else []
 
 
-def local_cuda_devices():
-    """CUDA devices this machine shows (NVIDIA's driver, or ROCm's), read without importing torch:
-    the Snakefile is parsed by every snakemake call, and torch takes seconds to load."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
-    nvidia = Path("/proc/driver/nvidia/gpus")
-    count = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
-    return count or int(Path("/dev/kfd").exists())
-
-
 def device_gpus(device):
     """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present).
 
@@ -297,7 +285,7 @@ def device_gpus(device):
         or plugin.common_settings.dryrun_exec
         or plugin.common_settings.touch_exec
     )
-    if device == "auto" and runs_here and local_cuda_devices() == 0:
+    if device == "auto" and runs_here and visible_cuda_devices() == 0:
         return 0
     return 1
 
