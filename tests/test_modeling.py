@@ -22,6 +22,7 @@ from canopy.modeling import (  # noqa: E402
     chat_options,
     check_chat_options,
     context_length,
+    visible_cuda_devices,
     eos_token_ids,
     format_prompt,
     load_model,
@@ -317,3 +318,14 @@ def test_eos_ids_missing_everywhere_is_an_error() -> None:
 def test_context_length_reads_gpt2_and_llama_configs() -> None:
     assert context_length(build_gpt2(20, context=64)) == 64
     assert context_length(build_llama(20, context=96)) == 96
+
+
+def test_visible_cuda_devices_agrees_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workflow's torch-free count says "none" exactly when torch sees no CUDA device, and an
+    empty CUDA_VISIBLE_DEVICES hides every device from both."""
+    import torch
+
+    assert (visible_cuda_devices() > 0) == torch.cuda.is_available()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert visible_cuda_devices() == 0

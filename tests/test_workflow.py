@@ -81,11 +81,18 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         "headline",
     ):
         assert jobs.get(rule, 0) >= 1, rule
-    # 2 families x 2 variants x 5 tasks (4 + the one-shot sweep point math_1shot); one embedding
-    # job per model; one sampling setting and one embedder, so one regression.
-    assert jobs["sample_rollouts"] == 2 * 2 * 5
-    assert jobs["embed_rollouts"] == 2 * 2
-    assert jobs["fit_glmm"] == 1
+    # The main setting: 2 families x 2 variants x 5 tasks (4 + the one-shot sweep point
+    # math_1shot). The sweep points topk20 (sampling) and minilm_prefixed (embedder) are analysed
+    # one at a time against it, on sweeps.tasks (2 tasks): one embedding job per model and pair,
+    # one regression per pair.
+    models = 2 * 2
+    assert jobs["sample_rollouts"] == models * 5 + models * 2
+    assert jobs["prompt_metrics"] == jobs["sample_rollouts"]
+    assert jobs["embed_rollouts"] == 3 * models
+    assert jobs["diversity"] == models * 5 + 2 * models * 2
+    assert jobs["fit_glmm"] == jobs["panel"] == 3
+    assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
+    assert jobs["figure_rho"] == 2 and jobs["figure_slopes"] == 3
 
 
 @pytest.mark.parametrize(
@@ -107,6 +114,7 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
             "figures.slopes.scatter_alpha = 0: Input should be greater than 0 "
             "(read by rule figure_slopes)",
         ),
+        (lambda c: c.update(sweeps={"tasks": ["coding", "math"]}), "sweeps.tasks"),
     ],
     ids=[
         "wrong-type",
@@ -115,6 +123,7 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         "dangling-reference",
         "formula-typo",
         "figure-setting",
+        "sweep-without-reference",
     ],
 )
 def test_broken_config_fails_before_any_job_naming_the_key(tmp_path: Path, edit, expected) -> None:

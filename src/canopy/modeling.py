@@ -33,6 +33,7 @@ __all__ = [
     "LoadedModel",
     "VARIANTS",
     "resolve_device",
+    "visible_cuda_devices",
     "resolve_dtype",
     "load_model",
     "format_prompt",
@@ -60,6 +61,22 @@ class LoadedModel:
     tokenizer: Any  # the matching transformers tokenizer
     device: torch.device
     dtype: torch.dtype
+
+
+def visible_cuda_devices() -> int:
+    """How many CUDA devices this machine shows (NVIDIA's driver, or ROCm's), without importing
+    torch: the workflow asks it when it plans jobs, and torch takes seconds to load.
+
+    ``CUDA_VISIBLE_DEVICES`` set to nothing (or -1) hides them all, as it does from torch.
+    """
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    count = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
+    return count or int(Path("/dev/kfd").exists())
 
 
 def resolve_device(device: str = "auto") -> torch.device:

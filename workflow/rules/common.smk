@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, SamplingSettings, validate_config
-from canopy.modeling import VARIANTS, chat_options
+from canopy.modeling import VARIANTS, chat_options, visible_cuda_devices
 
 
 # Library code is no input of any job, one policy for all. Snakemake reruns a job when its
@@ -101,6 +101,58 @@ SAMPLINGS = list(config["sampling"])
 # Sampling entries with a `filter` block are made from another entry's rollouts (filters.smk).
 FILTERED_SAMPLINGS = [s for s in SAMPLINGS if config["sampling"][s].get("filter")]
 EMBEDDERS = list(config["embedders"])
+
+
+SWEEPS = config.get("sweeps") or {}
+
+
+def _combinations():
+    """The (sampling point, embedder) pairs that get a panel, a regression and a row of the
+    ablation summary: every pair (`sweeps.design: grid`), or each sampling point with the first
+    embedder and each further embedder with the first sampling point (`one_at_a_time`, an
+    ablation that changes one thing at a time from the main setting)."""
+    if SWEEPS.get("design", "grid") == "grid":
+        return [(s, e) for s in SAMPLINGS for e in EMBEDDERS]
+    return [(s, EMBEDDERS[0]) for s in SAMPLINGS] + [
+        (SAMPLINGS[0], e) for e in EMBEDDERS[1:]
+    ]
+
+
+COMBINATIONS = _combinations()
+MAIN_COMBINATION = (SAMPLINGS[0], EMBEDDERS[0])
+_sweep_tasks = SWEEPS.get("tasks")
+# sweeps.tasks names known tasks and holds stats.reference_task (checked when validated).
+
+
+def combination_tasks(sampling, embedder):
+    """The tasks of one analysed pair: every task for the main setting (first sampling point,
+    first embedder), `sweeps.tasks` (when set) for every other pair, in the order of tasks.
+    """
+    if (sampling, embedder) == MAIN_COMBINATION or not _sweep_tasks:
+        return list(TASKS)
+    return [t for t in TASKS if t in _sweep_tasks]
+
+
+def sampling_tasks(sampling):
+    """The tasks a sampling point is analysed on: those of its pairs, in the order of tasks."""
+    wanted = {
+        t for s, e in COMBINATIONS if s == sampling for t in combination_tasks(s, e)
+    }
+    return [t for t in TASKS if t in wanted]
+
+
+def _matrix(tasks):
+    return [(f, v, t) for f in FAMILIES for v in VARIANTS for t in tasks]
+
+
+def combination_matrix(wildcards):
+    """(family, variant, task) of a pair's panel, for the {sampling} and {embedder} wildcards."""
+    return _matrix(combination_tasks(wildcards.sampling, wildcards.embedder))
+
+
+def combination_paths(pattern):
+    """The pattern's path for every analysed (sampling point, embedder) pair, in order."""
+    return [pattern.format(sampling=s, embedder=e) for s, e in COMBINATIONS]
 
 
 def _one_of(names):
@@ -237,8 +289,24 @@ def recipe_name(variant):
 
 
 def device_gpus(device):
-    """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present)."""
-    return 0 if device == "cpu" else 1
+    """GPUs a job asks for: none when pinned to the CPU, one otherwise (CUDA is used when present).
+
+    `auto` asks for none only when the job runs here (the local executor, not a dry run) and this
+    machine has no CUDA device: the job then runs on the CPU anyway, and asking for a GPU would
+    make the local `gpu` limit run such jobs one at a time. A cluster executor, or a dry run that
+    plans for one, always asks for the GPU that `auto` uses on the node.
+    """
+    if device == "cpu":
+        return 0
+    plugin = workflow.executor_plugin
+    runs_here = plugin is not None and not (
+        plugin.common_settings.non_local_exec
+        or plugin.common_settings.dryrun_exec
+        or plugin.common_settings.touch_exec
+    )
+    if device == "auto" and runs_here and visible_cuda_devices() == 0:
+        return 0
+    return 1
 
 
 # The keys sample_rollouts reads: an entry's sampling keys, not its filter block.
@@ -274,9 +342,9 @@ def analysis_targets():
         for check in ("lmm", "fixed_effects", "length_matched")
         if robustness[check]
     ]
-    return ["results/headline.tsv"] + expand(
-        tables, sampling=SAMPLINGS, embedder=EMBEDDERS
-    )
+    return ["results/headline.tsv"] + [
+        path for table in tables for path in combination_paths(table)
+    ]
 
 
 # Every (family, variant, task) of the experiment, in the order stats scripts pair with paths.
@@ -289,19 +357,22 @@ def semantic_entropy_paths():
     if not config["diversity"].get("semantic_entropy"):
         return []
     return matrix_paths(
-        "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet"
+        "results/semantic_entropy/{sampling}/{family}/{variant}/{task}.parquet",
+        combination_matrix,
     )
 
 
 def matrix_paths(pattern, matrix=None):
     """Input function: the pattern's path for every (family, variant, task) of ``matrix`` (all of
-    MATRIX by default), in that order; scripts pair the paths with the same list in params.
+    MATRIX by default; a list, or a function of the wildcards that returns one), in that order;
+    scripts pair the paths with the same list in params.
     """
 
     def paths(wildcards):
+        keys = MATRIX if matrix is None else matrix
         return [
             pattern.format(family=f, variant=v, task=t, **wildcards)
-            for f, v, t in (MATRIX if matrix is None else matrix)
+            for f, v, t in (keys(wildcards) if callable(keys) else keys)
         ]
 
     return paths
@@ -314,15 +385,16 @@ EMBEDDER_FIGURES = ["slopes", "residuals"]
 
 
 def figure_matrix(name):
-    """(family, variant, task) drawn by a figure: its `tasks` setting (checked against tasks when
-    the config is validated), or every task in config order."""
+    """(family, variant, task) drawn by a figure of the {sampling} wildcard's point, as a function
+    of the wildcards: the figure's `tasks` setting (checked against tasks when the config is
+    validated), or every task in config order, among the tasks that sampling point is analysed
+    on."""
     tasks = config["figures"][name].get("tasks") or TASKS
-    return [
-        (family, variant, task)
-        for family in config["families"]
-        for variant in VARIANTS
-        for task in tasks
-    ]
+
+    def matrix(wildcards):
+        return _matrix([t for t in tasks if t in sampling_tasks(wildcards.sampling)])
+
+    return matrix
 
 
 def figure_inputs(name, pattern):
@@ -332,7 +404,7 @@ def figure_inputs(name, pattern):
 
 
 def figure_targets():
-    """Every figure of every sampling setting (1-4, 7) and (sampling setting, embedder) (5-6),
+    """Every figure of every sampling setting (1-4, 7) and analysed (sampling setting, embedder) (5-6),
     and the ablation forest plot over all of them (8)."""
     return (
         expand(
@@ -341,12 +413,13 @@ def figure_targets():
             figure=SAMPLING_FIGURES,
             ext=["pdf", "png"],
         )
-        + expand(
-            "results/figures/{sampling}/{embedder}/{figure}.{ext}",
-            sampling=list(config["sampling"]),
-            embedder=list(config["embedders"]),
-            figure=EMBEDDER_FIGURES,
-            ext=["pdf", "png"],
-        )
+        + [
+            path
+            for figure in EMBEDDER_FIGURES
+            for ext in ("pdf", "png")
+            for path in combination_paths(
+                f"results/figures/{{sampling}}/{{embedder}}/{figure}.{ext}"
+            )
+        ]
         + expand("results/figures/ablation_forest.{ext}", ext=["pdf", "png"])
     )

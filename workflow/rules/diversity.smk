@@ -5,23 +5,25 @@
 
 rule embed_rollouts:
     # One job per model embeds all its tasks: loading sentence-transformers takes several seconds
-    # per process, more than embedding a small task's rollouts.
+    # per process, more than embedding a small task's rollouts. The output is the model's folder
+    # of <task>.npz files, one per task the (sampling point, embedder) pair is analysed on.
     input:
-        rollouts=expand(
-            "results/rollouts/{{sampling}}/{{family}}/{{variant}}/{task}.parquet",
-            task=TASKS,
+        rollouts=lambda wildcards: expand(
+            "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+            sampling=wildcards.sampling,
+            family=wildcards.family,
+            variant=wildcards.variant,
+            task=combination_tasks(wildcards.sampling, wildcards.embedder),
         ),
         embedder=embedder_dir,
     output:
-        expand(
-            "results/embeddings/{{sampling}}/{{embedder}}/{{family}}/{{variant}}/{task}.npz",
-            task=TASKS,
-        ),
+        directory("results/embeddings/{sampling}/{embedder}/{family}/{variant}"),
     log:
         "logs/embeddings/{sampling}/{embedder}/{family}/{variant}.log",
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # One thread, like sampling: on a CPU-only machine two jobs at once beat one job on two.
+    threads: 1
     resources:
         gpu=lambda wildcards: device_gpus(
             config["embedders"][wildcards.embedder]["device"]
@@ -34,7 +36,7 @@ rule embed_rollouts:
 
 rule diversity:
     input:
-        embeddings="results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz",
+        embeddings="results/embeddings/{sampling}/{embedder}/{family}/{variant}",
         rollouts="results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
     output:
         "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet",

@@ -9,11 +9,7 @@ rule lock:
         prompts=expand("resources/prompts/{task}.source.json", task=TASKS),
         embedders=embedder_dirs,
         classifiers=expand("resources/classifiers/{name}", name=list(HUB_CLASSIFIERS)),
-        glmm=expand(
-            "results/stats/{sampling}/{embedder}/glmm/summary.json",
-            sampling=SAMPLINGS,
-            embedder=EMBEDDERS,
-        ),
+        glmm=combination_paths("results/stats/{sampling}/{embedder}/glmm/summary.json"),
     output:
         lock="results/provenance/lock.yaml",
         table=report(

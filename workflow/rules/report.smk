@@ -20,16 +20,8 @@ report: _REPORT_TEXT
 
 rule headline:
     input:
-        slopes=expand(
-            "results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
-            sampling=SAMPLINGS,
-            embedder=EMBEDDERS,
-        ),
-        panels=expand(
-            "results/panel/{sampling}/{embedder}.parquet",
-            sampling=SAMPLINGS,
-            embedder=EMBEDDERS,
-        ),
+        slopes=combination_paths("results/stats/{sampling}/{embedder}/glmm/slopes.tsv"),
+        panels=combination_paths("results/panel/{sampling}/{embedder}.parquet"),
     output:
         report(
             "results/headline.tsv",
@@ -42,23 +34,15 @@ rule headline:
     conda:
         "../../envs/analysis.yaml"
     params:
-        combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
+        combinations=COMBINATIONS,
     script:
         "../scripts/headline.py"
 
 
 rule ablation_summary:
     input:
-        slopes=expand(
-            "results/stats/{sampling}/{embedder}/glmm/slopes.tsv",
-            sampling=SAMPLINGS,
-            embedder=EMBEDDERS,
-        ),
-        panels=expand(
-            "results/panel/{sampling}/{embedder}.parquet",
-            sampling=SAMPLINGS,
-            embedder=EMBEDDERS,
-        ),
+        slopes=combination_paths("results/stats/{sampling}/{embedder}/glmm/slopes.tsv"),
+        panels=combination_paths("results/panel/{sampling}/{embedder}.parquet"),
     output:
         report(
             "results/ablation/summary.tsv",
@@ -71,7 +55,7 @@ rule ablation_summary:
     conda:
         "../../envs/analysis.yaml"
     params:
-        combinations=[(s, e) for s in SAMPLINGS for e in EMBEDDERS],
+        combinations=COMBINATIONS,
         bootstrap=config_provider("metrics.bootstrap"),
     script:
         "../scripts/ablation_summary.py"

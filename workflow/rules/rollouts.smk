@@ -17,7 +17,9 @@ rule sample_rollouts:
         sampling=_one_of(UNCHUNKED_POINTS),
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # One thread: these models are too small for a second thread to help, and on a CPU-only
+    # machine two one-thread jobs at once finish sooner than two two-thread jobs in turn.
+    threads: 1
     resources:
         gpu=sampling_gpus,
     params:
@@ -41,7 +43,9 @@ rule sample_rollouts_chunk:
         chunk=r"\d+",
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # One thread: these models are too small for a second thread to help, and on a CPU-only
+    # machine two one-thread jobs at once finish sooner than two two-thread jobs in turn.
+    threads: 1
     resources:
         gpu=sampling_gpus,
     params:

@@ -4,10 +4,12 @@
 rule panel:
     input:
         metrics=matrix_paths(
-            "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"
+            "results/metrics/{sampling}/{family}/{variant}/{task}.parquet",
+            combination_matrix,
         ),
         diversity=matrix_paths(
-            "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet"
+            "results/diversity/{sampling}/{embedder}/{family}/{variant}/{task}.parquet",
+            combination_matrix,
         ),
         semantic=semantic_entropy_paths(),
     output:
@@ -18,7 +20,7 @@ rule panel:
     conda:
         "../../envs/analysis.yaml"
     params:
-        matrix=MATRIX,
+        matrix=combination_matrix,
     script:
         "../scripts/build_panel.py"
 
@@ -151,10 +153,13 @@ rule robustness_fixed_effects:
 rule robustness_length_matched:
     input:
         rollouts=matrix_paths(
-            "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet"
+            "results/rollouts/{sampling}/{family}/{variant}/{task}.parquet",
+            combination_matrix,
         ),
+        # Each model's embeddings directory, once per task (the script opens <task>.npz there).
         embeddings=matrix_paths(
-            "results/embeddings/{sampling}/{embedder}/{family}/{variant}/{task}.npz"
+            "results/embeddings/{sampling}/{embedder}/{family}/{variant}",
+            combination_matrix,
         ),
     output:
         report(
@@ -168,7 +173,7 @@ rule robustness_length_matched:
         "../../envs/stats.yaml"
     threads: 2
     params:
-        matrix=MATRIX,
+        matrix=combination_matrix,
         settings=config_provider(
             "stats",
             "formula",

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from canopy.config.figures import FigureSettings, FiguresSettings
     from canopy.config.models import CorpusSettings, FamilySettings, Recipe, TrainingSettings
     from canopy.config.prompts import FewShotSettings, TaskSettings
-    from canopy.config.root import Config
+    from canopy.config.root import Config, SweepsSettings
     from canopy.config.sampling import FilterSettings, SamplingSettings
 
 #: Where each model is defined. Loaded on first use: a job that validates one block (stats.py
@@ -45,7 +45,7 @@ _HOMES = {
     **dict.fromkeys(["CorpusSettings", "FamilySettings", "Recipe", "TrainingSettings"], "models"),
     **dict.fromkeys(["FewShotSettings", "TaskSettings"], "prompts"),
     **dict.fromkeys(["FilterSettings", "SamplingSettings"], "sampling"),
-    "Config": "root",
+    **dict.fromkeys(["Config", "SweepsSettings"], "root"),
 }  # fmt: skip
 
 
@@ -73,6 +73,7 @@ __all__ = [
     "Recipe",
     "RobustnessSettings",
     "SamplingSettings",
+    "SweepsSettings",
     "SemanticEntropySettings",
     "StatsSettings",
     "TaskSettings",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from canopy.config.analysis import (
     DiversitySettings,
@@ -21,10 +21,39 @@ from canopy.config.models import FamilySettings, TrainingSettings
 from canopy.config.prompts import TaskSettings
 from canopy.config.sampling import SamplingSettings
 
-__all__ = ["Config", "cross_problems"]
+__all__ = ["Config", "SweepsSettings", "cross_problems"]
 
 #: Names of tasks, families, sampling points and embedders become folder names and wildcards.
 EntryName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class SweepsSettings(Block):
+    """``sweeps``: which (sampling point, embedder) pairs are analysed (a panel, a regression and
+    a row of the ablation summary each), and on which tasks. The main setting is the first
+    sampling point with the first embedder."""
+
+    where = "sweeps"
+
+    design: Literal["grid", "one_at_a_time"] = "grid"
+    """grid: every pair. one_at_a_time: every sampling point with the first embedder, and every
+    further embedder with the first sampling point, so that each sweep point differs from the
+    main setting in one thing and costs one regression."""
+    tasks: Annotated[tuple[EntryName, ...], Field(min_length=2)] | None = None
+    """The tasks every pair but the main setting is sampled, embedded and fitted on (null: every
+    task). Must contain stats.reference_task: a cheaper sweep, at the price of comparing sweep
+    points on fewer tasks than the main setting."""
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("each task once")
+        return value
 
 
 class Config(Block):
@@ -44,6 +73,7 @@ class Config(Block):
     embedders: Annotated[dict[EntryName, EmbedderSettings], Field(min_length=1)]
     """Sentence embedders; each key names a results folder."""
     diversity: DiversitySettings = DiversitySettings()
+    sweeps: SweepsSettings = SweepsSettings()
     stats: StatsSettings = StatsSettings()
     figures: FiguresSettings = FiguresSettings()
 
@@ -102,6 +132,18 @@ def cross_problems(config: Mapping[str, Any]) -> list[Problem]:
     if tasks and reference not in tasks:
         problems.append(Problem(["stats", "reference_task"], reference,
                                 f"not a key of tasks (known: {', '.join(tasks)})"))  # fmt: skip
+    sweeps = config.get("sweeps") if isinstance(config.get("sweeps"), Mapping) else {}
+    swept = sweeps.get("tasks")
+    if isinstance(swept, list) and tasks:
+        unknown = [task for task in swept if task not in tasks]
+        if unknown:
+            problems.append(Problem(["sweeps", "tasks"], swept,
+                                    f"{', '.join(map(str, unknown))} not a key of tasks "
+                                    f"(known: {', '.join(tasks)})"))  # fmt: skip
+        elif reference not in swept:
+            problems.append(Problem(["sweeps", "tasks"], swept,
+                                    f"must contain stats.reference_task ({reference}), the task "
+                                    "every regression compares the others with"))  # fmt: skip
     for figure, settings in _entries(config.get("figures")).items():
         chosen = settings.get("tasks")
         for task in chosen if isinstance(chosen, list) else ():
