@@ -55,8 +55,8 @@ class SamplingSettings:
     dtype: str = "auto"
     # Rows of the continuous batch (rollouts of one or more prompts); 0: the rollout count M.
     max_batch_rows: int = 0
-    # KV-cache token slots the batch's rows may hold when a rollout is admitted (each row holds
-    # its length class); 0: no limit beyond the rows.
+    # KV-cache positions the batch's rows may hold at once (its paged pool); 0: what the
+    # one-prompt-at-a-time sampler holds (see canopy.sampling.batcher.default_pool_tokens).
     max_batch_tokens: int = 0
     # Sampling jobs a task's prompts are split into (gathered into one table).
     chunks: int = 1
