@@ -59,7 +59,8 @@ def paper_config_for_tests() -> dict:
     for family in config["families"].values():
         assert family["base"]["source"] == family["finetuned"]["source"] == "hub"
     for settings in config["sampling"].values():
-        settings.update(rollouts=3, max_new_tokens=24, device="cpu", dtype="float32")
+        # 2 chunks of the 2 prompts: the paper's chunked sampling path, one prompt per job.
+        settings.update(rollouts=3, max_new_tokens=24, device="cpu", dtype="float32", chunks=2)
     for settings in config["embedders"].values():
         settings.update(device="cpu", batch_size=8, max_length=128)
     config["diversity"]["semantic_entropy"].update(device="cpu", batch_size=16, max_length=128)
@@ -176,7 +177,9 @@ def paper_run(hub, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("paper")
     configfile = write_config(workdir, config)
     started = time.monotonic()
-    fetch = run(server, workdir, "--cores", "2", "--configfile", configfile, "--until", *FETCH_RULES)
+    fetch = run(
+        server, workdir, "--cores", "2", "--configfile", configfile, "--until", *FETCH_RULES
+    )
     assert fetch.returncode == 0, output(fetch)[-8000:]
     requests_after_fetch = len(server.requests)
     assert requests_after_fetch > 0
@@ -266,14 +269,17 @@ def test_a_moved_branch_is_reported_and_a_new_pin_refetches_only_what_it_names(p
     check = run(server, workdir, "check_hub_revisions", "--cores", "1", "--configfile", configfile)
     assert check.returncode != 0
     message = output(check)
-    assert f"{moved_id}@main: fetched {commits[moved_id]}, now {new_commit}" in message, message[-4000:]
+    assert f"{moved_id}@main: fetched {commits[moved_id]}, now {new_commit}" in message, message[
+        -4000:
+    ]
     assert "set each revision in the config to the new commit SHA" in message
     # Pinning the new commit refetches that model and reruns what was computed from it, only.
     pinned = copy.deepcopy(config)
     pinned["families"]["qwen3"]["finetuned"]["revision"] = new_commit
     plan = run(server, workdir, "-n", "--configfile", write_config(workdir / "pinned", pinned))
     jobs = planned_jobs(plan.stdout)
-    assert jobs["download_model"] == 1 and jobs["sample_rollouts"] == len(config["tasks"]), jobs
+    assert jobs["download_model"] == 1, jobs
+    assert jobs["sample_rollouts_chunk"] == 2 * jobs["gather_rollouts"] == 2 * len(config["tasks"])
     assert "download_embedder" not in jobs and "prepare_prompts" not in jobs
 
 
