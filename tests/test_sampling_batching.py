@@ -226,8 +226,8 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
 
 
 def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -> None:
-    """Long rollouts (no EOS in reach): by default all rows run (one forward per step) in a pool
-    sized for the worst case; with max_batch_tokens the blocks in use stay within it, rows that
+    """Long rollouts (no EOS in reach): by default all rows run (one forward per step), the pool
+    growing as they need; with max_batch_tokens the blocks in use stay within it, rows that
     need more wait, and the rows are the same; a budget below one rollout's need is refused."""
     model = build_llama(VOCAB, context=512, seed=2)
     never = [VOCAB + 5]
@@ -237,6 +237,7 @@ def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -
     assert [r["n_steps"] for r in rows["long"]] == [300] * 4
     # 3 + 299 positions: 19 blocks of 16 per row.
     assert stats.waits == 0 and stats.forwards == 299 and stats.peak_cache_tokens == 4 * 19 * 16
+    assert 0 < stats.pool_growths < 10  # the pool grew geometrically beyond its first budget
     # The default admission budget: 4 rows of one block, + 19 blocks for one rollout's reserve.
     assert batcher_module.default_pool_tokens(4, 3, 300) == (4 + 19) * 16
     tight = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": (4 + 19) * 16})

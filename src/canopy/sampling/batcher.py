@@ -1,19 +1,23 @@
 """Continuous batching: the rollouts of many prompts share one batch that is refilled as rows end.
 
 The batch has a row budget (``max_batch_rows``, default: the rollout count M) and a KV-cache budget
-in tokens (``max_batch_tokens``: the size of the paged pool every row's keys and values live in,
-allocated once; 0 derives it, see :func:`default_pool_tokens`). Prompts are taken in order; each is
+in tokens (``max_batch_tokens``: the size of the paged pool every row's keys and values live in;
+0 derives an admission budget, see :func:`default_pool_tokens`). Prompts are taken in order; each is
 prefilled once (batch size 1), its full blocks written into the pool once and shared by all its
 rollouts. Admission happens whenever rows and blocks are free, so the tail of one prompt's
 rollouts runs beside the start of the next prompt's instead of alone. A prompt is handed to
 ``on_done`` (which writes its shard) as soon as its last rollout ends, so a killed job keeps every
 prompt finished before it.
 
-Memory is bounded by the pool, not by what the rows would like: a row that needs a new block when
-none can be spared waits (it is not fed and draws nothing that step) until rows end and give
-theirs back. So that waiting never deadlocks, the oldest row is always served, and everything else
-(admissions, other rows' blocks) leaves free at least the blocks one rollout can need from its
-prompt to ``max_new_tokens``: when the oldest row ends, the next oldest can run to the end too.
+Memory follows the one-prompt-at-a-time sampler's: by default no new row is admitted while the
+blocks in use exceed what that sampler holds on its first step (M copies of the prompt plus one
+token), or, once prompts have finished, the most it would have held on any of them (computed from
+their rollouts' lengths); admitted rows always grow. Under ``max_batch_tokens`` the pool is a hard
+bound: a row that needs a new block when none can be spared waits (it is not fed and draws nothing
+that step) until rows end and give theirs back. So that waiting never deadlocks, the oldest row is
+always served, and everything else (admissions, other rows' blocks) leaves free at least the
+blocks one rollout can need from its prompt to ``max_new_tokens``: when the oldest row ends, the
+next oldest can run to the end too.
 
 Determinism is the sampler's contract, unchanged: rollout i of prompt p draws step t with the i-th
 uniform of (prompt seed of p, t), so the tokens do not depend on the budgets, on which other
@@ -92,7 +96,8 @@ class BatchStats:
     forwards: int = 0  # decode forward passes (prefills not counted)
     prefills: int = 0
     waits: int = 0  # row-steps a row waited for a block of the pool
-    peak_cache_bytes: int = 0  # the pool (allocated once)
+    pool_growths: int = 0  # times the default pool was enlarged (one copy each)
+    peak_cache_bytes: int = 0  # the pool at its largest
     peak_cache_tokens: int = 0  # token slots of the pool in use at the fullest
     rows_per_step: list[int] = field(default_factory=list, repr=False)
 
@@ -159,8 +164,9 @@ def default_pool_tokens(rows: int, longest_prompt: int, max_new_tokens: int) -> 
     What the one-prompt-at-a-time sampler holds on its first step with the same row budget: its
     ``rows`` rows, each a copy of the longest prompt plus one token (rounded up to whole blocks;
     here the rows share the prompt's full blocks, so these blocks admit at least as many rows),
-    plus the reserve that lets one rollout run from its prompt to ``max_new_tokens``. Rows that
-    grow beyond that wait for others to end rather than take more memory.
+    plus one rollout's reserve (its prompt to ``max_new_tokens``). New rows are admitted while the
+    blocks in use stay within it (or within the most the one-prompt sampler held on a finished
+    prompt, when that is more).
     """
     first_step = max(
         -(-rows * (longest_prompt + 1) // BLOCK_SIZE), longest_prompt // BLOCK_SIZE + rows
@@ -210,20 +216,13 @@ class _Batcher:
         # governs admission only: it starts at what the one-prompt sampler holds on its first
         # step (default_pool_tokens) and rises to the most that sampler held on any prompt
         # finished so far (computed from their rollouts' lengths); admitted rows always grow,
-        # into a pool sized for every row reaching max_new_tokens (what the one-prompt sampler
-        # must be able to hold; on CPU only the blocks used become resident).
-        if settings.max_batch_tokens:
-            self.budget = -(-settings.max_batch_tokens // bs)
-            capacity = self.budget
-            self.adaptive = False
-        else:
+        # the pool growing geometrically if they need more than it holds.
+        self.budget = -(-settings.max_batch_tokens // bs)
+        self.adaptive = not settings.max_batch_tokens
+        if self.adaptive:
             self.budget = (
                 default_pool_tokens(self.row_budget, longest_prompt, settings.max_new_tokens) // bs
             )
-            shared = longest_prompt // bs
-            capacity = max(self.budget, self.row_budget * (self.reserve + shared + 1))
-            capacity += self.reserve  # so that no row ever waits
-            self.adaptive = True
         if self.budget < self.reserve:
             raise ValueError(
                 f"max_batch_tokens={settings.max_batch_tokens} cannot hold one rollout of the "
@@ -233,7 +232,7 @@ class _Batcher:
         self.cache = PagedCache(
             self.layer_types,
             self.window,
-            blocks=capacity + 1,  # + the scratch block
+            blocks=self.budget + 1,  # + the scratch block
             block_size=bs,
             dtype=self.dtype,
             device=self.device,
@@ -250,9 +249,17 @@ class _Batcher:
         return room if self.adaptive else room - self.reserve
 
     def growth_room(self, oldest: bool) -> int:
-        """Blocks a growing row may take now (the oldest may use the reserve)."""
-        limit = self.cache.blocks - 1 if self.adaptive else self.budget
-        return limit - self.used_blocks() - (0 if oldest else self.reserve)
+        """Blocks a growing row may take now (the oldest may use the reserve; by default any)."""
+        if self.adaptive:
+            return 1
+        return self.budget - self.used_blocks() - (0 if oldest else self.reserve)
+
+    def take(self, count: int) -> list[int]:
+        """``count`` blocks of the pool, enlarging it by default when it has too few."""
+        if self.cache.free_blocks < count and self.adaptive:
+            self.cache.grow(max(self.cache.blocks * 3 // 2, self.cache.blocks + count))
+            self.stats.pool_growths += 1
+        return self.cache.allocate(count)
 
     def observe(self, prompt: _Prompt) -> None:
         """Raise the default budget to the KV the one-prompt sampler held on ``prompt``: its
@@ -264,7 +271,7 @@ class _Batcher:
         steps = np.arange(1, lengths[0])
         alive = len(lengths) - np.searchsorted(lengths[::-1], steps, side="right")
         held = int((alive * (len(prompt.job.token_ids) + steps)).max(initial=0))
-        self.budget = min(self.cache.blocks - 1, max(self.budget, -(-held // BLOCK_SIZE)))
+        self.budget = max(self.budget, -(-held // BLOCK_SIZE))
 
     # ------------------------------------------------------------------ admission
 
@@ -291,7 +298,7 @@ class _Batcher:
         )
         prompt.prefill_logits = output.logits[:, -1, :]
         full = len(ids) // BLOCK_SIZE * BLOCK_SIZE
-        prompt.shared = self.cache.allocate(full // BLOCK_SIZE)
+        prompt.shared = self.take(full // BLOCK_SIZE)
         slots = self.cache.slots(prompt.shared, 0, full)
         # The tail (under one block) is copied into each rollout's own first block.
         prompt.tail = []
@@ -319,7 +326,7 @@ class _Batcher:
             if prompt.prefill_logits is None:
                 self._prefill(prompt)
             length = len(prompt.job.token_ids)
-            own = self.cache.allocate(1) if length % BLOCK_SIZE else []
+            own = self.take(1) if length % BLOCK_SIZE else []
             if own:
                 start = length // BLOCK_SIZE * BLOCK_SIZE
                 slots = self.cache.slots(prompt.shared + own, start, length)
@@ -345,7 +352,7 @@ class _Batcher:
                 if self.growth_room(oldest=number == 0) < 1:
                     self.stats.waits += 1
                     continue
-                row.own += self.cache.allocate(1)
+                row.own += self.take(1)
             fed.append(row)
         return fed
 

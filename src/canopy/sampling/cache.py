@@ -2,8 +2,9 @@
 the continuous batch's rows share, written in place and never copied per step.
 
 :class:`PagedCache` holds, per layer, one pool of token slots ``[blocks x block_size, kv_heads,
-head_dim]``, allocated once at the size of the batch's budget (no growth, no reallocation, no
-buffers freed and retaken, so the process's memory stays where the budget puts it). A row is one
+head_dim]``, sized by the batch's budget (a hard bound under ``max_batch_tokens``; by default it
+grows geometrically when the admitted rows need more, one copy each time, a few times per run; on
+CPU the blocks never handed out are never touched, so they cost no resident memory). A row is one
 rollout; it owns a list of blocks (its block table), and the full blocks of its prompt are shared
 by all the prompt's rollouts (written once, released when the prompt's last rollout ends). A
 finished row gives its blocks back; nothing is moved. A decode step writes every row's new key and
@@ -221,6 +222,7 @@ class PagedCache:
         self.keys: list[torch.Tensor | None] = [None] * len(layer_types)
         self.values: list[torch.Tensor | None] = [None] * len(layer_types)
         self._free = list(range(blocks - 1, 0, -1))  # pop() hands out low blocks first
+        self.growths = 0
         self._write: torch.Tensor | None = None
         self.buckets: list[Bucket] = []
 
@@ -245,6 +247,20 @@ class PagedCache:
         for pool in self.keys + self.values:
             if pool is not None:
                 pool.index_fill_(0, slots, 0)
+
+    def grow(self, blocks: int) -> None:
+        """Enlarge the pool to ``blocks`` blocks (one copy of what it holds; rare: geometric)."""
+        if blocks <= self.blocks:
+            return
+        for pools in (self.keys, self.values):
+            for layer, old in enumerate(pools):
+                if old is not None:
+                    new = old.new_empty((blocks * self.block_size, *old.shape[1:]))
+                    new[: old.shape[0]] = old
+                    pools[layer] = new
+        self._free = list(range(blocks - 1, self.blocks - 1, -1)) + self._free
+        self.blocks = blocks
+        self.growths += 1
 
     def release(self, blocks: Sequence[int]) -> None:
         self._free.extend(blocks)
