@@ -4,7 +4,7 @@ Three samplers produce the same thing, M rollouts per prompt with, for every ste
 the distribution sampled from and the log-probability of the drawn token:
 
 * ``continuous`` — ``canopy.sampling.sample_prompts``: the rollouts of all prompts in one
-  continuous batch over the length-class slot cache;
+  continuous batch over a paged KV pool;
 * ``one-prompt`` — ``canopy.sampling.sample_prompt_dynamic``, the sampler before continuous
   batching (one prompt at a time, transformers' DynamicCache), kept as the named baseline;
 * ``generate`` — the peer below.
@@ -46,7 +46,7 @@ printed beside tokens per second.
 * heavy-tailed: 8 prompts x M=100 rollouts, up to 1000 new tokens, an EOS hazard of 1/(t + 20)
   at step t (a rollout survives t steps with probability about 20/(t + 20): most end within a
   hundred tokens, about 2 % run to the cap). Tokens/s of all three, the mean number of rows per
-  sampling step, peak memory, and a check that continuous batching drew exactly the baseline's
+  sampling step, peak memory (resident set; and KV positions held at the fullest), and a check that continuous batching drew exactly the baseline's
   tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
   scores take 3.3 GB per prompt here); its tokens/s is a rate, comparable across prompt counts.
 
