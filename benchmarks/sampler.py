@@ -46,8 +46,8 @@ printed beside tokens per second.
 * heavy-tailed: 8 prompts x M=100 rollouts, up to 1000 new tokens, an EOS hazard of 1/(t + 20)
   at step t (a rollout survives t steps with probability about 20/(t + 20): most end within a
   hundred tokens, about 2 % run to the cap). Tokens/s of all three, the mean number of rows per
-  sampling step, peak memory (resident set; and KV positions held at the fullest), and a check that continuous batching drew exactly the baseline's
-  tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
+  sampling step, peak memory (resident set; and KV positions held at the fullest), and a check
+  that continuous batching drew exactly the baseline's tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
   scores take 3.3 GB per prompt here); its tokens/s is a rate, comparable across prompt counts.
 
 Run: ``python benchmarks/sampler.py`` (10-20 minutes on 2 cores), ``--only-heavy`` for the last
