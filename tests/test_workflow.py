@@ -97,10 +97,7 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         (lambda c: c["sampling"]["default"].update(top_k="many"), "sampling.default.top_k"),
         (lambda c: c["sampling"]["default"].update(topk=5), "sampling.default.topk"),
         (lambda c: c["tasks"]["math"].pop("n_prompts"), "n_prompts"),
-        (
-            lambda c: c["families"]["tinygpt"]["base"].update(recipe="nope"),
-            "families.tinygpt.base.recipe",
-        ),
+        (lambda c: c["families"]["tinygpt"]["base"].update(recipe="nope"), "families.tinygpt.base.recipe"),
     ],
     ids=["wrong-type", "unknown-key", "missing-key", "dangling-reference"],
 )
