@@ -4,7 +4,7 @@ Three samplers produce the same thing, M rollouts per prompt with, for every ste
 the distribution sampled from and the log-probability of the drawn token:
 
 * ``continuous`` — ``canopy.sampling.sample_prompts``: the rollouts of all prompts in one
-  continuous batch over the length-class slot cache;
+  continuous batch over a paged KV pool;
 * ``one-prompt`` — ``canopy.sampling.sample_prompt_dynamic``, the sampler before continuous
   batching (one prompt at a time, transformers' DynamicCache), kept as the named baseline;
 * ``generate`` — the peer below.
@@ -46,8 +46,8 @@ printed beside tokens per second.
 * heavy-tailed: 8 prompts x M=100 rollouts, up to 1000 new tokens, an EOS hazard of 1/(t + 20)
   at step t (a rollout survives t steps with probability about 20/(t + 20): most end within a
   hundred tokens, about 2 % run to the cap). Tokens/s of all three, the mean number of rows per
-  sampling step, peak memory, and a check that continuous batching drew exactly the baseline's
-  tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
+  sampling step, peak memory (resident set; and KV positions held at the fullest), and a check
+  that continuous batching drew exactly the baseline's tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
   scores take 3.3 GB per prompt here); its tokens/s is a rate, comparable across prompt counts.
 
 Run: ``python benchmarks/sampler.py`` (10-20 minutes on 2 cores), ``--only-heavy`` for the last
@@ -68,6 +68,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# This checkout's library, not another one installed in the environment (an editable install of
+# another worktree would otherwise be measured).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 VOCAB = 8192
 HIDDEN, LAYERS, HEADS, KV_HEADS = 256, 4, 4, 4
@@ -215,8 +219,17 @@ def run_continuous(model, device, prompts, rollouts: int, max_new_tokens: int, b
     rows = [row for k in range(len(jobs)) for row in done[k]]
     summary = _summary(rows, stats.steps, forwards=stats.forwards)
     summary["mean_rows"] = stats.mean_rows  # rows sampled per step, across prompts
-    summary["cache_bytes"] = stats.peak_cache_bytes
+    summary["kv_tokens"] = stats.peak_cache_tokens  # pool slots in use at the fullest
     return summary
+
+
+def one_prompt_kv_tokens(rows: list[dict], prompt_tokens: int) -> int:
+    """The most KV positions the one-prompt sampler's DynamicCache held on one prompt: after its
+    t-th forward, every rollout with more than t steps holds the prompt and t tokens."""
+    lengths = np.array([r["n_steps"] for r in rows])
+    steps = np.arange(1, lengths.max())
+    alive = (lengths[None, :] > steps[:, None]).sum(1)
+    return int((alive * (prompt_tokens + steps)).max(initial=0))
 
 
 def run_one_prompt(model, device, prompts, rollouts: int, max_new_tokens: int, budget) -> dict:
@@ -226,14 +239,15 @@ def run_one_prompt(model, device, prompts, rollouts: int, max_new_tokens: int, b
 
     loaded = LoadedModel(model=model, tokenizer=None, device=device, dtype=torch.float32)
     settings = _settings(rollouts, max_new_tokens, {})
-    rows, steps = [], 0
+    rows, steps, kv = [], 0, 0
     for k, prompt in enumerate(prompts):
         these = sample_prompt_dynamic(
             loaded, prompt, settings, prompt_id=f"bench{k}", eos_ids=[EOS]
         )
         steps += max(r["n_steps"] for r in these)
+        kv = max(kv, one_prompt_kv_tokens(these, len(prompt)))
         rows += these
-    return _summary(rows, steps)
+    return _summary(rows, steps, kv_tokens=kv)
 
 
 def run_generate(model, device, prompts, rollouts: int, max_new_tokens: int, budget) -> dict:
@@ -561,11 +575,20 @@ def heavy_section(args: argparse.Namespace) -> None:
             f"  throughput continuous / {peer + ':':11s} {speed['continuous'] / speed[peer]:5.2f}x "
             f"wall, {cpu['continuous'] / cpu[peer]:5.2f}x per CPU-second  (goal >= {goal}x)"
         )
+    rss = runs["continuous"]["peak_bytes"] / max(runs["one-prompt"]["peak_bytes"], 1)
+    kv = runs["continuous"]["kv_tokens"] / max(runs["one-prompt"]["kv_tokens"], 1)
     print(
-        f"  peak memory continuous / one-prompt: "
-        f"{runs['continuous']['peak_bytes'] / max(runs['one-prompt']['peak_bytes'], 1):.2f}x "
-        f"(goal <= 1); continuous KV cache at its largest "
-        f"{runs['continuous']['cache_bytes'] / 2**20:.1f} MiB"
+        f"  peak memory continuous / one-prompt: {rss:5.2f}x peak RSS above the loaded model "
+        "(VmHWM, each sampler in a fresh process after a warm-up call)  (goal <= 1)\n"
+        f"                                       {kv:5.2f}x KV positions held at the fullest "
+        f"({runs['continuous']['kv_tokens']} pool slots in use vs "
+        f"{runs['one-prompt']['kv_tokens']} in the DynamicCache on its largest prompt)"
+    )
+    rows = {n: r["mean_rows"] for n, r in runs.items()}
+    print(
+        f"  mean rows per step: continuous {rows['continuous']:.1f}, one-prompt "
+        f"{rows['one-prompt']:.1f}, generate {rows['generate']:.1f} unfinished (computes "
+        f"{args.rollouts})"
     )
 
 

@@ -59,7 +59,8 @@ def paper_config_for_tests() -> dict:
     for family in config["families"].values():
         assert family["base"]["source"] == family["finetuned"]["source"] == "hub"
     for settings in config["sampling"].values():
-        settings.update(rollouts=3, max_new_tokens=24, device="cpu", dtype="float32")
+        # 2 chunks of the 2 prompts: the paper's chunked sampling path, one prompt per job.
+        settings.update(rollouts=3, max_new_tokens=24, device="cpu", dtype="float32", chunks=2)
     for settings in config["embedders"].values():
         settings.update(device="cpu", batch_size=8, max_length=128)
     config["diversity"]["semantic_entropy"].update(device="cpu", batch_size=16, max_length=128)
@@ -273,7 +274,8 @@ def test_a_moved_branch_is_reported_and_a_new_pin_refetches_only_what_it_names(p
     pinned["families"]["qwen3"]["finetuned"]["revision"] = new_commit
     plan = run(server, workdir, "-n", "--configfile", write_config(workdir / "pinned", pinned))
     jobs = planned_jobs(plan.stdout)
-    assert jobs["download_model"] == 1 and jobs["sample_rollouts"] == len(config["tasks"]), jobs
+    assert jobs["download_model"] == 1, jobs
+    assert jobs["sample_rollouts_chunk"] == 2 * jobs["gather_rollouts"] == 2 * len(config["tasks"])
     assert "download_embedder" not in jobs and "prepare_prompts" not in jobs
 
 

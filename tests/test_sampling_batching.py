@@ -30,7 +30,6 @@ from canopy.sampling import (
     shard_dir_for,
 )
 from canopy.sampling import batcher as batcher_module
-from canopy.sampling.batcher import class_length
 from test_modeling import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
 
@@ -226,34 +225,57 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
             )
 
 
-def test_the_cache_holds_length_classes_not_the_longest_row_for_every_row() -> None:
-    """Long rollouts (no EOS in reach) beside short ones: each row sits in the smallest length
-    class (32 x 2^k positions) that holds it, moving up as it grows; the buffers are reallocated a
-    few times, never at every step; a token budget holds back admissions."""
+def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -> None:
+    """Long rollouts (no EOS in reach): by default all rows run (one forward per step), the pool
+    growing as they need; with max_batch_tokens the blocks in use stay within it, rows that
+    need more wait, and the rows are the same; a budget below one rollout's need is refused."""
     model = build_llama(VOCAB, context=512, seed=2)
     never = [VOCAB + 5]
     settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1)
     jobs = [PromptJob("long", [1, 5, 6])]
     rows, stats = run(model, settings, jobs, never)
     assert [r["n_steps"] for r in rows["long"]] == [300] * 4
-    assert stats.forwards == 299 and stats.reallocations == 0
-    # 4 rows of up to 302 positions end in the 512 class: 4 x 512 positions of 2 layers x K and V
-    # x 2 heads x 8 dims x 4 bytes, not the 8 rows x 512 a batch-wide length would hold...
-    per_position = 2 * 2 * 2 * 8 * 4
-    assert stats.peak_cache_bytes == 4 * 512 * per_position
-    # ...and rows of different lengths sit in different classes: less than every row at the
-    # longest row's class.
-    mixed = SamplingSettings(**{**settings.to_dict(), "max_batch_rows": 8})
-    jobs = [jobs[0], PromptJob("other", [1, 5, 7])]
-    both, stats_both = run(model, mixed, jobs, [2])
-    lengths = [r["n_steps"] for rows in both.values() for r in rows]
-    assert max(stats_both.rows_per_step) == 8 and min(lengths) < 30 < max(lengths)
-    assert stats_both.peak_cache_bytes < 8 * class_length(max(lengths) + 3) * per_position
+    # 3 + 299 positions: 19 blocks of 16 per row.
+    assert stats.waits == 0 and stats.forwards == 299 and stats.peak_cache_tokens == 4 * 19 * 16
+    assert 0 < stats.pool_growths < 10  # the pool grew geometrically beyond its first budget
+    # The default admission budget: 4 rows of one block, + 19 blocks for one rollout's reserve.
+    assert batcher_module.default_pool_tokens(4, 3, 300) == (4 + 19) * 16
+    tight = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": (4 + 19) * 16})
+    again, stats_tight = run(model, tight, jobs, never)
+    assert again == rows
+    assert stats_tight.peak_cache_tokens <= (4 + 19) * 16 and stats_tight.waits > 0
+    with pytest.raises(ValueError, match="max_batch_tokens=64 .* at least 304"):
+        run(model, SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 64}), jobs, never)
 
-    # A budget of 4 x 32 token slots: the second prompt waits until the first one's rows end.
-    budgeted = SamplingSettings(**{**mixed.to_dict(), "max_batch_tokens": 4 * 32})
-    again, stats_budget = run(model, budgeted, jobs, [2])
-    assert max(stats_budget.rows_per_step) == 4 and again == both
+
+def test_rollouts_share_their_prompts_full_blocks() -> None:
+    """A 40-token prompt: its two full blocks are written once; each of the 6 rollouts holds one
+    block of its own (the prompt's last 8 positions and its tokens), not a copy of the prompt."""
+    model = build_llama(VOCAB, context=512, seed=2)
+    settings = SamplingSettings(rollouts=6, max_new_tokens=5, top_k=5, seed=1, max_batch_tokens=512)
+    jobs = [PromptJob("forty", [1] + [4 + j % 15 for j in range(39)])]
+    rows, stats = run(model, settings, jobs, [VOCAB + 5])
+    assert [r["n_steps"] for r in rows["forty"]] == [5] * 6
+    assert stats.peak_cache_tokens == (2 + 6) * 16  # the one-prompt sampler: 6 x 44 positions
+
+
+def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch() -> None:
+    """Many prompts with spread lengths: the default admits rows while the pool in use is within
+    what the one-prompt sampler holds (its first step, then the most it held on a finished
+    prompt), so it holds less than a batch bounded only by its rows, still with rows of several
+    prompts per step, and the same rows."""
+    model = build_llama(VOCAB, context=512, seed=2)
+    jobs = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(6)]
+    settings = SamplingSettings(rollouts=8, max_new_tokens=120, top_k=8, seed=5)
+    rows, stats = run(model, settings, jobs, [2])
+    unbounded = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 10**5})
+    same, stats_unbounded = run(model, unbounded, jobs, [2])
+    assert same == rows
+    assert stats.peak_cache_tokens < stats_unbounded.peak_cache_tokens
+    one_prompt_rows = np.mean([max(r["n_steps"] for r in v) for v in rows.values()])
+    assert stats.mean_rows > sum(r["n_steps"] for v in rows.values() for r in v) / (
+        len(jobs) * one_prompt_rows
+    )
 
 
 def test_a_prompts_rows_are_bit_identical_whatever_shares_the_batch() -> None:

@@ -29,11 +29,13 @@ def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
     macgyver.write_text('{"Problem": "Open a jar without a grip."}\n')
     result = snakemake(tmp_path, "-n", "--configfile", paper)
     jobs = planned_jobs(result.stdout)
-    # 3 families x 2 variants x 4 tasks, each sampled and scored once; one embedding job per model.
-    assert jobs["sample_rollouts"] >= 24
-    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == 4 * jobs["embed_rollouts"]
+    # 3 families x 2 variants x 4 tasks, each sampled in 4 chunks (one GPU job each), gathered
+    # and scored once; one embedding job per model.
+    assert jobs["gather_rollouts"] >= 24 and "sample_rollouts" not in jobs
+    assert jobs["sample_rollouts_chunk"] == 4 * jobs["gather_rollouts"]
+    assert jobs["gather_rollouts"] == jobs["prompt_metrics"] == 4 * jobs["embed_rollouts"]
     # diversity.semantic_entropy names an NLI model: one clustering job per rollout table.
-    assert jobs["semantic_entropy"] == jobs["sample_rollouts"]
+    assert jobs["semantic_entropy"] == jobs["gather_rollouts"]
     assert jobs["download_model"] == 6
     assert jobs["download_embedder"] == 1  # the paper's embedder is fetched like a model
     assert jobs["lock"] == 1
@@ -52,7 +54,9 @@ def test_ablations_plan_every_sweep_point_offline(tmp_path: Path) -> None:
     jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", *configs).stdout)
     models, tasks = 6, 6
     assert jobs["prepare_prompts"] == tasks
-    assert jobs["sample_rollouts"] == 3 * models * tasks  # default, topk1000, topk5000
+    # default (in 4 chunks each, gathered), topk1000, topk5000
+    assert jobs["sample_rollouts_chunk"] == 4 * jobs["gather_rollouts"] == 4 * models * tasks
+    assert jobs["sample_rollouts"] == 2 * models * tasks
     assert jobs["filter_rollouts"] == models * tasks  # rm70, from default
     assert jobs["prompt_metrics"] == 4 * models * tasks
     # one embedding job per (sampling point, embedder, model) covers every task

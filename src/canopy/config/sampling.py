@@ -85,9 +85,10 @@ class SamplingSettings(Block):
     """Rows of the continuous batch, filled with the rollouts of one prompt after another (0 = the
     rollout count). Never changes a token: lower it after running out of memory."""
     max_batch_tokens: NonNegativeInt = 0
-    """KV-cache budget of the batch in token slots (each row holds the length class, 32 x 2^k
-    positions, that fits it; 0 = no limit): no new rollout is admitted while it would be
-    exceeded. Never changes a token."""
+    """KV-cache bound of the batch in token positions (its paged pool): a row that needs more
+    waits for others to end. 0 = admit rows while the cache holds no more than the
+    one-prompt-at-a-time sampler would (canopy.sampling.batcher.default_pool_tokens). Never
+    changes a token."""
     chunks: PositiveInt = 1
     """Sampling jobs per (model, task), each with its own prompts slice (and GPU on a cluster),
     gathered into the same rollout table as one job writes."""
