@@ -80,9 +80,10 @@ rule report_intro:
     params:
         # The settings the text quotes (workflow.rst), and the names it lists.
         config=config_provider(
-            "", "metrics.truncation_warning", "sampling.*.max_new_tokens"
+            "", "metrics.truncation_warning", "sampling.*.max_new_tokens", "sweeps"
         ),
         families=FAMILIES,
+        embedders=EMBEDDERS,
         tasks=TASKS,
         sampling=SAMPLINGS[0],
         matrix=MATRIX,

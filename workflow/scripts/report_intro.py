@@ -12,6 +12,7 @@ config = {
     **snakemake.params.config,
     "families": dict.fromkeys(snakemake.params.families, {}),
     "tasks": dict.fromkeys(snakemake.params.tasks, {}),
+    "embedders": dict.fromkeys(snakemake.params.embedders, {}),
 }
 measured = write_intro(
     snakemake.input.template,
