@@ -14,6 +14,7 @@ import yaml
 from workflow_helpers import REPO, planned_jobs, snakemake
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+TINY_SWEEPS = REPO / "tests" / "configs" / "tiny_sweeps.yaml"
 
 
 def test_paper_config_builds_the_full_dag_offline(tmp_path: Path) -> None:
@@ -263,12 +264,14 @@ def test_no_rule_takes_library_code_as_input(recorded_run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real end-to-end run of the tiny config (every stage, real models, R included)."""
+    """One real end-to-end run of the tiny config with the default's kinds of sweep point (every
+    stage, real models, R included)."""
     workdir = tmp_path_factory.mktemp("tiny")
-    config = workdir / "tiny.yaml"
-    shutil.copy(TINY, config)
-    snakemake(workdir, "--cores", "2", "--configfile", str(config))
-    snakemake(workdir, "--configfile", str(config), "--report", str(workdir / "report.html"))
+    shutil.copy(TINY, workdir / "tiny.yaml")
+    shutil.copy(TINY_SWEEPS, workdir / "tiny_sweeps.yaml")
+    configs = [str(workdir / "tiny.yaml"), str(workdir / "tiny_sweeps.yaml")]
+    snakemake(workdir, "--cores", "2", "--configfile", *configs)
+    snakemake(workdir, "--report", str(workdir / "report.html"), "--configfile", *configs)
     return workdir
 
 
@@ -277,6 +280,17 @@ def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
     results = tiny_run / "results"
     panel = pd.read_parquet(results / "panel/default/minilm.parquet")
     assert len(panel) == 2 * 2 * 2 * 4
+    # Each sweep point differs from the main setting in one thing, on the tasks of sweeps.tasks.
+    for sweep in ("topk10/minilm", "default/minilm_prefixed"):
+        swept = pd.read_parquet(results / f"panel/{sweep}.parquet")
+        assert sorted(set(swept["task"])) == ["completion", "math"] and len(swept) == 2 * 2 * 2 * 4
+    assert not (results / "panel/topk10/minilm_prefixed.parquet").exists()
+    ablation = pd.read_csv(results / "ablation/summary.tsv", sep="\t")
+    assert sorted(zip(ablation["sampling"], ablation["embedder"])) == [
+        ("default", "minilm"),
+        ("default", "minilm_prefixed"),
+        ("topk10", "minilm"),
+    ]
     assert set(panel["variant"]) == {"base", "finetuned"}
     assert panel["D"].between(0, 1).all() and (panel["VS"] >= 1 - 1e-9).all()
     # The decomposition is an identity on every prompt of every model.
@@ -310,5 +324,6 @@ def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_finished_run_plans_nothing(tiny_run: Path) -> None:
-    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"))
+    configs = [str(tiny_run / "tiny.yaml"), str(tiny_run / "tiny_sweeps.yaml")]
+    result = snakemake(tiny_run, "-n", "--configfile", *configs)
     assert planned_jobs(result.stdout) == {}, result.stdout[-2000:]
