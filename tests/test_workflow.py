@@ -65,6 +65,10 @@ def test_ablations_plan_every_sweep_point_offline(tmp_path: Path) -> None:
     assert jobs["diversity"] == 4 * 4 * models * tasks
     assert jobs["download_embedder"] == 4 and jobs["download_classifier"] == 2  # + NLI, reward
     assert jobs["fit_glmm"] == jobs["panel"] == 16
+    # sweeps.checks (default main): diagnostics, robustness refits and residuals for the main pair
+    for rule in ("glmm_diagnostics", "robustness_lmm", "robustness_length_matched"):
+        assert jobs[rule] == 1, rule
+    assert jobs["figure_residuals"] == 1 and jobs["figure_slopes"] == 16
     assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
     assert jobs["figure_rho"] == 4
 
@@ -98,6 +102,19 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     assert jobs["fit_glmm"] == jobs["panel"] == 3
     assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
     assert jobs["figure_rho"] == 2 and jobs["figure_slopes"] == 3
+    # Only the main pair is checked (sweeps.checks: main): a sweep point's row needs its fit only.
+    assert jobs["glmm_diagnostics"] == jobs["robustness_lmm"] == jobs["figure_residuals"] == 1
+
+
+def test_sweeps_checks_every_pair_checks_each_pair(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["sweeps"]["checks"] = "every_pair"
+    (tmp_path / "every_pair.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "every_pair.yaml"))
+    jobs = planned_jobs(result.stdout)
+    for rule in ("glmm_diagnostics", "robustness_lmm", "robustness_fixed_effects"):
+        assert jobs[rule] == jobs["fit_glmm"] == 3, rule
+    assert jobs["figure_residuals"] == 3
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,12 @@ _sweep_tasks = SWEEPS.get("tasks")
 # sweeps.tasks names known tasks and holds stats.reference_task (checked when validated).
 
 
+# The pairs that get residual diagnostics, robustness refits and the residual figure.
+CHECKED_COMBINATIONS = (
+    COMBINATIONS if SWEEPS.get("checks", "main") == "every_pair" else [MAIN_COMBINATION]
+)
+
+
 def combination_tasks(sampling, embedder):
     """The tasks of one analysed pair: every task for the main setting (first sampling point,
     first embedder), `sweeps.tasks` (when set) for every other pair, in the order of tasks.
@@ -150,9 +156,13 @@ def combination_matrix(wildcards):
     return _matrix(combination_tasks(wildcards.sampling, wildcards.embedder))
 
 
-def combination_paths(pattern):
-    """The pattern's path for every analysed (sampling point, embedder) pair, in order."""
-    return [pattern.format(sampling=s, embedder=e) for s, e in COMBINATIONS]
+def combination_paths(pattern, combinations=None):
+    """The pattern's path for every analysed (sampling point, embedder) pair (or for the given
+    ones), in order."""
+    return [
+        pattern.format(sampling=s, embedder=e)
+        for s, e in (COMBINATIONS if combinations is None else combinations)
+    ]
 
 
 def _one_of(names):
@@ -330,21 +340,27 @@ def sampling_gpus(wildcards):
 
 
 def analysis_targets():
-    """Every statistics table of every sampling setting and embedder, and the headline table."""
+    """The headline table, every analysed pair's regression and paired bootstrap, and the
+    diagnostics and robustness tables of the checked pairs (`sweeps.checks`)."""
     robustness = config["stats"]["robustness"]
     tables = [
         "results/stats/{sampling}/{embedder}/glmm/summary.json",
-        "results/stats/{sampling}/{embedder}/diagnostics/tests.json",
         "results/stats/{sampling}/{embedder}/paired_bootstrap.tsv",
     ]
-    tables += [
+    checks = ["results/stats/{sampling}/{embedder}/diagnostics/tests.json"] + [
         f"results/stats/{{sampling}}/{{embedder}}/robustness/{check}.tsv"
         for check in ("lmm", "fixed_effects", "length_matched")
         if robustness[check]
     ]
-    return ["results/headline.tsv"] + [
-        path for table in tables for path in combination_paths(table)
-    ]
+    return (
+        ["results/headline.tsv"]
+        + [path for table in tables for path in combination_paths(table)]
+        + [
+            path
+            for table in checks
+            for path in combination_paths(table, CHECKED_COMBINATIONS)
+        ]
+    )
 
 
 # Every (family, variant, task) of the experiment, in the order stats scripts pair with paths.
@@ -379,9 +395,11 @@ def matrix_paths(pattern, matrix=None):
 
 
 # Figures (rules in figures.smk).
-# Figures of one sampling setting, and figures of one (sampling setting, embedder).
+# Figures of one sampling setting, of one analysed (sampling setting, embedder) pair, and of
+# one checked pair (the residuals come from its diagnostics).
 SAMPLING_FIGURES = ["decomposition", "trajectory", "lengths", "variance", "rho"]
-EMBEDDER_FIGURES = ["slopes", "residuals"]
+EMBEDDER_FIGURES = ["slopes"]
+CHECKED_FIGURES = ["residuals"]
 
 
 def figure_matrix(name):
@@ -404,8 +422,9 @@ def figure_inputs(name, pattern):
 
 
 def figure_targets():
-    """Every figure of every sampling setting (1-4, 7) and analysed (sampling setting, embedder) (5-6),
-    and the ablation forest plot over all of them (8)."""
+    """Every figure of every sampling setting (1-4, 7), of every analysed (sampling setting,
+    embedder) pair (5) and checked pair (6), and the ablation forest plot over all of them (8).
+    """
     return (
         expand(
             "results/figures/{sampling}/{figure}.{ext}",
@@ -419,6 +438,15 @@ def figure_targets():
             for ext in ("pdf", "png")
             for path in combination_paths(
                 f"results/figures/{{sampling}}/{{embedder}}/{figure}.{ext}"
+            )
+        ]
+        + [
+            path
+            for figure in CHECKED_FIGURES
+            for ext in ("pdf", "png")
+            for path in combination_paths(
+                f"results/figures/{{sampling}}/{{embedder}}/{figure}.{ext}",
+                CHECKED_COMBINATIONS,
             )
         ]
         + expand("results/figures/ablation_forest.{ext}", ext=["pdf", "png"])

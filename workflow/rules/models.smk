@@ -35,6 +35,9 @@ rule finetune_model:
         "logs/models/{family}/finetuned.log",
     wildcard_constraints:
         family=_one_of(TRAINED_FAMILIES),
+    # Every job of a fine-tuned model waits for this one: run it before ready jobs of other kinds
+    # (the base models' sampling would otherwise take the cores first and delay it).
+    priority: 10
     conda:
         "../../envs/torch.yaml"
     threads: 1

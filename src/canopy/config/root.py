@@ -43,6 +43,11 @@ class SweepsSettings(Block):
     task). Must contain stats.reference_task: a cheaper sweep, at the price of comparing sweep
     points on fewer tasks than the main setting."""
 
+    checks: Literal["main", "every_pair"] = "main"
+    """Which pairs get the residual diagnostics, the robustness refits (stats.robustness) and
+    the residual figure: main, the main setting only (a sweep point's row of the ablation summary
+    needs only its regression); every_pair, each analysed pair."""
+
     @field_validator("tasks", mode="before")
     @classmethod
     def _as_tuple(cls, value: Any) -> Any:
