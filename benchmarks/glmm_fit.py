@@ -46,27 +46,40 @@ def main() -> None:
         out = Path(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pymer4 on pandas 2.3
-            glmm_s, glmm = timed(lambda: fit_beta_glmm(sim.panel, settings, out / "glmm"),
-                                 args.repeats)
-            lmm_s, lmm = timed(lambda: lmm_robustness(sim.panel, settings, out / "lmm.tsv"),
-                               args.repeats)
-            ols_s, ols = timed(lambda: fixed_effects_robustness(sim.panel, settings,
-                                                                out / "fe.tsv"), args.repeats)
-    print(f"panel: {len(sim.panel)} rows, {sim.panel['prompt_uid'].nunique()} prompts; "
-          f"median of {args.repeats} runs")
-    print(f"glmmTMB Beta GLMM (full formula, Rscript incl. start-up): {glmm_s:7.2f} s "
-          f"(R-side fit {glmm.convergence['fit_seconds']:.2f} s, converged "
-          f"{glmm.converged}, issue target <= 60 s)")
-    print(f"lme4 lmer on logit(D) via pymer4:                        {lmm_s:7.2f} s  "
-          f"ratio glmm/lmer = {glmm_s / lmm_s:.2f}")
-    print(f"statsmodels fixed-effects OLS, clustered SE:             {ols_s:7.2f} s  "
-          f"ratio glmm/ols  = {glmm_s / ols_s:.2f}")
+            glmm_s, glmm = timed(
+                lambda: fit_beta_glmm(sim.panel, settings, out / "glmm"), args.repeats
+            )
+            lmm_s, lmm = timed(
+                lambda: lmm_robustness(sim.panel, settings, out / "lmm.tsv"), args.repeats
+            )
+            ols_s, ols = timed(
+                lambda: fixed_effects_robustness(sim.panel, settings, out / "fe.tsv"), args.repeats
+            )
+    print(
+        f"panel: {len(sim.panel)} rows, {sim.panel['prompt_uid'].nunique()} prompts; "
+        f"median of {args.repeats} runs"
+    )
+    print(
+        f"glmmTMB Beta GLMM (full formula, Rscript incl. start-up): {glmm_s:7.2f} s "
+        f"(R-side fit {glmm.convergence['fit_seconds']:.2f} s, converged "
+        f"{glmm.converged}, issue target <= 60 s)"
+    )
+    print(
+        f"lme4 lmer on logit(D) via pymer4:                        {lmm_s:7.2f} s  "
+        f"ratio glmm/lmer = {glmm_s / lmm_s:.2f}"
+    )
+    print(
+        f"statsmodels fixed-effects OLS, clustered SE:             {ols_s:7.2f} s  "
+        f"ratio glmm/ols  = {glmm_s / ols_s:.2f}"
+    )
     truth = sim.truth
     for name, table in (("glmm", glmm.slopes), ("lmer", lmm), ("ols", ols)):
         rows = table.drop_duplicates("variant").set_index("variant")["slope"]
-        print(f"  slopes {name:5s}: base {rows['base']:.3f} (truth {truth.slope_base}), "
-              f"finetuned {rows['finetuned']:.3f} (truth {truth.slope_finetuned}), "
-              f"ratio {rows['ratio']:.2f} (truth {truth.slope_ratio:.2f})")
+        print(
+            f"  slopes {name:5s}: base {rows['base']:.3f} (truth {truth.slope_base}), "
+            f"finetuned {rows['finetuned']:.3f} (truth {truth.slope_finetuned}), "
+            f"ratio {rows['ratio']:.2f} (truth {truth.slope_ratio:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -373,7 +373,12 @@ def build_dataset(out_dir: Path, name: str, rows: int = 6) -> None:
     for config, split, path in card:
         (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(out_dir / path, index=False)
-        lines += [f"- config_name: {config}", "  data_files:", f"  - split: {split}", f"    path: {path}"]
+        lines += [
+            f"- config_name: {config}",
+            "  data_files:",
+            f"  - split: {split}",
+            f"    path: {path}",
+        ]
     lines += ["---", f"# {name} (a test copy)", ""]
     (out_dir / "README.md").write_text("\n".join(lines))
 

@@ -164,7 +164,8 @@ class HubServer:
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")
+            if k
+            not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")
         }
         env.update(
             HF_ENDPOINT=self.endpoint,

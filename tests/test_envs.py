@@ -142,15 +142,15 @@ def test_env_is_exactly_pinned(path: Path) -> None:
     assert "conda-forge" in channels, f"{path.name}: packages come from conda-forge"
     assert "defaults" not in channels, f"{path.name}: the defaults channel makes solves drift"
     for spec in conda_specs(env):
-        assert CONDA_SPEC.match(spec), (
-            f"{path.name}: {spec!r} is not an exact conda pin (write name=version, no ranges)"
-        )
+        assert CONDA_SPEC.match(
+            spec
+        ), f"{path.name}: {spec!r} is not an exact conda pin (write name=version, no ranges)"
     for item in env["dependencies"]:
         assert isinstance(item, str) or set(item) == {"pip"}, f"{path.name}: unknown entry {item}"
     for spec in pip_specs(env):
-        assert PIP_SPEC.match(spec), (
-            f"{path.name}: {spec!r} is not an exact pip pin (write name==version, no ranges)"
-        )
+        assert PIP_SPEC.match(
+            spec
+        ), f"{path.name}: {spec!r} is not an exact pip pin (write name==version, no ranges)"
     pip_pinned = bool(pip_specs(env))
     assert not pip_pinned or "pip" in conda_pins(env), f"{path.name}: pin pip itself"
 
@@ -160,9 +160,9 @@ def test_envs_share_python_and_pip() -> None:
     pips = {path.name: conda_pins(load_env(path)).get("pip") for path in ENV_FILES}
     assert len(set(pythons.values())) == 1 and None not in pythons.values(), pythons
     assert len(set(pips.values())) == 1, pips
-    assert sys.version.startswith(next(iter(pythons.values())) + "."), (
-        f"envs pin python {next(iter(pythons.values()))} but the pip path runs {sys.version}"
-    )
+    assert sys.version.startswith(
+        next(iter(pythons.values())) + "."
+    ), f"envs pin python {next(iter(pythons.values()))} but the pip path runs {sys.version}"
 
 
 @pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
@@ -170,9 +170,9 @@ def test_pip_pins_equal_requirements_txt(path: Path) -> None:
     required = requirements_pins()
     for name, version in pip_pins(load_env(path)).items():
         assert name in required, f"{path.name}: {name} is not pinned in requirements.txt"
-        assert version == required[name], (
-            f"{path.name} pins {name}=={version}, requirements.txt {name}=={required[name]}"
-        )
+        assert (
+            version == required[name]
+        ), f"{path.name} pins {name}=={version}, requirements.txt {name}=={required[name]}"
 
 
 def test_debian_upstream_version_parsing() -> None:
@@ -210,9 +210,9 @@ def test_r_pins_match_debian_upstream_versions() -> None:
             f"{debian_name(name)}={debian_version} (upstream {debian_upstream(debian_version)})"
         )
     for debian_package in debian:
-        assert any(debian_name(name) == debian_package for name in conda_r), (
-            f"requirements-apt.txt pins {debian_package} but envs/stats.yaml has no conda twin"
-        )
+        assert any(
+            debian_name(name) == debian_package for name in conda_r
+        ), f"requirements-apt.txt pins {debian_package} but envs/stats.yaml has no conda twin"
 
 
 def r_packages_used() -> dict[str, str]:
@@ -289,9 +289,9 @@ def test_every_rule_has_an_existing_conda_env() -> None:
         if name == "all":
             continue
         assert rule["conda"] is not None, f"rule {name} has no conda: directive"
-        assert rule["conda"].parent == ENVS_DIR.resolve(), (
-            f"rule {name}: conda env {rule['conda']} is not in envs/"
-        )
+        assert (
+            rule["conda"].parent == ENVS_DIR.resolve()
+        ), f"rule {name}: conda env {rule['conda']} is not in envs/"
         assert rule["conda"].is_file(), f"rule {name}: {rule['conda']} does not exist"
 
 
@@ -403,9 +403,15 @@ def _packages_named_in_calls(node: ast.AST) -> list[str]:
         if not (isinstance(call, ast.Call) and call.args):
             continue
         function = call.func
-        called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        called = (
+            function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        )
         first = call.args[0]
-        if called in _PACKAGE_BY_NAME and isinstance(first, ast.Constant) and isinstance(first.value, str):
+        if (
+            called in _PACKAGE_BY_NAME
+            and isinstance(first, ast.Constant)
+            and isinstance(first.value, str)
+        ):
             names.append(first.value.split(".")[0])
     return names
 
@@ -476,7 +482,10 @@ def third_party_imports(script: Path) -> dict[str, str]:
             visited_modules.add(module_name)
             for node in module.module_imports:
                 # Import-time imports of canopy modules load them (and their own imports).
-                if isinstance(node, ast.ImportFrom) and _top_level(_absolute(node, package)) == "canopy":
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and _top_level(_absolute(node, package)) == "canopy"
+                ):
                     pending.append((_absolute(node, package), None))
                 else:
                     record(node, where, package)
@@ -596,9 +605,10 @@ def test_rule_env_provides_what_its_script_imports(rule_name: str) -> None:
         distribution = distribution_of(module)
         if distribution not in provided:
             missing.append(f"{module} ({distribution}, imported in {where})")
-    assert not missing, (
-        f"rule {rule_name} runs in envs/{rule['conda'].name}, which does not install: "
-        + "; ".join(missing)
+    assert (
+        not missing
+    ), f"rule {rule_name} runs in envs/{rule['conda'].name}, which does not install: " + "; ".join(
+        missing
     )
 
 

@@ -259,8 +259,10 @@ def label_clashes(figure: Figure) -> list[tuple[str, str]]:
             ticks = axis.get_major_ticks() + axis.get_minor_ticks()
             low, high = sorted(axis.get_view_interval())
             labels = [
-                t.label1 for t in ticks
-                if t.label1.get_visible() and t.label1.get_text()
+                t.label1
+                for t in ticks
+                if t.label1.get_visible()
+                and t.label1.get_text()
                 and low <= t.label1.get_position()[coordinate] <= high
             ]
             if axis is ax.xaxis:
@@ -392,8 +394,10 @@ def test_trajectory_lines_follow_the_table() -> None:
     for variant in VARIANTS:
         (line,) = by_gid(figure, f"line/tinyllama/{variant}/completion")
         rows = trajectory[
-            (trajectory.family == "tinyllama") & (trajectory.variant == variant)
-            & (trajectory.task == "completion") & (trajectory.position <= 30)
+            (trajectory.family == "tinyllama")
+            & (trajectory.variant == variant)
+            & (trajectory.task == "completion")
+            & (trajectory.position <= 30)
             & (trajectory.n_active >= 10)
         ]
         np.testing.assert_array_equal(line.get_xdata(), rows["position"])
@@ -472,8 +476,10 @@ def test_within_prompt_variances_match_numpy(rollouts: pd.DataFrame) -> None:
     assert len(variances) == rollouts.groupby(["family", "variant", "task", "prompt_id"]).ngroups
     for row in variances.sample(5, random_state=0).itertuples():
         group = rollouts[
-            (rollouts.family == row.family) & (rollouts.variant == row.variant)
-            & (rollouts.task == row.task) & (rollouts.prompt_id == row.prompt_id)
+            (rollouts.family == row.family)
+            & (rollouts.variant == row.variant)
+            & (rollouts.task == row.task)
+            & (rollouts.prompt_id == row.prompt_id)
         ]
         n = group["n_steps"].to_numpy(float)
         h = group["sum_entropy"].to_numpy(float)
@@ -490,8 +496,10 @@ def test_variance_boxes_show_the_medians(rollouts: pd.DataFrame) -> None:
         for quantity in ("var_entropy", "var_length", "var_rate"):
             (median,) = by_gid(figure, f"median/tinyllama/{variant}/math/{quantity}")
             values = variances.loc[
-                (variances.family == "tinyllama") & (variances.variant == variant)
-                & (variances.task == "math"), quantity
+                (variances.family == "tinyllama")
+                & (variances.variant == variant)
+                & (variances.task == "math"),
+                quantity,
             ]
             assert median.get_ydata()[0] == pytest.approx(np.median(values), rel=1e-12)
     units = [ax.get_ylabel() for ax in figure.axes[:3]]
@@ -603,7 +611,10 @@ def test_test_p_values_are_read_defensively() -> None:
     assert diagnostic_p_values(other) == {"zero_inflation": 0.9, "custom": 0.05}
     # The shape canopy.stats writes: one object per test, plus run information.
     stats_shape = {
-        "engine": "canopy", "n": 240, "nsim": 1000, "seed": 42,
+        "engine": "canopy",
+        "n": 240,
+        "nsim": 1000,
+        "seed": 42,
         "simulation": {"residuals": "unconditional", "dispersion": "unconditional"},
         "outliers": {"statistic": 0.0, "p_value": 1.0},
         "uniformity": {"statistic": 0.05, "p_value": 0.3},
@@ -636,7 +647,8 @@ def test_rho_summary_means_and_bootstrap_intervals() -> None:
     n = 400
     frame = pd.DataFrame(
         {
-            "family": "f", "task": "math",
+            "family": "f",
+            "task": "math",
             "variant": np.repeat(["base", "finetuned"], n),
             "rho_pearson": np.r_[rng.normal(0.1, 0.2, n), rng.normal(0.4, 0.2, n)],
         }
@@ -681,11 +693,16 @@ def test_forest_plot_has_one_row_per_sweep_point() -> None:
     assert ratio["slope_ratio/topk1000 / minilm"].get_xdata()[0] == 2.2
     ticks = sorted(figure.axes[0].get_yticklabels(), key=lambda t: -t.get_position()[1])
     # Top to bottom in table order: the main setting on top.
-    assert [t.get_text() for t in ticks] == ["default / minilm", "topk1000 / minilm",
-                                             "default / minilm_prefix"]
+    assert [t.get_text() for t in ticks] == [
+        "default / minilm",
+        "topk1000 / minilm",
+        "default / minilm_prefix",
+    ]
     assert not label_clashes(figure)
     with pytest.raises(ValueError, match="slope_ratio_boot_ci_low"):
-        plot_forest(table.drop(columns="slope_ratio_boot_ci_low"), ForestSettings(interval="bootstrap"))
+        plot_forest(
+            table.drop(columns="slope_ratio_boot_ci_low"), ForestSettings(interval="bootstrap")
+        )
 
 
 # --------------------------------------------------------------------------- files
@@ -730,23 +747,37 @@ def test_render_functions_write_pdf_and_png(
 ) -> None:
     written = write_inputs(tmp_path, rollouts, metrics)
     # One family and task keep the panels few: drawing, not reading, is what takes time here.
-    paths = {kind: {k: v for k, v in keyed.items() if k[0] == "tinygpt" and k[2] == "math"}
-             for kind, keyed in written.items()}
+    paths = {
+        kind: {k: v for k, v in keyed.items() if k[0] == "tinygpt" and k[2] == "math"}
+        for kind, keyed in written.items()
+    }
     out = tmp_path / "results/figures/default"
     render_decomposition(paths["metrics"], SMALL, out / "d.pdf", out / "d.png")
     render_trajectory(paths["trajectory"], SMALL, out / "t.pdf", out / "t.png")
     render_lengths(paths["rollouts"], SMALL, out / "l.pdf", out / "l.png", max_new_tokens=CAP)
     render_variance(paths["rollouts"], SMALL, out / "v.pdf", out / "v.png")
     stats = tmp_path / "results/stats/default/minilm"
-    render_slopes(stats / "glmm/slopes.tsv", SMALL, out / "s.pdf", out / "s.png",
-                  panel_path=tmp_path / "results/panel/default/minilm.parquet")
-    render_residuals(stats / "diagnostics/residuals.tsv", stats / "diagnostics/tests.json",
-                     SMALL, out / "r.pdf", out / "r.png")
+    render_slopes(
+        stats / "glmm/slopes.tsv",
+        SMALL,
+        out / "s.pdf",
+        out / "s.png",
+        panel_path=tmp_path / "results/panel/default/minilm.parquet",
+    )
+    render_residuals(
+        stats / "diagnostics/residuals.tsv",
+        stats / "diagnostics/tests.json",
+        SMALL,
+        out / "r.pdf",
+        out / "r.png",
+    )
     render_rho(paths["metrics"], {**SMALL, "resamples": 200}, out / "h.pdf", out / "h.png")
     render_forest(tmp_path / "results/ablation/summary.tsv", SMALL, out / "f.pdf", out / "f.png")
     for stem in "dtlvsrhf":
         assert_written(out / f"{stem}.pdf", out / f"{stem}.png")
-    with pytest.raises(ValueError, match=r"figures\.lengths\.bin = 3: unknown key; allowed here: .*bins"):
+    with pytest.raises(
+        ValueError, match=r"figures\.lengths\.bin = 3: unknown key; allowed here: .*bins"
+    ):
         render_lengths(paths["rollouts"], {"bin": 3}, out / "x.pdf", out / "x.png")
 
 
@@ -810,30 +841,42 @@ def test_figure_rules_run_and_settings_rerun_only_their_figure(
     config["sampling"]["default"]["max_new_tokens"] = CAP
     config["figures"] = {name: {"width": 4.0, "dpi": 50} for name in SETTINGS_CLASSES}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "Snakefile").write_text(
-        textwrap.dedent(
-            f"""
+    (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
             configfile: "config.yaml"
             include: "{COMMON_SMK}"
             include: "{FIGURES_SMK}"
             rule all:
                 input: figure_targets()
-            """
-        )
-    )
+            """))
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(tmp_path),
-             "--snakefile", str(tmp_path / "Snakefile"), *args],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "--cores",
+                "1",
+                "--directory",
+                str(tmp_path),
+                "--snakefile",
+                str(tmp_path / "Snakefile"),
+                *args,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     run = snakemake()
     assert run.returncode == 0, run.stderr[-3000:]
-    figures = sorted(p.relative_to(tmp_path / "results/figures").as_posix()
-                     for p in (tmp_path / "results/figures").rglob("*.p*"))
+    figures = sorted(
+        p.relative_to(tmp_path / "results/figures").as_posix()
+        for p in (tmp_path / "results/figures").rglob("*.p*")
+    )
     assert figures == sorted(
         [f"default/{n}.{e}" for n in SAMPLING_FIGURES for e in ("pdf", "png")]
         + [f"default/minilm/{n}.{e}" for n in ("slopes", "residuals") for e in ("pdf", "png")]

@@ -27,7 +27,7 @@ GATED = "canopy-test/gated-model"
 CUSTOM = "canopy-test/custom-code-embedder"
 DATASET = "canopy-test/questions"
 
-CONFIG_CODE = '''from transformers import PretrainedConfig
+CONFIG_CODE = """from transformers import PretrainedConfig
 
 
 class CanopyTinyConfig(PretrainedConfig):
@@ -37,8 +37,8 @@ class CanopyTinyConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-'''
-MODEL_CODE = '''from transformers import PreTrainedModel
+"""
+MODEL_CODE = """from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 import torch
 
@@ -55,7 +55,7 @@ class CanopyTinyModel(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return BaseModelOutput(last_hidden_state=self.embed(input_ids))
-'''
+"""
 
 
 def build_custom_code_embedder(out_dir: Path) -> None:
@@ -205,10 +205,14 @@ def test_a_partial_fetch_of_another_commit_is_discarded(hub, tmp_path: Path) -> 
     """)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "m" / "stale.safetensors").exists()
-    assert json.loads((tmp_path / "m" / "canopy_fetch.json").read_text())["commit"] == commits[MODEL]
+    assert (
+        json.loads((tmp_path / "m" / "canopy_fetch.json").read_text())["commit"] == commits[MODEL]
+    )
 
 
-def test_a_custom_code_embedder_runs_from_its_fetched_directory_offline(hub, tmp_path: Path) -> None:
+def test_a_custom_code_embedder_runs_from_its_fetched_directory_offline(
+    hub, tmp_path: Path
+) -> None:
     server, commits = hub
     fetched = python(server, f"""
         from canopy.hub import download_embedder
@@ -229,7 +233,9 @@ def test_a_custom_code_embedder_runs_from_its_fetched_directory_offline(hub, tmp
     assert loaded.stdout.strip().endswith("(2, 16)")
 
 
-def test_a_moved_branch_is_found_and_a_pinned_commit_is_not_asked_about(hub, tmp_path: Path) -> None:
+def test_a_moved_branch_is_found_and_a_pinned_commit_is_not_asked_about(
+    hub, tmp_path: Path
+) -> None:
     server, commits = hub
     result = python(server, f"""
         from canopy.hub import download_model, moved_revisions, HubFetch

@@ -177,7 +177,9 @@ def paper_run(hub, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("paper")
     configfile = write_config(workdir, config)
     started = time.monotonic()
-    fetch = run(server, workdir, "--cores", "2", "--configfile", configfile, "--until", *FETCH_RULES)
+    fetch = run(
+        server, workdir, "--cores", "2", "--configfile", configfile, "--until", *FETCH_RULES
+    )
     assert fetch.returncode == 0, output(fetch)[-8000:]
     requests_after_fetch = len(server.requests)
     assert requests_after_fetch > 0
@@ -267,7 +269,9 @@ def test_a_moved_branch_is_reported_and_a_new_pin_refetches_only_what_it_names(p
     check = run(server, workdir, "check_hub_revisions", "--cores", "1", "--configfile", configfile)
     assert check.returncode != 0
     message = output(check)
-    assert f"{moved_id}@main: fetched {commits[moved_id]}, now {new_commit}" in message, message[-4000:]
+    assert f"{moved_id}@main: fetched {commits[moved_id]}, now {new_commit}" in message, message[
+        -4000:
+    ]
     assert "set each revision in the config to the new commit SHA" in message
     # Pinning the new commit refetches that model and reruns what was computed from it, only.
     pinned = copy.deepcopy(config)

@@ -42,8 +42,9 @@ def test_match_lengths_gives_identical_bin_histograms():
 
 
 def test_match_lengths_without_overlap_is_empty():
-    ia, ib = match_lengths(np.array([5, 6, 7]), np.array([500, 600, 700]), 2,
-                           np.random.default_rng(0))
+    ia, ib = match_lengths(
+        np.array([5, 6, 7]), np.array([500, 600, 700]), 2, np.random.default_rng(0)
+    )
     assert ia.size == ib.size == 0
 
 
@@ -51,8 +52,12 @@ def test_pairwise_dissimilarity_matches_double_loop():
     rng = np.random.default_rng(1)
     e = rng.normal(size=(7, 5)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    loop = [float(np.dot(e[i].astype(float), e[j].astype(float)))
-            for i in range(7) for j in range(7) if i != j]
+    loop = [
+        float(np.dot(e[i].astype(float), e[j].astype(float)))
+        for i in range(7)
+        for j in range(7)
+        if i != j
+    ]
     assert pairwise_dissimilarity(e) == pytest.approx(1 - np.mean(loop), abs=1e-12)
     assert np.isnan(pairwise_dissimilarity(e[:1]))
 
@@ -111,14 +116,21 @@ def test_fixed_effects_slopes_match_hand_built_least_squares(tmp_path):
 
 def test_length_matched_table(tmp_path):
     rollouts, embeddings = simulate_rollouts(4, n_prompts=10, n_rollouts=30)
-    settings = StatsSettings.from_config({
-        # A small panel (80 rows): the paper's splines would not be estimable.
-        "formula": "D ~ R_sc * variant + invN_sc + task + (1 | prompt_uid) + (1 | family)",
-        "dispersion": "~ variant",
-        "robustness": {"length_repeats": 3, "length_bins": 5},
-    })
-    table = length_matched(rollouts, embeddings, settings, tmp_path / "lm.tsv",
-                           prompt_metrics_path=tmp_path / "prompts.tsv")
+    settings = StatsSettings.from_config(
+        {
+            # A small panel (80 rows): the paper's splines would not be estimable.
+            "formula": "D ~ R_sc * variant + invN_sc + task + (1 | prompt_uid) + (1 | family)",
+            "dispersion": "~ variant",
+            "robustness": {"length_repeats": 3, "length_bins": 5},
+        }
+    )
+    table = length_matched(
+        rollouts,
+        embeddings,
+        settings,
+        tmp_path / "lm.tsv",
+        prompt_metrics_path=tmp_path / "prompts.tsv",
+    )
     assert set(table["analysis"]) == {"unmatched", "matched", "matched_pooled"}
     assert sorted(table.loc[table["analysis"] == "matched", "repeat"].unique()) == [0, 1, 2]
     unmatched = table[table["analysis"] == "unmatched"].set_index("variant")
@@ -133,15 +145,21 @@ def test_length_matched_table(tmp_path):
     # The unmatched per-prompt metrics equal a direct computation from the rollouts.
     prompts = pd.read_csv(tmp_path / "prompts.tsv", sep="\t", dtype={"prompt_id": str})
     key = ("fam_a", "base", "math")
-    row = prompts[(prompts["repeat"] == -1) & (prompts["family"] == "fam_a")
-                  & (prompts["variant"] == "base") & (prompts["task"] == "math")
-                  & (prompts["prompt_id"] == "p03")].iloc[0]
+    row = prompts[
+        (prompts["repeat"] == -1)
+        & (prompts["family"] == "fam_a")
+        & (prompts["variant"] == "base")
+        & (prompts["task"] == "math")
+        & (prompts["prompt_id"] == "p03")
+    ].iloc[0]
     ro = rollouts[key]
     mask = (ro["prompt_id"] == "p03").to_numpy()
     emb_mask = embeddings[key]["prompt_id"] == "p03"
-    direct = matched_prompt_metrics(ro.loc[mask, "n_steps"].to_numpy(),
-                                    ro.loc[mask, "sum_entropy"].to_numpy(),
-                                    embeddings[key]["embeddings"][emb_mask])
+    direct = matched_prompt_metrics(
+        ro.loc[mask, "n_steps"].to_numpy(),
+        ro.loc[mask, "sum_entropy"].to_numpy(),
+        embeddings[key]["embeddings"][emb_mask],
+    )
     for name in ("R", "N", "rho", "D"):
         assert row[name] == pytest.approx(direct[name], rel=1e-9)
 
@@ -151,15 +169,17 @@ def test_length_matched_table(tmp_path):
     unmatched_panel = prompts[prompts["repeat"] == -1].drop(columns="repeat")
     assert constants == prepare_panel(unmatched_panel, settings).attrs["standardisation"]
     repeat0 = prompts[prompts["repeat"] == 0].drop(columns="repeat")
-    direct = fit_beta_glmm_many([repeat0], settings, [tmp_path / "direct"], save_model=False,
-                                standardisation=constants)[0].slopes
+    direct = fit_beta_glmm_many(
+        [repeat0], settings, [tmp_path / "direct"], save_model=False, standardisation=constants
+    )[0].slopes
     got = table[(table["analysis"] == "matched") & (table["repeat"] == 0)]
     np.testing.assert_allclose(got["slope"], direct["slope"], rtol=1e-6)
     own = fit_beta_glmm_many([repeat0], settings, [tmp_path / "own"], save_model=False)[0].slopes
     # Re-standardising per repeat would rescale the slopes by that repeat's own SD of R.
     sd_ratio = repeat0["R"].std(ddof=1) / constants["R"]["sd"]
-    np.testing.assert_allclose(own["slope"].iloc[:2], direct["slope"].iloc[:2] * sd_ratio,
-                               rtol=1e-3)
+    np.testing.assert_allclose(
+        own["slope"].iloc[:2], direct["slope"].iloc[:2] * sd_ratio, rtol=1e-3
+    )
 
     again = length_matched(rollouts, embeddings, settings, tmp_path / "lm2.tsv")
     pd.testing.assert_frame_equal(table, again)
@@ -168,9 +188,13 @@ def test_length_matched_table(tmp_path):
     # resampled panel may fail like this where the main fit did not; keep_going reports it per
     # panel instead of stopping the whole analysis.
     spline = StatsSettings.from_config({"robustness": {"length_repeats": 1}})
-    fits = fit_beta_glmm_many([unmatched_panel, repeat0], spline,
-                              [tmp_path / f"f{i}" for i in range(2)], save_model=False,
-                              keep_going=True)
+    fits = fit_beta_glmm_many(
+        [unmatched_panel, repeat0],
+        spline,
+        [tmp_path / f"f{i}" for i in range(2)],
+        save_model=False,
+        keep_going=True,
+    )
     assert isinstance(fits[0], str) and "glmmTMB could not fit" in fits[0]
     assert isinstance(fits[1], BetaGlmmResult)  # the next panel is still fitted
     with pytest.raises(RuntimeError, match="glmmTMB could not fit"):
@@ -180,10 +204,13 @@ def test_length_matched_table(tmp_path):
 
     # Matching that leaves fewer rollouts than min_matched everywhere drops every prompt: the
     # repeats are reported as not estimable, the unmatched analysis still stands.
-    strict = StatsSettings.from_config({
-        "formula": settings.formula, "dispersion": settings.dispersion,
-        "robustness": {"length_repeats": 2, "length_bins": 5, "min_matched": 31},
-    })
+    strict = StatsSettings.from_config(
+        {
+            "formula": settings.formula,
+            "dispersion": settings.dispersion,
+            "robustness": {"length_repeats": 2, "length_bins": 5, "min_matched": 31},
+        }
+    )
     table = length_matched(rollouts, embeddings, strict, tmp_path / "lm4.tsv")
     matched = table[table["analysis"] == "matched"]
     assert matched["error"].str.startswith("not estimable").all() and matched["slope"].isna().all()
@@ -205,5 +232,7 @@ def test_lmm_on_logit_d_recovers_the_slopes(tmp_path):
     # A linear model on logit(D) is not the Beta model, but its slopes land near the truth.
     assert table.loc["base", "slope"] == pytest.approx(sim.truth.slope_base, abs=0.08)
     assert table.loc["finetuned", "slope"] == pytest.approx(sim.truth.slope_finetuned, abs=0.12)
-    assert table.loc["ratio", "ci_low"] < table.loc["ratio", "slope"] < table.loc["ratio", "ci_high"]
+    assert (
+        table.loc["ratio", "ci_low"] < table.loc["ratio", "slope"] < table.loc["ratio", "ci_high"]
+    )
     assert (table["n_rows"] == 2400).all()

@@ -159,7 +159,9 @@ def test_r_library_without_glmmtmb_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("R_LIBS_SITE", str(tmp_path))
     monkeypatch.setenv("R_LIBS_USER", str(tmp_path))
     monkeypatch.setenv("R_LIBS", str(tmp_path))
-    with pytest.raises(REnvironmentError, match=r"glmmTMB.*conda install -c conda-forge r-base r-glmmtmb"):
+    with pytest.raises(
+        REnvironmentError, match=r"glmmTMB.*conda install -c conda-forge r-base r-glmmtmb"
+    ):
         check_r_environment()
 
 
@@ -174,8 +176,9 @@ def test_r_environment_reports_versions():
 
 def test_scaled_residuals_brute_force_with_ties():
     observed = np.array([0.5, 2.0, -1.0, 1.0])
-    simulated = np.array([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0],
-                          [2.0, 1.0, 0.0, 2.0], [3.0, 1.0, 0.0, 0.0]])  # (nsim=4, n=4)
+    simulated = np.array(
+        [[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [2.0, 1.0, 0.0, 2.0], [3.0, 1.0, 0.0, 0.0]]
+    )  # (nsim=4, n=4)
     rng = np.random.default_rng(7)
     draws = np.random.default_rng(7).uniform(size=4)
     residuals = scaled_residuals(observed, simulated, rng)
@@ -232,8 +235,14 @@ def test_paper_size_fit_recovers_truth_and_passes_diagnostics(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a non-converged fit fails the test
         result = fit_beta_glmm(sim.panel, settings, tmp_path / "fit")
-    for name in ("coefficients.tsv", "slopes.tsv", "variance_components.tsv",
-                 "convergence.json", "summary.json", "model.rds"):
+    for name in (
+        "coefficients.tsv",
+        "slopes.tsv",
+        "variance_components.tsv",
+        "convergence.json",
+        "summary.json",
+        "model.rds",
+    ):
         assert (tmp_path / "fit" / name).exists(), name
     assert not [p for p in (tmp_path / "fit").iterdir() if p.name.startswith(".")]
     assert result.converged and result.convergence["pdHess"]
@@ -245,7 +254,10 @@ def test_paper_size_fit_recovers_truth_and_passes_diagnostics(tmp_path):
         estimate, se = cond.loc[term, "estimate"], cond.loc[term, "se"]
         assert abs(estimate - value) < 4 * se, (term, estimate, value, se)
     disp = result.coefficients[result.coefficients["component"] == "disp"].set_index("term")
-    assert abs(disp.loc["variantfinetuned", "estimate"] - truth.log_precision_finetuned) < 4 * disp.loc["variantfinetuned", "se"]
+    assert (
+        abs(disp.loc["variantfinetuned", "estimate"] - truth.log_precision_finetuned)
+        < 4 * disp.loc["variantfinetuned", "se"]
+    )
 
     base, ft = result.slope("base"), result.slope("finetuned")
     assert abs(base.slope - truth.slope_base) < 4 * base.se
@@ -264,11 +276,19 @@ def test_paper_size_fit_recovers_truth_and_passes_diagnostics(tmp_path):
 
     diag = diagnose(tmp_path / "fit", settings, tmp_path / "diag")
     residuals = pd.read_csv(tmp_path / "diag" / "residuals.tsv", sep="\t")
-    assert list(residuals.columns) == ["prompt_uid", "family", "variant", "task", "observed",
-                                       "predicted", "scaled_residual"]
+    assert list(residuals.columns) == [
+        "prompt_uid",
+        "family",
+        "variant",
+        "task",
+        "observed",
+        "predicted",
+        "scaled_residual",
+    ]
     assert len(residuals) == 2400 and residuals["scaled_residual"].between(0, 1).all()
-    np.testing.assert_allclose(residuals["observed"].to_numpy(),
-                               sim.panel["D"].clip(1e-6, 1 - 1e-6).to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(
+        residuals["observed"].to_numpy(), sim.panel["D"].clip(1e-6, 1 - 1e-6).to_numpy(), rtol=1e-9
+    )
     assert (residuals["prompt_uid"].to_numpy() == sim.panel["prompt_uid"].to_numpy()).all()
     tests = json.loads((tmp_path / "diag" / "tests.json").read_text())
     assert tests["nsim"] == 1000
@@ -295,12 +315,14 @@ def test_slope_ratio_interval_covers_the_truth_at_about_the_nominal_rate(tmp_pat
     truth = PanelTruth()
     settings = StatsSettings.from_config(COVERAGE_SETTINGS)
     panels = [
-        simulate_panel(5000 + i, tasks=("completion", "coding"), n_prompts=25,
-                       family_rate_sd=0.0, truth=truth).panel
+        simulate_panel(
+            5000 + i, tasks=("completion", "coding"), n_prompts=25, family_rate_sd=0.0, truth=truth
+        ).panel
         for i in range(50)
     ]
-    results = fit_beta_glmm_many(panels, settings, [tmp_path / f"fit{i}" for i in range(50)],
-                                 save_model=False)
+    results = fit_beta_glmm_many(
+        panels, settings, [tmp_path / f"fit{i}" for i in range(50)], save_model=False
+    )
     assert sum(r.converged for r in results) >= 48
     for method in ("delta", "bootstrap"):
         rows = [r.slope("ratio", method) for r in results]

@@ -33,7 +33,9 @@ def _config(workdir: Path) -> Path:
 @pytest.mark.slow
 def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    snakemake(tmp_path, "--cores", "2", "resources/models/tinyllama/base", "--configfile", str(config))
+    snakemake(
+        tmp_path, "--cores", "2", "resources/models/tinyllama/base", "--configfile", str(config)
+    )
     shards = tmp_path / "results/rollouts/default/tinyllama/base/math.shards"
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TZ="UTC")

@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 
-
 class EmbedderUnavailableError(RuntimeError):
     """The configured embedding model cannot be loaded from this machine (offline, not cached)."""
 
@@ -163,9 +162,10 @@ def load_embedder(
 
     config_key = f"embedders.{name}.model"
     if directory is not None:
-        if not Path(directory, "config.json").is_file() and not Path(
-            directory, "modules.json"
-        ).is_file():
+        if (
+            not Path(directory, "config.json").is_file()
+            and not Path(directory, "modules.json").is_file()
+        ):
             raise EmbedderUnavailableError(
                 f"{config_key}: {directory} is not a fetched model directory (an interrupted "
                 "fetch?); rerun the workflow to fetch it again"

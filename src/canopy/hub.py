@@ -191,9 +191,7 @@ def explain_fetch_error(
     where = f" (file {file})" if file else ""
     has_token = bool(os.environ.get(token_env))
     status = _status(error)
-    if isinstance(error, GatedRepoError) or (
-        isinstance(error, HfHubHTTPError) and status == 403
-    ):
+    if isinstance(error, GatedRepoError) or (isinstance(error, HfHubHTTPError) and status == 403):
         message = (
             f"{name}{where} is gated (HTTP {status or 403}): accept its licence at "
             f"{_repo_url(repo_id, repo_type)} with your account, then put an access token of that "
@@ -268,7 +266,9 @@ def resolve_revision(
 
 def _check_arguments(repo_id: Any, revision: Any, config_key: str) -> None:
     if not isinstance(repo_id, str) or not repo_id.strip("/"):
-        raise HubFetchError(f"{config_key}: a hub repository id (owner/name) is required, got {repo_id!r}")
+        raise HubFetchError(
+            f"{config_key}: a hub repository id (owner/name) is required, got {repo_id!r}"
+        )
     if not isinstance(revision, str) or not revision:
         raise HubFetchError(
             f"{config_key}.revision is required for {repo_id}: a commit hash (reproducible) or a "
@@ -405,7 +405,13 @@ def download(
     default_key, patterns = _DOWNLOADS[kind]
     config_key = config_key or default_key
     record = fetch_snapshot(
-        repo_id, revision, out_dir, kind=kind, config_key=config_key, token_env=token_env, **patterns
+        repo_id,
+        revision,
+        out_dir,
+        kind=kind,
+        config_key=config_key,
+        token_env=token_env,
+        **patterns,
     )
     target = Path(out_dir)
     weights = any(target.glob("*.safetensors")) or any(target.glob("pytorch_model*.bin"))

@@ -153,8 +153,11 @@ def build_lock(
         "classifiers": [dict(entry) for entry in classifiers],
         "software": {
             **(dict(packages) if packages is not None else package_versions()),
-            **({"R": r_versions.get("R_version"), "glmmTMB": r_versions.get("glmmTMB_version")}
-               if r_versions else {}),
+            **(
+                {"R": r_versions.get("R_version"), "glmmTMB": r_versions.get("glmmTMB_version")}
+                if r_versions
+                else {}
+            ),
         },
     }
 
@@ -200,9 +203,7 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
         row.update({k: entry[k] for k in _FETCH_COLUMNS})
         rows.append(row)
     for name, version in lock["software"].items():
-        rows.append(
-            {"kind": "software", "name": name, "source": "installed", "revision": version}
-        )
+        rows.append({"kind": "software", "name": name, "source": "installed", "revision": version})
     return pd.DataFrame(rows).reindex(columns=list(LOCK_COLUMNS))
 
 

@@ -50,9 +50,7 @@ def headline_table(
         means.insert(0, "embedder", embedder)
         means.insert(0, "sampling", sampling)
         means["n_prompts"] = panel.groupby(["family", "variant"]).size().to_numpy()
-        by_variant = slopes[slopes["variant"].isin(VARIANTS)].drop_duplicates(
-            "variant"
-        )
+        by_variant = slopes[slopes["variant"].isin(VARIANTS)].drop_duplicates("variant")
         slope_of = dict(zip(by_variant["variant"], by_variant["slope"]))
         means["entropy_rate_slope"] = means["variant"].map(slope_of)
         if len(ratio):

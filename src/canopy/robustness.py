@@ -63,8 +63,12 @@ def _interaction(names: list[str], variant_token: str) -> str:
 
 
 def slope_rows(
-    beta: pd.Series, cov: pd.DataFrame, variant_token: str, variants: tuple[str, str],
-    confidence: float, method: str,
+    beta: pd.Series,
+    cov: pd.DataFrame,
+    variant_token: str,
+    variants: tuple[str, str],
+    confidence: float,
+    method: str,
 ) -> pd.DataFrame:
     """Base slope, fine-tuned slope and their ratio (delta method) from a coefficient vector.
 
@@ -90,8 +94,17 @@ def slope_rows(
         ("ratio", ratio, se_ratio, f"{method}/delta"),
     ]
     return pd.DataFrame(
-        [{"variant": v, "slope": s, "se": e, "ci_low": s - z * e, "ci_high": s + z * e,
-          "method": m} for v, s, e, m in rows]
+        [
+            {
+                "variant": v,
+                "slope": s,
+                "se": e,
+                "ci_low": s - z * e,
+                "ci_high": s + z * e,
+                "method": m,
+            }
+            for v, s, e, m in rows
+        ]
     )
 
 
@@ -147,8 +160,9 @@ def lmm_robustness(
     frame = prepare_panel(panel, settings)
     variants = _variants(frame, settings)
     tasks = [settings.reference_task, *sorted(set(frame["task"]) - {settings.reference_task})]
-    data = frame[["logit_D", SLOPE_TERM, "invN_sc", "N", "variant", "task", "family",
-                  "prompt_uid"]].copy()
+    data = frame[
+        ["logit_D", SLOPE_TERM, "invN_sc", "N", "variant", "task", "family", "prompt_uid"]
+    ].copy()
     model = Lmer(lmm_formula(settings), data=data)
     factors = {"variant": list(variants)}
     if len(tasks) > 1:
@@ -195,7 +209,9 @@ def fixed_effects_slopes(
     data = frame.copy()
     data["variant"] = pd.Categorical(data["variant"], categories=list(variants))
     tasks = [settings.reference_task, *sorted(set(data["task"]) - {settings.reference_task})]
-    data["task"] = pd.Categorical(data["task"], categories=[t for t in tasks if t in set(data["task"])])
+    data["task"] = pd.Categorical(
+        data["task"], categories=[t for t in tasks if t in set(data["task"])]
+    )
     cluster = settings.robustness.cluster
     if cluster not in data.columns:
         raise ValueError(f"stats.robustness.cluster = {cluster!r} is not a panel column")
@@ -207,8 +223,9 @@ def fixed_effects_slopes(
             cov_type="cluster", cov_kwds={"groups": groups}
         )
     cov = fit.cov_params()
-    table = slope_rows(fit.params, cov, f"variant[T.{variants[1]}]", variants,
-                       settings.confidence, method)
+    table = slope_rows(
+        fit.params, cov, f"variant[T.{variants[1]}]", variants, settings.confidence, method
+    )
     table["n_rows"] = int(fit.nobs)
     table["n_clusters"] = int(len(np.unique(groups)))
     return table
@@ -273,9 +290,18 @@ def matched_prompt_metrics(
     """Per-prompt R (mean rate), N (mean length), rho(N, r_N) (Pearson) and D of a rollout set."""
     n = np.asarray(lengths, float)
     rate = np.asarray(entropy_sums, float) / n
-    rho = float(np.corrcoef(n, rate)[0, 1]) if n.size > 2 and n.std() > 0 and rate.std() > 0 else float("nan")
-    return {"R": float(rate.mean()), "N": float(n.mean()), "rho": rho,
-            "D": pairwise_dissimilarity(vectors), "M": int(n.size)}
+    rho = (
+        float(np.corrcoef(n, rate)[0, 1])
+        if n.size > 2 and n.std() > 0 and rate.std() > 0
+        else float("nan")
+    )
+    return {
+        "R": float(rate.mean()),
+        "N": float(n.mean()),
+        "rho": rho,
+        "D": pairwise_dissimilarity(vectors),
+        "M": int(n.size),
+    }
 
 
 def _prompt_groups(
@@ -289,7 +315,10 @@ def _prompt_groups(
     if vectors is None or "prompt_id" not in embeddings or "sample" not in embeddings:
         raise ValueError(f"embeddings of {'/'.join(key)} need arrays prompt_id, sample, embeddings")
     index = pd.MultiIndex.from_arrays(
-        [np.asarray(embeddings["prompt_id"]).astype(str), np.asarray(embeddings["sample"], np.int64)]
+        [
+            np.asarray(embeddings["prompt_id"]).astype(str),
+            np.asarray(embeddings["sample"], np.int64),
+        ]
     )
     lookup = pd.Series(np.arange(len(index)), index=index)
     keys = pd.MultiIndex.from_arrays(
@@ -298,7 +327,9 @@ def _prompt_groups(
     found = keys.isin(lookup.index)
     if not found.all():
         first = keys[~found][0]
-        raise ValueError(f"{'/'.join(key)}: rollout (prompt {first[0]}, sample {first[1]}) has no embedding")
+        raise ValueError(
+            f"{'/'.join(key)}: rollout (prompt {first[0]}, sample {first[1]}) has no embedding"
+        )
     rows = lookup.loc[keys].to_numpy()
     n_steps = rollouts["n_steps"].to_numpy(float)
     if (n_steps <= 0).any():
@@ -342,12 +373,18 @@ def length_matched(
     rob = settings.robustness
     keys = sorted(rollouts_by_key)
     if set(keys) != set(embeddings_by_key):
-        raise ValueError(f"rollouts and embeddings cover different keys: "
-                         f"{sorted(set(keys) ^ set(embeddings_by_key))}")
-    groups = {key: _prompt_groups(rollouts_by_key[key], embeddings_by_key[key], key) for key in keys}
+        raise ValueError(
+            f"rollouts and embeddings cover different keys: "
+            f"{sorted(set(keys) ^ set(embeddings_by_key))}"
+        )
+    groups = {
+        key: _prompt_groups(rollouts_by_key[key], embeddings_by_key[key], key) for key in keys
+    }
     pairs = sorted({(f, t) for f, _, t in keys})
-    variants = (settings.reference_variant,
-                *sorted({v for _, v, _ in keys} - {settings.reference_variant}))
+    variants = (
+        settings.reference_variant,
+        *sorted({v for _, v, _ in keys} - {settings.reference_variant}),
+    )
     if len(variants) != 2:
         raise ValueError(f"length matching needs two variants, got {variants}")
     rng = np.random.default_rng(settings.seed)
@@ -368,11 +405,16 @@ def length_matched(
                         dropped += 1
                         continue
                 for variant, data, idx in ((variants[0], base, ia), (variants[1], ft, ib)):
-                    rows.append({
-                        "family": family, "variant": variant, "task": task,
-                        "prompt_id": prompt, "prompt_uid": f"{task}/{prompt}",
-                        **matched_prompt_metrics(data[0][idx], data[1][idx], data[2][idx]),
-                    })
+                    rows.append(
+                        {
+                            "family": family,
+                            "variant": variant,
+                            "task": task,
+                            "prompt_id": prompt,
+                            "prompt_uid": f"{task}/{prompt}",
+                            **matched_prompt_metrics(data[0][idx], data[1][idx], data[2][idx]),
+                        }
+                    )
         return rows, dropped
 
     repeats = [None, *range(rob.length_repeats)]
@@ -397,12 +439,14 @@ def length_matched(
             fits.append(f"not estimable: {error}")
     estimable = [i for i, fit in enumerate(fits) if fit is None]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".length-matched-",
-                                     dir=Path(out_path).parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".length-matched-", dir=Path(out_path).parent) as tmp:
         fitted = fit_beta_glmm_many(
-            [panels[i] for i in estimable], settings,
+            [panels[i] for i in estimable],
+            settings,
             [Path(tmp) / f"fit{i}" for i in estimable],
-            save_model=False, standardisation=standardisation, keep_going=True,
+            save_model=False,
+            standardisation=standardisation,
+            keep_going=True,
         )
     for i, fit in zip(estimable, fitted):
         fits[i] = fit
@@ -413,11 +457,21 @@ def length_matched(
         if isinstance(fit, str):
             # A matched subsample too small or too degenerate for the model: say so in the
             # table and leave the repeat out of the pooled slopes.
-            warnings.warn(f"length-matched repeat {repeat}: Beta GLMM failed: {fit}",
-                          RuntimeWarning, stacklevel=2)
-            slopes = pd.DataFrame({"variant": [*variants, "ratio"], "slope": np.nan,
-                                   "se": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                                   "method": ["wald", "wald", "delta"]})
+            warnings.warn(
+                f"length-matched repeat {repeat}: Beta GLMM failed: {fit}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            slopes = pd.DataFrame(
+                {
+                    "variant": [*variants, "ratio"],
+                    "slope": np.nan,
+                    "se": np.nan,
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                    "method": ["wald", "wald", "delta"],
+                }
+            )
             slopes["error"] = fit
         else:
             slopes = fit.slopes.copy()
@@ -434,22 +488,44 @@ def length_matched(
         slopes["mean_rollouts"] = float(metrics["M"].mean()) if len(metrics) else np.nan
         tables.append(slopes)
     table = pd.concat(tables, ignore_index=True)
-    matched = table[(table["analysis"] == "matched") & table["method"].isin(["wald", "delta"])
-                    & (table["error"] == "")]
+    matched = table[
+        (table["analysis"] == "matched")
+        & table["method"].isin(["wald", "delta"])
+        & (table["error"] == "")
+    ]
     z = sps.norm.ppf(1 - (1 - settings.confidence) / 2)
     pooled = []
     for variant, rows in matched.groupby("variant", sort=False):
         mean = float(rows["slope"].mean())
         between = float(rows["slope"].var(ddof=1)) if len(rows) > 1 else 0.0
         se = float(np.sqrt((rows["se"] ** 2).mean() + between))
-        pooled.append({
-            "analysis": "matched_pooled", "repeat": -1, "variant": variant, "slope": mean,
-            "se": se, "ci_low": mean - z * se, "ci_high": mean + z * se,
-            "method": rows["method"].iloc[0], "converged": bool(rows["converged"].all()),
-            "error": "", "n_repeats": int(len(rows)),
-            **{c: float(rows[c].mean()) for c in ("n_rows", "n_prompts", "mean_N", "mean_R",
-                                                  "mean_rho", "n_prompts_dropped", "mean_rollouts")},
-        })
+        pooled.append(
+            {
+                "analysis": "matched_pooled",
+                "repeat": -1,
+                "variant": variant,
+                "slope": mean,
+                "se": se,
+                "ci_low": mean - z * se,
+                "ci_high": mean + z * se,
+                "method": rows["method"].iloc[0],
+                "converged": bool(rows["converged"].all()),
+                "error": "",
+                "n_repeats": int(len(rows)),
+                **{
+                    c: float(rows[c].mean())
+                    for c in (
+                        "n_rows",
+                        "n_prompts",
+                        "mean_N",
+                        "mean_R",
+                        "mean_rho",
+                        "n_prompts_dropped",
+                        "mean_rollouts",
+                    )
+                },
+            }
+        )
     table = pd.concat([table, pd.DataFrame(pooled)], ignore_index=True)
     table["standardisation"] = json.dumps(standardisation, sort_keys=True)
     write_tsv(table, out_path)

@@ -133,7 +133,11 @@ def check_r_environment(rscript: str = "Rscript") -> dict[str, Any]:
     try:
         done = subprocess.run(
             [executable, "--vanilla", str(r_script_path("check_env.R"))],
-            capture_output=True, text=True, env=_r_env(), timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            env=_r_env(),
+            timeout=120,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         raise REnvironmentError(f"could not run {executable}: {error}; {INSTALL_HINT}") from error
@@ -173,7 +177,10 @@ def _run_r(script: str, job: Mapping[str, Any], workdir: Path, rscript: str) -> 
     executable = shutil.which(rscript) or rscript
     done = subprocess.run(
         [executable, "--vanilla", str(r_script_path(script)), str(job_path)],
-        capture_output=True, text=True, env=_r_env(), check=False,
+        capture_output=True,
+        text=True,
+        env=_r_env(),
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(
@@ -213,7 +220,9 @@ def prepare_panel(
     required = [*ID_COLUMNS, "D", "R", "N"]
     missing = [c for c in required if c not in panel.columns]
     if missing:
-        raise ValueError(f"panel lacks column(s) {missing}; expected the panel of docs/architecture.md")
+        raise ValueError(
+            f"panel lacks column(s) {missing}; expected the panel of docs/architecture.md"
+        )
     if len(panel) == 0:
         raise ValueError("panel is empty")
     frame = panel.copy()
@@ -221,7 +230,9 @@ def prepare_panel(
         frame[column] = frame[column].astype(str)
         bad = frame[column].str.contains(r"[\t\n\r]", regex=True)
         if bad.any():
-            raise ValueError(f"panel column {column} holds tabs/newlines, e.g. {frame.loc[bad, column].iloc[0]!r}")
+            raise ValueError(
+                f"panel column {column} holds tabs/newlines, e.g. {frame.loc[bad, column].iloc[0]!r}"
+            )
     duplicated = frame.duplicated(["family", "variant", "task", "prompt_id"], keep=False)
     if duplicated.any():
         example = frame.loc[duplicated, ["family", "variant", "prompt_uid"]].iloc[0].tolist()
@@ -344,16 +355,25 @@ def _panel_for_r(frame: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
 
 
 def _summary(
-    frame: pd.DataFrame, settings: StatsSettings, slopes: pd.DataFrame,
-    convergence: Mapping[str, Any], r_env: Mapping[str, Any],
+    frame: pd.DataFrame,
+    settings: StatsSettings,
+    slopes: pd.DataFrame,
+    convergence: Mapping[str, Any],
+    r_env: Mapping[str, Any],
 ) -> dict[str, Any]:
     def row(variant: str, method: str) -> dict[str, float]:
         r = slopes[(slopes["variant"] == variant) & (slopes["method"] == method)].iloc[0]
-        return {"estimate": float(r["slope"]), "se": float(r["se"]),
-                "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"])}
+        return {
+            "estimate": float(r["slope"]),
+            "se": float(r["se"]),
+            "ci_low": float(r["ci_low"]),
+            "ci_high": float(r["ci_high"]),
+        }
 
-    variants = [settings.reference_variant,
-                *sorted(set(frame["variant"]) - {settings.reference_variant})]
+    variants = [
+        settings.reference_variant,
+        *sorted(set(frame["variant"]) - {settings.reference_variant}),
+    ]
     return {
         "n_rows": int(len(frame)),
         "n_prompts": int(frame["prompt_uid"].nunique()),
@@ -411,9 +431,17 @@ def fit_beta_glmm_many(
             panel_path = work / f"panel{index}.tsv"
             _panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
             jobs.append({"panel": str(panel_path), "out_dir": str(work / f"fit{index}")})
-        _run_r("fit_beta_glmm.R", {**_job_settings(settings), "jobs": jobs,
-                                   "save_model": save_model, "keep_going": keep_going},
-               work, settings.rscript)
+        _run_r(
+            "fit_beta_glmm.R",
+            {
+                **_job_settings(settings),
+                "jobs": jobs,
+                "save_model": save_model,
+                "keep_going": keep_going,
+            },
+            work,
+            settings.rscript,
+        )
         results: list[BetaGlmmResult | str] = []
         for index, (frame, target) in enumerate(zip(frames, targets)):
             staged = work / f"fit{index}"
@@ -444,7 +472,8 @@ def _collect(
             f"Beta GLMM in {target} did not converge cleanly (pdHess={convergence.get('pdHess')}, "
             f"max scaled gradient={convergence.get('max_scaled_gradient')}, "
             f"warnings={convergence.get('warnings')}); see convergence.json",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
     return BetaGlmmResult(target, coefficients, slopes, variance, convergence, summary)
 
@@ -569,12 +598,21 @@ def diagnose(
     diag_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".diag-", dir=diag_dir) as tmp:
         work = Path(tmp)
-        job = {"model": str(model), "nsim": settings.simulations, "seed": settings.seed,
-               "out_dir": str(work / "sim"), "use_dharma": settings.use_dharma}
+        job = {
+            "model": str(model),
+            "nsim": settings.simulations,
+            "seed": settings.seed,
+            "out_dir": str(work / "sim"),
+            "use_dharma": settings.use_dharma,
+        }
         _run_r("simulate_beta_glmm.R", job, work, settings.rscript)
         sim_dir = work / "sim"
-        fitted = pd.read_csv(sim_dir / "fitted.tsv", sep="\t", keep_default_na=False,
-                             dtype={"prompt_uid": str, "family": str, "variant": str, "task": str})
+        fitted = pd.read_csv(
+            sim_dir / "fitted.tsv",
+            sep="\t",
+            keep_default_na=False,
+            dtype={"prompt_uid": str, "family": str, "variant": str, "task": str},
+        )
         info = json.loads((sim_dir / "info.json").read_text())
         n, nsim = int(info["n"]), int(info["nsim"])
         simulated = np.fromfile(sim_dir / "simulated.f64", dtype="<f8").reshape(nsim, n)
@@ -600,19 +638,33 @@ def diagnose(
     table["observed"] = observed
     table["predicted"] = predicted
     table["scaled_residual"] = residuals
-    names = {"uniformity": "KS D vs Uniform(0,1)",
-             "dispersion": "var(obs - fitted) / mean var(sim - fitted)",
-             "outliers": "outlier frequency / expected 2/(nsim+1)"}
+    names = {
+        "uniformity": "KS D vs Uniform(0,1)",
+        "dispersion": "var(obs - fitted) / mean var(sim - fitted)",
+        "outliers": "outlier frequency / expected 2/(nsim+1)",
+    }
     tests_table = pd.DataFrame(
-        [{"test": name, "statistic": values["statistic"], "p_value": values["p_value"],
-          "statistic_meaning": names[name]} for name, values in tests.items()]
+        [
+            {
+                "test": name,
+                "statistic": values["statistic"],
+                "p_value": values["p_value"],
+                "statistic_meaning": names[name],
+            }
+            for name, values in tests.items()
+        ]
     )
-    payload = {"engine": info["engine"], "n": n, "nsim": nsim, "seed": settings.seed,
-               "simulation": {
-                   "residuals": "unconditional: glmmTMB simulate() draws new random effects",
-                   "dispersion": "unconditional, centred on population-level predictions",
-               },
-               **tests}
+    payload = {
+        "engine": info["engine"],
+        "n": n,
+        "nsim": nsim,
+        "seed": settings.seed,
+        "simulation": {
+            "residuals": "unconditional: glmmTMB simulate() draws new random effects",
+            "dispersion": "unconditional, centred on population-level predictions",
+        },
+        **tests,
+    }
     write_tsv(table, diag_dir / "residuals.tsv")
     write_tsv(tests_table, diag_dir / "tests.tsv")
     write_json(payload, diag_dir / "tests.json")

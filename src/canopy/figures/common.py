@@ -82,6 +82,8 @@ def renderer(
     render.__module__ = plot.__module__
     render.__doc__ = f"Read {what} of the tables, draw the figure and write it as PDF and PNG."
     return render
+
+
 def keyed_paths(
     matrix: Sequence[Sequence[str]], paths: Sequence[str | os.PathLike[str]]
 ) -> dict[TableKey, str | os.PathLike[str]]:

@@ -105,7 +105,10 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
         if row.n_dropped:
             log.warning(
                 "%s/%s/%s: %d prompt(s) with a non-finite CE* or term left out",
-                row.family, row.variant, row.task, row.n_dropped,
+                row.family,
+                row.variant,
+                row.task,
+                row.n_dropped,
             )
 
     n_rows = 2 if settings.show_covariance_panel else 1
@@ -127,27 +130,51 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
                 product = part["product"].to_numpy(dtype=float)
                 covariance = part["covariance"].to_numpy(dtype=float)
                 top.bar(
-                    xs, product, _BAR_WIDTH, color=color, edgecolor=color,
+                    xs,
+                    product,
+                    _BAR_WIDTH,
+                    color=color,
+                    edgecolor=color,
                     gid=f"product/{family}/{variant}",
                 )
                 top.bar(
-                    xs, covariance, _BAR_WIDTH, bottom=product, color="white", alpha=0.9,
-                    edgecolor=color, hatch="/////", gid=f"covariance/{family}/{variant}",
+                    xs,
+                    covariance,
+                    _BAR_WIDTH,
+                    bottom=product,
+                    color="white",
+                    alpha=0.9,
+                    edgecolor=color,
+                    hatch="/////",
+                    gid=f"covariance/{family}/{variant}",
                 )
                 totals = top.errorbar(
-                    xs, part["total"].to_numpy(dtype=float),
-                    yerr=part["total_se"].to_numpy(dtype=float), fmt="o", markersize=2.5,
-                    color=NEUTRAL_COLOR, elinewidth=0.8,
+                    xs,
+                    part["total"].to_numpy(dtype=float),
+                    yerr=part["total_se"].to_numpy(dtype=float),
+                    fmt="o",
+                    markersize=2.5,
+                    color=NEUTRAL_COLOR,
+                    elinewidth=0.8,
                 )
                 totals.lines[0].set_gid(f"total/{family}/{variant}")
                 if bottom is not None:
                     bottom.bar(
-                        xs, covariance, _BAR_WIDTH, color="white", edgecolor=color,
-                        hatch="/////", gid=f"covariance-only/{family}/{variant}",
+                        xs,
+                        covariance,
+                        _BAR_WIDTH,
+                        color="white",
+                        edgecolor=color,
+                        hatch="/////",
+                        gid=f"covariance-only/{family}/{variant}",
                     )
                     bottom.errorbar(
-                        xs, covariance, yerr=part["covariance_se"].to_numpy(dtype=float),
-                        fmt="none", ecolor=NEUTRAL_COLOR, elinewidth=0.8,
+                        xs,
+                        covariance,
+                        yerr=part["covariance_se"].to_numpy(dtype=float),
+                        fmt="none",
+                        ecolor=NEUTRAL_COLOR,
+                        elinewidth=0.8,
                     )
             top.set_title(family)
             panel_width = settings.width / len(families)
@@ -165,7 +192,12 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
             Patch(facecolor="0.55", edgecolor="0.55", label=r"$\mathrm{E}[N]\cdot\mathrm{E}[r]$"),
             Patch(facecolor="white", edgecolor="0.35", hatch="/////", label=r"Cov$(N, r)$"),
             Line2D(
-                [], [], marker="o", markersize=2.5, color=NEUTRAL_COLOR, linestyle="none",
+                [],
+                [],
+                marker="o",
+                markersize=2.5,
+                color=NEUTRAL_COLOR,
+                linestyle="none",
                 label=r"$\mathrm{CE}^*$ ± SE",
             ),
         ]

@@ -93,7 +93,8 @@ def plot_lengths(
                 if lengths.size:
                     edges = length_bins(
                         np.append(lengths, cap) if cap is not None else lengths,
-                        settings.bins, settings.log_scale,
+                        settings.bins,
+                        settings.log_scale,
                     )
                     for variant in variants:
                         values = panel.loc[panel["variant"] == variant, "n_steps"]
@@ -103,25 +104,40 @@ def plot_lengths(
                         weights = np.full(values.size, 1.0 / values.size)
                         color = VARIANT_COLORS[variant]
                         ax.hist(
-                            values, bins=edges, weights=weights, histtype="stepfilled",
-                            color=color, alpha=0.25, linewidth=0,
+                            values,
+                            bins=edges,
+                            weights=weights,
+                            histtype="stepfilled",
+                            color=color,
+                            alpha=0.25,
+                            linewidth=0,
                         )
                         ax.hist(
-                            values, bins=edges, weights=weights, histtype="step", color=color,
-                            linewidth=1.0, label=VARIANT_LABELS[variant],
+                            values,
+                            bins=edges,
+                            weights=weights,
+                            histtype="step",
+                            color=color,
+                            linewidth=1.0,
+                            label=VARIANT_LABELS[variant],
                             gid=f"hist/{family}/{variant}/{task}",
                         )
                 if cap is not None:
-                    ax.axvline(cap, color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8,
-                               gid="cap")
+                    ax.axvline(cap, color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8, gid="cap")
                 if settings.log_scale:
                     ax.set_xscale("log")
         label_grid(axes, families, tasks, "length $N$ (tokens)", "share of rollouts")
         handles = variant_handles(variants, kind="patch")
         if cap is not None:
             handles.append(
-                Line2D([], [], color=NEUTRAL_COLOR, linestyle="--", linewidth=0.8,
-                       label=f"max_new_tokens = {cap}")
+                Line2D(
+                    [],
+                    [],
+                    color=NEUTRAL_COLOR,
+                    linestyle="--",
+                    linewidth=0.8,
+                    label=f"max_new_tokens = {cap}",
+                )
             )
         return finish_figure(figure, handles)
 

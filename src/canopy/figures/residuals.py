@@ -46,9 +46,13 @@ QUANTILE_LEVELS = (0.25, 0.5, 0.75)
 # figure was specified with (ks_p, ...) and the nested objects canopy.stats writes
 # ({"uniformity": {"statistic": ..., "p_value": ...}, ...}).
 _KNOWN_TESTS = {
-    "ks_p": "KS", "uniformity": "KS", "ks": "KS",
-    "dispersion_p": "dispersion", "dispersion": "dispersion",
-    "outlier_p": "outliers", "outliers": "outliers",
+    "ks_p": "KS",
+    "uniformity": "KS",
+    "ks": "KS",
+    "dispersion_p": "dispersion",
+    "dispersion": "dispersion",
+    "outlier_p": "outliers",
+    "outliers": "outliers",
 }
 
 
@@ -129,8 +133,10 @@ def plot_residuals(
             "the residuals table has no row with a finite scaled residual and prediction"
         )
     if ((scaled[usable] < 0) | (scaled[usable] > 1)).any():
-        raise ValueError("scaled residuals must lie in [0, 1] (they are simulation quantiles); "
-                         "check the diagnostics stage's residuals.tsv")
+        raise ValueError(
+            "scaled residuals must lie in [0, 1] (they are simulation quantiles); "
+            "check the diagnostics stage's residuals.tsv"
+        )
     residuals = residuals[usable]
     scaled, predicted = scaled[usable], predicted[usable]
     # Rank-transform the prediction to (0, 1) as DHARMa does, so points spread evenly along x.
@@ -146,8 +152,17 @@ def plot_residuals(
 
         expected, observed = uniform_qq(scaled)
         ax_qq.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=0.8)
-        ax_qq.plot(expected, observed, linestyle="none", marker="o", markersize=1.5,
-                   color=NEUTRAL_COLOR, alpha=0.7, gid="qq", rasterized=True)
+        ax_qq.plot(
+            expected,
+            observed,
+            linestyle="none",
+            marker="o",
+            markersize=1.5,
+            color=NEUTRAL_COLOR,
+            alpha=0.7,
+            gid="qq",
+            rasterized=True,
+        )
         ax_qq.set_xlabel("expected (uniform quantile)")
         ax_qq.set_ylabel("observed scaled residual")
         title = "QQ plot"
@@ -156,9 +171,21 @@ def plot_residuals(
         ax_qq.set_title(title)
         if p_values:
             text = "\n".join(f"{name} p = {value:.3g}" for name, value in p_values.items())
-            ax_qq.text(0.97, 0.03, text, transform=ax_qq.transAxes, ha="right", va="bottom",
-                       fontsize=6.5, bbox={"facecolor": "white", "edgecolor": "0.7",
-                                           "linewidth": 0.5, "boxstyle": "round,pad=0.3"})
+            ax_qq.text(
+                0.97,
+                0.03,
+                text,
+                transform=ax_qq.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=6.5,
+                bbox={
+                    "facecolor": "white",
+                    "edgecolor": "0.7",
+                    "linewidth": 0.5,
+                    "boxstyle": "round,pad=0.3",
+                },
+            )
         ax_qq.set_xlim(0, 1)
         ax_qq.set_ylim(0, 1)
         ax_qq.set_aspect("equal", adjustable="box")
@@ -167,15 +194,29 @@ def plot_residuals(
             if variant not in variants:
                 continue
             mask = (residuals["variant"] == variant).to_numpy()
-            ax_res.scatter(rank[mask], scaled[mask], s=2.5, color=VARIANT_COLORS[variant],
-                           alpha=settings.point_alpha, linewidths=0, gid=f"residuals/{variant}",
-                           rasterized=True)
+            ax_res.scatter(
+                rank[mask],
+                scaled[mask],
+                s=2.5,
+                color=VARIANT_COLORS[variant],
+                alpha=settings.point_alpha,
+                linewidths=0,
+                gid=f"residuals/{variant}",
+                rasterized=True,
+            )
         for level in QUANTILE_LEVELS:
             ax_res.axhline(level, color="0.5", linestyle="--", linewidth=0.7)
         centres, quantiles = binned_quantiles(rank, scaled, settings.quantile_bins)
         for j, level in enumerate(QUANTILE_LEVELS):
-            ax_res.plot(centres, quantiles[:, j], color=NEUTRAL_COLOR, linewidth=1.1,
-                        marker="o", markersize=1.8, gid=f"quantile/{level}")
+            ax_res.plot(
+                centres,
+                quantiles[:, j],
+                color=NEUTRAL_COLOR,
+                linewidth=1.1,
+                marker="o",
+                markersize=1.8,
+                gid=f"quantile/{level}",
+            )
         ax_res.grid(False)  # the dashed reference quantiles are the only horizontal lines
         ax_res.set_xlim(0, 1)
         ax_res.set_ylim(0, 1)
@@ -183,8 +224,9 @@ def plot_residuals(
         ax_res.set_ylabel("scaled residual")
         ax_res.set_title("residual vs prediction")
         handles = variant_handles(variants, kind="marker")
-        handles.append(Line2D([], [], color=NEUTRAL_COLOR, linewidth=1.1,
-                              label="25/50/75% quantiles"))
+        handles.append(
+            Line2D([], [], color=NEUTRAL_COLOR, linewidth=1.1, label="25/50/75% quantiles")
+        )
         return finish_figure(figure, handles)
 
 

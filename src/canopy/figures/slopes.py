@@ -47,8 +47,10 @@ def plot_slopes(
     variants = [v for v in VARIANTS if v in set(variant_rows["variant"])]
     scatter = settings.show_scatter and panel is not None
     if settings.show_scatter and panel is None:
-        raise ValueError("show_scatter is true but no panel was given: pass the panel table "
-                         "or set figures.slopes.show_scatter to false")
+        raise ValueError(
+            "show_scatter is true but no panel was given: pass the panel table "
+            "or set figures.slopes.show_scatter to false"
+        )
     if scatter:
         require_columns(panel, ["variant", "D", "R"], "panel")
         check_variants(panel, "panel")
@@ -84,8 +86,13 @@ def plot_slopes(
                 # Above the interval, not beside it, where the neighbouring method's value sat.
                 top = row["ci_high"] if np.isfinite(row["ci_high"]) else row["slope"]
                 ax_ratio.annotate(
-                    f"{row['slope']:.2f}", (i, top), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=6,
+                    f"{row['slope']:.2f}",
+                    (i, top),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
                 )
             ax_ratio.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
             set_category_ticks(ax_ratio, np.arange(len(methods)), methods, panel_width)
@@ -99,9 +106,15 @@ def plot_slopes(
             for variant in variants:
                 part = panel[panel["variant"] == variant]
                 ax_scatter.scatter(
-                    part["R"].to_numpy(dtype=float), part["D"].to_numpy(dtype=float), s=3,
-                    color=VARIANT_COLORS[variant], alpha=settings.scatter_alpha, linewidths=0,
-                    label=VARIANT_LABELS[variant], gid=f"scatter/{variant}", rasterized=True,
+                    part["R"].to_numpy(dtype=float),
+                    part["D"].to_numpy(dtype=float),
+                    s=3,
+                    color=VARIANT_COLORS[variant],
+                    alpha=settings.scatter_alpha,
+                    linewidths=0,
+                    label=VARIANT_LABELS[variant],
+                    gid=f"scatter/{variant}",
+                    rasterized=True,
                 )
             ax_scatter.set_xlabel(r"mean entropy rate $\bar R$ (nats/token)")
             ax_scatter.set_ylabel("semantic diversity $D$")
@@ -138,6 +151,14 @@ def _interval(ax: Any, x: float, row: pd.Series, color: str, gid: str) -> None:
     else:
         # A percentile interval may exclude its own point estimate; draw no negative arm.
         error = np.clip(error, 0.0, None)
-    drawn = ax.errorbar([x], [estimate], yerr=error, fmt="o", color=color, markersize=3.5,
-                        elinewidth=1.0, capsize=2.5)
+    drawn = ax.errorbar(
+        [x],
+        [estimate],
+        yerr=error,
+        fmt="o",
+        color=color,
+        markersize=3.5,
+        elinewidth=1.0,
+        capsize=2.5,
+    )
     drawn.lines[0].set_gid(gid)

@@ -191,8 +191,14 @@ def label_grid(
         return
     for row, label in enumerate(row_labels):
         axes[row, -1].annotate(
-            label, xy=(1.02, 0.5), xycoords="axes fraction", rotation=270, ha="left",
-            va="center", fontweight="bold", fontsize=mpl.rcParams["axes.titlesize"],
+            label,
+            xy=(1.02, 0.5),
+            xycoords="axes fraction",
+            rotation=270,
+            ha="left",
+            va="center",
+            fontweight="bold",
+            fontsize=mpl.rcParams["axes.titlesize"],
         )
 
 

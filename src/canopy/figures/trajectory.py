@@ -69,12 +69,21 @@ def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> F
                     half = settings.band_se * part["se"].to_numpy(dtype=float)
                     color = VARIANT_COLORS[variant]
                     ax.fill_between(
-                        position, mean - half, mean + half, color=color, alpha=0.25,
-                        linewidth=0, gid=f"band/{family}/{variant}/{task}",
+                        position,
+                        mean - half,
+                        mean + half,
+                        color=color,
+                        alpha=0.25,
+                        linewidth=0,
+                        gid=f"band/{family}/{variant}/{task}",
                     )
                     ax.plot(
-                        position, mean, color=color, linewidth=1.0,
-                        label=VARIANT_LABELS[variant], gid=f"line/{family}/{variant}/{task}",
+                        position,
+                        mean,
+                        color=color,
+                        linewidth=1.0,
+                        label=VARIANT_LABELS[variant],
+                        gid=f"line/{family}/{variant}/{task}",
                     )
                 if settings.log_x:
                     ax.set_xscale("log")

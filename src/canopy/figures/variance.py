@@ -109,22 +109,50 @@ def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
                         if values.size == 0:
                             continue
                         ax.boxplot(
-                            values, positions=[position], widths=_BOX_WIDTH, patch_artist=True,
-                            showfliers=settings.show_outliers, manage_ticks=False,
-                            boxprops={"facecolor": color, "edgecolor": color, "alpha": 0.45,
-                                      "linewidth": 0.6},
-                            medianprops={"color": color, "linewidth": 1.2,
-                                         "gid": f"median/{family}/{variant}/{task}/{quantity}"},
+                            values,
+                            positions=[position],
+                            widths=_BOX_WIDTH,
+                            patch_artist=True,
+                            showfliers=settings.show_outliers,
+                            manage_ticks=False,
+                            boxprops={
+                                "facecolor": color,
+                                "edgecolor": color,
+                                "alpha": 0.45,
+                                "linewidth": 0.6,
+                            },
+                            medianprops={
+                                "color": color,
+                                "linewidth": 1.2,
+                                "gid": f"median/{family}/{variant}/{task}/{quantity}",
+                            },
                             whiskerprops={"color": color, "linewidth": 0.6},
                             capprops={"color": color, "linewidth": 0.6},
-                            flierprops={"marker": "o", "markersize": 1.5, "markeredgecolor": color,
-                                        "markerfacecolor": color, "alpha": 0.5},
+                            flierprops={
+                                "marker": "o",
+                                "markersize": 1.5,
+                                "markeredgecolor": color,
+                                "markerfacecolor": color,
+                                "alpha": 0.5,
+                            },
                         )
                 if n_zero:
-                    log.warning("%s, %s: %d prompt(s) with zero variance not on the log axis",
-                                family, quantity, n_zero)
-                    ax.text(0.98, 0.97, f"{n_zero} zero", transform=ax.transAxes, ha="right",
-                            va="top", fontsize=6, color="0.35")
+                    log.warning(
+                        "%s, %s: %d prompt(s) with zero variance not on the log axis",
+                        family,
+                        quantity,
+                        n_zero,
+                    )
+                    ax.text(
+                        0.98,
+                        0.97,
+                        f"{n_zero} zero",
+                        transform=ax.transAxes,
+                        ha="right",
+                        va="top",
+                        fontsize=6,
+                        color="0.35",
+                    )
                 if settings.log_scale:
                     ax.set_yscale("log")
                     ax.yaxis.set_minor_formatter(_SparseLogFormatter())
