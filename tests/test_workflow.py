@@ -255,8 +255,20 @@ def _plan_after(workdir: Path, edit) -> dict[str, int]:
                 "lock",
             },
         ),
+        # The batch budgets never change a token: they are resources, and rerun nothing.
+        (
+            lambda c: c["sampling"]["default"].update(max_batch_rows=2, max_batch_tokens=4096),
+            set(),
+        ),
     ],
-    ids=["length_repeats", "fixed_effects_formula", "simulations", "scatter_alpha", "formula"],
+    ids=[
+        "length_repeats",
+        "fixed_effects_formula",
+        "simulations",
+        "scatter_alpha",
+        "formula",
+        "batch_budgets",
+    ],
 )
 def test_a_setting_change_reruns_only_the_rules_that_read_it(
     recorded_run: Path, edit, rerun

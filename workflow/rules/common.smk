@@ -63,18 +63,27 @@ def _put(out, node, parts):
             out[name] = node[name]
 
 
-_READS_CALL = re.compile(r'config_provider\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
+def config_value(dotted):
+    """Resources input function: the one config value at ``dotted`` with ``{wildcards}`` filled in
+    per job. Resources, unlike params, never rerun a finished job: for settings that cannot change
+    a result (a batch's memory budget)."""
+
+    def value(wildcards):
+        return _config_at(dotted.format(**wildcards))
+
+    return value
+
+
+_READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
 
 
 def rules_reading(key):
-    """The rules whose params hold ``key`` (a key path) or part of it, from their
-    config_provider calls in workflow/rules/*.smk."""
+    """The rules whose params or resources hold ``key`` (a key path) or part of it, from their
+    config_provider and config_value calls in workflow/rules/*.smk."""
     key = [str(part) for part in key]
     found = []
     for path in sorted((REPO_ROOT / "workflow/rules").glob("*.smk")):
-        for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[
-            1:
-        ]:
+        for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[1:]:
             name = chunk.split(":", 1)[0].strip()
             for block, rest in _READS_CALL.findall(chunk):
                 keys = re.findall(r'"([^"]*)"', rest) or [""]
@@ -113,9 +122,7 @@ def _combinations():
     ablation that changes one thing at a time from the main setting)."""
     if SWEEPS.get("design", "grid") == "grid":
         return [(s, e) for s in SAMPLINGS for e in EMBEDDERS]
-    return [(s, EMBEDDERS[0]) for s in SAMPLINGS] + [
-        (SAMPLINGS[0], e) for e in EMBEDDERS[1:]
-    ]
+    return [(s, EMBEDDERS[0]) for s in SAMPLINGS] + [(SAMPLINGS[0], e) for e in EMBEDDERS[1:]]
 
 
 COMBINATIONS = _combinations()
@@ -141,9 +148,7 @@ def combination_tasks(sampling, embedder):
 
 def sampling_tasks(sampling):
     """The tasks a sampling point is analysed on: those of its pairs, in the order of tasks."""
-    wanted = {
-        t for s, e in COMBINATIONS if s == sampling for t in combination_tasks(s, e)
-    }
+    wanted = {t for s, e in COMBINATIONS if s == sampling for t in combination_tasks(s, e)}
     return [t for t in TASKS if t in wanted]
 
 
@@ -184,9 +189,7 @@ def model_source(family, variant):
 # filtering another point's rollouts, is left out here); those with `chunks` > 1 are sampled as
 # that many jobs and gathered.
 SAMPLED_POINTS = list(SAMPLINGS)
-CHUNKED_POINTS = [
-    s for s in SAMPLED_POINTS if config["sampling"][s].get("chunks", 1) > 1
-]
+CHUNKED_POINTS = [s for s in SAMPLED_POINTS if config["sampling"][s].get("chunks", 1) > 1]
 UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 
@@ -246,9 +249,7 @@ def _classifier_specs():
 
 # Those with a revision are hub models, fetched by download_classifier like the models.
 HUB_CLASSIFIERS = {
-    name: (spec, key)
-    for name, (spec, key) in _classifier_specs().items()
-    if spec.get("revision")
+    name: (spec, key) for name, (spec, key) in _classifier_specs().items() if spec.get("revision")
 }
 
 
@@ -320,7 +321,13 @@ def device_gpus(device):
 
 
 # The keys sample_rollouts reads: an entry's sampling keys, not its filter block.
-SAMPLING_KEYS = [key for key in SamplingSettings.model_fields if key != "filter"]
+# The batch budgets decide how much memory a sampling job uses, never which tokens it draws: they
+# reach it as resources (config_value), so lowering them after running out of memory reruns no
+# finished job; every other sampling key is a param.
+BATCH_BUDGETS = ["max_batch_rows", "max_batch_tokens"]
+SAMPLING_KEYS = [
+    key for key in SamplingSettings.model_fields if key != "filter" and key not in BATCH_BUDGETS
+]
 
 
 def chat_params(wildcards):
@@ -355,11 +362,7 @@ def analysis_targets():
     return (
         ["results/headline.tsv"]
         + [path for table in tables for path in combination_paths(table)]
-        + [
-            path
-            for table in checks
-            for path in combination_paths(table, CHECKED_COMBINATIONS)
-        ]
+        + [path for table in checks for path in combination_paths(table, CHECKED_COMBINATIONS)]
     )
 
 

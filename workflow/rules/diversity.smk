@@ -25,9 +25,7 @@ rule embed_rollouts:
     # One thread, like sampling: on a CPU-only machine two jobs at once beat one job on two.
     threads: 1
     resources:
-        gpu=lambda wildcards: device_gpus(
-            config["embedders"][wildcards.embedder]["device"]
-        ),
+        gpu=lambda wildcards: device_gpus(config["embedders"][wildcards.embedder]["device"]),
     params:
         settings=config_provider("embedders.{embedder}"),
     script:

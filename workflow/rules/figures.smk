@@ -195,9 +195,7 @@ rule figure_residuals:
 
 rule figure_rho:
     input:
-        metrics=figure_inputs(
-            "rho", "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"
-        ),
+        metrics=figure_inputs("rho", "results/metrics/{sampling}/{family}/{variant}/{task}.parquet"),
     output:
         pdf=report(
             "results/figures/{sampling}/rho.pdf",

@@ -42,9 +42,7 @@ rule finetune_model:
         "../../envs/torch.yaml"
     threads: 1
     params:
-        recipe=config_provider(
-            "training.recipes.{recipe}", recipe=recipe_name("finetuned")
-        ),
+        recipe=config_provider("training.recipes.{recipe}", recipe=recipe_name("finetuned")),
     script:
         "../scripts/finetune_model.py"
 

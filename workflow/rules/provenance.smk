@@ -33,10 +33,7 @@ rule lock:
 rule check_hub_revisions:
     input:
         fetched=[
-            model_path(f, v)
-            for f in FAMILIES
-            for v in VARIANTS
-            if model_source(f, v) == "hub"
+            model_path(f, v) for f in FAMILIES for v in VARIANTS if model_source(f, v) == "hub"
         ]
         + expand("resources/embedders/{embedder}", embedder=HUB_EMBEDDERS)
         + expand("resources/classifiers/{name}", name=list(HUB_CLASSIFIERS)),

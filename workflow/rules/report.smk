@@ -9,9 +9,7 @@ REPORT_INTRO = "results/report/workflow.rst"
 
 
 _REPORT_TEXT = (
-    os.path.abspath(REPORT_INTRO)
-    if os.path.exists(REPORT_INTRO)
-    else "../report/workflow.rst"
+    os.path.abspath(REPORT_INTRO) if os.path.exists(REPORT_INTRO) else "../report/workflow.rst"
 )
 
 

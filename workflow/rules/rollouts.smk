@@ -22,6 +22,8 @@ rule sample_rollouts:
     threads: 1
     resources:
         gpu=sampling_gpus,
+        max_batch_rows=config_value("sampling.{sampling}.max_batch_rows"),
+        max_batch_tokens=config_value("sampling.{sampling}.max_batch_tokens"),
     params:
         settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,
@@ -48,6 +50,8 @@ rule sample_rollouts_chunk:
     threads: 1
     resources:
         gpu=sampling_gpus,
+        max_batch_rows=config_value("sampling.{sampling}.max_batch_rows"),
+        max_batch_tokens=config_value("sampling.{sampling}.max_batch_tokens"),
     params:
         settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,

@@ -7,7 +7,8 @@ log = setup(snakemake)
 
 from canopy.sampling import SamplingSettings, sample_task  # noqa: E402
 
-settings = SamplingSettings.from_config(snakemake.params.settings)
+budgets = {key: snakemake.resources[key] for key in ("max_batch_rows", "max_batch_tokens")}
+settings = SamplingSettings.from_config({**snakemake.params.settings, **budgets})
 sample_task(
     snakemake.input.model,
     snakemake.input.prompts,
