@@ -9,10 +9,8 @@ Snakemake and checks that editing one figure's settings reruns only that figure.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -62,6 +60,7 @@ from canopy.figures import (
 from canopy.figures.lengths import infer_length_cap, length_bins
 from canopy.figures.residuals import binned_quantiles, uniform_qq
 from canopy.io import write_json, write_parquet, write_tsv
+from workflow_helpers import snakemake as run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("tinygpt", "tinyllama")
@@ -848,26 +847,16 @@ def test_figure_rules_run_and_settings_rerun_only_their_figure(
             rule all:
                 input: figure_targets()
             """))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "--cores",
-                "1",
-                "--directory",
-                str(tmp_path),
-                "--snakefile",
-                str(tmp_path / "Snakefile"),
-                *args,
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
+        return run_snakemake(
+            tmp_path,
+            "--cores",
+            "1",
+            *args,
+            snakefile=tmp_path / "Snakefile",
+            env={"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+            check=False,
             timeout=300,
         )
 

@@ -198,14 +198,12 @@ def test_filter_keeps_the_best_scored_share_of_each_prompt(tmp_path):
 def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
     """A filtered sweep point is made by filter_rollouts (not sampled), from the rollouts of its
     `from` entry, and the semantic-entropy stage runs on it with an NLI model from a directory."""
-    import subprocess
-    import sys
     import textwrap
     from pathlib import Path
 
     import yaml
-
     from test_semantic_entropy import _tiny_nli
+    from workflow_helpers import snakemake
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
@@ -237,23 +235,13 @@ def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
         rule all:
             input: "results/semantic_entropy/rm50/tinygpt/base/math.parquet"
         """))
-    env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--cores",
-            "1",
-            "--directory",
-            str(tmp_path),
-            "--snakefile",
-            str(tmp_path / "Snakefile"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    run = snakemake(
+        tmp_path,
+        "--cores",
+        "1",
+        snakefile=tmp_path / "Snakefile",
+        env={"PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"},
+        check=False,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]

@@ -13,14 +13,20 @@ SNAKEFILE = REPO / "Snakefile"
 
 
 def snakemake(
-    workdir: Path, *args: str, check: bool = True, timeout: float = 1200
+    workdir: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 1200,
+    snakefile: Path = SNAKEFILE,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``snakemake`` on this repository's Snakefile with ``workdir`` as the working directory.
+    """Run ``snakemake`` on ``snakefile`` (this repository's) with ``workdir`` as the working
+    directory, with ``env`` added to the environment.
 
     The workflow profile profiles/default applies as it does for users.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TZ="UTC")
-    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TZ="UTC", **(env or {}))
+    command = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
