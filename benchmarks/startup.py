@@ -48,9 +48,11 @@ BEFORE = "640bfcf"
 CALL_IMPORTS: dict[str, list[str]] = {
     "embed_rollouts.py": ["sentence_transformers"],
     "prompt_metrics.py": ["scipy.stats"],
-    "sample_rollouts.py": ["transformers"],
-    "pretrain_base_model.py": ["transformers", "tokenizers"],
-    "finetune_model.py": ["transformers"],
+    # Loading any model imports transformers.modeling_utils (with torch's compiler and
+    # distributed packages behind it): about four times `import transformers` alone.
+    "sample_rollouts.py": ["transformers.modeling_utils"],
+    "pretrain_base_model.py": ["transformers.modeling_utils", "tokenizers"],
+    "finetune_model.py": ["transformers.modeling_utils"],
 }
 
 # Run in the child: time.time() at the end of the imports and after the call's own imports.
