@@ -47,7 +47,9 @@ rule fit_glmm:
         "logs/stats/{sampling}/{embedder}/glmm.log",
     conda:
         "../../envs/stats.yaml"
-    threads: 2
+    # One R process on one core (glmmTMB fits serially here): a second thread would only keep
+    # another job off the other core.
+    threads: 1
     params:
         settings=config_provider(
             "stats",
@@ -81,7 +83,9 @@ rule glmm_diagnostics:
         "logs/stats/{sampling}/{embedder}/diagnostics.log",
     conda:
         "../../envs/stats.yaml"
-    threads: 2
+    # One R process on one core (glmmTMB fits serially here): a second thread would only keep
+    # another job off the other core.
+    threads: 1
     params:
         settings=config_provider(
             "stats",
@@ -171,7 +175,9 @@ rule robustness_length_matched:
         "logs/stats/{sampling}/{embedder}/robustness_length_matched.log",
     conda:
         "../../envs/stats.yaml"
-    threads: 2
+    # One R process on one core (glmmTMB fits serially here): a second thread would only keep
+    # another job off the other core.
+    threads: 1
     params:
         matrix=combination_matrix,
         settings=config_provider(
