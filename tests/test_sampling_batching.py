@@ -31,6 +31,7 @@ from canopy.sampling import (
     shard_dir_for,
 )
 from canopy.sampling import batcher as batcher_module
+from canopy.sampling import cache as cache_module
 from canopy.sampling.cache import ClassCache
 from test_modeling import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
@@ -266,16 +267,22 @@ def test_rollouts_hold_their_positions_rounded_to_pages() -> None:
     assert stats.migrations == 0
 
 
-def test_the_dense_class_layout_gives_the_same_rows(monkeypatch) -> None:
+def test_class_layouts_and_growth_give_the_same_rows(monkeypatch) -> None:
     """The layout used off CPU (ordinary tensors growing by slots, a row holding its class
-    length) draws the same rows as the memory-mapped one, holding more."""
+    length) and memory-mapped classes that start small and grow draw the same rows as mapped
+    classes with a slot for every row; the dense one holds more."""
     model = build("gemma3")
     settings = SamplingSettings(rollouts=5, max_new_tokens=70, top_k=8, seed=3, max_batch_rows=9)
     mapped, stats = run(model, settings, eos=[2])
+    assert stats.class_growths == 0 and stats.migrations > 0 and stats.compactions > 0
+    monkeypatch.setattr(cache_module, "MAPPED_CLASS_BYTES", 1)  # one slot, then doubling
+    grown, stats_grown = run(model, settings, eos=[2])
+    assert grown == mapped and stats_grown.class_growths > 0
     monkeypatch.setattr(batcher_module, "ClassCache", functools.partial(ClassCache, mapped=False))
+    monkeypatch.setattr(cache_module, "DENSE_CLASS_SLOTS", 2)
     dense, stats_dense = run(model, settings, eos=[2])
-    assert dense == mapped
-    assert stats_dense.migrations == stats.migrations > 0 and stats.compactions > 0
+    assert dense == mapped and stats_dense.class_growths > 0
+    assert stats_dense.migrations == stats.migrations
     assert stats_dense.peak_cache_tokens > stats.peak_cache_tokens
 
 

@@ -9,6 +9,7 @@ import mmap
 import pytest
 import torch
 
+from canopy.sampling import cache as cache_module
 from canopy.sampling.cache import ClassCache, class_length
 
 LAYERS, HEADS, DIM = 2, 2, 8
@@ -102,9 +103,27 @@ def test_dense_classes_grow_by_slots_and_keep_their_rows() -> None:
     kv = cache(rows=20, mapped=False)
     data = [prompt(5, n) for n in range(12)]
     places = [kv.add(d) for d in data]
-    assert kv.classes[32].storage.shape[0] == 16  # 8 slots, doubled once
+    assert kv.classes[32].storage.shape[0] == 16 and kv.growths == 1  # 8 slots, doubled once
     assert all(torch.equal(stored(kv, p), d) for p, d in zip(places, data))
     assert kv.held(5) == 32 and cache().held(5) == 16
+
+
+def test_mapped_classes_beyond_their_first_mapping_grow_by_slots(monkeypatch) -> None:
+    """A class whose every-row mapping would exceed MAPPED_CLASS_BYTES starts smaller and grows,
+    copying its rows' written positions into the new mapping (nothing else is touched)."""
+    monkeypatch.setattr(cache_module, "MAPPED_CLASS_BYTES", 2 * SLOT_32)
+    kv = cache(rows=5)
+    data = [prompt(3 + 5 * n, n) for n in range(5)]
+    places = [kv.add(d) for d in data]
+    owner = kv.classes[32]
+    assert owner.storage.shape[0] == 5 and kv.growths == 2  # 2 slots, then 4, then 5
+    assert owner.buffer is not None and len(owner.buffer) == 5 * SLOT_32
+    assert all(torch.equal(stored(kv, p), d) for p, d in zip(places, data))
+    # Past each row's positions the new mapping holds zeros: only written positions were copied.
+    for place in places:
+        assert owner.storage[place.slot, :, :, :, place.length :].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="length class 32 is full"):
+        kv.add(prompt(4, 9))
 
 
 def test_attention_views_see_only_each_rows_positions() -> None:

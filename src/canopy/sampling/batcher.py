@@ -90,6 +90,7 @@ class BatchStats:
     waits: int = 0  # row-steps a row waited for room in the KV budget
     migrations: int = 0  # rows copied into a longer length class
     compactions: int = 0  # rows moved into a vacated slot of their class
+    class_growths: int = 0  # length classes enlarged by slots (one copy of their rows each)
     peak_cache_tokens: int = 0  # KV positions held at the fullest (ClassCache.held)
     rows_per_step: list[int] = field(default_factory=list, repr=False)
 
@@ -419,6 +420,7 @@ class _Batcher:
         self.stats.rows_per_step.append(len(active))
         self.stats.migrations = self.cache.migrations
         self.stats.compactions = self.cache.compactions
+        self.stats.class_growths = self.cache.growths
         for prompt in done_prompts:
             self.observe(prompt)
             on_done(prompt)

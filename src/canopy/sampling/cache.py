@@ -200,6 +200,12 @@ LENGTH_QUANTUM = 64
 #: The accounting quantum of a row's keys and values on CPU: its positions rounded up to this
 #: (one 4 KiB page per head for 64-dim float32 or 128-dim bfloat16 keys).
 HELD_QUANTUM = 16
+#: A memory-mapped class starts with as many slots as fit in this many bytes (at most one per row
+#: of the batch), growing by slots beyond: the kernel refuses a single anonymous mapping larger
+#: than the machine's memory, which every-row classes of a large model would be.
+MAPPED_CLASS_BYTES = 1 << 30
+#: A dense class starts with this many slots (at most one per row of the batch).
+DENSE_CLASS_SLOTS = 8
 
 
 def class_length(needed: int) -> int:
@@ -265,13 +271,14 @@ class ClassCache:
     is copied once into the next one, twice as long: as classes double, a row is copied
     O(its length) positions in all.
 
-    On CPU a class's storage is an anonymous memory mapping sized for every row of the batch, and
-    the pages of a vacated slot are handed back to the system (``MADV_DONTNEED``; they read as
-    zeros after). Pages never written are never resident, so the memory in use is the positions
-    the rows wrote, rounded up to pages (:meth:`held`), however large the classes are. Elsewhere
-    (CUDA) a class is an ordinary zeroed tensor whose slots grow geometrically (one copy each
-    time) and are not given back during a run: a row costs its class length, up to twice its
-    positions, and a class keeps the slots of its busiest moment.
+    On CPU a class's storage is an anonymous memory mapping with a slot for every row of the batch
+    (up to MAPPED_CLASS_BYTES; beyond, it grows by slots like a dense class, copying only what its
+    rows wrote), and the pages of a vacated slot are handed back to the system
+    (``MADV_DONTNEED``; they read as zeros after). Pages never written are never resident, so the
+    memory in use is the positions the rows wrote, rounded up to pages (:meth:`held`), however
+    large the classes are. Elsewhere (CUDA) a class is an ordinary zeroed tensor whose slots grow
+    geometrically (one copy each time) and are not given back during a run: a row costs its class
+    length, up to twice its positions, and a class keeps the slots of its busiest moment.
     """
 
     def __init__(
@@ -296,6 +303,7 @@ class ClassCache:
         self.migrations = 0  # rows copied into a longer class
         self.compactions = 0  # rows moved into a vacated slot
         self.released_bytes = 0  # pages handed back to the system (mapped storage)
+        self.growths = 0  # classes enlarged by slots (one copy of their rows each)
         self._shape: tuple[int, int] | None = None  # (kv_heads, head_dim)
         self._groups: list[_Group] = []
         self._fed: list[Place] = []
@@ -376,22 +384,40 @@ class ClassCache:
     def _class(self, length: int) -> _Class:
         found = self.classes.get(length)
         if found is None:
-            slots = self.rows if self.mapped else min(self.rows, 8)
-            storage, buffer = self._allocate(slots, length)
-            slot_bytes = storage[0].numel() * storage.element_size()
-            found = self.classes[length] = _Class(length, storage, buffer, slot_bytes)
+            slots = DENSE_CLASS_SLOTS
+            if self.mapped:
+                slots = max(1, MAPPED_CLASS_BYTES // self._slot_bytes(length))
+            storage, buffer = self._allocate(min(self.rows, slots), length)
+            found = self.classes[length] = _Class(length, storage, buffer, self._slot_bytes(length))
         return found
 
+    def _slot_bytes(self, length: int) -> int:
+        if self._shape is None:
+            raise RuntimeError("ClassCache: add a row before a class is allocated")
+        heads, dim = self._shape
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return len(self.layer_types) * 2 * heads * length * dim * element
+
     def _slot(self, owner: _Class) -> int:
-        """The next free slot of ``owner`` (a dense class grows geometrically when full)."""
+        """The next free slot of ``owner``; a full class grows geometrically (one copy of its
+        rows' written positions, a few times per run)."""
         slot = len(owner.places)
         capacity = owner.storage.shape[0]
         if slot >= capacity:
-            if self.mapped or capacity >= self.rows:
+            if capacity >= self.rows:
                 raise RuntimeError(f"length class {owner.length} is full ({capacity} rows)")
-            grown, _ = self._allocate(min(self.rows, capacity * 2), owner.length)
-            grown[:capacity] = owner.storage
-            owner.storage = grown
+            grown, buffer = self._allocate(min(self.rows, capacity * 2), owner.length)
+            if buffer is None:
+                grown[:capacity] = owner.storage
+            else:
+                # Row by row, only what was written: the new mapping's other pages stay untouched.
+                for place in owner.places:
+                    length = place.length
+                    grown[place.slot, :, :, :, :length] = owner.storage[
+                        place.slot, :, :, :, :length
+                    ]
+            owner.storage, owner.buffer = grown, buffer
+            self.growths += 1
         return slot
 
     def _allocate(self, slots: int, length: int) -> tuple[torch.Tensor, mmap.mmap | None]:
@@ -401,16 +427,13 @@ class ClassCache:
         shape = (slots, len(self.layer_types), 2, heads, length, dim)
         if not self.mapped:
             return torch.zeros(shape, dtype=self.dtype, device=self.device), None
-        count = 1
-        for size in shape:
-            count *= size
-        element = torch.empty((), dtype=self.dtype).element_size()
         # Anonymous pages are zero and not resident until written: the class costs what its rows
         # write, not its size. Private: MADV_DONTNEED on a shared mapping keeps the data.
-        buffer = mmap.mmap(-1, count * element, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        size = slots * self._slot_bytes(length)
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers only
-            storage = torch.frombuffer(buffer, dtype=self.dtype, count=count).view(shape)
+            storage = torch.frombuffer(buffer, dtype=self.dtype).view(shape)
         return storage, buffer
 
     # ------------------------------------------------------------ the forward pass
