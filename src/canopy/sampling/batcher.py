@@ -307,7 +307,8 @@ class _Batcher:
                     self.stats.waits += 1
                     continue
                 self.used += more
-            self.cache.fit(row.place, length + 1)
+            if length + 1 > row.place.cls:
+                self.cache.fit(row.place, length + 1)
             fed.append(row)
         return fed
 
