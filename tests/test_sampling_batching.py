@@ -287,7 +287,7 @@ def test_class_layouts_and_growth_give_the_same_rows(monkeypatch) -> None:
 
 
 def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch() -> None:
-    """Many prompts with spread lengths: the default admits rows while the pool in use is within
+    """Many prompts with spread lengths: the default admits rows while the positions held are within
     what the one-prompt sampler holds (its first step, then the most it held on a finished
     prompt), so it holds less than a batch bounded only by its rows, still with rows of several
     prompts per step, and the same rows."""

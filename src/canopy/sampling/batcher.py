@@ -143,7 +143,7 @@ class _Prompt:
 
 
 def default_pool_tokens(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
-    """The KV pool, in tokens, when ``max_batch_tokens`` is 0.
+    """The admission budget in KV positions when ``max_batch_tokens`` is 0.
 
     What the one-prompt-at-a-time sampler holds on its first step with the same row budget: its
     ``rows`` rows, each a copy of the longest prompt plus one token, rounded up to the quantum
