@@ -4,7 +4,7 @@ Three samplers produce the same thing, M rollouts per prompt with, for every ste
 the distribution sampled from and the log-probability of the drawn token:
 
 * ``continuous`` — ``canopy.sampling.sample_prompts``: the rollouts of all prompts in one
-  continuous batch over a paged KV pool;
+  continuous batch whose KV cache lives in length classes read as views;
 * ``one-prompt`` — ``canopy.sampling.sample_prompt_dynamic``, the sampler before continuous
   batching (one prompt at a time, transformers' DynamicCache), kept as the named baseline;
 * ``generate`` — the peer below.
@@ -219,7 +219,7 @@ def run_continuous(model, device, prompts, rollouts: int, max_new_tokens: int, b
     rows = [row for k in range(len(jobs)) for row in done[k]]
     summary = _summary(rows, stats.steps, forwards=stats.forwards)
     summary["mean_rows"] = stats.mean_rows  # rows sampled per step, across prompts
-    summary["kv_tokens"] = stats.peak_cache_tokens  # pool slots in use at the fullest
+    summary["kv_tokens"] = stats.peak_cache_tokens  # positions held at the fullest
     return summary
 
 
@@ -581,7 +581,7 @@ def heavy_section(args: argparse.Namespace) -> None:
         f"  peak memory continuous / one-prompt: {rss:5.2f}x peak RSS above the loaded model "
         "(VmHWM, each sampler in a fresh process after a warm-up call)  (goal <= 1)\n"
         f"                                       {kv:5.2f}x KV positions held at the fullest "
-        f"({runs['continuous']['kv_tokens']} pool slots in use vs "
+        f"({runs['continuous']['kv_tokens']} held by the rows' pages vs "
         f"{runs['one-prompt']['kv_tokens']} in the DynamicCache on its largest prompt)"
     )
     rows = {n: r["mean_rows"] for n, r in runs.items()}

@@ -1,4 +1,4 @@
-"""Continuous batching and the slot KV cache, on tiny random models of the paper's architectures.
+"""Continuous batching and its KV caches, on tiny random models of the paper's architectures.
 
 Every step's entropy and log-probability of the batched, cached sampler is compared with a
 cache-free recomputation (a full forward pass of prompt + prefix), for Qwen3, Llama-3.1 (llama3
@@ -9,6 +9,7 @@ the row and token budgets; chunked sampling gathered must equal an unchunked run
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from canopy.sampling import (
     shard_dir_for,
 )
 from canopy.sampling import batcher as batcher_module
+from canopy.sampling import cache as cache_module
+from canopy.sampling.cache import ClassCache
 from test_modeling import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
 
@@ -226,19 +229,21 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
 
 
 def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -> None:
-    """Long rollouts (no EOS in reach): by default all rows run (one forward per step), the pool
-    growing as they need; with max_batch_tokens the blocks in use stay within it, rows that
-    need more wait, and the rows are the same; a budget below one rollout's need is refused."""
+    """Long rollouts (no EOS in reach): by default all rows run (one forward per step), moving up
+    the length classes as they grow; with max_batch_tokens the positions held stay within it,
+    rows that need more wait, and the rows are the same; a budget below one rollout's need is
+    refused."""
     model = build_llama(VOCAB, context=512, seed=2)
     never = [VOCAB + 5]
     settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1)
     jobs = [PromptJob("long", [1, 5, 6])]
     rows, stats = run(model, settings, jobs, never)
     assert [r["n_steps"] for r in rows["long"]] == [300] * 4
-    # 3 + 299 positions: 19 blocks of 16 per row.
+    # 3 + 299 positions: 19 x 16 held per row.
     assert stats.waits == 0 and stats.forwards == 299 and stats.peak_cache_tokens == 4 * 19 * 16
-    assert 0 < stats.pool_growths < 10  # the pool grew geometrically beyond its first budget
-    # The default admission budget: 4 rows of one block, + 19 blocks for one rollout's reserve.
+    # Each row was copied into the classes of 64, 128, 256 and 512 positions, once each.
+    assert stats.migrations == 4 * 4
+    # The default admission budget: 4 rows of 16, + 19 x 16 for one rollout's reserve.
     assert batcher_module.default_pool_tokens(4, 3, 300) == (4 + 19) * 16
     tight = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": (4 + 19) * 16})
     again, stats_tight = run(model, tight, jobs, never)
@@ -248,19 +253,41 @@ def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -
         run(model, SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 64}), jobs, never)
 
 
-def test_rollouts_share_their_prompts_full_blocks() -> None:
-    """A 40-token prompt: its two full blocks are written once; each of the 6 rollouts holds one
-    block of its own (the prompt's last 8 positions and its tokens), not a copy of the prompt."""
+def test_rollouts_hold_their_positions_rounded_to_pages() -> None:
+    """A 40-token prompt and 6 rollouts of 5 tokens: at the last forward each row holds 44
+    positions, counted as the 48 its pages cover, what the one-prompt sampler's rows hold
+    (6 x 44) rounded up per row."""
     model = build_llama(VOCAB, context=512, seed=2)
     settings = SamplingSettings(rollouts=6, max_new_tokens=5, top_k=5, seed=1, max_batch_tokens=512)
     jobs = [PromptJob("forty", [1] + [4 + j % 15 for j in range(39)])]
     rows, stats = run(model, settings, jobs, [VOCAB + 5])
     assert [r["n_steps"] for r in rows["forty"]] == [5] * 6
-    assert stats.peak_cache_tokens == (2 + 6) * 16  # the one-prompt sampler: 6 x 44 positions
+    assert stats.peak_cache_tokens == 6 * 48
+    # 40 prompt positions start in the class of 64: no row moved up, every end compacted or not.
+    assert stats.migrations == 0
+
+
+def test_class_layouts_and_growth_give_the_same_rows(monkeypatch) -> None:
+    """The layout used off CPU (ordinary tensors growing by slots, a row holding its class
+    length) and memory-mapped classes that start small and grow draw the same rows as mapped
+    classes with a slot for every row; the dense one holds more."""
+    model = build("gemma3")
+    settings = SamplingSettings(rollouts=5, max_new_tokens=70, top_k=8, seed=3, max_batch_rows=9)
+    mapped, stats = run(model, settings, eos=[2])
+    assert stats.class_growths == 0 and stats.migrations > 0 and stats.compactions > 0
+    monkeypatch.setattr(cache_module, "MAPPED_CLASS_BYTES", 1)  # one slot, then doubling
+    grown, stats_grown = run(model, settings, eos=[2])
+    assert grown == mapped and stats_grown.class_growths > 0
+    monkeypatch.setattr(batcher_module, "ClassCache", functools.partial(ClassCache, mapped=False))
+    monkeypatch.setattr(cache_module, "DENSE_CLASS_SLOTS", 2)
+    dense, stats_dense = run(model, settings, eos=[2])
+    assert dense == mapped and stats_dense.class_growths > 0
+    assert stats_dense.migrations == stats.migrations
+    assert stats_dense.peak_cache_tokens > stats.peak_cache_tokens
 
 
 def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch() -> None:
-    """Many prompts with spread lengths: the default admits rows while the pool in use is within
+    """Many prompts with spread lengths: the default admits rows while the positions held are within
     what the one-prompt sampler holds (its first step, then the most it held on a finished
     prompt), so it holds less than a batch bounded only by its rows, still with rows of several
     prompts per step, and the same rows."""

@@ -10,7 +10,7 @@ Modules:
 * :mod:`~canopy.sampling.distribution` — the processed distribution, its entropy, the inverse-CDF
   draw, and the randomness that depends only on (seed, prompt, rollout, step);
 * :mod:`~canopy.sampling.kernel` — one sampling step of a batch of rows;
-* :mod:`~canopy.sampling.cache` — the slot KV cache (in place, row compaction and refill by index);
+* :mod:`~canopy.sampling.cache` — the KV caches (a prompt's prefill; the batch's length classes);
 * :mod:`~canopy.sampling.batcher` — continuous batching of many prompts' rollouts;
 * :mod:`~canopy.sampling.reference` — the one-prompt-at-a-time sampler, kept as the baseline;
 * :mod:`~canopy.sampling.shards` — the rollout table's schema and per-prompt shards;

@@ -1,23 +1,23 @@
 """Continuous batching: the rollouts of many prompts share one batch that is refilled as rows end.
 
 The batch has a row budget (``max_batch_rows``, default: the rollout count M) and a KV-cache budget
-in tokens (``max_batch_tokens``: the size of the paged pool every row's keys and values live in;
-0 derives an admission budget, see :func:`default_pool_tokens`). Prompts are taken in order; each is
-prefilled once (batch size 1), its full blocks written into the pool once and shared by all its
-rollouts. Admission happens whenever rows and blocks are free, so the tail of one prompt's
-rollouts runs beside the start of the next prompt's instead of alone. A prompt is handed to
-``on_done`` (which writes its shard) as soon as its last rollout ends, so a killed job keeps every
-prompt finished before it.
+in tokens (``max_batch_tokens``: the positions every row's keys and values may hold, counted as
+:meth:`ClassCache.held` does; 0 derives an admission budget, see :func:`default_pool_tokens`).
+Prompts are taken in order; each is prefilled once (batch size 1) and its keys and values copied
+into each of its rollouts' rows. Admission happens whenever rows and budget are free, so the tail
+of one prompt's rollouts runs beside the start of the next prompt's instead of alone. A prompt is
+handed to ``on_done`` (which writes its shard) as soon as its last rollout ends, so a killed job
+keeps every prompt finished before it.
 
 Memory follows the one-prompt-at-a-time sampler's: by default no new row is admitted while the
-blocks in use exceed what that sampler holds on its first step (M copies of the prompt plus one
-token), or, once prompts have finished, the most it would have held on any of them (computed from
-their rollouts' lengths); admitted rows always grow. Under ``max_batch_tokens`` the pool is a hard
-bound: a row that needs a new block when none can be spared waits (it is not fed and draws nothing
-that step) until rows end and give theirs back. So that waiting never deadlocks, the oldest row is
-always served, and everything else (admissions, other rows' blocks) leaves free at least the
-blocks one rollout can need from its prompt to ``max_new_tokens``: when the oldest row ends, the
-next oldest can run to the end too.
+positions held exceed what that sampler holds on its first step (M copies of the prompt plus one
+token, each rounded up as rows hold them), or, once prompts have finished, the most it would have
+held on any of them (computed from their rollouts' lengths); admitted rows always grow. Under
+``max_batch_tokens`` the budget is a hard bound: a row that needs to hold more when nothing can be
+spared waits (it is not fed and draws nothing that step) until rows end and give theirs back. So
+that waiting never deadlocks, the oldest row is always served, and everything else (admissions,
+other rows' growth) leaves free at least what one rollout can need from its prompt to
+``max_new_tokens``: when the oldest row ends, the next oldest can run to the end too.
 
 Determinism is the sampler's contract, unchanged: rollout i of prompt p draws step t with the i-th
 uniform of (prompt seed of p, t), so the tokens do not depend on the budgets, on which other
@@ -25,11 +25,11 @@ prompts share the batch, on where a row sits in it or on the steps it waited; th
 with the one-prompt-at-a-time sampler up to the rounding of the model's kernels for other batch
 shapes (about 1e-7 on CPU).
 
-One decode forward per step serves every row that is fed; attention reads rows in length buckets
-(32 x 2^k positions, see :mod:`canopy.sampling.cache`), so a short row never reads a long row's
-length. Rows admitted since the last step draw their first token from the prompt's prefill logits,
-without a forward pass. One sampling kernel call covers the step's rows, in chunks of
-``LOGIT_CHUNK`` rows so that the float32 copies of many rows' logits stay small.
+One decode forward per step serves every row that is fed; attention reads rows class by class
+(length classes of 32 x 2^k positions, see :mod:`canopy.sampling.cache`), so a short row never
+reads a long row's length. Rows admitted since the last step draw their first token from the
+prompt's prefill logits, without a forward pass. One sampling kernel call covers the step's rows,
+in chunks of ``LOGIT_CHUNK`` rows so that the float32 copies of many rows' logits stay small.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ import torch
 
 from canopy.modeling import LoadedModel
 from canopy.sampling.cache import (
-    PagedCache,
-    PagedDecoding,
+    HELD_QUANTUM,
+    ClassCache,
+    ClassDecoding,
+    Place,
     SlotCache,
     layer_types_of,
     sliding_window_of,
@@ -61,16 +63,6 @@ __all__ = [
     "sample_prompt",
 ]
 
-#: Token slots per block of the paged pool: a row wastes under one block, and a prompt's full
-#: blocks are shared by its rollouts.
-BLOCK_SIZE = 16
-#: Attention reads rows in buckets of SMALLEST_CLASS x 2^k positions: a row reads at most about
-#: twice its length, never the longest row's.
-SMALLEST_CLASS = 32
-#: Attention reads a multiple of this many positions (capped at the bucket length): a row's result
-#: then does not depend on the longest row beside it, since masked positions add exact zeros to
-#: the same vectorised sums.
-LENGTH_QUANTUM = 64
 #: Rows per call of the sampling kernel (its float32 copies of the logits are this many rows).
 LOGIT_CHUNK = 64
 #: Decode forwards run at least this many rows (padding rows are fed and discarded): CPU matrix
@@ -95,10 +87,11 @@ class BatchStats:
     rows_sampled: int = 0  # sum over steps of the rows in the batch
     forwards: int = 0  # decode forward passes (prefills not counted)
     prefills: int = 0
-    waits: int = 0  # row-steps a row waited for a block of the pool
-    pool_growths: int = 0  # times the default pool was enlarged (one copy each)
-    peak_cache_bytes: int = 0  # the pool at its largest
-    peak_cache_tokens: int = 0  # token slots of the pool in use at the fullest
+    waits: int = 0  # row-steps a row waited for room in the KV budget
+    migrations: int = 0  # rows copied into a longer length class
+    compactions: int = 0  # rows moved into a vacated slot of their class
+    class_growths: int = 0  # length classes enlarged by slots (one copy of their rows each)
+    peak_cache_tokens: int = 0  # KV positions held at the fullest (ClassCache.held)
     rows_per_step: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -109,7 +102,7 @@ class BatchStats:
 @dataclass
 class _Prompt:
     """A prompt being sampled: its rollouts' records, and its prefill while rollouts remain
-    (logits, shared blocks, and the keys/values of its last partial block)."""
+    (logits, and keys/values [layers, 2, kv_heads, positions, head_dim] until all are admitted)."""
 
     index: int
     job: PromptJob
@@ -119,8 +112,7 @@ class _Prompt:
     finished: int = 0
     live: int = 0  # admitted rollouts not finished
     prefill_logits: torch.Tensor | None = None
-    shared: list[int] = field(default_factory=list)  # the prompt's full blocks in the pool
-    tail: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer
+    keys_values: torch.Tensor | None = None
     tokens: list[list[int]] = field(default_factory=list)
     entropies: list[list[float]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
@@ -150,43 +142,30 @@ class _Prompt:
         ]
 
 
-def class_length(needed: int) -> int:
-    """The attention length bucket of a row needing ``needed`` positions (32 x 2^k)."""
-    length = SMALLEST_CLASS
-    while length < needed:
-        length *= 2
-    return length
-
-
 def default_pool_tokens(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
-    """The KV pool, in tokens, when ``max_batch_tokens`` is 0.
+    """The admission budget in KV positions when ``max_batch_tokens`` is 0.
 
     What the one-prompt-at-a-time sampler holds on its first step with the same row budget: its
-    ``rows`` rows, each a copy of the longest prompt plus one token (rounded up to whole blocks;
-    here the rows share the prompt's full blocks, so these blocks admit at least as many rows),
-    plus one rollout's reserve (its prompt to ``max_new_tokens``). New rows are admitted while the
-    blocks in use stay within it (or within the most the one-prompt sampler held on a finished
-    prompt, when that is more).
+    ``rows`` rows, each a copy of the longest prompt plus one token, rounded up to the quantum
+    rows hold on CPU (so that those rows are admitted), plus one rollout's reserve (its prompt to
+    ``max_new_tokens``). New rows are admitted while the positions held stay within it (or within
+    the most the one-prompt sampler held on a finished prompt, when that is more).
     """
-    first_step = max(
-        -(-rows * (longest_prompt + 1) // BLOCK_SIZE), longest_prompt // BLOCK_SIZE + rows
-    )
-    reserve = -(-(longest_prompt + max_new_tokens - 1) // BLOCK_SIZE)
-    return (first_step + reserve) * BLOCK_SIZE
+
+    def rounded(length: int) -> int:
+        return -(-length // HELD_QUANTUM) * HELD_QUANTUM
+
+    return rows * rounded(longest_prompt + 1) + rounded(longest_prompt + max_new_tokens - 1)
 
 
 @dataclass
 class _Row:
-    """One rollout in the batch: its block table and the token it feeds next."""
+    """One rollout in the batch: where its keys and values live and the token it feeds next."""
 
     prompt: _Prompt
     sample: int
-    length: int  # positions in the cache (prompt + tokens fed)
-    own: list[int]  # blocks this row wrote (its last partial prompt block on)
+    place: Place  # its class, slot and positions in the cache (prompt + tokens fed)
     pending: int | None = None  # the token drawn last step, fed this step; None: newly admitted
-
-    def table(self) -> list[int]:
-        return self.prompt.shared + self.own
 
 
 class _Batcher:
@@ -208,58 +187,47 @@ class _Batcher:
         self.window = sliding_window_of(config)
         self.dtype = next(self.model.parameters()).dtype
         self.row_budget = settings.max_batch_rows or settings.rollouts
-        bs = BLOCK_SIZE
-        # Blocks one rollout can need, from its prompt to its last fed token.
-        self.reserve = -(-(longest_prompt + settings.max_new_tokens - 1) // bs)
-        # A given max_batch_tokens is a hard bound: the pool's size; rows admitted and grown leave
-        # one rollout's reserve free, and rows that need more wait. By default the budget
-        # governs admission only: it starts at what the one-prompt sampler holds on its first
-        # step (default_pool_tokens) and rises to the most that sampler held on any prompt
-        # finished so far (computed from their rollouts' lengths); admitted rows always grow,
-        # the pool growing geometrically if they need more than it holds.
-        self.budget = -(-settings.max_batch_tokens // bs)
+        self.cache = ClassCache(
+            self.layer_types,
+            self.window,
+            rows=self.row_budget,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        held = self.cache.held
+        # Positions one rollout can need held, from its prompt to its last fed token.
+        self.reserve = held(longest_prompt + settings.max_new_tokens - 1)
+        # A given max_batch_tokens is a hard bound: rows admitted and grown leave one rollout's
+        # reserve free, and rows that need more wait. By default the budget governs admission
+        # only: it starts at what the one-prompt sampler holds on its first step
+        # (default_pool_tokens) and rises to the most that sampler held on any prompt finished so
+        # far (computed from their rollouts' lengths); admitted rows always grow.
+        self.budget = settings.max_batch_tokens
         self.adaptive = not settings.max_batch_tokens
         if self.adaptive:
-            self.budget = (
-                default_pool_tokens(self.row_budget, longest_prompt, settings.max_new_tokens) // bs
+            self.budget = default_pool_tokens(
+                self.row_budget, longest_prompt, settings.max_new_tokens
             )
         if self.budget < self.reserve:
             raise ValueError(
                 f"max_batch_tokens={settings.max_batch_tokens} cannot hold one rollout of the "
                 f"longest prompt ({longest_prompt} tokens) to max_new_tokens="
-                f"{settings.max_new_tokens}: set it to at least {self.reserve * bs} (or 0)"
+                f"{settings.max_new_tokens}: set it to at least {self.reserve} (or 0)"
             )
-        self.cache = PagedCache(
-            self.layer_types,
-            self.window,
-            blocks=self.budget + 1,  # + the scratch block
-            block_size=bs,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.switch = PagedDecoding(self.model)
+        self.used = 0  # positions the rows hold (ClassCache.held)
+        self.switch = ClassDecoding(self.model)
         self.rows: list[_Row] = []  # in admission order: rows[0] is the oldest
 
-    def used_blocks(self) -> int:
-        return self.cache.blocks - 1 - self.cache.free_blocks
-
     def admission_room(self) -> int:
-        """Blocks new rows may take now."""
-        room = self.budget - self.used_blocks()
+        """Positions new rows may take now."""
+        room = self.budget - self.used
         return room if self.adaptive else room - self.reserve
 
-    def growth_room(self, oldest: bool) -> int:
-        """Blocks a growing row may take now (the oldest may use the reserve; by default any)."""
+    def growth_room(self, oldest: bool) -> int | float:
+        """Positions a growing row may take now (the oldest may use the reserve; by default any)."""
         if self.adaptive:
-            return 1
-        return self.budget - self.used_blocks() - (0 if oldest else self.reserve)
-
-    def take(self, count: int) -> list[int]:
-        """``count`` blocks of the pool, enlarging it by default when it has too few."""
-        if self.cache.free_blocks < count and self.adaptive:
-            self.cache.grow(max(self.cache.blocks * 3 // 2, self.cache.blocks + count))
-            self.stats.pool_growths += 1
-        return self.cache.allocate(count)
+            return float("inf")
+        return self.budget - self.used - (0 if oldest else self.reserve)
 
     def observe(self, prompt: _Prompt) -> None:
         """Raise the default budget to the KV the one-prompt sampler held on ``prompt``: its
@@ -271,12 +239,12 @@ class _Batcher:
         steps = np.arange(1, lengths[0])
         alive = len(lengths) - np.searchsorted(lengths[::-1], steps, side="right")
         held = int((alive * (len(prompt.job.token_ids) + steps)).max(initial=0))
-        self.budget = max(self.budget, -(-held // BLOCK_SIZE))
+        self.budget = max(self.budget, -(-held // HELD_QUANTUM) * HELD_QUANTUM)
 
     # ------------------------------------------------------------------ admission
 
     def _prefill(self, prompt: _Prompt) -> None:
-        """Prefill the prompt (batch size 1) and write its full blocks into the pool."""
+        """Prefill the prompt (batch size 1); keep its logits and keys/values for its rows."""
         ids = list(prompt.job.token_ids)
         dense = SlotCache(
             self.layer_types,
@@ -297,124 +265,94 @@ class _Batcher:
             logits_to_keep=1,
         )
         prompt.prefill_logits = output.logits[:, -1, :]
-        full = len(ids) // BLOCK_SIZE * BLOCK_SIZE
-        prompt.shared = self.take(full // BLOCK_SIZE)
-        slots = self.cache.slots(prompt.shared, 0, full)
-        # The tail (under one block) is copied into each rollout's own first block.
-        prompt.tail = []
-        for layer in range(len(self.layer_types)):
-            keys = dense.keys[layer][0].transpose(0, 1)  # [positions, heads, dim]
-            values = dense.values[layer][0].transpose(0, 1)
-            if full:
-                self.cache.write(layer, slots, keys[:full], values[:full])
-            prompt.tail.append((keys[full:].clone(), values[full:].clone()))
+        prompt.keys_values = torch.stack(
+            [torch.stack([k[0], v[0]]) for k, v in zip(dense.keys, dense.values)]
+        )  # [layers, 2, kv_heads, positions, head_dim]
         self.stats.prefills += 1
-
-    def _admission_cost(self, prompt: _Prompt) -> int:
-        length = len(prompt.job.token_ids)
-        shared = 0 if prompt.prefill_logits is not None else length // BLOCK_SIZE
-        return shared + (1 if length % BLOCK_SIZE else 0)
 
     def admit(self, queue: list[_Prompt]) -> None:
         """Fill free rows with the next rollouts of the queued prompts, in order, while rows and
-        blocks allow (keeping the oldest row's reserve; the first row of an empty batch always)."""
+        budget allow (keeping the oldest row's reserve; the first row of an empty batch always)."""
         while queue and len(self.rows) < self.row_budget:
             prompt = queue[0]
-            cost = self._admission_cost(prompt)
+            cost = self.cache.held(len(prompt.job.token_ids))
             if self.rows and self.admission_room() < cost:
                 return
             if prompt.prefill_logits is None:
                 self._prefill(prompt)
-            length = len(prompt.job.token_ids)
-            own = self.take(1) if length % BLOCK_SIZE else []
-            if own:
-                start = length // BLOCK_SIZE * BLOCK_SIZE
-                slots = self.cache.slots(prompt.shared + own, start, length)
-                for layer, (keys, values) in enumerate(prompt.tail):
-                    self.cache.write(layer, slots, keys, values)
-            self.rows.append(_Row(prompt, prompt.admitted, length, own))
+            place = self.cache.add(prompt.keys_values)
+            self.used += cost
+            self.rows.append(_Row(prompt, prompt.admitted, place))
             prompt.admitted += 1
             prompt.live += 1
             if prompt.admitted == prompt.rollouts:
-                prompt.tail = []
+                prompt.keys_values = None
                 queue.pop(0)
 
     # ------------------------------------------------------------------ one step
 
     def _fed_rows(self) -> list[_Row]:
-        """The continuing rows fed this step: a row needing a new block gets one if the oldest
-        row's reserve allows (the oldest always), else it waits."""
+        """The continuing rows fed this step, each in a class with room for its next position: a
+        row that must hold more gets it if the oldest row's reserve allows (the oldest always),
+        else it waits."""
         fed = []
+        held = self.cache.held
         for number, row in enumerate(self.rows):
             if row.pending is None:
                 continue
-            if row.length == len(row.table()) * BLOCK_SIZE:
-                if self.growth_room(oldest=number == 0) < 1:
+            length = row.place.length
+            more = held(length + 1) - held(length)
+            if more:
+                if self.growth_room(oldest=number == 0) < more:
                     self.stats.waits += 1
                     continue
-                row.own += self.take(1)
+                self.used += more
+            if length + 1 > row.place.cls:
+                self.cache.fit(row.place, length + 1)
             fed.append(row)
         return fed
 
     def _forward(self, fed: list[_Row]) -> torch.Tensor:
-        """Logits of the fed rows (in the order given): one forward of every row, padded to
-        MIN_FORWARD_ROWS rows, attention bucketed by length."""
+        """Logits of the fed rows (ordered by class and slot): one forward of every row, padded
+        to MIN_FORWARD_ROWS rows, attention class by class."""
         n = len(fed)
-        tables = [row.table() for row in fed]
-        lengths = [row.length for row in fed]  # the position each row writes now
+        positions = [row.place.length for row in fed]  # the position each row writes now
         tokens = [row.pending for row in fed]
-        bs = BLOCK_SIZE
-        write = [t[p // bs] * bs + p % bs for t, p in zip(tables, lengths)]
-        buckets = []
-        start = 0
-        while start < n:
-            bucket = class_length(lengths[start] + 1)
-            stop = start
-            while stop < n and class_length(lengths[stop] + 1) == bucket:
-                stop += 1
-            needed = max(lengths[start:stop]) + 1
-            buckets.append(
-                (start, stop, min(bucket, -(-needed // LENGTH_QUANTUM) * LENGTH_QUANTUM))
-            )
-            start = stop
-        positions = list(lengths)
-        if n < MIN_FORWARD_ROWS:
-            # Padding rows write into the scratch block and read only it: nothing live is touched.
-            pad = MIN_FORWARD_ROWS - n
-            tables += [[0]] * pad
-            lengths += [0] * pad
-            positions += [0] * pad
-            tokens += [tokens[0]] * pad
-            write += [0] * pad
-            buckets.append((n, MIN_FORWARD_ROWS, 1))
-        self.cache.begin(torch.tensor(write, device=self.device), tables, lengths, buckets)
+        pad = max(0, MIN_FORWARD_ROWS - n)
+        # Padding rows write nothing and attend to nothing (their output is dropped).
+        positions += [0] * pad
+        tokens += [tokens[0]] * pad
+        self.cache.begin([row.place for row in fed], pad)
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(-1)
-        # The model wants a prepared mask to pass the cache through; attention uses the buckets'.
+        # The model wants a prepared mask to pass the cache through; attention uses the classes'.
         placeholder = torch.zeros((len(positions), 1, 1, 1), dtype=self.dtype, device=self.device)
         mask: Any = placeholder
         if self.window is not None:
             mask = {"full_attention": placeholder, "sliding_attention": placeholder}
-        with self.switch(self.cache):
-            output = self.model(
-                input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
-                position_ids=position_ids,
-                attention_mask=mask,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self.cache.buckets = []
+        try:
+            with self.switch(self.cache):
+                output = self.model(
+                    input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
+                    position_ids=position_ids,
+                    attention_mask=mask,
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            self.cache.end()
         self.stats.forwards += 1
         return output.logits[:n, -1, :]
 
     def step(self, on_done: Callable[[_Prompt], None]) -> None:
         fed = self._fed_rows()
-        # Fed rows go through the forward sorted by length, so that buckets are contiguous.
-        fed.sort(key=lambda row: row.length)
+        self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, self.used)
+        # Fed rows go through the forward ordered by class and slot: each class is one view.
+        fed.sort(key=lambda row: (row.place.cls, row.place.slot))
         new = [row for row in self.rows if row.pending is None]
         active = fed + new
         if not active:
-            raise RuntimeError("no row of the batch could be served (KV pool exhausted)")
+            raise RuntimeError("no row of the batch could be served (KV budget exhausted)")
         parts = [self._forward(fed)] if fed else []
         index = 0
         while index < len(new):
@@ -461,8 +399,6 @@ class _Batcher:
             prompt.tokens[sample].append(token)
             prompt.entropies[sample].append(float(entropies[index]))
             prompt.logprobs[sample].append(float(logprobs[index]))
-            if row.pending is not None:
-                row.length += 1  # its pending token is in the cache now
             row.pending = token
             finished = token in self.eos
             if finished:
@@ -471,12 +407,11 @@ class _Batcher:
                 finished = True
             if finished:
                 row.prompt = None  # type: ignore[assignment]  # marks the row for removal
-                self.cache.release(row.own)
+                self.used -= self.cache.held(row.place.length)
+                self.cache.remove(row.place)
                 prompt.finished += 1
                 prompt.live -= 1
                 if prompt.admitted == prompt.rollouts and prompt.live == 0:
-                    self.cache.release(prompt.shared)
-                    prompt.shared = []
                     prompt.prefill_logits = None
                 if prompt.finished == prompt.rollouts:
                     done_prompts.append(prompt)
@@ -484,10 +419,9 @@ class _Batcher:
         self.stats.steps += 1
         self.stats.rows_sampled += len(active)
         self.stats.rows_per_step.append(len(active))
-        self.stats.peak_cache_tokens = max(
-            self.stats.peak_cache_tokens, (self.used_blocks()) * BLOCK_SIZE
-        )
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.nbytes())
+        self.stats.migrations = self.cache.migrations
+        self.stats.compactions = self.cache.compactions
+        self.stats.class_growths = self.cache.growths
         for prompt in done_prompts:
             self.observe(prompt)
             on_done(prompt)
