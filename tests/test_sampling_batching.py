@@ -244,7 +244,7 @@ def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -
     # Each row was copied into the classes of 64, 128, 256 and 512 positions, once each.
     assert stats.migrations == 4 * 4
     # The default admission budget: 4 rows of 16, + 19 x 16 for one rollout's reserve.
-    assert batcher_module.default_pool_tokens(4, 3, 300) == (4 + 19) * 16
+    assert batcher_module.default_kv_budget(4, 3, 300) == (4 + 19) * 16
     tight = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": (4 + 19) * 16})
     again, stats_tight = run(model, tight, jobs, never)
     assert again == rows

@@ -85,9 +85,9 @@ class SamplingSettings(Block):
     """Rows of the continuous batch, filled with the rollouts of one prompt after another (0 = the
     rollout count). Never changes a token: lower it after running out of memory."""
     max_batch_tokens: NonNegativeInt = 0
-    """KV-cache bound of the batch in token positions (its paged pool): a row that needs more
+    """KV-cache bound of the batch in token positions (what its rows hold): a row that needs more
     waits for others to end. 0 = admit rows while the cache holds no more than the
-    one-prompt-at-a-time sampler would (canopy.sampling.batcher.default_pool_tokens). Never
+    one-prompt-at-a-time sampler would (canopy.sampling.batcher.default_kv_budget). Never
     changes a token."""
     chunks: PositiveInt = 1
     """Sampling jobs per (model, task), each with its own prompts slice (and GPU on a cluster),

@@ -2,7 +2,7 @@
 
 The batch has a row budget (``max_batch_rows``, default: the rollout count M) and a KV-cache budget
 in tokens (``max_batch_tokens``: the positions every row's keys and values may hold, counted as
-:meth:`ClassCache.held` does; 0 derives an admission budget, see :func:`default_pool_tokens`).
+:meth:`ClassCache.held` does; 0 derives an admission budget, see :func:`default_kv_budget`).
 Prompts are taken in order; each is prefilled once (batch size 1) and its keys and values copied
 into each of its rollouts' rows. Admission happens whenever rows and budget are free, so the tail
 of one prompt's rollouts runs beside the start of the next prompt's instead of alone. A prompt is
@@ -58,7 +58,7 @@ from canopy.sampling.settings import SamplingSettings
 __all__ = [
     "BatchStats",
     "PromptJob",
-    "default_pool_tokens",
+    "default_kv_budget",
     "sample_prompts",
     "sample_prompt",
 ]
@@ -142,7 +142,7 @@ class _Prompt:
         ]
 
 
-def default_pool_tokens(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
+def default_kv_budget(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
     """The admission budget in KV positions when ``max_batch_tokens`` is 0.
 
     What the one-prompt-at-a-time sampler holds on its first step with the same row budget: its
@@ -200,12 +200,12 @@ class _Batcher:
         # A given max_batch_tokens is a hard bound: rows admitted and grown leave one rollout's
         # reserve free, and rows that need more wait. By default the budget governs admission
         # only: it starts at what the one-prompt sampler holds on its first step
-        # (default_pool_tokens) and rises to the most that sampler held on any prompt finished so
+        # (default_kv_budget) and rises to the most that sampler held on any prompt finished so
         # far (computed from their rollouts' lengths); admitted rows always grow.
         self.budget = settings.max_batch_tokens
         self.adaptive = not settings.max_batch_tokens
         if self.adaptive:
-            self.budget = default_pool_tokens(
+            self.budget = default_kv_budget(
                 self.row_budget, longest_prompt, settings.max_new_tokens
             )
         if self.budget < self.reserve:
