@@ -89,14 +89,34 @@ def test_removing_a_row_refills_its_slot_with_the_class_last_row(mapped: bool) -
 
 def test_vacated_slots_are_handed_back_and_read_as_zeros() -> None:
     kv = cache(rows=3)
-    places = [kv.add(prompt(30, n)) for n in range(3)]
+    data = [prompt(n, seed) for seed, n in enumerate([30, 30, 30])]
+    places = [kv.add(d) for d in data]
     storage = kv.classes[32].storage
     kv.remove(places[0])  # slot 0 takes row 2; slot 2 is vacated
-    assert kv.released_bytes == 2 * SLOT_32  # slot 0 before the move, then slot 2
+    assert kv.released_bytes == SLOT_32  # slot 2 (slot 0's runs are under a page each)
     assert storage[2].abs().sum() == 0  # given back, not zeroed by a write
-    # The moved row's positions past its own are zero too (its old slot's pages were dropped).
-    assert storage[0, :, :, :, 30:].abs().sum() == 0
+    assert torch.equal(stored(kv, places[2]), data[2]) and places[2].slot == 0
     assert kv.classes[32].buffer is not None and SLOT_32 % mmap.PAGESIZE == 0
+
+
+def test_a_slot_refilled_by_a_shorter_row_hands_back_the_pages_past_it() -> None:
+    """The class's last row moves into a leaving row's slot first, then the pages past its
+    positions go back, in every (layer, keys/values, head) run of positions."""
+    kv = cache(rows=3)
+    data = [prompt(n, seed) for seed, n in enumerate([600, 600, 520])]
+    places = [kv.add(d) for d in data]
+    storage = kv.classes[1024].storage
+    run = 1024 * DIM * 4  # bytes of one run of positions: 8 pages
+    kv.remove(places[0])
+    page = mmap.PAGESIZE // (DIM * 4)  # positions per page
+    kept = -(-520 // page) * page  # the mover's positions, rounded up to pages
+    past = run - kept * DIM * 4
+    assert kv.released_bytes == LAYERS * 2 * HEADS * (run + past)  # slot 2 whole, slot 0's tails
+    assert torch.equal(stored(kv, places[2]), data[2]) and places[2].slot == 0
+    assert storage[0, :, :, :, kept:].abs().sum() == 0 and storage[2].abs().sum() == 0
+    # Positions between the mover's end and the page boundary keep the old row's finite values,
+    # which attention masks.
+    assert storage[0, :, :, :, 520:kept].abs().sum() > 0
 
 
 def test_dense_classes_grow_by_slots_and_keep_their_rows() -> None:

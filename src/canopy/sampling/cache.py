@@ -359,27 +359,39 @@ class ClassCache:
         last = len(owner.places) - 1
         if slot != last:
             mover = owner.places[last]
-            self._release(owner, slot)
             length = mover.length
             owner.storage[slot, :, :, :, :length] = owner.storage[last, :, :, :, :length]
+            # Only the pages past the mover's positions are handed back: releasing the whole slot
+            # first would make the copy fault in (and the kernel zero) the pages it then fills.
+            self._release(owner, slot, keep=length)
             mover.slot = slot
             owner.places[slot] = mover
             self.compactions += 1
         owner.places.pop()
         self._release(owner, last)
 
-    def _release(self, owner: _Class, slot: int) -> None:
-        """Hand the slot's whole pages back to the system (they read as zeros after); the few
-        positions on pages it shares with a neighbour keep finite old values, which attention
-        masks."""
+    def _release(self, owner: _Class, slot: int, keep: int = 0) -> None:
+        """Hand the slot's whole pages back to the system (they read as zeros after), past its
+        first ``keep`` positions in every (layer, keys/values, head) run of positions; positions
+        on pages shared with what is kept keep finite old values, which attention masks."""
         if owner.buffer is None:
             return
         start = slot * owner.slot_bytes
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        stop = (start + owner.slot_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if stop > first:
-            owner.buffer.madvise(mmap.MADV_DONTNEED, first, stop - first)
-            self.released_bytes += stop - first
+        if keep == 0:
+            runs = [(start, start + owner.slot_bytes)]
+        else:
+            _, layers, _, heads, length, dim = owner.storage.shape
+            run = length * dim * owner.storage.element_size()
+            kept = keep * dim * owner.storage.element_size()
+            runs = [
+                (begin + kept, begin + run) for begin in range(start, start + owner.slot_bytes, run)
+            ]
+        for begin, end in runs:
+            first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+            stop = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if stop > first:
+                owner.buffer.madvise(mmap.MADV_DONTNEED, first, stop - first)
+                self.released_bytes += stop - first
 
     def _class(self, length: int) -> _Class:
         found = self.classes.get(length)
