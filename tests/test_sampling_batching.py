@@ -286,19 +286,22 @@ def test_class_layouts_and_growth_give_the_same_rows(monkeypatch) -> None:
     assert stats_dense.peak_cache_tokens > stats.peak_cache_tokens
 
 
-def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch() -> None:
+def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch(monkeypatch) -> None:
     """Many prompts with spread lengths: the default admits rows while the positions held are within
     what the one-prompt sampler holds (its first step, then the most it held on a finished
     prompt), so it holds less than a batch bounded only by its rows, still with rows of several
-    prompts per step, and the same rows."""
+    prompts per step, and the same rows; on CPU it admits CPU_BUDGET_FACTOR times that."""
     model = build_llama(VOCAB, context=512, seed=2)
     jobs = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(6)]
     settings = SamplingSettings(rollouts=8, max_new_tokens=120, top_k=8, seed=5)
+    on_cpu, stats_on_cpu = run(model, settings, jobs, [2])
+    monkeypatch.setattr(batcher_module, "CPU_BUDGET_FACTOR", 1.0)
     rows, stats = run(model, settings, jobs, [2])
     unbounded = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 10**5})
     same, stats_unbounded = run(model, unbounded, jobs, [2])
-    assert same == rows
+    assert same == rows == on_cpu
     assert stats.peak_cache_tokens < stats_unbounded.peak_cache_tokens
+    assert stats.peak_cache_tokens < stats_on_cpu.peak_cache_tokens
     one_prompt_rows = np.mean([max(r["n_steps"] for r in v) for v in rows.values()])
     assert stats.mean_rows > sum(r["n_steps"] for v in rows.values() for r in v) / (
         len(jobs) * one_prompt_rows
