@@ -87,8 +87,9 @@ class SamplingSettings(Block):
     max_batch_tokens: NonNegativeInt = 0
     """KV-cache bound of the batch in token positions (what its rows hold): a row that needs more
     waits for others to end. 0 = admit rows while the cache holds no more than the
-    one-prompt-at-a-time sampler would (canopy.sampling.batcher.default_kv_budget). Never
-    changes a token."""
+    one-prompt-at-a-time sampler would (canopy.sampling.batcher.default_kv_budget; 1.5 times
+    that on CPU, where that sampler's re-allocated cache takes more memory than its positions).
+    Never changes a token."""
     chunks: PositiveInt = 1
     """Sampling jobs per (model, task), each with its own prompts slice (and GPU on a cluster),
     gathered into the same rollout table as one job writes."""
