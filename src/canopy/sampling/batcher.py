@@ -12,7 +12,8 @@ keeps every prompt finished before it.
 Memory follows the one-prompt-at-a-time sampler's: by default no new row is admitted while the
 positions held exceed what that sampler holds on its first step (M copies of the prompt plus one
 token, each rounded up as rows hold them), or, once prompts have finished, the most it would have
-held on any of them (computed from their rollouts' lengths); admitted rows always grow. Under
+held on any of them (computed from their rollouts' lengths), times CPU_BUDGET_FACTOR on CPU;
+admitted rows always grow. Under
 ``max_batch_tokens`` the budget is a hard bound: a row that needs to hold more when nothing can be
 spared waits (it is not fed and draws nothing that step) until rows end and give theirs back. So
 that waiting never deadlocks, the oldest row is always served, and everything else (admissions,
