@@ -216,6 +216,9 @@ def class_length(needed: int) -> int:
     return length
 
 
+_CAN_MAP = all(hasattr(mmap, name) for name in ("MAP_PRIVATE", "MAP_ANONYMOUS", "MADV_DONTNEED"))
+
+
 @dataclass(eq=False)
 class Place:
     """Where a row's keys and values live: slot ``slot`` of the class of length ``cls``, with
@@ -298,7 +301,11 @@ class ClassCache:
         self.sliding_window = sliding_window
         self.rows = rows  # the most rows of the batch at once
         self.dtype, self.device = dtype, device
-        self.mapped = device.type == "cpu" if mapped is None else mapped
+        if mapped is None:
+            # Anonymous private mappings and madvise are POSIX (Linux, macOS); elsewhere (Windows)
+            # CPU classes are dense tensors too.
+            mapped = device.type == "cpu" and _CAN_MAP
+        self.mapped = mapped
         self.classes: dict[int, _Class] = {}
         self.migrations = 0  # rows copied into a longer class
         self.compactions = 0  # rows moved into a vacated slot
