@@ -108,9 +108,7 @@ class SlotCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"unsupported attention layer type(s) {unknown}")
+        _check_layer_types(layer_types)
         self.layer_types = layer_types
         self.sliding_window = sliding_window
         self.rows, self.length = rows, length
@@ -216,6 +214,13 @@ def class_length(needed: int) -> int:
     return length
 
 
+def _check_layer_types(layer_types: Sequence[str]) -> None:
+    """Both caches know full and sliding-window attention layers only."""
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"unsupported attention layer type(s) {unknown}")
+
+
 _CAN_MAP = all(hasattr(mmap, name) for name in ("MAP_PRIVATE", "MAP_ANONYMOUS", "MADV_DONTNEED"))
 
 
@@ -294,9 +299,7 @@ class ClassCache:
         device: torch.device,
         mapped: bool | None = None,
     ) -> None:
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"unsupported attention layer type(s) {unknown}")
+        _check_layer_types(layer_types)
         self.layer_types = layer_types
         self.sliding_window = sliding_window
         self.rows = rows  # the most rows of the batch at once
