@@ -287,10 +287,9 @@ def test_the_generators_the_config_names_are_the_ones_prompts_implements() -> No
     assert tuple(canopy.prompts.GENERATORS) == GENERATOR_NAMES
 
 
-def test_validating_loads_no_heavy_library() -> None:
-    """The Snakefile validates at start-up: canopy.config must not pull in torch or pandas."""
+def _heavy_modules_loaded_by(module: str) -> list[str]:
     code = (
-        "import sys, json; import canopy.config; "
+        f"import sys, json; import {module}; "
         "print(json.dumps(sorted(m for m in ('torch', 'pandas', 'numpy', 'transformers', "
         "'sentence_transformers', 'matplotlib') if m in sys.modules)))"
     )
@@ -301,4 +300,15 @@ def test_validating_loads_no_heavy_library() -> None:
         check=True,
         env={"PYTHONPATH": str(REPO / "src")},
     )
-    assert json.loads(result.stdout) == []
+    return json.loads(result.stdout)
+
+
+def test_validating_loads_no_heavy_library() -> None:
+    """The Snakefile validates at start-up: canopy.config must not pull in torch or pandas."""
+    assert _heavy_modules_loaded_by("canopy.config") == []
+
+
+def test_writing_the_corpus_loads_no_model_library() -> None:
+    """The corpus job generates text: its module must not load torch through canopy.training."""
+    loaded = _heavy_modules_loaded_by("canopy.training.corpus")
+    assert not {"torch", "transformers"} & set(loaded), loaded

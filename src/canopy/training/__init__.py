@@ -9,10 +9,35 @@
   :func:`finetune`.
 """
 
-from canopy.training.chat import CHAT_TEMPLATES, encode_pair, response_loss
-from canopy.training.loop import LOG_FILE, count_parameters, finetune, pretrain_base
-from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, Recipe
-from canopy.training.tokenizers import ROLE_MARKERS, train_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, Recipe
+    from canopy.training.chat import CHAT_TEMPLATES, encode_pair, response_loss
+    from canopy.training.loop import LOG_FILE, count_parameters, finetune, pretrain_base
+    from canopy.training.tokenizers import ROLE_MARKERS, train_tokenizer
+
+#: Where each name is defined. Loaded on first use: the corpus job imports
+#: ``canopy.training.corpus``, and through this package it would otherwise load the training
+#: loop and torch (1.4 s of start-up) for text generation that needs neither.
+_HOMES = {
+    **dict.fromkeys(["ARCHITECTURES", "TOKENIZER_KINDS", "Recipe"], "canopy.config.models"),
+    **dict.fromkeys(["CHAT_TEMPLATES", "encode_pair", "response_loss"], "canopy.training.chat"),
+    **dict.fromkeys(
+        ["LOG_FILE", "count_parameters", "finetune", "pretrain_base"], "canopy.training.loop"
+    ),
+    **dict.fromkeys(["ROLE_MARKERS", "train_tokenizer"], "canopy.training.tokenizers"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Recipe",
