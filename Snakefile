@@ -2,6 +2,7 @@
 #
 # Wiring only: every rule lives in workflow/rules/<stage>.smk and every computation in src/canopy/.
 # `snakemake --cores all` runs config.yaml (the offline CPU default);
+# `snakemake --cores all --configfile config.yaml config/sweeps.yaml` adds its sweep points;
 # `snakemake --cores all --configfile config/paper.yaml` runs the paper's experiment on GPUs.
 
 

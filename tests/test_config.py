@@ -37,12 +37,16 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def merged(base: str, overlay: str) -> dict:
+    """``overlay`` merged on top of ``base`` the way Snakemake merges two --configfile arguments
+    (nested mappings key by key)."""
+    config = yaml.safe_load((REPO / base).read_text())
+    update_config(config, yaml.safe_load((REPO / overlay).read_text()))
+    return config
+
+
 def paper_with_ablations() -> dict:
-    """config/ablations.yaml merged on top of config/paper.yaml the way Snakemake merges two
-    --configfile arguments (nested mappings key by key)."""
-    merged = yaml.safe_load((REPO / "config/paper.yaml").read_text())
-    update_config(merged, yaml.safe_load((REPO / "config/ablations.yaml").read_text()))
-    return merged
+    return merged("config/paper.yaml", "config/ablations.yaml")
 
 
 def problems(config: dict) -> str:
@@ -88,6 +92,15 @@ def test_ablations_merged_onto_the_paper_config_are_valid() -> None:
     assert {"math", "math_fewshot", "coding_fewshot"} <= set(config["tasks"])
     assert config["sampling"]["rm70"]["filter"]["from"] == "default"
     assert config["embedders"]["modernbert_clustering"]["prefix"] == "clustering: "
+
+
+def test_the_defaults_sweep_points_merged_onto_it_are_valid(default_config) -> None:
+    config = validate_config(merged("config.yaml", "config/sweeps.yaml"))
+    assert list(config["sampling"]) == ["default", "topk20"]
+    assert list(config["embedders"]) == ["minilm", "minilm_prefixed"]
+    assert config["tasks"]["math_1shot"]["few_shot"]["k"] == 1
+    # The overlay adds sweep points only: the main setting is the default's own.
+    assert config["sampling"]["default"] == validate_config(default_config)["sampling"]["default"]
 
 
 def test_defaults_are_filled_as_plain_values_without_touching_the_input(default_config) -> None:

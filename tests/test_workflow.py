@@ -73,6 +73,9 @@ def test_ablations_plan_every_sweep_point_offline(tmp_path: Path) -> None:
     assert jobs["figure_rho"] == 4
 
 
+DEFAULT_SWEEPS = REPO / "config" / "sweeps.yaml"
+
+
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n")
     jobs = planned_jobs(result.stdout)
@@ -90,28 +93,42 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
         "headline",
     ):
         assert jobs.get(rule, 0) >= 1, rule
-    # The main setting: 2 families x 2 variants x 5 tasks (4 + the one-shot sweep point
-    # math_1shot). The sweep points topk20 (sampling) and minilm_prefixed (embedder) are analysed
-    # one at a time against it, on sweeps.tasks (2 tasks): one embedding job per model and pair,
-    # one regression per pair.
+    # The main setting alone: 2 families x 2 variants x 4 tasks, one embedding job per model, one
+    # regression, and an ablation summary of that one row.
     models = 2 * 2
-    assert jobs["sample_rollouts"] == models * 5 + models * 2
-    assert jobs["prompt_metrics"] == jobs["sample_rollouts"]
+    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == jobs["diversity"] == models * 4
+    assert jobs["embed_rollouts"] == models
+    assert jobs["fit_glmm"] == jobs["panel"] == 1
+    assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
+
+
+def test_the_defaults_sweep_points_add_only_what_depends_on_them(recorded_default: Path) -> None:
+    """config/sweeps.yaml over a finished run of config.yaml: the main setting's rollouts and
+    metrics of the four tasks are kept; what runs is the one-shot task for every model, the sweep
+    points on sweeps.tasks, and what reads them (the main setting's embedding job of each model
+    covers every task, so it and its diversity scores are redone with the new task)."""
+    configs = [str(REPO / "config.yaml"), str(DEFAULT_SWEEPS)]
+    jobs = planned_jobs(snakemake(recorded_default, "-n", "--configfile", *configs).stdout)
+    models = 2 * 2
+    # math_1shot for every model at the main setting, topk20 on sweeps.tasks (math, completion)
+    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == models + models * 2
+    # the main embedding job of each model gains math_1shot; one job per model and sweep pair
     assert jobs["embed_rollouts"] == 3 * models
     assert jobs["diversity"] == models * 5 + 2 * models * 2
     assert jobs["fit_glmm"] == jobs["panel"] == 3
     assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
-    assert jobs["figure_rho"] == 2 and jobs["figure_slopes"] == 3
+    assert jobs["figure_slopes"] == 3
     # Only the main pair is checked (sweeps.checks: main): a sweep point's row needs its fit only.
     assert jobs["glmm_diagnostics"] == jobs["robustness_lmm"] == jobs["figure_residuals"] == 1
+    assert "pretrain_base_model" not in jobs and "finetune_model" not in jobs
 
 
 def test_sweeps_checks_every_pair_checks_each_pair(tmp_path: Path) -> None:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["sweeps"]["checks"] = "every_pair"
-    (tmp_path / "every_pair.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "every_pair.yaml"))
-    jobs = planned_jobs(result.stdout)
+    overlay = yaml.safe_load(DEFAULT_SWEEPS.read_text())
+    overlay["sweeps"]["checks"] = "every_pair"
+    (tmp_path / "every_pair.yaml").write_text(yaml.safe_dump(overlay))
+    configs = [str(REPO / "config.yaml"), str(tmp_path / "every_pair.yaml")]
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", *configs).stdout)
     for rule in ("glmm_diagnostics", "robustness_lmm", "robustness_fixed_effects"):
         assert jobs[rule] == jobs["fit_glmm"] == 3, rule
     assert jobs["figure_residuals"] == 3
@@ -188,17 +205,14 @@ def _recorded_outputs(workdir: Path) -> dict[str, dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny config's workflow as Snakemake sees it after a finished run, without running it:
+def _record_finished_run(workdir: Path, config: str) -> Path:
+    """The workflow of ``config`` as Snakemake sees it after a finished run, without running it:
     `--touch` records every job (its params included), then every output is created and touched
     again in DAG order. Snakemake's dry run then plans only what a config change makes stale."""
-    workdir = tmp_path_factory.mktemp("recorded")
-    config = str(shutil.copy(TINY, workdir / "tiny.yaml"))
     snakemake(workdir, "--touch", "--cores", "1", "--configfile", config)
     for name in _recorded_outputs(workdir):
         path = workdir / name
-        # The directory outputs of this workflow are the model folders (no suffix).
+        # The directory outputs of this workflow are folders of models and embeddings (no suffix).
         if path.suffix:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
@@ -208,6 +222,19 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = snakemake(workdir, "-n", "--configfile", config)
     assert planned_jobs(result.stdout) == {}, result.stdout[-2000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of the tiny config, as Snakemake records it."""
+    workdir = tmp_path_factory.mktemp("recorded")
+    return _record_finished_run(workdir, str(shutil.copy(TINY, workdir / "tiny.yaml")))
+
+
+@pytest.fixture(scope="module")
+def recorded_default(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of config.yaml, as Snakemake records it."""
+    return _record_finished_run(tmp_path_factory.mktemp("default"), str(REPO / "config.yaml"))
 
 
 def _plan_after(workdir: Path, edit) -> dict[str, int]:
