@@ -150,7 +150,8 @@ SOURCES = [
         "docs/*",
     )
     for path in REPO.glob(pattern)
-    if path.is_file() and path.name != "test_layout.py"
+    # Bytecode is written beside the scripts by every run (and by setup.sh): not a source.
+    if path.is_file() and path.name != "test_layout.py" and "__pycache__" not in path.parts
 ] + [REPO / "README.md", REPO / "Snakefile"]
 
 
