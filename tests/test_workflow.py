@@ -154,6 +154,11 @@ def test_sweeps_checks_every_pair_checks_each_pair(tmp_path: Path) -> None:
             "(read by rule figure_slopes)",
         ),
         (lambda c: c.update(sweeps={"tasks": ["coding", "math"]}), "sweeps.tasks"),
+        (
+            lambda c: c["families"]["tinygpt"]["finetuned"].update(system_prompt=""),
+            "families.tinygpt.finetuned.system_prompt = '': String should have at least 1 "
+            "character (read by rules lock, sample_rollouts, sample_rollouts_chunk)",
+        ),
     ],
     ids=[
         "wrong-type",
@@ -163,6 +168,7 @@ def test_sweeps_checks_every_pair_checks_each_pair(tmp_path: Path) -> None:
         "formula-typo",
         "figure-setting",
         "sweep-without-reference",
+        "chat-option",
     ],
 )
 def test_broken_config_fails_before_any_job_naming_the_key(tmp_path: Path, edit, expected) -> None:

@@ -76,22 +76,38 @@ def config_value(dotted):
 
 _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
 
+#: Params functions that combine several keys into one value, and the keys they read: a family's
+#: chat options, overridden by its finetuned variant's (chat_params; set on base, an error).
+_READING_FUNCTIONS = {
+    "chat_params": [
+        f"families.{{family}}.{level}{option}"
+        for level in ("", "base.", "finetuned.")
+        for option in ("chat_template_kwargs", "system_prompt")
+    ],
+}
+
 
 def rules_reading(key):
     """The rules whose params or resources hold ``key`` (a key path) or part of it, from their
-    config_provider and config_value calls in workflow/rules/*.smk."""
+    config_provider and config_value calls in workflow/rules/*.smk and the params functions of
+    _READING_FUNCTIONS they use."""
     key = [str(part) for part in key]
     found = []
     for path in sorted((REPO_ROOT / "workflow/rules").glob("*.smk")):
         for chunk in re.split(r"^(?:rule|checkpoint) ", path.read_text(), flags=re.M)[1:]:
             name = chunk.split(":", 1)[0].strip()
-            for block, rest in _READS_CALL.findall(chunk):
-                keys = re.findall(r'"([^"]*)"', rest) or [""]
-                for sub in keys:
-                    pattern = [p for p in f"{block}.{sub}".split(".") if p]
-                    pattern = ["*" if p.startswith("{") else p for p in pattern]
-                    if all(p in ("*", k) for p, k in zip(pattern, key)):
-                        found.append(name)
+            read = [
+                f"{block}.{sub}"
+                for block, rest in _READS_CALL.findall(chunk)
+                for sub in re.findall(r'"([^"]*)"', rest) or [""]
+            ]
+            for function, keys in _READING_FUNCTIONS.items():
+                if re.search(rf"\b{function}\b", chunk):
+                    read += keys
+            for dotted in read:
+                pattern = ["*" if p.startswith("{") else p for p in dotted.split(".") if p]
+                if all(p in ("*", k) for p, k in zip(pattern, key)):
+                    found.append(name)
     return list(dict.fromkeys(found))
 
 
