@@ -147,6 +147,16 @@ def test_every_problem_names_key_value_allowed_and_readers(default_config) -> No
     ]
 
 
+@pytest.mark.parametrize(
+    ("block", "key", "values"),
+    [("sweeps", "tasks", ["math", "completion", "math"]), ("diversity", "distinct_n", [1, 2, 1])],
+)
+def test_a_list_setting_that_repeats_a_value_is_named(default_config, block, key, values) -> None:
+    config = copy.deepcopy(default_config)
+    config.setdefault(block, {})[key] = values
+    assert f"{block}.{key} = {values}: repeats a value: {values}" in problems(config)
+
+
 def test_the_regression_formulas_are_checked_term_by_term(default_config) -> None:
     config = copy.deepcopy(default_config)
     config["stats"]["formula"] = "D ~ Rsc * variant + task + (1 | prompt_uid)"

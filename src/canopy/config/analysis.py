@@ -23,6 +23,7 @@ from canopy.config.types import (
     NonNegativeInt,
     PositiveInt,
     Resamples,
+    distinct,
 )
 
 __all__ = [
@@ -123,25 +124,19 @@ def _order(value: Any) -> Any:
     return math.inf if value == "inf" else value
 
 
-def _distinct(values: tuple) -> tuple:
-    if len(set(values)) != len(values):
-        raise ValueError(f"repeats a value: {list(values)}")
-    return values
-
-
 class DiversitySettings(Block):
     """``diversity``: semantic and lexical diversity of each prompt's rollouts."""
 
     where = "diversity"
 
     distinct_n: Annotated[
-        tuple[PositiveInt, ...], BeforeValidator(_as_tuple), AfterValidator(_distinct)
+        tuple[PositiveInt, ...], BeforeValidator(_as_tuple), AfterValidator(distinct)
     ] = (1, 2)
     """The n of each distinct-n column."""
     vendi_orders: Annotated[
         tuple[Annotated[float, Field(ge=0, allow_inf_nan=True), BeforeValidator(_order)], ...],
         BeforeValidator(_as_tuple),
-        AfterValidator(_distinct),
+        AfterValidator(distinct),
     ] = (1.0,)
     """Rényi orders q of the Vendi score: the vendi column is order 1, every other order adds a
     column vendi_q<q>; inf is allowed."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from canopy.config.analysis import (
     DiversitySettings,
@@ -15,11 +15,12 @@ from canopy.config.analysis import (
     MetricSettings,
     StatsSettings,
 )
-from canopy.config.base import Block, Problem
+from canopy.config.base import Block, Problem, _as_tuple
 from canopy.config.figures import FiguresSettings
 from canopy.config.models import FamilySettings, TrainingSettings
 from canopy.config.prompts import TaskSettings
 from canopy.config.sampling import SamplingSettings
+from canopy.config.types import distinct
 
 __all__ = ["Config", "SweepsSettings", "cross_problems"]
 
@@ -38,7 +39,15 @@ class SweepsSettings(Block):
     """grid: every pair. one_at_a_time: every sampling point with the first embedder, and every
     further embedder with the first sampling point, so that each sweep point differs from the
     main setting in one thing and costs one regression."""
-    tasks: Annotated[tuple[EntryName, ...], Field(min_length=2)] | None = None
+    tasks: (
+        Annotated[
+            tuple[EntryName, ...],
+            Field(min_length=2),
+            BeforeValidator(_as_tuple),
+            AfterValidator(distinct),
+        ]
+        | None
+    ) = None
     """The tasks every pair but the main setting is sampled, embedded and fitted on (null: every
     task). Must contain stats.reference_task: a cheaper sweep, at the price of comparing sweep
     points on fewer tasks than the main setting."""
@@ -47,18 +56,6 @@ class SweepsSettings(Block):
     """Which pairs get the residual diagnostics, the robustness refits (stats.robustness) and
     the residual figure: main, the main setting only (a sweep point's row of the ablation summary
     needs only its regression); every_pair, each analysed pair."""
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _as_tuple(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
-
-    @field_validator("tasks")
-    @classmethod
-    def _unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("each task once")
-        return value
 
 
 class Config(Block):

@@ -21,6 +21,15 @@ Share = Annotated[float, Field(gt=0, le=1)]
 #: auto (CUDA when present, else the CPU), cpu, cuda or cuda:<index>.
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def distinct(values: tuple) -> tuple:
+    """An after-validator of tuple settings: each value once."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"repeats a value: {list(values)}")
+    return values
+
+
 #: A list of task names (at least one); null means every task.
 TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
 
