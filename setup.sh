@@ -81,8 +81,8 @@ if ! "$PYTHON" -c "import canopy" >/dev/null 2>&1; then
 fi
 # Byte-compile the library (only what changed since the last run): every job imports it from the
 # checkout, and an editable install compiles nothing, so where Python is told not to write
-# bytecode (PYTHONDONTWRITEBYTECODE, as on some CI images) each job compiled it again, about a
-# quarter of a second per job, 150 jobs in the default.
+# bytecode (PYTHONDONTWRITEBYTECODE, as on some CI images) each job compiled it again, 0.2-0.3 s
+# of every job of a run.
 "$PYTHON" -m compileall -q src workflow/scripts >/dev/null
 if [ "$WITH_TEST_TOOLS" = 1 ]; then
     if [ -x build/olah/bin/olah-cli ] &&
