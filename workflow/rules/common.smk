@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, SamplingSettings, validate_config
-from canopy.modeling import VARIANTS, chat_options, visible_cuda_devices
+from canopy.modeling import CHAT_OPTION_KEYS, VARIANTS, chat_options, visible_cuda_devices
 
 
 # Library code is no input of any job, one policy for all. Snakemake reruns a job when its
@@ -81,8 +81,8 @@ _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^
 _READING_FUNCTIONS = {
     "chat_params": [
         f"families.{{family}}.{level}{option}"
-        for level in ("", "base.", "finetuned.")
-        for option in ("chat_template_kwargs", "system_prompt")
+        for level in ("", *(f"{variant}." for variant in VARIANTS))
+        for option in CHAT_OPTION_KEYS
     ],
 }
 
