@@ -14,9 +14,10 @@ run: setup
 
 # The default's sweep points (config/sweeps.yaml) over a run of the default: only what depends on
 # them runs; the report then covers both.
+SWEEPS = --configfile config.yaml config/sweeps.yaml
 run-sweeps: setup
-	$(SNAKEMAKE) --cores $(CORES) --configfile config.yaml config/sweeps.yaml
-	$(SNAKEMAKE) --report results/report.html --configfile config.yaml config/sweeps.yaml
+	$(SNAKEMAKE) --cores $(CORES) $(SWEEPS)
+	$(SNAKEMAKE) --report results/report.html $(SWEEPS)
 	@echo "Ablation summary: results/ablation/summary.tsv  Report: results/report.html"
 
 test:
