@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import warnings
+from math import nan
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from canopy.stats import (
     fit_beta_glmm_many,
     outlier_test,
     prepare_panel,
+    r_script_path,
     scaled_residuals,
     uniformity_test,
 )
@@ -359,12 +362,41 @@ def test_paper_dispersion_model_is_too_rich_for_a_default_runs_panel(tmp_path):
     (which of the two depends on floating-point details). Either is reported, never silent;
     a failure says which settings to simplify and writes nothing."""
     settings = StatsSettings(simulations=1000, bootstrap=10)
-    try:
-        with pytest.warns(RuntimeWarning, match="did not converge cleanly"):
-            fit_beta_glmm(_default_panel(), settings, tmp_path / "paper")
-    except RuntimeError as error:
-        assert "too rich for this panel" in str(error) and "stats.dispersion" in str(error)
-        assert not (tmp_path / "paper" / "coefficients.tsv").exists()
+    # Not pytest.warns: it reports "DID NOT WARN" over an exception raised inside it.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            result = fit_beta_glmm(_default_panel(), settings, tmp_path / "paper")
+        except RuntimeError as error:
+            assert "too rich for this panel" in str(error) and "stats.dispersion" in str(error)
+            assert not (tmp_path / "paper" / "coefficients.tsv").exists()
+            return
+    assert not result.converged
+    assert any("did not converge cleanly" in str(warning.message) for warning in seen)
+
+
+def _ratio_bootstrap_in_r(b1: float, b3: float, covariance: list[list[float]]) -> list[float]:
+    """(sd, lower, upper) from fit_beta_glmm.R's ratio_bootstrap, sourced into a fresh R."""
+    matrix = "matrix(c({}), 2)".format(", ".join(repr(v) for row in covariance for v in row))
+    call = (
+        f"source('{r_script_path('fit_beta_glmm.R')}'); set.seed(7); "
+        f"cat(ratio_bootstrap({b1}, {b3}, {matrix.replace('nan', 'NaN')}, 4000, 0.05))"
+    )
+    done = subprocess.run(
+        ["Rscript", "--vanilla", "-e", call], capture_output=True, text=True, check=True
+    )
+    return [float(value) for value in done.stdout.split()]
+
+
+def test_the_slope_ratio_bootstrap_needs_a_covariance_it_can_draw_from():
+    """A fit without a positive-definite Hessian can report a negative variance for the slope
+    (seen in CI on the paper's dispersion model): the bootstrap interval is then NaN, so the
+    fit is written and reported as not converged instead of R stopping in chol()."""
+    sd, low, high = _ratio_bootstrap_in_r(1.0, 0.5, [[0.01, 0.0], [0.0, 0.01]])
+    # ratio = 1 + b3/b1 with b1 ~ N(1, 0.1^2), b3 ~ N(0.5, 0.1^2): about 1.5 +- 0.2
+    assert low < 1.5 < high and 0.1 < sd < 0.2 and high - low == pytest.approx(4 * sd, rel=0.25)
+    for broken in ([[-1e-3, 0.0], [0.0, 0.01]], [[0.01, 0.02], [0.02, 0.01]], [[nan, 0], [0, 1]]):
+        assert all(np.isnan(_ratio_bootstrap_in_r(1.0, 0.5, broken)))
 
 
 def test_a_formula_typo_is_refused_with_the_settings():

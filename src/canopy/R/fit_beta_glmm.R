@@ -20,10 +20,6 @@ suppressPackageStartupMessages({
   library(glmmTMB)
 })
 
-args <- commandArgs(trailingOnly = TRUE)
-if (length(args) != 1) stop("usage: Rscript fit_beta_glmm.R job.json")
-job <- fromJSON(args[1], simplifyVector = TRUE, simplifyDataFrame = FALSE)
-
 write_tsv <- function(frame, path) {
   write.table(frame, path, sep = "\t", quote = FALSE, row.names = FALSE, na = "NaN")
 }
@@ -68,6 +64,22 @@ coefficient_table <- function(fit, level) {
   do.call(rbind, frames)
 }
 
+# Parametric bootstrap of the slope ratio (b1 + b3) / b1: draws of (b1, b3) from their estimated
+# sampling distribution N(beta_hat, V), percentile interval (no refits; the ratio's skew is kept).
+# Returns (sd, lower, upper). A fit without a positive-definite Hessian can report a negative or
+# NaN variance; there is then no distribution to draw from, the interval is NaN, and the fit is
+# already reported as not converged.
+ratio_bootstrap <- function(b1, b3, cov2, draws, alpha) {
+  root <- if (draws > 0 && all(is.finite(cov2))) {
+    tryCatch(chol(cov2), error = function(e) NULL)
+  }
+  if (is.null(root)) return(c(NaN, NaN, NaN))
+  sims <- matrix(rnorm(2 * draws), ncol = 2) %*% root
+  s_base <- b1 + sims[, 1]
+  ratios <- (s_base + b3 + sims[, 2]) / s_base
+  c(sd(ratios), quantile(ratios, c(alpha / 2, 1 - alpha / 2), names = FALSE))
+}
+
 slope_table <- function(fit, panel, level, draws) {
   z_crit <- qnorm(1 - (1 - level) / 2)
   alpha <- 1 - level
@@ -89,19 +101,8 @@ slope_table <- function(fit, panel, level, draws) {
   # Delta method for (b1 + b3) / b1 = 1 + b3 / b1: gradient (-b3 / b1^2, 1 / b1).
   g <- c(-b3 / b1^2, 1 / b1)
   se_ratio <- sqrt(drop(t(g) %*% matrix(c(v11, v13, v13, v33), 2) %*% g))
-  # Parametric bootstrap of the ratio: draws of (b1, b3) from their estimated sampling
-  # distribution N(beta_hat, V), percentile interval (no refits; the ratio's skew is kept).
   set.seed(job$seed)
-  cov2 <- matrix(c(v11, v13, v13, v33), 2)
-  boot <- c(NaN, NaN, NaN)
-  if (all(is.finite(cov2)) && draws > 0) {
-    root <- chol(cov2)
-    sims <- matrix(rnorm(2 * draws), ncol = 2) %*% root
-    s_base <- b1 + sims[, 1]
-    s_ft <- s_base + b3 + sims[, 2]
-    ratios <- s_ft / s_base
-    boot <- c(sd(ratios), quantile(ratios, c(alpha / 2, 1 - alpha / 2), names = FALSE))
-  }
+  boot <- ratio_bootstrap(b1, b3, matrix(c(v11, v13, v13, v33), 2), draws, alpha)
   data.frame(
     variant = c(levels_v[1], levels_v[2], "ratio", "ratio"),
     slope = c(b1, slope_ft, ratio, ratio),
@@ -189,15 +190,21 @@ fit_one <- function(panel_path, out_dir) {
   }
 }
 
-for (entry in job$jobs) {
-  if (isTRUE(job$keep_going)) {
-    # A refit on a resampled panel (length matching) may fail where the main fit did not: record
-    # why in error.txt and go on with the next panel; the caller reports it.
-    tryCatch(fit_one(entry$panel, entry$out_dir), error = function(e) {
-      dir.create(entry$out_dir, showWarnings = FALSE, recursive = TRUE)
-      writeLines(conditionMessage(e), file.path(entry$out_dir, "error.txt"))
-    })
-  } else {
-    fit_one(entry$panel, entry$out_dir)
+# Run as a script (Rscript), not when sourced: the tests source this file to call its helpers.
+if (sys.nframe() == 0L) {
+  args <- commandArgs(trailingOnly = TRUE)
+  if (length(args) != 1) stop("usage: Rscript fit_beta_glmm.R job.json")
+  job <- fromJSON(args[1], simplifyVector = TRUE, simplifyDataFrame = FALSE)
+  for (entry in job$jobs) {
+    if (isTRUE(job$keep_going)) {
+      # A refit on a resampled panel (length matching) may fail where the main fit did not: record
+      # why in error.txt and go on with the next panel; the caller reports it.
+      tryCatch(fit_one(entry$panel, entry$out_dir), error = function(e) {
+        dir.create(entry$out_dir, showWarnings = FALSE, recursive = TRUE)
+        writeLines(conditionMessage(e), file.path(entry$out_dir, "error.txt"))
+      })
+    } else {
+      fit_one(entry$panel, entry$out_dir)
+    }
   }
 }
