@@ -23,6 +23,7 @@ from canopy.sampling import (
     PromptJob,
     SamplingSettings,
     chunk_prompts,
+    chunk_table_path,
     gather_rollouts,
     processed_log_distribution,
     sample_prompt_dynamic,
@@ -347,19 +348,90 @@ def test_chunked_run_gathers_to_the_unchunked_table(model_dir: Path, tmp_path: P
     unchunked = tmp_path / "whole.parquet"
     sample_task(model_dir, prompts, "finetuned", SamplingSettings(**small), unchunked)
     chunked = SamplingSettings(**small, chunks=4, max_batch_rows=5)
-    paths = [tmp_path / "chunks" / f"{k}.parquet" for k in range(4)]
+    gathered = tmp_path / "gathered.parquet"
+    paths = [chunk_table_path(gathered, k, 4) for k in range(4)]
+    assert paths[1] == tmp_path / "gathered.chunks" / "1-of-4.parquet"
     for k, path in enumerate(paths):
         sample_task(model_dir, prompts, "finetuned", chunked, path, chunk=k)
         assert not shard_dir_for(path).exists()
     assert [pq.read_table(p).num_rows for p in paths] == [6, 12, 6, 12]
-    gathered = tmp_path / "gathered.parquet"
     gather_rollouts(paths, prompts, gathered, progress=RecordingLogger())
     assert pq.read_table(gathered).equals(pq.read_table(unchunked))
+
+    # A chunk written under a name that does not say its chunking is refused before sampling.
+    with pytest.raises(ValueError, match=r"must be written to \{task\}\.chunks/2-of-4\.parquet"):
+        sample_task(model_dir, prompts, "finetuned", chunked, tmp_path / "c" / "2.parquet", chunk=2)
 
     # Chunk tables of another prompt set (or in the wrong order) are refused.
     with pytest.raises(ValueError, match="resample the chunks"):
         gather_rollouts(list(reversed(paths)), prompts, tmp_path / "bad.parquet")
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def _sampled_and_reused(log: RecordingLogger) -> tuple[int, int]:
+    """Prompts a sample_task run sampled, and prompts it took from another chunking."""
+    sampled = sum(" done: " in m for m in log.messages)
+    reused = [m for m in log.messages if m.startswith("reusing ")]
+    return sampled, int(reused[0].split()[1].split("/")[0]) if reused else 0
+
+
+def test_changing_the_chunking_samples_no_finished_prompt_again(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """What a Snakemake run does when `chunks` changes, step by step: each job of the new
+    chunking takes the finished prompts from what the old one left (the task table is still there
+    while the new chunk jobs run; Snakemake deletes it only before the job that rewrites it)."""
+    from test_sampling import Interrupted, InterruptingLogger
+
+    prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)  # 6 prompts
+    settings = dict(rollouts=4, max_new_tokens=10, top_k=8, seed=5)
+    task = tmp_path / "math.parquet"
+
+    def run(chunks: int, chunk: int | None, log=None, **changes) -> tuple[int, int]:
+        log = log or RecordingLogger()
+        output = task if chunk is None else chunk_table_path(task, chunk, chunks)
+        sampling = SamplingSettings(**{**settings, **changes}, chunks=chunks)
+        sample_task(model_dir, prompts, "base", sampling, output, chunk=chunk, progress=log)
+        return _sampled_and_reused(log)
+
+    def gather(chunks: int) -> None:
+        paths = [chunk_table_path(task, k, chunks) for k in range(chunks)]
+        gather_rollouts(paths, prompts, task, progress=RecordingLogger())
+
+    assert run(1, None) == (6, 0)
+    whole = pq.read_table(task)
+
+    # 1 -> 3 chunks: the unchunked table holds every prompt.
+    assert [run(3, k) for k in range(3)] == [(0, 2)] * 3
+    gather(3)
+    assert pq.read_table(task).equals(whole)
+
+    # 3 -> 2 chunks in the middle of a run: the gathered table is gone, chunk 2 of 3 was killed
+    # after one of its two prompts; only the other one is sampled again.
+    task.unlink()
+    chunk_table_path(task, 2, 3).unlink()
+    with pytest.raises(Interrupted):
+        run(3, 2, log=InterruptingLogger(after=1))
+    assert [run(2, k) for k in range(2)] == [(0, 3), (1, 2)]
+    gather(2)
+    assert pq.read_table(task).equals(whole)
+    assert sorted(p.name for p in (tmp_path / "math.chunks").iterdir()) == [
+        "0-of-2.parquet",
+        "1-of-2.parquet",
+    ]
+
+    # Sampling again under the same chunking (a forced rerun) reuses nothing, nor does another
+    # chunking with other settings.
+    assert run(2, 0) == (3, 0)
+    assert run(3, 0, seed=6) == (2, 0)
+    chunk_table_path(task, 0, 3).unlink()
+
+    # 2 chunks -> one job: Snakemake has deleted the table; the chunk tables hold every prompt,
+    # and the chunk directory goes once the table is written.
+    task.unlink()
+    assert run(1, None) == (0, 6)
+    assert pq.read_table(task).equals(whole)
+    assert not (tmp_path / "math.chunks").exists()
 
 
 # ------------------------------------------------------------------------------ chat options

@@ -74,3 +74,37 @@ def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
     uninterrupted = pd.read_parquet(tmp_path / TARGET)
     assert len(resumed) == 12 * 12
     pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_new_chunking_samples_no_finished_prompt_again(tmp_path: Path) -> None:
+    """A user who changes `chunks` (more GPUs, or none) reruns the sampling jobs, as Snakemake
+    must (the job layout changed), but no prompt is sampled a second time and the table is the
+    same."""
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    config["tasks"]["math"]["n_prompts"] = 6
+    logs = tmp_path / "logs/rollouts/default/tinyllama/base"
+
+    def run_with(chunks: int) -> pd.DataFrame:
+        config["sampling"]["default"]["chunks"] = chunks
+        path = tmp_path / f"chunks{chunks}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        snakemake(tmp_path, "--cores", "2", TARGET, "--configfile", str(path))
+        return pd.read_parquet(tmp_path / TARGET)
+
+    first = run_with(2)
+    for chunk, prompts in enumerate((3, 3)):
+        log = (logs / f"math.chunks/{chunk}-of-2.log").read_text()
+        assert log.count(" done: ") == prompts, log[-2000:]
+
+    pd.testing.assert_frame_equal(run_with(3), first)
+    for chunk in range(3):
+        log = (logs / f"math.chunks/{chunk}-of-3.log").read_text()
+        assert "reusing 2/2 prompts" in log and " done: " not in log, log[-2000:]
+    chunk_dir = tmp_path / "results/rollouts/default/tinyllama/base/math.chunks"
+    assert sorted(p.name for p in chunk_dir.iterdir()) == [f"{k}-of-3.parquet" for k in range(3)]
+
+    pd.testing.assert_frame_equal(run_with(1), first)
+    log = (logs / "math.log").read_text()
+    assert "reusing 6/6 prompts" in log and " done: " not in log, log[-2000:]
+    assert not chunk_dir.exists()

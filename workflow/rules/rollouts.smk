@@ -1,8 +1,9 @@
 # Stage 3: rollouts with the exact entropy of every sampling step.
 # A killed job loses nothing: finished prompts stay in `{task}.shards/` (not a declared output, so
 # Snakemake keeps it) and the rerun resumes from there. A sampling point with `chunks: K` splits
-# each task's prompts into K jobs (`{task}.chunks/{chunk}.parquet`, each resumable and each on its
-# own GPU), gathered into the same `{task}.parquet` an unchunked run writes.
+# each task's prompts into K jobs (`{task}.chunks/{chunk}-of-{K}.parquet`, each resumable and each
+# on its own GPU), gathered into the same `{task}.parquet` an unchunked run writes. K is in the
+# name so that after a change of K the new jobs can take the finished prompts from the old files.
 
 
 rule sample_rollouts:
@@ -37,12 +38,13 @@ rule sample_rollouts_chunk:
         model=model_dir,
         prompts="resources/prompts/{task}.jsonl",
     output:
-        "results/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}.parquet",
+        "results/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}-of-{chunks}.parquet",
     log:
-        "logs/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}.log",
+        "logs/rollouts/{sampling}/{family}/{variant}/{task}.chunks/{chunk}-of-{chunks}.log",
     wildcard_constraints:
         sampling=_one_of(CHUNKED_POINTS),
         chunk=r"\d+",
+        chunks=r"\d+",
     conda:
         "../../envs/torch.yaml"
     # One thread: these models are too small for a second thread to help, and on a CPU-only
@@ -63,8 +65,9 @@ rule sample_rollouts_chunk:
 rule gather_rollouts:
     input:
         chunks=lambda wildcards: expand(
-            "results/rollouts/{{sampling}}/{{family}}/{{variant}}/{{task}}.chunks/{chunk}.parquet",
+            "results/rollouts/{{sampling}}/{{family}}/{{variant}}/{{task}}.chunks/{chunk}-of-{chunks}.parquet",
             chunk=range(config["sampling"][wildcards.sampling]["chunks"]),
+            chunks=config["sampling"][wildcards.sampling]["chunks"],
         ),
         prompts="resources/prompts/{task}.jsonl",
     output:

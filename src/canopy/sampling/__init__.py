@@ -30,7 +30,13 @@ from canopy.sampling.kernel import check_prompt_fits
 from canopy.sampling.reference import sample_prompt_dynamic
 from canopy.sampling.settings import NonFiniteLogitsError, PromptTooLongError, SamplingSettings
 from canopy.sampling.shards import ROLLOUT_SCHEMA, model_identity, shard_dir_for
-from canopy.sampling.task import chunk_prompts, gather_rollouts, read_prompts, sample_task
+from canopy.sampling.task import (
+    chunk_prompts,
+    chunk_table_path,
+    gather_rollouts,
+    read_prompts,
+    sample_task,
+)
 
 __all__ = [
     "BatchStats",
@@ -41,6 +47,7 @@ __all__ = [
     "SamplingSettings",
     "check_prompt_fits",
     "chunk_prompts",
+    "chunk_table_path",
     "gather_rollouts",
     "model_identity",
     "processed_distribution",

@@ -2,18 +2,21 @@
 
 Each finished prompt is written atomically to ``<output>.shards/`` (a sibling directory that is not
 a Snakemake output, so it survives a killed job) together with a fingerprint of everything that
-determines its rows; a rerun reuses only shards whose fingerprint matches.
+determines its rows; a rerun reuses only shards whose fingerprint matches. A rollout table keeps
+the fingerprints of its prompts (and the number of chunks it was sampled in) in its schema metadata,
+so that sampling the task again under another chunking can take its finished prompts from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from canopy.io import atomic_path
@@ -27,10 +30,18 @@ __all__ = [
     "shard_path",
     "read_valid_shard",
     "write_shard",
+    "write_rollout_table",
+    "rollout_table_stamp",
+    "read_reusable_prompts",
 ]
 
 #: Bump when the meaning of a shard's rows changes, so that old shards are never reused.
 SHARD_FORMAT_VERSION = 1
+
+#: Schema metadata keys of a rollout table: JSON {prompt_id: fingerprint} of the prompts it holds,
+#: and the number of chunks it was sampled in (1: one job).
+FINGERPRINTS_KEY = b"canopy_fingerprints"
+CHUNKS_KEY = b"canopy_chunks"
 
 #: The rollout table of docs/architecture.md, with fixed Arrow types.
 ROLLOUT_SCHEMA = pa.schema(
@@ -115,3 +126,47 @@ def write_shard(
     with atomic_path(path) as tmp:
         pq.write_table(stamped, tmp)
     return table
+
+
+def write_rollout_table(
+    path: Path, tables: Sequence[pa.Table], fingerprints: Mapping[str, str], chunks: int
+) -> pa.Table:
+    """Write the prompts' tables (in order) as one rollout table stamped with their fingerprints
+    and the chunking it was sampled in; returns the table without the stamp."""
+    table = pa.concat_tables(tables) if tables else ROLLOUT_SCHEMA.empty_table()
+    stamped = table.replace_schema_metadata(
+        {FINGERPRINTS_KEY: json.dumps(dict(fingerprints)), CHUNKS_KEY: str(chunks)}
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(stamped, tmp)
+    return table
+
+
+def rollout_table_stamp(path: Path) -> tuple[dict[str, str], int | None]:
+    """The prompts' fingerprints and the chunking a rollout table was written with (empty and
+    None for a table without them, or one that is missing or unreadable)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return {}, None
+    fingerprints = json.loads(metadata[FINGERPRINTS_KEY]) if FINGERPRINTS_KEY in metadata else {}
+    chunks = int(metadata[CHUNKS_KEY]) if CHUNKS_KEY in metadata else None
+    return fingerprints, chunks
+
+
+def read_reusable_prompts(path: Path, wanted: Mapping[str, str]) -> dict[str, pa.Table]:
+    """The rows of each prompt in ``wanted`` (prompt_id -> fingerprint) that the rollout table at
+    ``path`` holds under exactly that fingerprint, one table per prompt. A table that is missing,
+    unreadable or unstamped gives nothing (another job may be replacing it)."""
+    stamped, _ = rollout_table_stamp(path)
+    matching = [pid for pid, fp in wanted.items() if stamped.get(pid) == fp]
+    if not matching:
+        return {}
+    try:
+        table = pq.read_table(path).replace_schema_metadata(None)
+    except (OSError, pa.ArrowException):
+        return {}
+    if table.schema != ROLLOUT_SCHEMA:
+        return {}
+    ids = table.column("prompt_id")
+    return {pid: table.filter(pc.equal(ids, pid)) for pid in matching}

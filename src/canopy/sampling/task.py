@@ -7,15 +7,22 @@ soon as its last rollout ends, and assembles the table from the shards in prompt
 resumed run equals an uninterrupted one.
 
 Chunks: with ``settings.chunks = K`` a task's prompts are split into K contiguous slices
-(``chunk_prompts``), each sampled by its own job into its own table and shard directory;
-``gather_rollouts`` concatenates the K tables in prompt order into the table an unchunked run
-writes (the draws of a prompt do not depend on which other prompts are sampled with it).
+(``chunk_prompts``), each sampled by its own job into its own table and shard directory
+(``{task}.chunks/{k}-of-{K}.parquet``, ``chunk_table_path``); ``gather_rollouts`` concatenates the
+K tables in prompt order into the table an unchunked run writes (the draws of a prompt do not
+depend on which other prompts are sampled with it).
+
+Changing K keeps the finished work: a job takes every prompt it can from the tables and shards the
+task left under another chunking (its fingerprint must match, as for a resumed shard), and samples
+only the rest. Once the task's table is written, what other chunkings left is removed. Sampling
+again under the same chunking (a forced rerun) reuses nothing but its own interrupted shards.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +36,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from canopy.io import atomic_path
 from canopy.modeling import (
     VARIANTS,
     check_chat_options,
@@ -49,13 +55,22 @@ from canopy.sampling.shards import (
     SHARD_FORMAT_VERSION,
     fingerprint,
     model_identity,
+    read_reusable_prompts,
     read_valid_shard,
+    rollout_table_stamp,
     shard_dir_for,
     shard_path,
+    write_rollout_table,
     write_shard,
 )
 
-__all__ = ["read_prompts", "chunk_prompts", "sample_task", "gather_rollouts"]
+__all__ = [
+    "read_prompts",
+    "chunk_prompts",
+    "chunk_table_path",
+    "sample_task",
+    "gather_rollouts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +82,70 @@ def chunk_prompts(prompts: Sequence[Any], chunk: int, chunks: int) -> list[Any]:
         raise ValueError(f"chunk {chunk} is not in 0..{chunks - 1}")
     total = len(prompts)
     return list(prompts[chunk * total // chunks : (chunk + 1) * total // chunks])
+
+
+def chunk_table_path(task_table: str | Path, chunk: int, chunks: int) -> Path:
+    """``.../{task}.parquet`` -> ``.../{task}.chunks/{chunk}-of-{chunks}.parquet``: the chunking
+    is in the name, so a table of another chunking is never mistaken for one of this."""
+    task_table = Path(task_table)
+    return task_table.with_name(_stem(task_table) + ".chunks") / f"{chunk}-of-{chunks}.parquet"
+
+
+def _stem(table: Path) -> str:
+    return table.name[: -len(".parquet")] if table.name.endswith(".parquet") else table.name
+
+
+_CHUNK_NAME = re.compile(r"(\d+)-of-(\d+)\.(?:parquet|shards)")
+
+
+def _task_table_of(output: Path, chunk: int | None, chunks: int) -> Path:
+    """The task's table for a job writing ``output``; a chunk's output must be named as
+    ``chunk_table_path`` names it."""
+    if chunk is None:
+        return output
+    chunk_dir = output.parent
+    task_table = chunk_dir.with_name(chunk_dir.name.removesuffix(".chunks") + ".parquet")
+    if output != chunk_table_path(task_table, chunk, chunks):
+        raise ValueError(
+            f"chunk {chunk} of {chunks} must be written to {{task}}.chunks/{chunk}-of-{chunks}"
+            f".parquet, not {str(output)!r}"
+        )
+    return task_table
+
+
+def _other_chunkings(task_table: Path, chunks: int) -> tuple[list[Path], list[Path]]:
+    """Rollout tables and shard directories the task left under a chunking other than
+    ``chunks``: chunk tables and shards named for another K, the unchunked job's shards, and the
+    task table itself when it was sampled in another number of chunks."""
+    chunk_dir = chunk_table_path(task_table, 0, 1).parent
+    tables: list[Path] = []
+    shard_dirs: list[Path] = []
+    for path in sorted(chunk_dir.glob("*-of-*")) if chunk_dir.is_dir() else []:
+        match = _CHUNK_NAME.fullmatch(path.name)
+        if match and int(match.group(2)) != chunks:
+            (tables if path.suffix == ".parquet" else shard_dirs).append(path)
+    if chunks != 1:
+        shard_dirs.append(shard_dir_for(task_table))
+    if rollout_table_stamp(task_table)[1] not in (None, chunks):
+        tables.append(task_table)
+    return tables, shard_dirs
+
+
+def _remove_other_chunkings(task_table: Path, chunks: int) -> None:
+    """Once the task's table is written, drop what other chunkings left (their prompts are in
+    the table) and the chunk shard directories; this chunking's chunk tables stay (outputs)."""
+    chunk_dir = chunk_table_path(task_table, 0, 1).parent
+    if chunk_dir.is_dir():
+        for path in chunk_dir.iterdir():
+            match = _CHUNK_NAME.fullmatch(path.name)
+            if path.suffix == ".shards" or (match and int(match.group(2)) != chunks):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if not any(chunk_dir.iterdir()):
+            chunk_dir.rmdir()
+    shutil.rmtree(shard_dir_for(task_table), ignore_errors=True)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -107,7 +186,9 @@ def sample_task(
 
     Resumable: each finished prompt is stored in ``<output>.shards/`` with a fingerprint of its
     settings, model files, variant, chat options and prompt; a rerun reuses the valid shards and
-    samples the rest. The shard directory is removed once ``output`` is written.
+    samples the rest. The shard directory is removed once ``output`` is written. A chunk's
+    ``output`` must be ``chunk_table_path(task_table, chunk, settings.chunks)``; prompts the task
+    finished under another chunking are taken from what that chunking left (see the module).
     ``chat_template_kwargs`` and ``system_prompt`` shape the finetuned variant's chat template.
     """
     import transformers
@@ -119,9 +200,11 @@ def sample_task(
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
     check_model_dir(model_dir)
+    chunks = settings.chunks if chunk is not None else 1
+    task_table = _task_table_of(output, chunk, chunks)
     prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
     if chunk is not None:
-        prompts = chunk_prompts(prompts, chunk, settings.chunks)
+        prompts = chunk_prompts(prompts, chunk, chunks)
     chat = {
         "chat_template_kwargs": dict(chat_template_kwargs or {}),
         "system_prompt": system_prompt,
@@ -184,6 +267,8 @@ def sample_task(
     reused = sum(t is not None for t in tables)
     if reused:
         log.info("resuming: %d/%d prompts already sampled in %s", reused, total, shard_dir)
+    if reused < total:
+        reused += _reuse_other_chunkings(task_table, chunks, prompts, fingerprints, tables, log)
 
     todo = [index for index, table in enumerate(tables) if table is None]
     if todo:
@@ -221,12 +306,49 @@ def sample_task(
     done = [t for t in tables if t is not None]
     if len(done) != total:
         raise RuntimeError(f"{total - len(done)} prompt(s) were never sampled")
-    table = pa.concat_tables(done) if done else ROLLOUT_SCHEMA.empty_table()
-    with atomic_path(output) as tmp:
-        pq.write_table(table, tmp)
+    stamps = {r["prompt_id"]: fp for r, fp in zip(prompts, fingerprints)}
+    table = write_rollout_table(output, done, stamps, chunks)
     shutil.rmtree(shard_dir, ignore_errors=True)
+    if chunk is None:
+        _remove_other_chunkings(task_table, chunks)
     log.info("wrote %d rollouts of %d prompts to %s", table.num_rows, total, output)
     return table.to_pandas()
+
+
+def _reuse_other_chunkings(
+    task_table: Path,
+    chunks: int,
+    prompts: Sequence[Mapping[str, Any]],
+    fingerprints: Sequence[str],
+    tables: list[pa.Table | None],
+    log: logging.Logger,
+) -> int:
+    """Fill ``tables``' missing prompts from what another chunking of the task left; returns
+    how many were filled."""
+    other_tables, other_shard_dirs = _other_chunkings(task_table, chunks)
+    missing = {r["prompt_id"]: index for index, r in enumerate(prompts) if tables[index] is None}
+    filled = 0
+    for shard_dir in other_shard_dirs:
+        for prompt_id, index in list(missing.items()):
+            found = read_valid_shard(shard_path(shard_dir, prompt_id), fingerprints[index])
+            if found is not None:
+                tables[index] = found
+                del missing[prompt_id]
+                filled += 1
+    for path in other_tables:
+        wanted = {prompt_id: fingerprints[index] for prompt_id, index in missing.items()}
+        for prompt_id, found in read_reusable_prompts(path, wanted).items():
+            tables[missing.pop(prompt_id)] = found
+            filled += 1
+    if filled:
+        log.info(
+            "reusing %d/%d prompts sampled under another chunking of this task (%s); the rest "
+            "are sampled",
+            filled,
+            len(prompts),
+            ", ".join(str(p) for p in [*other_shard_dirs, *other_tables] if p.exists()),
+        )
+    return filled
 
 
 def gather_rollouts(
@@ -244,19 +366,20 @@ def gather_rollouts(
     log = progress or logger
     prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
     tables = [pq.read_table(path).replace_schema_metadata(None) for path in chunk_paths]
+    stamps: dict[str, str] = {}
     for path, table in zip(chunk_paths, tables):
         if table.schema != ROLLOUT_SCHEMA:
             raise ValueError(f"chunk table {str(path)!r} does not have the rollout table's columns")
-    table = pa.concat_tables(tables) if tables else ROLLOUT_SCHEMA.empty_table()
-    found = list(dict.fromkeys(table.column("prompt_id").to_pylist()))
+        stamps.update(rollout_table_stamp(Path(path))[0])
+    found = list(dict.fromkeys(pid for t in tables for pid in t.column("prompt_id").to_pylist()))
     expected = [record["prompt_id"] for record in prompts]
     if found != expected:
         raise ValueError(
             f"the chunk tables {[str(p) for p in chunk_paths]} hold prompts {found[:5]}... but "
             f"{str(prompts_path)!r} lists {expected[:5]}...: resample the chunks (delete them)"
         )
-    with atomic_path(Path(output)) as tmp:
-        pq.write_table(table, tmp)
+    table = write_rollout_table(Path(output), tables, stamps, len(tables))
+    _remove_other_chunkings(Path(output), len(tables))
     log.info(
         "gathered %d rollouts of %d prompts from %d chunks", table.num_rows, len(found), len(tables)
     )
