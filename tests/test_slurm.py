@@ -281,8 +281,8 @@ def run_tiny_config(
 @pytest.mark.slow
 def test_tiny_config_runs_through_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
     """The whole tiny config: every cluster rule, the R statistics included, each job in its own
-    Slurm allocation, the local rules beside. 4 min 20 s on an idle 2-core machine; on one shared
-    with other work (load 4-6) it took over ten minutes."""
+    Slurm allocation, the local rules beside. 4 min 20 s to 5 min 32 s on an idle 2-core machine;
+    on one shared with other work (load 4-6) it took over ten minutes."""
     targets = [
         "results/headline.tsv",
         "results/stats/default/minilm/glmm/summary.json",
