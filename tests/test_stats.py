@@ -8,7 +8,7 @@ import json
 import re
 import subprocess
 import warnings
-from math import nan
+from math import isnan, nan
 from pathlib import Path
 
 import numpy as np
@@ -377,10 +377,10 @@ def test_paper_dispersion_model_is_too_rich_for_a_default_runs_panel(tmp_path):
 
 def _ratio_bootstrap_in_r(b1: float, b3: float, covariance: list[list[float]]) -> list[float]:
     """(sd, lower, upper) from fit_beta_glmm.R's ratio_bootstrap, sourced into a fresh R."""
-    matrix = "matrix(c({}), 2)".format(", ".join(repr(v) for row in covariance for v in row))
+    values = ", ".join("NaN" if isnan(v) else repr(v) for row in covariance for v in row)
     call = (
         f"source('{r_script_path('fit_beta_glmm.R')}'); set.seed(7); "
-        f"cat(ratio_bootstrap({b1}, {b3}, {matrix.replace('nan', 'NaN')}, 4000, 0.05))"
+        f"cat(ratio_bootstrap({b1}, {b3}, matrix(c({values}), 2), 4000, 0.05))"
     )
     done = subprocess.run(
         ["Rscript", "--vanilla", "-e", call], capture_output=True, text=True, check=True

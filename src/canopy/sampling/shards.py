@@ -24,6 +24,7 @@ from canopy.io import atomic_path
 __all__ = [
     "ROLLOUT_SCHEMA",
     "SHARD_FORMAT_VERSION",
+    "sibling_dir",
     "shard_dir_for",
     "model_identity",
     "fingerprint",
@@ -32,6 +33,7 @@ __all__ = [
     "write_shard",
     "write_rollout_table",
     "rollout_table_stamp",
+    "stamp_of",
     "read_reusable_prompts",
 ]
 
@@ -62,11 +64,15 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 
 
+def sibling_dir(table: str | Path, suffix: str) -> Path:
+    """``results/.../{task}.parquet`` -> ``results/.../{task}{suffix}``."""
+    table = Path(table)
+    return table.with_name(table.name.removesuffix(".parquet") + suffix)
+
+
 def shard_dir_for(output: str | Path) -> Path:
     """``results/.../{task}.parquet`` -> ``results/.../{task}.shards/``."""
-    output = Path(output)
-    stem = output.name[: -len(".parquet")] if output.name.endswith(".parquet") else output.name
-    return output.with_name(stem + ".shards")
+    return sibling_dir(output, ".shards")
 
 
 _SMALL_FILE = 64 * 2**20  # files up to this size are identified by content, larger by size + mtime
@@ -146,9 +152,14 @@ def rollout_table_stamp(path: Path) -> tuple[dict[str, str], int | None]:
     """The prompts' fingerprints and the chunking a rollout table was written with (empty and
     None for a table without them, or one that is missing or unreadable)."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        return stamp_of(pq.read_schema(path))
     except (OSError, pa.ArrowException):
         return {}, None
+
+
+def stamp_of(schema: pa.Schema) -> tuple[dict[str, str], int | None]:
+    """``rollout_table_stamp`` of a table already read."""
+    metadata = schema.metadata or {}
     fingerprints = json.loads(metadata[FINGERPRINTS_KEY]) if FINGERPRINTS_KEY in metadata else {}
     chunks = int(metadata[CHUNKS_KEY]) if CHUNKS_KEY in metadata else None
     return fingerprints, chunks

@@ -60,6 +60,8 @@ from canopy.sampling.shards import (
     rollout_table_stamp,
     shard_dir_for,
     shard_path,
+    sibling_dir,
+    stamp_of,
     write_rollout_table,
     write_shard,
 )
@@ -87,12 +89,7 @@ def chunk_prompts(prompts: Sequence[Any], chunk: int, chunks: int) -> list[Any]:
 def chunk_table_path(task_table: str | Path, chunk: int, chunks: int) -> Path:
     """``.../{task}.parquet`` -> ``.../{task}.chunks/{chunk}-of-{chunks}.parquet``: the chunking
     is in the name, so a table of another chunking is never mistaken for one of this."""
-    task_table = Path(task_table)
-    return task_table.with_name(_stem(task_table) + ".chunks") / f"{chunk}-of-{chunks}.parquet"
-
-
-def _stem(table: Path) -> str:
-    return table.name[: -len(".parquet")] if table.name.endswith(".parquet") else table.name
+    return sibling_dir(task_table, ".chunks") / f"{chunk}-of-{chunks}.parquet"
 
 
 _CHUNK_NAME = re.compile(r"(\d+)-of-(\d+)\.(?:parquet|shards)")
@@ -117,7 +114,7 @@ def _other_chunkings(task_table: Path, chunks: int) -> tuple[list[Path], list[Pa
     """Rollout tables and shard directories the task left under a chunking other than
     ``chunks``: chunk tables and shards named for another K, the unchunked job's shards, and the
     task table itself when it was sampled in another number of chunks."""
-    chunk_dir = chunk_table_path(task_table, 0, 1).parent
+    chunk_dir = sibling_dir(task_table, ".chunks")
     tables: list[Path] = []
     shard_dirs: list[Path] = []
     for path in sorted(chunk_dir.glob("*-of-*")) if chunk_dir.is_dir() else []:
@@ -132,20 +129,16 @@ def _other_chunkings(task_table: Path, chunks: int) -> tuple[list[Path], list[Pa
 
 
 def _remove_other_chunkings(task_table: Path, chunks: int) -> None:
-    """Once the task's table is written, drop what other chunkings left (their prompts are in
-    the table) and the chunk shard directories; this chunking's chunk tables stay (outputs)."""
-    chunk_dir = chunk_table_path(task_table, 0, 1).parent
-    if chunk_dir.is_dir():
-        for path in chunk_dir.iterdir():
-            match = _CHUNK_NAME.fullmatch(path.name)
-            if path.suffix == ".shards" or (match and int(match.group(2)) != chunks):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        if not any(chunk_dir.iterdir()):
-            chunk_dir.rmdir()
-    shutil.rmtree(shard_dir_for(task_table), ignore_errors=True)
+    """Once the task's table is written (stamped with ``chunks``), drop what other chunkings
+    left: their prompts are in the table. This chunking's chunk tables stay (they are outputs)."""
+    tables, shard_dirs = _other_chunkings(task_table, chunks)
+    for path in tables:
+        path.unlink(missing_ok=True)
+    for path in shard_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    chunk_dir = sibling_dir(task_table, ".chunks")
+    if chunk_dir.is_dir() and not any(chunk_dir.iterdir()):
+        chunk_dir.rmdir()
 
 
 def _format_seconds(seconds: float) -> str:
@@ -365,12 +358,14 @@ def gather_rollouts(
     """
     log = progress or logger
     prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
-    tables = [pq.read_table(path).replace_schema_metadata(None) for path in chunk_paths]
+    tables = []
     stamps: dict[str, str] = {}
-    for path, table in zip(chunk_paths, tables):
-        if table.schema != ROLLOUT_SCHEMA:
+    for path in chunk_paths:
+        table = pq.read_table(path)
+        stamps.update(stamp_of(table.schema)[0])
+        tables.append(table.replace_schema_metadata(None))
+        if tables[-1].schema != ROLLOUT_SCHEMA:
             raise ValueError(f"chunk table {str(path)!r} does not have the rollout table's columns")
-        stamps.update(rollout_table_stamp(Path(path))[0])
     found = list(dict.fromkeys(pid for t in tables for pid in t.column("prompt_id").to_pylist()))
     expected = [record["prompt_id"] for record in prompts]
     if found != expected:
