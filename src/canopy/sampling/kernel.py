@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 from canopy.modeling import context_length
-from canopy.sampling.distribution import entropy_from_log, inverse_cdf, processed_log_distribution
+from canopy.sampling.distribution import (
+    entropy_and_logprob,
+    full_vocabulary_step,
+    inverse_cdf,
+    processed_log_distribution,
+)
 from canopy.sampling.settings import NonFiniteLogitsError, PromptTooLongError, SamplingSettings
 
 __all__ = ["StepResult", "sample_step", "check_prompt_fits", "rollout_row"]
@@ -35,22 +40,26 @@ def sample_step(
     describe_bad_rows: Any,
 ) -> StepResult:
     """Draw one token per row of ``logits`` [rows, vocab] with the given uniforms, by inverse CDF
-    of the processed distribution, and return the draws with the step's entropies and log-probs.
+    of the processed distribution, and return the draws with the step's entropies and log-probs
+    (float64, see :mod:`canopy.sampling.distribution`).
 
     ``describe_bad_rows(bad: np.ndarray) -> str`` names the rows with non-finite logits (prompt,
-    step, rollouts) for the error raised then.
+    step, rollouts) for the error raised then. A NaN or +inf logit always makes the row's entropy
+    non-finite: the full-vocabulary pass propagates it through the row's maximum, and top-k ranks
+    NaN and +inf first, so no separate pass over the logits looks for them.
     """
-    log_q, ids = processed_log_distribution(
-        logits, settings.temperature, settings.top_k, settings.top_p
-    )
-    choice = inverse_cdf(log_q.exp(), torch.from_numpy(uniforms).to(log_q.device)).unsqueeze(-1)
-    drawn = ids.gather(-1, choice).squeeze(-1)
-    drawn_log_q = log_q.gather(-1, choice).squeeze(-1)
-    h = entropy_from_log(log_q)
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
-    bad |= ~torch.isfinite(h) | ~torch.isfinite(drawn_log_q)
-    # One transfer per step: tokens, entropies, log-probs and the sanity flags.
-    result = StepResult(drawn, h.double().cpu().numpy(), drawn_log_q.double().cpu().numpy())
+    u = torch.from_numpy(uniforms).to(logits.device)
+    if settings.top_k == 0 and settings.top_p >= 1.0:
+        drawn, h, drawn_log_q = full_vocabulary_step(logits, settings.temperature, u)
+    else:
+        log_q, ids = processed_log_distribution(
+            logits, settings.temperature, settings.top_k, settings.top_p
+        )
+        choice = inverse_cdf(log_q.exp(), u)
+        h, drawn_log_q = entropy_and_logprob(log_q, choice)
+        drawn = ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    bad = ~torch.isfinite(h) | ~torch.isfinite(drawn_log_q)
+    result = StepResult(drawn, h.cpu().numpy(), drawn_log_q.cpu().numpy())
     if bool(bad.any()):
         raise NonFiniteLogitsError(
             f"{describe_bad_rows(bad.cpu().numpy())}: non-finite logits (NaN or +inf). This "
