@@ -241,6 +241,23 @@ def test_required_keys_follow_the_source(default_config) -> None:
     assert "tasks.math.generator = 'stories': not used by source jsonl" in message
 
 
+def test_gguf_keys_follow_the_source(default_config) -> None:
+    config = copy.deepcopy(default_config)
+    config["families"]["tinygpt"]["base"] = {"source": "gguf"}
+    config["families"]["tinygpt"]["finetuned"] = {
+        "source": "gguf",
+        "gguf": "package:some_gguf",
+        "sha256": "abc",
+        "dtype": "int4",
+    }
+    config["families"]["tinyllama"]["base"]["sha256"] = "0" * 64
+    message = problems(config)
+    assert "families.tinygpt.base.gguf = None: required by source gguf" in message
+    assert "families.tinygpt.finetuned.sha256 = 'abc': String should match pattern" in message
+    assert "families.tinygpt.finetuned.dtype = 'int4'" in message
+    assert "families.tinyllama.base: sha256 apply to source gguf only" in message
+
+
 def test_chat_options_belong_to_the_finetuned_side(default_config) -> None:
     config = copy.deepcopy(default_config)
     config["families"]["tinygpt"]["base"]["system_prompt"] = "Be brief."

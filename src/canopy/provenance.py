@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from canopy.checkpoints import read_conversion_record
 from canopy.hub import HubFetch, is_commit, moved_revisions, read_fetch_record
 
 __all__ = [
@@ -91,7 +92,8 @@ def _fetched(record: HubFetch | Mapping[str, Any]) -> dict[str, Any]:
 def model_entry(
     family: str, variant: str, spec: Mapping[str, Any], directory: str | os.PathLike[str]
 ) -> dict[str, Any]:
-    """Lock entry of one model: its fetch record (hub), recipe (trained here) or path (local)."""
+    """Lock entry of one model: its fetch record (hub), recipe (trained here), conversion record
+    (gguf: the file's sha256 and the package it came from) or path (local)."""
     entry: dict[str, Any] = {"name": f"{family}/{variant}", "source": spec["source"]}
     if spec["source"] == "hub":
         record = read_fetch_record(directory)
@@ -104,6 +106,23 @@ def model_entry(
     elif spec["source"] == "train":
         entry["recipe"] = spec["recipe"]
         entry["path"] = str(directory)
+    elif spec["source"] == "gguf":
+        record = read_conversion_record(directory)
+        if record is None:
+            raise FileNotFoundError(
+                f"{directory} has no conversion record: it was not converted by this workflow's "
+                "convert_gguf rule; delete it and rerun to convert it again"
+            )
+        entry.update(
+            repository=(
+                f"{record['package']}=={record['version']}" if record["package"] else record["spec"]
+            ),
+            revision=record["file"],
+            commit=f"sha256:{record['sha256']}",
+            pinned=True,
+            dtype=record["dtype"],
+            path=str(directory),
+        )
     else:
         entry["path"] = str(spec["path"])
     return entry
@@ -181,7 +200,8 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for entry in lock["models"]:
         row = {"kind": "model", "name": entry["name"], "source": entry["source"]}
-        if entry["source"] == "hub":
+        # A converted GGUF model names its package and file, pinned by the file's sha256.
+        if entry["source"] in ("hub", "gguf"):
             row.update({k: entry[k] for k in _FETCH_COLUMNS})
         elif entry["source"] == "train":
             row.update(repository=f"trained here (recipe {entry['recipe']})", pinned=True)

@@ -211,6 +211,33 @@ UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
 HUB_FAMILIES = [f for f in FAMILIES if "hub" in {model_source(f, v) for v in VARIANTS}]
+# GGUF variants as "family/variant": one family may mix a GGUF variant with a hub one.
+GGUF_MODELS = [f"{f}/{v}" for f in FAMILIES for v in VARIANTS if model_source(f, v) == "gguf"]
+
+
+def _check_gguf_sources():
+    """Stop before any job when a GGUF source cannot be converted: a package that is not
+    installed, a part package missing, a file that is not GGUF or of an architecture transformers
+    cannot read. Checked once, in the main process (the architecture check imports transformers);
+    a finished conversion is not checked again, so uninstalling its package loses nothing."""
+    from canopy.checkpoints import CONVERSION_RECORD, GgufSourceError, check_gguf, locate_gguf
+
+    for model in GGUF_MODELS:
+        if (Path("resources/models") / model / CONVERSION_RECORD).is_file():
+            continue
+        family, variant = model.split("/")
+        spec = config["families"][family][variant]
+        key = f"families.{family}.{variant}"
+        try:
+            found = locate_gguf(spec["gguf"], config_key=key, sha256=spec.get("sha256"))
+            check_gguf(found, config_key=key)
+        except GgufSourceError as error:
+            rules = ", ".join(rules_reading(["families", family, variant, "gguf"]))
+            raise WorkflowError(f"{error} (read by rule {rules})")
+
+
+if GGUF_MODELS and workflow.is_main_process:
+    _check_gguf_sources()
 
 
 def embedder_source(name):

@@ -1,7 +1,8 @@
 # Stage 2: model pairs and embedders. Families with `source: train` are pre-trained and fine-tuned
 # here (the offline default); `source: hub` models and hub embedders are fetched once into
 # resources/ (the only jobs besides prepare_prompts of a hub task that reach the network);
-# `source: local` directories are used where they are.
+# `source: gguf` files are converted once into transformers directories there; `source: local`
+# directories are used where they are.
 
 
 rule pretrain_base_model:
@@ -61,6 +62,32 @@ rule download_model:
         spec=config_provider("families.{family}.{variant}", "id", "revision"),
     script:
         "../scripts/download_model.py"
+
+
+# A family may pair a GGUF variant with a hub one: the GGUF one is converted, not downloaded.
+ruleorder: convert_gguf > download_model
+
+
+rule convert_gguf:
+    output:
+        directory("resources/models/{gguf_model}"),
+    log:
+        "logs/models/{gguf_model}.convert.log",
+    wildcard_constraints:
+        gguf_model=_one_of(GGUF_MODELS),
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        spec=config_provider(
+            "families.{family}.{variant}",
+            "gguf",
+            "sha256",
+            "dtype",
+            family=lambda wildcards: wildcards.gguf_model.split("/")[0],
+            variant=lambda wildcards: wildcards.gguf_model.split("/")[1],
+        ),
+    script:
+        "../scripts/convert_gguf.py"
 
 
 rule download_embedder:

@@ -45,9 +45,9 @@ ChatKwargs = Annotated[
 
 
 class _ModelSource(Block):
-    source: Literal["train", "hub", "local"]
+    source: Literal["train", "hub", "local", "gguf"]
     """train (made by this workflow), hub (downloaded at a pinned revision), local (a
-    transformers directory)."""
+    transformers directory), gguf (a GGUF file, converted once into a transformers directory)."""
     recipe: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: train — a key of training.recipes."""
     id: NonEmptyStr | None = Field(default=None, validate_default=True)
@@ -56,15 +56,35 @@ class _ModelSource(Block):
     """source: hub — a commit hash (or tag) that pins the weights."""
     path: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: local — a transformers model directory."""
+    gguf: NonEmptyStr | None = Field(default=None, validate_default=True)
+    """source: gguf — a .gguf file, or package:<module> for a Python package that ships one
+    (whole, or split into part packages it requires)."""
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    """source: gguf — the sha256 the whole file must have (a package publishes its own)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """source: gguf — the dtype the weights are dequantised to and stored in (default float32;
+    sampling.<name>.dtype still decides the dtype they are sampled in)."""
 
-    @field_validator("recipe", "id", "revision", "path")
+    @field_validator("recipe", "id", "revision", "path", "gguf")
     @classmethod
     def _fits_source(cls, value: object, info: ValidationInfo) -> object:
-        needs = {"train": ("recipe",), "hub": ("id", "revision"), "local": ("path",)}
+        needs = {
+            "train": ("recipe",),
+            "hub": ("id", "revision"),
+            "local": ("path",),
+            "gguf": ("gguf",),
+        }
         source = info.data.get("source")
         if value is None and source is not None and info.field_name in needs[source]:
             raise ValueError(f"required by source {source}")
         return value
+
+    @model_validator(mode="after")
+    def _gguf_keys(self) -> _ModelSource:
+        stray = [key for key in ("sha256", "dtype") if getattr(self, key) is not None]
+        if stray and self.source != "gguf":
+            raise ValueError(f"{', '.join(stray)} apply to source gguf only")
+        return self
 
     def to_config(self) -> dict[str, Any]:
         return {key: value for key, value in super().to_config().items() if value is not None}
