@@ -23,6 +23,7 @@ from canopy.modeling import (  # noqa: E402
     check_chat_options,
     context_length,
     visible_cuda_devices,
+    end_of_turn_ids,
     eos_token_ids,
     format_prompt,
     load_model,
@@ -313,6 +314,24 @@ def test_eos_ids_missing_everywhere_is_an_error() -> None:
     model.generation_config.eos_token_id = None
     with pytest.raises(ValueError, match="no end-of-sequence token"):
         eos_token_ids(model, tokenizer)
+
+
+# A template that closes each assistant turn with its own special token, as ChatML and Gemma do.
+TURN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<assistant> {{ message['content'] }} <end_turn> "
+    "{% else %}<user> {{ message['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_end_of_turn_is_the_special_token_that_closes_an_assistant_turn() -> None:
+    tokenizer = build_tokenizer(chat_template=TURN_TEMPLATE)
+    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<end_turn>")]
+    # No assistant turn rendered, or one closed by plain text: no end-of-turn token.
+    assert end_of_turn_ids(build_tokenizer()) == []
+    plain = TURN_TEMPLATE.replace("<end_turn>", "done")
+    assert end_of_turn_ids(build_tokenizer(WORDS + ["done"], chat_template=plain)) == []
 
 
 def test_context_length_reads_gpt2_and_llama_configs() -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "check_chat_options",
     "CHAT_OPTION_KEYS",
     "eos_token_ids",
+    "end_of_turn_ids",
     "context_length",
     "check_model_dir",
 ]
@@ -325,6 +326,35 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
             "generation_config.json"
         )
     return sorted(ids)
+
+
+def end_of_turn_ids(
+    tokenizer: Any,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+) -> list[int]:
+    """The special token the chat template closes an assistant turn with (ChatML's
+    ``<|im_end|>``, Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``), as a list of at most one
+    id: a fine-tuned model ends its answer with it, and not every generation config names it as
+    an end-of-sequence token. Empty when the template has none (it renders no assistant turn, or
+    ends one with plain text)."""
+    probe = "canopy probe answer"
+    messages = _messages("canopy probe", system_prompt) + [{"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False, **dict(chat_template_kwargs or {})
+        )
+    except Exception:  # noqa: BLE001 - a template may refuse a closing assistant turn
+        return []
+    if not isinstance(text, str) or probe not in text:
+        return []
+    after = text[text.rindex(probe) + len(probe) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | {
+        int(i) for i, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+        if getattr(token, "special", False)
+    }
+    return [int(ids[0])] if ids and int(ids[0]) in special else []
 
 
 def context_length(model: Any) -> int | None:

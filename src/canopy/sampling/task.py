@@ -40,6 +40,7 @@ from canopy.modeling import (
     VARIANTS,
     check_chat_options,
     check_model_dir,
+    end_of_turn_ids,
     eos_token_ids,
     format_prompt,
     resolve_device,
@@ -213,6 +214,10 @@ def sample_task(
         )
     info = _lightweight_model_info(model_dir)
     eos_ids = eos_token_ids(info, tokenizer)
+    if variant == "finetuned":
+        # A chat model's answer ends with its template's end-of-turn token, which some
+        # generation configs leave out of eos_token_id.
+        eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(tokenizer, **chat)))
     formatted: list[list[int]] = []
     for record in prompts:
         ids = format_prompt(
