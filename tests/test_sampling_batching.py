@@ -34,6 +34,7 @@ from canopy.sampling import (
 from canopy.sampling import batcher as batcher_module
 from canopy.sampling import cache as cache_module
 from canopy.sampling.cache import ClassCache
+from canopy.sampling.settings import BatchOutOfMemoryError
 from test_modeling import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
 
@@ -214,8 +215,11 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
         )
         for job in JOBS
     }
-    budgets = [dict(), dict(max_batch_rows=1), dict(max_batch_rows=4), dict(max_batch_rows=17)]
-    budgets.append(dict(max_batch_tokens=96))  # at most 1 row once the cache is 65+ long
+    # dict(): auto, sized from the machine's memory (every rollout of the job in one batch);
+    # auto with max_batch_tokens: as many rows as fit in the positions, here 4.
+    budgets = [dict(), dict(max_batch_rows=0), dict(max_batch_rows=1), dict(max_batch_rows=4)]
+    budgets += [dict(max_batch_rows=17), dict(max_batch_rows="auto", max_batch_tokens=64)]
+    budgets.append(dict(max_batch_rows=0, max_batch_tokens=96))  # 1 row once 65+ long
     for budget in budgets:
         rows, _ = run(model, SamplingSettings(**base, **budget))
         for prompt_id, expected in reference.items():
@@ -229,6 +233,41 @@ def test_tokens_equal_the_one_prompt_sampler_whatever_the_budget(architecture: s
             )
 
 
+def test_auto_rows_fill_the_memory_left_with_every_row_at_its_longest() -> None:
+    """auto: the rows whose keys and values at max_new_tokens (as the classes hold them) and
+    logits fit in AUTO_MEMORY_SHARE of the free memory, at most the job's rollouts; with
+    max_batch_tokens, the rows that fit in those positions. A job of 3 prompts x M=5 then runs
+    rows of several prompts at once, and out of memory names the batch and what to lower."""
+    model = build("llama3.1")
+    job = loaded(model)
+    settings = SamplingSettings(rollouts=5, max_new_tokens=9, top_k=10, seed=7)
+    # 2 layers x (K, V) x 2 KV heads x 8 dims x 4 bytes; 4 + 9 positions held as 16 on CPU.
+    row = 2 * 2 * 2 * 8 * 4 * 16 + batcher_module.LOGIT_ROW_COPIES * VOCAB * 4
+    share = batcher_module.AUTO_MEMORY_SHARE
+    for free, expected in [(0, 1), (int(3 * row / share) + 1, 3), (10**12, 15)]:
+        assert batcher_module.auto_batch_rows(job, settings, 4, 15, free_bytes=free) == expected
+    tokens = SamplingSettings(**{**settings.to_dict(), "max_batch_tokens": 100})
+    assert batcher_module.auto_batch_rows(job, tokens, 4, 15) == 100 // 16
+    rows, stats = run(model, settings)
+    assert stats.row_budget == 15 and max(stats.rows_per_step) > settings.rollouts
+    m_rows, m_stats = run(model, SamplingSettings(**{**settings.to_dict(), "max_batch_rows": 0}))
+    assert m_rows == rows and m_stats.row_budget == 5
+
+
+def test_out_of_memory_names_the_batch_and_what_to_lower(monkeypatch) -> None:
+    def exhausted(self, on_done) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(batcher_module._Batcher, "step", exhausted)
+    settings = SamplingSettings(rollouts=5, max_new_tokens=9, top_k=10, seed=7)
+    with pytest.raises(
+        BatchOutOfMemoryError,
+        match=r"batch of 15 rows \(chosen by max_batch_rows: auto\).*max_batch_rows to fewer "
+        r"rows \(e\.g\. 7\)",
+    ):
+        run(build("llama3.1"), settings)
+
+
 def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -> None:
     """Long rollouts (no EOS in reach): by default all rows run (one forward per step), moving up
     the length classes as they grow; with max_batch_tokens the positions held stay within it,
@@ -236,7 +275,7 @@ def test_a_kv_budget_bounds_the_batch_and_rows_wait_without_changing_a_token() -
     refused."""
     model = build_llama(VOCAB, context=512, seed=2)
     never = [VOCAB + 5]
-    settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1)
+    settings = SamplingSettings(rollouts=4, max_new_tokens=300, top_k=5, seed=1, max_batch_rows=0)
     jobs = [PromptJob("long", [1, 5, 6])]
     rows, stats = run(model, settings, jobs, never)
     assert [r["n_steps"] for r in rows["long"]] == [300] * 4
@@ -288,13 +327,14 @@ def test_class_layouts_and_growth_give_the_same_rows(monkeypatch) -> None:
 
 
 def test_the_default_budget_admits_fewer_rows_than_an_unbounded_batch(monkeypatch) -> None:
-    """Many prompts with spread lengths: the default admits rows while the positions held are within
-    what the one-prompt sampler holds (its first step, then the most it held on a finished
-    prompt), so it holds less than a batch bounded only by its rows, still with rows of several
-    prompts per step, and the same rows; on CPU it admits CPU_BUDGET_FACTOR times that."""
+    """Many prompts with spread lengths, M rows: with max_batch_tokens 0 the batch admits rows
+    while the positions held are within what the one-prompt sampler holds (its first step, then
+    the most it held on a finished prompt), so it holds less than a batch bounded only by its
+    rows, still with rows of several prompts per step, and the same rows; on CPU it admits
+    CPU_BUDGET_FACTOR times that."""
     model = build_llama(VOCAB, context=512, seed=2)
     jobs = [PromptJob(f"p{i}", [1] + [4 + (i * j) % 15 for j in range(3 + i)]) for i in range(6)]
-    settings = SamplingSettings(rollouts=8, max_new_tokens=120, top_k=8, seed=5)
+    settings = SamplingSettings(rollouts=8, max_new_tokens=120, top_k=8, seed=5, max_batch_rows=0)
     on_cpu, stats_on_cpu = run(model, settings, jobs, [2])
     monkeypatch.setattr(batcher_module, "CPU_BUDGET_FACTOR", 1.0)
     rows, stats = run(model, settings, jobs, [2])

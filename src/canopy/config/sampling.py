@@ -81,9 +81,14 @@ class SamplingSettings(Block):
     """canopy (our KV-cache sampler) or vllm (GPU; top-K log-probs renormalised)."""
     device: Device = "auto"
     dtype: Dtype = "auto"
-    max_batch_rows: NonNegativeInt = 0
-    """Rows of the continuous batch, filled with the rollouts of one prompt after another (0 = the
-    rollout count). Never changes a token: lower it after running out of memory."""
+    max_batch_rows: NonNegativeInt | Literal["auto"] = "auto"
+    """Rows of the continuous batch, filled with the rollouts of one prompt after another, rows of
+    the next prompts admitted while earlier ones run. auto: as many as the memory left after the
+    weights holds with every row at max_new_tokens (CUDA: the device's free memory; CPU: the
+    job's memory limit (the cgroup Slurm sets from the profile's mem_mb) or the machine's
+    available memory, whichever is less; with max_batch_tokens set, that many KV positions), at
+    most the job's rollouts (canopy.sampling.batcher.auto_batch_rows). 0 = the rollout count.
+    Never changes a token: set a number below auto's after running out of memory."""
     max_batch_tokens: NonNegativeInt = 0
     """KV-cache bound of the batch in token positions (what its rows hold): a row that needs more
     waits for others to end. 0 = admit rows while the cache holds no more than the

@@ -1,6 +1,7 @@
 """Continuous batching: the rollouts of many prompts share one batch that is refilled as rows end.
 
-The batch has a row budget (``max_batch_rows``, default: the rollout count M) and a KV-cache budget
+The batch has a row budget (``max_batch_rows``; by default ``auto``, what the memory left after the
+weights holds with every row at its longest, see :func:`auto_batch_rows`) and a KV-cache budget
 in tokens (``max_batch_tokens``: the positions every row's keys and values may hold, counted as
 :meth:`ClassCache.held` does; 0 derives an admission budget, see :func:`default_kv_budget`).
 Prompts are taken in order; each is prefilled once (batch size 1) and its keys and values copied
@@ -49,16 +50,21 @@ from canopy.sampling.cache import (
     ClassDecoding,
     Place,
     SlotCache,
+    kv_bytes_per_position,
     layer_types_of,
+    maps_classes,
+    most_held,
     sliding_window_of,
 )
 from canopy.sampling.distribution import prompt_seed, step_uniforms
 from canopy.sampling.kernel import check_prompt_fits, rollout_row, sample_step
-from canopy.sampling.settings import SamplingSettings
+from canopy.sampling.settings import BatchOutOfMemoryError, SamplingSettings
 
 __all__ = [
     "BatchStats",
     "PromptJob",
+    "auto_batch_rows",
+    "available_memory",
     "default_kv_budget",
     "sample_prompts",
     "sample_prompt",
@@ -75,6 +81,12 @@ __all__ = [
 CPU_BUDGET_FACTOR = 1.5
 #: Rows per call of the sampling kernel (its float32 copies of the logits are this many rows).
 LOGIT_CHUNK = 64
+#: Share of the memory found free that ``max_batch_rows: auto`` fills with rows: the rest is left
+#: to the allocator's fragmentation, a prompt's prefill and the forward's transient activations.
+AUTO_MEMORY_SHARE = 0.8
+#: Float32 copies of a row's logits a step may hold at once (the forward's output, the batcher's
+#: concatenation of new and fed rows, the sampling kernel's two work rows on CUDA).
+LOGIT_ROW_COPIES = 4
 #: Decode forwards run at least this many rows (padding rows are fed and discarded): CPU matrix
 #: products take another code path, which rounds differently, for one to three rows, and a
 #: prompt's floats must not depend on how many rows it shared a step with.
@@ -93,6 +105,7 @@ class PromptJob:
 class BatchStats:
     """What a run of the batcher did (the benchmark reports these)."""
 
+    row_budget: int = 0  # rows the batch may hold (max_batch_rows, resolved)
     steps: int = 0  # sampling steps (one draw for every row of the batch)
     rows_sampled: int = 0  # sum over steps of the rows in the batch
     forwards: int = 0  # decode forward passes (prefills not counted)
@@ -168,6 +181,77 @@ def default_kv_budget(rows: int, longest_prompt: int, max_new_tokens: int) -> in
     return rows * rounded(longest_prompt + 1) + rounded(longest_prompt + max_new_tokens - 1)
 
 
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup may still take (the job's limit under Slurm and most
+    container runtimes), or None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read())
+        except (OSError, ValueError):
+            continue
+        # cgroup v1 writes "no limit" as a huge number.
+        if limit == "max" or int(limit) >= 1 << 60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the batch may still take on ``device``, after the weights: CUDA's free device memory;
+    on CPU the machine's available memory, or the room left in the job's memory cgroup if less."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    available = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    room = _cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def auto_batch_rows(
+    loaded: LoadedModel,
+    settings: SamplingSettings,
+    longest_prompt: int,
+    job_rollouts: int,
+    free_bytes: int | None = None,
+) -> int:
+    """Rows for ``max_batch_rows: auto``: as many as fit with every row at its longest (the
+    longest prompt and max_new_tokens, as the length classes hold it) and its logits, in
+    AUTO_MEMORY_SHARE of ``free_bytes`` (default :func:`available_memory`), or within
+    ``max_batch_tokens`` positions when that is set; at least 1, at most the job's rollouts."""
+    config = loaded.model.config
+    dtype = next(loaded.model.parameters()).dtype
+    positions = most_held(longest_prompt + settings.max_new_tokens, maps_classes(loaded.device))
+    if settings.max_batch_tokens:
+        fitting = settings.max_batch_tokens // positions
+    else:
+        vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+        row_bytes = kv_bytes_per_position(config, dtype) * positions
+        row_bytes += LOGIT_ROW_COPIES * vocabulary * 4
+        free = available_memory(loaded.device) if free_bytes is None else free_bytes
+        fitting = int(AUTO_MEMORY_SHARE * free) // row_bytes
+    return max(1, min(job_rollouts, fitting))
+
+
+def batch_rows(
+    loaded: LoadedModel, settings: SamplingSettings, longest_prompt: int, job_rollouts: int
+) -> int:
+    """The rows the batch may hold: ``max_batch_rows`` (0: the rollout count M; auto: see
+    :func:`auto_batch_rows`)."""
+    if settings.max_batch_rows == "auto":
+        return auto_batch_rows(loaded, settings, longest_prompt, job_rollouts)
+    return settings.max_batch_rows or settings.rollouts
+
+
 @dataclass
 class _Row:
     """One rollout in the batch: where its keys and values live and the token it feeds next."""
@@ -186,6 +270,7 @@ class _Batcher:
         eos_ids: Sequence[int],
         stats: BatchStats,
         longest_prompt: int,
+        row_budget: int,
     ) -> None:
         self.model = loaded.model
         self.device = loaded.device
@@ -196,7 +281,7 @@ class _Batcher:
         self.layer_types = layer_types_of(config)
         self.window = sliding_window_of(config)
         self.dtype = next(self.model.parameters()).dtype
-        self.row_budget = settings.max_batch_rows or settings.rollouts
+        self.row_budget = stats.row_budget = row_budget
         self.cache = ClassCache(
             self.layer_types,
             self.window,
@@ -221,6 +306,10 @@ class _Batcher:
                 self.factor
                 * default_kv_budget(self.row_budget, longest_prompt, settings.max_new_tokens)
             )
+            if settings.max_batch_rows == "auto":
+                # auto sized the rows for memory with every row at its longest: admission need
+                # not hold rows back for memory's sake.
+                self.budget = max(self.budget, self.row_budget * self.reserve)
         if self.budget < self.reserve:
             raise ValueError(
                 f"max_batch_tokens={settings.max_batch_tokens} cannot hold one rollout of the "
@@ -462,7 +551,8 @@ def sample_prompts(
         check_prompt_fits(loaded.model, len(job.token_ids), settings, job.prompt_id)
     stats = stats if stats is not None else BatchStats()
     longest = max((len(job.token_ids) for job in jobs), default=1)
-    batcher = _Batcher(loaded, settings, eos_ids, stats, longest)
+    rows = batch_rows(loaded, settings, longest, len(jobs) * settings.rollouts)
+    batcher = _Batcher(loaded, settings, eos_ids, stats, longest, rows)
     queue = [
         _Prompt(index, job, prompt_seed(settings.seed, job.prompt_id), settings.rollouts)
         for index, job in enumerate(jobs)
@@ -472,10 +562,19 @@ def sample_prompts(
         prompt.uniforms.clear()
         on_done(prompt.index, prompt.rows())
 
-    with torch.inference_mode():
-        while queue or batcher.rows:
-            batcher.admit(queue)
-            batcher.step(finish)
+    try:
+        with torch.inference_mode():
+            while queue or batcher.rows:
+                batcher.admit(queue)
+                batcher.step(finish)
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        chosen = " (chosen by max_batch_rows: auto)" if settings.max_batch_rows == "auto" else ""
+        raise BatchOutOfMemoryError(
+            f"out of memory with a batch of {rows} rows{chosen}, up to {longest} prompt tokens + "
+            f"max_new_tokens={settings.max_new_tokens} each: set max_batch_rows to fewer rows "
+            f"(e.g. {max(1, rows // 2)}) or max_batch_tokens to a KV bound; prompts finished so "
+            "far are kept"
+        ) from error
     return stats
 
 

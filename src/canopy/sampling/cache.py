@@ -57,7 +57,10 @@ __all__ = [
     "SlotCache",
     "class_attention",
     "class_length",
+    "kv_bytes_per_position",
     "layer_types_of",
+    "maps_classes",
+    "most_held",
     "sliding_window_of",
 ]
 
@@ -77,6 +80,15 @@ def layer_types_of(config: Any) -> list[str]:
     if layers is None:
         raise ValueError(f"cannot tell how many layers the model {type(config).__name__} has")
     return ["full_attention"] * int(layers)
+
+
+def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of one position's keys and values over every layer (what the classes store)."""
+    text = _text_config(config)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return len(layer_types_of(config)) * 2 * heads * dim * element
 
 
 def sliding_window_of(config: Any) -> int | None:
@@ -268,6 +280,23 @@ class _Group:
         return self.stop - self.start == self.view_rows
 
 
+def maps_classes(device: torch.device) -> bool:
+    """Whether classes on ``device`` are memory mappings (CPU) rather than dense tensors.
+    Anonymous private mappings and madvise are POSIX (Linux, macOS); elsewhere (Windows) CPU
+    classes are dense tensors too."""
+    return device.type == "cpu" and _CAN_MAP
+
+
+def most_held(length: int, mapped: bool) -> int:
+    """The most positions one row growing to ``length`` positions can cost: with mapped classes
+    what it holds (:meth:`ClassCache.held`); with dense ones the slot it keeps in every class it
+    passed through (classes keep the slots of their busiest moment): 32 + 64 + ... + its class,
+    under twice its class."""
+    if mapped:
+        return -(-length // HELD_QUANTUM) * HELD_QUANTUM
+    return 2 * class_length(length) - SMALLEST_CLASS
+
+
 class ClassCache:
     """The continuous batch's keys and values: one dense tensor per length class, row by row, so
     that attention reads a class as a view ``storage[:rows, layer, 0, :, :length]``, without a
@@ -304,11 +333,7 @@ class ClassCache:
         self.sliding_window = sliding_window
         self.rows = rows  # the most rows of the batch at once
         self.dtype, self.device = dtype, device
-        if mapped is None:
-            # Anonymous private mappings and madvise are POSIX (Linux, macOS); elsewhere (Windows)
-            # CPU classes are dense tensors too.
-            mapped = device.type == "cpu" and _CAN_MAP
-        self.mapped = mapped
+        self.mapped = maps_classes(device) if mapped is None else mapped
         self.classes: dict[int, _Class] = {}
         self.migrations = 0  # rows copied into a longer class
         self.compactions = 0  # rows moved into a vacated slot
@@ -324,7 +349,7 @@ class ClassCache:
     def held(self, length: int) -> int:
         """Token positions a row of ``length`` positions holds (what the batch's budgets count)."""
         if self.mapped:
-            return -(-length // HELD_QUANTUM) * HELD_QUANTUM
+            return most_held(length, mapped=True)
         return class_length(length)
 
     def nbytes(self) -> int:

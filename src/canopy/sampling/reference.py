@@ -54,7 +54,8 @@ def sample_prompt_dynamic(
     model = loaded.model
     check_prompt_fits(model, len(prompt_ids), settings, prompt_id)
     rollouts = settings.rollouts
-    rows_per_batch = settings.max_batch_rows or rollouts
+    # auto sizes the continuous batch; the baseline runs all M rows of its one prompt then.
+    rows_per_batch = rollouts if settings.max_batch_rows in (0, "auto") else settings.max_batch_rows
     seed_of_prompt = prompt_seed(settings.seed, prompt_id)
     eos_tensor = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long)
 

@@ -8,6 +8,7 @@ from canopy.config.sampling import BACKENDS, DTYPES, SamplingSettings
 __all__ = [
     "BACKENDS",
     "DTYPES",
+    "BatchOutOfMemoryError",
     "NonFiniteLogitsError",
     "PromptTooLongError",
     "SamplingSettings",
@@ -29,6 +30,10 @@ TOKEN_NEUTRAL_SETTINGS: tuple[str, ...] = (
 
 class NonFiniteLogitsError(FloatingPointError):
     """The model produced NaN or +inf logits (usually fp16 overflow)."""
+
+
+class BatchOutOfMemoryError(MemoryError):
+    """The batch ran out of memory; the message names the batch size and what to lower."""
 
 
 class PromptTooLongError(ValueError):
