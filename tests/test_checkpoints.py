@@ -224,5 +224,5 @@ def test_the_lock_names_a_converted_model_by_package_and_checksum(tmp_path: Path
     assert row["repository"] == "splitgguf==1.0"
     assert bool(row["pinned"])
     (directory / CONVERSION_RECORD).unlink()
-    with pytest.raises(FileNotFoundError, match="convert_gguf"):
+    with pytest.raises(FileNotFoundError, match="convert_gguf rule"):
         model_entry("fam", "base", spec, directory)

@@ -89,6 +89,16 @@ def _fetched(record: HubFetch | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _made_here(record: Any, directory: str | os.PathLike[str], rule: str) -> Any:
+    """``record``, which the workflow's ``rule`` leaves in every directory it makes."""
+    if record is None:
+        raise FileNotFoundError(
+            f"{directory} has no record of this workflow's {rule} rule, which made it: delete it "
+            "and rerun to make it again"
+        )
+    return record
+
+
 def model_entry(
     family: str, variant: str, spec: Mapping[str, Any], directory: str | os.PathLike[str]
 ) -> dict[str, Any]:
@@ -96,23 +106,12 @@ def model_entry(
     (gguf: the file's sha256 and the package it came from) or path (local)."""
     entry: dict[str, Any] = {"name": f"{family}/{variant}", "source": spec["source"]}
     if spec["source"] == "hub":
-        record = read_fetch_record(directory)
-        if record is None:
-            raise FileNotFoundError(
-                f"{directory} has no fetch record: it was not fetched by this workflow's "
-                "download_model rule; delete it and rerun to fetch it again"
-            )
-        entry.update(_fetched(record))
+        entry.update(_fetched(_made_here(read_fetch_record(directory), directory, "download_model")))
     elif spec["source"] == "train":
         entry["recipe"] = spec["recipe"]
         entry["path"] = str(directory)
     elif spec["source"] == "gguf":
-        record = read_conversion_record(directory)
-        if record is None:
-            raise FileNotFoundError(
-                f"{directory} has no conversion record: it was not converted by this workflow's "
-                "convert_gguf rule; delete it and rerun to convert it again"
-            )
+        record = _made_here(read_conversion_record(directory), directory, "convert_gguf")
         entry.update(
             repository=(
                 f"{record['package']}=={record['version']}" if record["package"] else record["spec"]
@@ -149,9 +148,7 @@ def embedder_entry(
 
 def classifier_entry(name: str, directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Lock entry of a fetched sequence classifier (a reward or NLI model)."""
-    record = read_fetch_record(directory)
-    if record is None:
-        raise FileNotFoundError(f"{directory} has no fetch record: delete it and rerun to fetch it")
+    record = _made_here(read_fetch_record(directory), directory, "download_classifier")
     return {"name": name, "source": "hub", **_fetched(record)}
 
 
