@@ -50,8 +50,22 @@ printed beside tokens per second.
   that continuous batching drew exactly the baseline's tokens. ``--heavy-generate-prompts`` limits generate to the first few prompts (its stored
   scores take 3.3 GB per prompt here); its tokens/s is a rate, comparable across prompt counts.
 
-Run: ``python benchmarks/sampler.py`` (10-20 minutes on 2 cores), ``--only-heavy`` for the last
-part, or ``--device cuda`` (then try ``--memory-rollouts 100 --max-new-tokens 1000`` too).
+At the model's limit (sections ``overhead``, ``rows``, ``real``), on the 8k model without its hook,
+a random model of Gemma-3-270m's shape (vocabulary 262,144) and, where ``build/real_weights/
+gemma-3-270m`` exists (the real-weights test tier converts it), Gemma-3-270m's real weights:
+
+* overhead vs the bare forward: canopy tok/s / bare-forward tok/s at top-k 0, 100, 1000 and 5000,
+  the same rows (one prompt x M=40) and steps (33), rows that never end, one run each; the bare
+  forward is transformers' StaticCache with greedy argmax and no entropy, timed like canopy's work
+  (one prompt prefill, then steps - 1 decode forwards of every row), before and after the canopy
+  runs (their mean is the denominator; their spread shows the machine's drift);
+* rows sweep: tokens/s of a job of 4 prompts x M=20 (top-k 100) at max_batch_rows 8, 40, M and
+  auto; rollouts never end on the random model and end at the model's own EOS on real weights;
+* Gemma-3-270m real weights vs ``generate`` on the same job, real EOS.
+
+Run: ``python benchmarks/sampler.py`` (all sections: 30-40 minutes on 2 cores), ``--sections
+heavy`` (or ``peer``, ``overhead``, ``rows``, ``real``, comma-separated), or ``--device cuda``
+(then try ``--memory-rollouts 100 --max-new-tokens 1000`` too).
 """
 
 from __future__ import annotations
@@ -80,7 +94,8 @@ PAD = 0
 PROMPT = [1, 17, 401, 977, 3050, 58, 6021, 812, 99, 4444, 12, 7]
 
 
-def build_model(device: torch.device, eos_hazard: float, tail_scale: float = 0.0):
+def llama_model(device: torch.device):
+    """The random 8k-vocabulary Llama-style model (fixed seed), without hooks."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -99,6 +114,12 @@ def build_model(device: torch.device, eos_hazard: float, tail_scale: float = 0.0
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval().to(device)
     model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)
+    return model
+
+
+def build_model(device: torch.device, eos_hazard: float, tail_scale: float = 0.0):
+    """The 8k model with the EOS hook (see the module docstring)."""
+    model = llama_model(device)
     log_odds = math.log(eos_hazard / (1 - eos_hazard)) if eos_hazard > 0 else -math.inf
     positions: dict[str, torch.Tensor] = {}
 
@@ -250,8 +271,20 @@ def run_one_prompt(model, device, prompts, rollouts: int, max_new_tokens: int, b
     return _summary(rows, steps, kv_tokens=kv)
 
 
-def run_generate(model, device, prompts, rollouts: int, max_new_tokens: int, budget) -> dict:
+def run_generate(
+    model,
+    device,
+    prompts,
+    rollouts: int,
+    max_new_tokens: int,
+    budget,
+    *,
+    eos_ids: tuple[int, ...] = (EOS,),
+    pad: int = PAD,
+    top_k: int = 100,
+) -> dict:
     """transformers generate(output_scores=True), entropies from the stored scores afterwards."""
+    eos = torch.tensor(eos_ids, device=device)
     rows, steps = [], 0
     for prompt_ids in prompts:
         prompt = torch.tensor([prompt_ids], device=device)
@@ -259,15 +292,15 @@ def run_generate(model, device, prompts, rollouts: int, max_new_tokens: int, bud
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),
             do_sample=True,
-            top_k=100,
+            top_k=top_k,
             temperature=1.0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
             num_return_sequences=rollouts,
             output_scores=True,
             return_dict_in_generate=True,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
+            eos_token_id=list(eos_ids),
+            pad_token_id=pad,
         )
         generated = out.sequences[:, len(prompt_ids) :]
         active = torch.ones(rollouts, dtype=torch.bool, device=device)
@@ -278,7 +311,7 @@ def run_generate(model, device, prompts, rollouts: int, max_new_tokens: int, bud
             h = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
             for row in torch.nonzero(active).flatten().tolist():
                 entropies[row].append(float(h[row]))
-            active &= generated[:, step] != EOS
+            active &= ~torch.isin(generated[:, step], eos)
         steps += len(out.scores)
         for row in range(rollouts):
             n = len(entropies[row])
@@ -360,11 +393,341 @@ def spawn(
         "--max-batch-tokens",
         str(budget[1]),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    return run_worker(command, args.threads, which)
+
+
+def run_worker(command: list[str], threads: int, label: str) -> dict:
+    """Run a worker in a fresh process; its last line of output is its JSON result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{which} worker failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{label} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ at the model's limit
+
+REAL_GEMMA = Path(__file__).resolve().parents[1] / "build" / "real_weights" / "gemma-3-270m"
+#: google/gemma-3-270m's shape (its config.json), for a random model of it: no download needed.
+GEMMA_270M_SHAPE = dict(
+    vocab_size=262_144,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    sliding_window=512,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=32_768,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    },
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=True,
+)
+LIMIT_MODELS = {
+    "8k": "the random 8k-vocabulary Llama-style model (no EOS hook)",
+    "gemma-shaped": "a random model of Gemma-3-270m's shape (vocabulary 262,144)",
+    "gemma-3-270m": f"Gemma-3-270m real weights, float32 ({REAL_GEMMA})",
+}
+OVERHEAD_TOP_K = (0, 100, 1000, 5000)
+#: Token ids inside every limit model's vocabulary (the first is Gemma's <bos>).
+LIMIT_PROMPT = [2, 818, 5279, 529, 7001, 563, 4049, 108]
+#: Real prompts for Gemma-3-270m (a base model: raw text).
+REAL_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "Question: What is 17 times 23?\nAnswer:",
+)
+
+
+def limit_model(name: str, device: torch.device):
+    """(model, tokenizer or None) of one of LIMIT_MODELS."""
+    if name == "8k":
+        return llama_model(device), None
+    if name == "gemma-shaped":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(**GEMMA_270M_SHAPE)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return Gemma3ForCausalLM(config).eval().to(device), None
+    from canopy.modeling import load_model
+
+    loaded = load_model(REAL_GEMMA, device=str(device), dtype="float32")
+    return loaded.model, loaded.tokenizer
+
+
+def _vocabulary(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _timed(device: torch.device, run) -> tuple[float, object]:
+    """(seconds, result) of ``run()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def bare_forward(model, device: torch.device, prompt: list[int], rows: int, steps: int) -> float:
+    """Seconds of the forward's own work for ``rows`` x ``steps`` tokens: transformers'
+    StaticCache, greedy argmax, no entropy. Timed like canopy's work: the prompt prefilled once
+    (one row) and ``steps - 1`` decode forwards of every row; the prefill of all rows that the
+    static cache needs is not timed (canopy copies one prefill into its rows instead)."""
+    from transformers import StaticCache
+
+    positions = torch.arange(len(prompt), device=device)
+    kwargs = dict(use_cache=True, logits_to_keep=1)
+
+    def prefill(batch: int):
+        cache = StaticCache(config=model.config, max_cache_len=len(prompt) + steps)
+        ids = torch.tensor([prompt] * batch, device=device)
+        return cache, model(input_ids=ids, cache_position=positions, cache=cache, **kwargs).logits
+
+    seconds, _ = _timed(device, lambda: prefill(1))
+    cache, logits = prefill(rows)
+
+    def decode() -> None:
+        nonlocal logits
+        for step in range(1, steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            at = positions[-1:] + step
+            logits = model(input_ids=token, cache_position=at, cache=cache, **kwargs).logits
+        logits[:, -1].argmax(-1)
+
+    return seconds + _timed(device, decode)[0]
+
+
+def canopy_rollouts(
+    model,
+    device: torch.device,
+    prompts: list[list[int]],
+    rollouts: int,
+    steps: int,
+    top_k: int,
+    rows: int | str,
+    eos_ids: list[int] | None = None,
+):
+    """canopy's sampler on ``prompts`` x ``rollouts``; with no ``eos_ids`` the rollouts never end
+    (an id outside the vocabulary). Returns (tokens generated, BatchStats)."""
+    from canopy.modeling import LoadedModel
+    from canopy.sampling import PromptJob, SamplingSettings, sample_prompts
+
+    loaded = LoadedModel(model=model, tokenizer=None, device=device, dtype=model.dtype)
+    settings = SamplingSettings(
+        rollouts=rollouts, top_k=top_k, max_new_tokens=steps, seed=1, max_batch_rows=rows
+    )
+    tokens = []
+    stats = sample_prompts(
+        loaded,
+        [PromptJob(f"bench{k}", p) for k, p in enumerate(prompts)],
+        settings,
+        eos_ids=eos_ids or [_vocabulary(model) + 1],
+        on_done=lambda _, done: tokens.append(sum(r["n_steps"] for r in done)),
+    )
+    return sum(tokens), stats
+
+
+def overhead_worker(args: argparse.Namespace) -> dict:
+    """canopy tok/s and bare-forward tok/s on one model: the same rows and steps, rows that never
+    end, one run each, a bare run before and after every canopy run (the machine's drift)."""
+    device = torch.device(args.device)
+    model, _ = limit_model(args.limit_model, device)
+    rows, steps = args.limit_rows, args.limit_steps
+    with torch.inference_mode():
+        bare_forward(model, device, LIMIT_PROMPT, 4, 3)  # warm-up
+        canopy_rollouts(model, device, [LIMIT_PROMPT], 4, 3, 0, 4)
+
+        def bare() -> float:
+            return rows * steps / bare_forward(model, device, LIMIT_PROMPT, rows, steps)
+
+        result: dict[str, list[float]] = {"bare": [bare()], "canopy": []}
+        for top_k in OVERHEAD_TOP_K:
+            seconds, (tokens, _) = _timed(
+                device,
+                lambda: canopy_rollouts(model, device, [LIMIT_PROMPT], rows, steps, top_k, rows),
+            )
+            assert tokens == rows * steps
+            result["canopy"].append(tokens / seconds)
+            result["bare"].append(bare())
+    return result
+
+
+def _job_prompts(tokenizer, count: int) -> list[list[int]]:
+    if tokenizer is None:
+        first, second, rest = LIMIT_PROMPT[0], LIMIT_PROMPT[1], LIMIT_PROMPT[2:]
+        return [[first, second + 11 * k, *rest] for k in range(count)]
+    return [tokenizer(text).input_ids for text in REAL_PROMPTS[:count]]
+
+
+def rows_worker(args: argparse.Namespace) -> dict:
+    """tokens/s of one job (prompts x M, top-k 100) for each max_batch_rows of --rows-sweep: on the
+    random model rollouts never end, on real weights they end at the model's own EOS."""
+    from canopy.modeling import eos_token_ids
+
+    device = torch.device(args.device)
+    model, tokenizer = limit_model(args.limit_model, device)
+    prompts = _job_prompts(tokenizer, args.job_prompts)
+    eos = eos_token_ids(model, tokenizer) if tokenizer is not None else None
+    result = {}
+    with torch.inference_mode():
+        canopy_rollouts(model, device, prompts[:1], 4, 3, 100, 4, eos)  # warm-up
+        for rows in args.rows_sweep.split(","):
+            named = {"auto": "auto", "M": args.job_rollouts}
+            rows_setting: int | str = named[rows] if rows in named else int(rows)
+            seconds, (tokens, stats) = _timed(
+                device,
+                lambda: canopy_rollouts(
+                    model, device, prompts, args.job_rollouts, args.job_new_tokens, 100,
+                    rows_setting, eos,
+                ),
+            )
+            result[rows] = {
+                "tokens_per_s": tokens / seconds,
+                "tokens": tokens,
+                "mean_rows": stats.mean_rows,
+                "row_budget": stats.row_budget,
+            }
+    return result
+
+
+def real_generate_worker(args: argparse.Namespace) -> dict:
+    """Gemma-3-270m real weights, real EOS: canopy (default batch) vs generate, top-k 100."""
+    from canopy.modeling import eos_token_ids
+
+    device = torch.device(args.device)
+    model, tokenizer = limit_model("gemma-3-270m", device)
+    prompts = _job_prompts(tokenizer, args.job_prompts)
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    rollouts, steps = args.job_rollouts, args.job_new_tokens
+    with torch.inference_mode():
+        canopy_rollouts(model, device, prompts[:1], 4, 3, 100, 4, eos)  # warm-up
+        seconds, (tokens, _) = _timed(
+            device,
+            lambda: canopy_rollouts(model, device, prompts, rollouts, steps, 100, "auto", eos),
+        )
+        canopy = {"tokens": tokens, "tokens_per_s": tokens / seconds}
+        seconds, summary = _timed(
+            device,
+            lambda: run_generate(
+                model, device, prompts, rollouts, steps, {}, eos_ids=tuple(eos), pad=pad
+            ),
+        )
+        peer = {"tokens": summary["tokens"], "tokens_per_s": summary["tokens"] / seconds}
+    return {"canopy": canopy, "generate": peer}
+
+
+LIMIT_WORKERS = {
+    "overhead": overhead_worker,
+    "rows": rows_worker,
+    "real-generate": real_generate_worker,
+}
+
+
+def spawn_limit(which: str, args: argparse.Namespace, model: str) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--limit-worker",
+        which,
+        "--limit-model",
+        model,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--limit-rows",
+        str(args.limit_rows),
+        "--limit-steps",
+        str(args.limit_steps),
+        "--rows-sweep",
+        args.rows_sweep,
+        "--job-prompts",
+        str(args.job_prompts),
+        "--job-rollouts",
+        str(args.job_rollouts),
+        "--job-new-tokens",
+        str(args.job_new_tokens),
+    ]
+    return run_worker(command, args.threads, f"{which} ({model})")
+
+
+def limit_models() -> list[str]:
+    """The models of the limit sections: the real weights only where they are installed."""
+    return [name for name in LIMIT_MODELS if name != "gemma-3-270m" or REAL_GEMMA.is_dir()]
+
+
+def overhead_section(args: argparse.Namespace) -> None:
+    print(
+        "\noverhead vs the bare forward: canopy tok/s / bare-forward tok/s, "
+        f"{args.limit_rows} rows (one prompt x M={args.limit_rows}) that never end, "
+        f"{args.limit_steps} steps, one run each (bare: transformers StaticCache, greedy argmax, "
+        "no entropy, run before and after each canopy run; each ratio is against the mean of "
+        "its two neighbours, whose spread shows how much the machine drifted)"
+    )
+    if not REAL_GEMMA.is_dir():
+        print(f"  (Gemma-3-270m real weights not found at {REAL_GEMMA}: skipped)")
+    header = "".join(f"{'top-k ' + str(k):>12s}" for k in OVERHEAD_TOP_K)
+    print(f"  {'model':14s}{'':>10s}{header}")
+    for model in limit_models():
+        r = spawn_limit("overhead", args, model)
+        bare, canopy = r["bare"], r["canopy"]
+        neighbours = [(bare[i] + bare[i + 1]) / 2 for i in range(len(canopy))]
+        ratios = "".join(f"{c / b:12.3f}" for c, b in zip(canopy, neighbours))
+        speeds = "".join(f"{c:12.1f}" for c in canopy)
+        bares = ", ".join(f"{b:.1f}" for b in bare)
+        print(f"  {model:14s}{'ratio':>10s}{ratios}")
+        print(f"  {'':14s}{'tok/s':>10s}{speeds}")
+        print(f"  {'':14s}bare tok/s before, between and after: {bares}")
+
+
+def rows_section(args: argparse.Namespace) -> None:
+    print(
+        f"\nrows sweep: {args.job_prompts} prompts x M={args.job_rollouts}, top-k 100, up to "
+        f"{args.job_new_tokens} new tokens, max_batch_rows in {args.rows_sweep}; "
+        "random model: rollouts never end; real weights: the model's own EOS"
+    )
+    for model in limit_models():
+        if model == "8k":
+            continue
+        r = spawn_limit("rows", args, model)
+        base = r.get("M")
+        for rows, v in r.items():
+            ratio = v["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+            print(
+                f"  {model:14s} rows {rows:>5s} (batch of {v['row_budget']:4d}): "
+                f"{v['tokens']:6d} tokens, {v['tokens_per_s']:7.1f} tok/s, "
+                f"{ratio:5.2f}x rows = M; mean rows per step {v['mean_rows']:6.1f}"
+            )
+
+
+def real_section(args: argparse.Namespace) -> None:
+    if not REAL_GEMMA.is_dir():
+        print(f"\nGemma-3-270m vs generate: real weights not found at {REAL_GEMMA}: skipped")
+        return
+    r = spawn_limit("real-generate", args, "gemma-3-270m")
+    print(
+        f"\nGemma-3-270m real weights vs generate: {args.job_prompts} prompts x "
+        f"M={args.job_rollouts}, top-k 100, up to {args.job_new_tokens} new tokens, real EOS"
+    )
+    for name, v in r.items():
+        print(f"  {name:10s} {v['tokens']:6d} tokens, {v['tokens_per_s']:7.1f} tok/s")
+    print(
+        f"  throughput canopy / generate: "
+        f"{r['canopy']['tokens_per_s'] / r['generate']['tokens_per_s']:.2f}x"
+    )
+
 
 
 def main() -> None:
@@ -411,10 +774,26 @@ def main() -> None:
     )
     parser.add_argument("--heavy-rows", type=int, default=0, help="max_batch_rows, heavy run")
     parser.add_argument("--heavy-tokens", type=int, default=0, help="max_batch_tokens, heavy run")
-    parser.add_argument("--only-heavy", action="store_true", help="skip the short and memory runs")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, from {','.join(SECTIONS)}",
+    )
+    parser.add_argument("--limit-rows", type=int, default=40, help="overhead: rows (= M)")
+    parser.add_argument("--limit-steps", type=int, default=33, help="overhead: steps")
+    parser.add_argument("--rows-sweep", default="8,40,M,auto", help="rows: max_batch_rows values")
+    parser.add_argument("--job-prompts", type=int, default=4, help="rows, real: prompts")
+    parser.add_argument("--job-rollouts", type=int, default=20, help="rows, real: M")
+    parser.add_argument("--job-new-tokens", type=int, default=24, help="rows, real: token cap")
+    parser.add_argument("--limit-worker", choices=list(LIMIT_WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--limit-model", choices=list(LIMIT_MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.limit_worker:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(LIMIT_WORKERS[args.limit_worker](args)))
         return
 
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}")
@@ -422,10 +801,12 @@ def main() -> None:
         f"model: Llama-style, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads / "
         f"{KV_HEADS} KV heads, random weights\n"
     )
-    if args.only_heavy:
-        heavy_section(args)
-        return
+    for section in args.sections.split(","):
+        SECTIONS[section](args)
 
+
+def peer_section(args: argparse.Namespace) -> None:
+    """One prompt, throughput and peak memory: continuous against generate."""
     throughput = {
         w: spawn(
             w,
@@ -523,7 +904,6 @@ def main() -> None:
         "   total ratio of about (KV + scores) / KV = 5 at this model's and Llama-3.1-8B's KV:logit\n"
         "   ratio; early EOS compaction lowers ours further)"
     )
-    heavy_section(args)
 
 
 def heavy_section(args: argparse.Namespace) -> None:
@@ -593,6 +973,15 @@ def heavy_section(args: argparse.Namespace) -> None:
         f"{rows['one-prompt']:.1f}, generate {rows['generate']:.1f} unfinished (computes "
         f"{args.rollouts})"
     )
+
+
+SECTIONS = {
+    "peer": peer_section,
+    "heavy": heavy_section,
+    "overhead": overhead_section,
+    "rows": rows_section,
+    "real": real_section,
+}
 
 
 if __name__ == "__main__":
