@@ -470,17 +470,26 @@ def _vocabulary(model) -> int:
 
 def _timed(device: torch.device, run) -> tuple[float, object]:
     """(seconds, result) of ``run()``."""
+    seconds, _, result = _clocked(device, run)
+    return seconds, result
+
+
+def _clocked(device: torch.device, run) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of ``run()``. With one thread the CPU
+    seconds are what the work cost, whatever the neighbours took of the machine meanwhile."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = run()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started, result
+    return time.perf_counter() - started, time.process_time() - cpu_started, result
 
 
-def bare_forward(model, device: torch.device, prompt: list[int], rows: int, steps: int) -> float:
-    """Seconds of the forward's own work for ``rows`` x ``steps`` tokens: transformers'
+def bare_forward(
+    model, device: torch.device, prompt: list[int], rows: int, steps: int
+) -> tuple[float, float]:
+    """(Wall, CPU) seconds of the forward's own work for ``rows`` x ``steps`` tokens: transformers'
     StaticCache, greedy argmax, no entropy. Timed like canopy's work: the prompt prefilled once
     (one row) and ``steps - 1`` decode forwards of every row; the prefill of all rows that the
     static cache needs is not timed (canopy copies one prefill into its rows instead)."""
@@ -494,7 +503,7 @@ def bare_forward(model, device: torch.device, prompt: list[int], rows: int, step
         ids = torch.tensor([prompt] * batch, device=device)
         return cache, model(input_ids=ids, cache_position=positions, cache=cache, **kwargs).logits
 
-    seconds, _ = _timed(device, lambda: prefill(1))
+    wall, cpu, _ = _clocked(device, lambda: prefill(1))
     cache, logits = prefill(rows)
 
     def decode() -> None:
@@ -505,7 +514,8 @@ def bare_forward(model, device: torch.device, prompt: list[int], rows: int, step
             logits = model(input_ids=token, cache_position=at, cache=cache, **kwargs).logits
         logits[:, -1].argmax(-1)
 
-    return seconds + _timed(device, decode)[0]
+    decode_wall, decode_cpu, _ = _clocked(device, decode)
+    return wall + decode_wall, cpu + decode_cpu
 
 
 def canopy_rollouts(
@@ -548,18 +558,24 @@ def overhead_worker(args: argparse.Namespace) -> dict:
         bare_forward(model, device, LIMIT_PROMPT, 4, 3)  # warm-up
         canopy_rollouts(model, device, [LIMIT_PROMPT], 4, 3, 0, 4)
 
-        def bare() -> float:
-            return rows * steps / bare_forward(model, device, LIMIT_PROMPT, rows, steps)
+        series = ("bare", "canopy", "bare_cpu", "canopy_cpu")
+        result: dict[str, list[float]] = {name: [] for name in series}
 
-        result: dict[str, list[float]] = {"bare": [bare()], "canopy": []}
+        def bare() -> None:
+            wall, cpu = bare_forward(model, device, LIMIT_PROMPT, rows, steps)
+            result["bare"].append(rows * steps / wall)
+            result["bare_cpu"].append(rows * steps / cpu)
+
+        bare()
         for top_k in OVERHEAD_TOP_K:
-            seconds, (tokens, _) = _timed(
+            wall, cpu, (tokens, _) = _clocked(
                 device,
                 lambda: canopy_rollouts(model, device, [LIMIT_PROMPT], rows, steps, top_k, rows),
             )
             assert tokens == rows * steps
-            result["canopy"].append(tokens / seconds)
-            result["bare"].append(bare())
+            result["canopy"].append(tokens / wall)
+            result["canopy_cpu"].append(tokens / cpu)
+            bare()
     return result
 
 
@@ -679,17 +695,19 @@ def overhead_section(args: argparse.Namespace) -> None:
     if not REAL_GEMMA.is_dir():
         print(f"  (Gemma-3-270m real weights not found at {REAL_GEMMA}: skipped)")
     header = "".join(f"{'top-k ' + str(k):>12s}" for k in OVERHEAD_TOP_K)
-    print(f"  {'model':14s}{'':>10s}{header}")
+    print(f"  {'model':14s}{'':>16s}{header}")
     for model in limit_models():
         r = spawn_limit("overhead", args, model)
-        bare, canopy = r["bare"], r["canopy"]
-        neighbours = [(bare[i] + bare[i + 1]) / 2 for i in range(len(canopy))]
-        ratios = "".join(f"{c / b:12.3f}" for c, b in zip(canopy, neighbours))
-        speeds = "".join(f"{c:12.1f}" for c in canopy)
-        bares = ", ".join(f"{b:.1f}" for b in bare)
-        print(f"  {model:14s}{'ratio':>10s}{ratios}")
-        print(f"  {'':14s}{'tok/s':>10s}{speeds}")
-        print(f"  {'':14s}bare tok/s before, between and after: {bares}")
+        for clock in ("", "_cpu"):
+            bare, canopy = r["bare" + clock], r["canopy" + clock]
+            neighbours = [(bare[i] + bare[i + 1]) / 2 for i in range(len(canopy))]
+            ratios = "".join(f"{c / b:12.3f}" for c, b in zip(canopy, neighbours))
+            speeds = "".join(f"{c:12.1f}" for c in canopy)
+            bares = ", ".join(f"{b:.1f}" for b in bare)
+            per = "per CPU-s" if clock else "wall"
+            print(f"  {model if not clock else '':14s}{'ratio ' + per:>16s}{ratios}")
+            print(f"  {'':14s}{'tok ' + per:>16s}{speeds}")
+            print(f"  {'':14s}bare tok {per} before, between and after: {bares}")
 
 
 def rows_section(args: argparse.Namespace) -> None:
