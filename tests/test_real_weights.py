@@ -29,6 +29,7 @@ from canopy.modeling import (
 from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
+from test_sampling_exact import float64_errors, record_sampling_steps
 from workflow_helpers import REPO, snakemake
 
 pytestmark = pytest.mark.real_weights
@@ -101,8 +102,12 @@ def teacher_forced(model, prompt: list[int], tokens: list[int], settings: Sampli
 
 @pytest.mark.parametrize("top_k", [100, 0])
 def test_gemma_sampler_equals_a_cache_free_recomputation_past_the_sliding_window(
-    gemma, top_k: int
+    gemma, monkeypatch: pytest.MonkeyPatch, top_k: int
 ) -> None:
+    """Two checks of every step: against float64 from the very logits the step sampled from (to
+    1e-6: the sampler's own reductions), and against a cache-free forward (to 1e-4: the KV cache,
+    the batch and the sliding window on top)."""
+    recorded = record_sampling_steps(monkeypatch)
     loaded = gemma
     assert loaded.model.config.vocab_size == 262_144
     tokenizer = loaded.tokenizer
@@ -130,6 +135,10 @@ def test_gemma_sampler_equals_a_cache_free_recomputation_past_the_sliding_window
     )
     assert longest > SHORT_WINDOW + 4, "no rollout ran past the sliding window"
     assert worst_entropy < 1e-4 and worst_logprob < 1e-4
+    exact_entropy, exact_logprob = float64_errors(recorded, settings)
+    print(f"against float64 from the same logits: entropy {exact_entropy:.1e}, "
+          f"log-probability {exact_logprob:.1e}")
+    assert exact_entropy < 1e-6 and exact_logprob < 1e-6
 
 
 def write_default_prompts(path: Path, task: str, n_prompts: int) -> Path:
