@@ -41,9 +41,8 @@ from test_modeling import build_llama, build_tokenizer, save_model_dir
 pytestmark = pytest.mark.vllm
 
 VLLM_PYTHON = REPO / "build" / "vllm" / "bin" / "python"
-WORDS = [
-    f"w{i}" for i in range(2048 - 7)
-]  # 2048 ids with the specials: more than K when top-k is off
+# 2048 ids with the specials: more than the K = 1000 candidates of top-k off.
+WORDS = [f"w{i}" for i in range(2048 - 7)]
 # Every 20th id ends a rollout: about 60 % of the rollouts end before the cap, the rest run to it.
 EOS = [2, *range(7, 2048, 20)]
 PROMPTS = 6
@@ -111,7 +110,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--configfile",
             str(config_path),
         ],
-        env=dict(os.environ, HF_HUB_OFFLINE="1", TZ="UTC", **env),
+        # vLLM's own default here: its engine core spawned from the job's worker, as a GPU user
+        # runs it (the spawn start method must not re-run the Snakemake script).
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TZ": "UTC",
+            **env,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
