@@ -76,14 +76,19 @@ def config_value(dotted):
 
 _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
 
+#: The keys of a GGUF variant that decide its conversion (gguf_params).
+GGUF_KEYS = ("gguf", "sha256", "dtype")
+
 #: Params functions that combine several keys into one value, and the keys they read: a family's
-#: chat options, overridden by its finetuned variant's (chat_params; set on base, an error).
+#: chat options, overridden by its finetuned variant's (chat_params; set on base, an error), and
+#: a GGUF variant's conversion keys, the optional ones only where set (gguf_params).
 _READING_FUNCTIONS = {
     "chat_params": [
         f"families.{{family}}.{level}{option}"
         for level in ("", *(f"{variant}." for variant in VARIANTS))
         for option in CHAT_OPTION_KEYS
     ],
+    "gguf_params": [f"families.{{family}}.{{variant}}.{key}" for key in GGUF_KEYS],
 }
 
 
@@ -383,6 +388,14 @@ def chat_params(wildcards):
         )
     except ValueError as error:
         raise WorkflowError(str(error))
+
+
+def gguf_params(wildcards):
+    """A GGUF variant's conversion keys that are set: a chat option of the same entry changes
+    what is sampled, not what is converted."""
+    family, variant = wildcards.gguf_model.split("/")
+    spec = config["families"][family][variant]
+    return {key: spec[key] for key in GGUF_KEYS if key in spec}
 
 
 def sampling_gpus(wildcards):

@@ -78,12 +78,7 @@ rule convert_gguf:
     conda:
         "../../envs/torch.yaml"
     params:
-        # The whole entry: gguf, and sha256 and dtype where set.
-        spec=config_provider(
-            "families.{family}.{variant}",
-            family=lambda wildcards: wildcards.gguf_model.split("/")[0],
-            variant=lambda wildcards: wildcards.gguf_model.split("/")[1],
-        ),
+        spec=gguf_params,
     script:
         "../scripts/convert_gguf.py"
 
