@@ -71,6 +71,8 @@ def build_random_model(path: Path, shape: str = "small") -> Path:
         PreTrainedTokenizerFast,
     )
 
+    from sampler import GEMMA_270M_SHAPE
+
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     configs = {
         # benchmarks/sampler.py's model
@@ -97,22 +99,10 @@ def build_random_model(path: Path, shape: str = "small") -> Path:
             tie_word_embeddings=False,
             **ids,
         ),
-        # Gemma-3-270m's shape: for a GPU machine that has no copy of the real weights (the same
-        # work per token; random rows rarely end, so every rollout runs to the cap)
-        "gemma270m": lambda: Gemma3TextConfig(
-            vocab_size=262144,
-            hidden_size=640,
-            intermediate_size=2048,
-            num_hidden_layers=18,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=256,
-            query_pre_attn_scalar=256,
-            sliding_window=512,
-            max_position_embeddings=32768,
-            tie_word_embeddings=True,
-            **ids,
-        ),
+        # Gemma-3-270m's shape (sampler.py's one definition of it): for a GPU machine that has no
+        # copy of the real weights (the same work per token; random rows rarely end, so every
+        # rollout runs to the cap), with this tokenizer's special ids
+        "gemma270m": lambda: Gemma3TextConfig(**{**GEMMA_270M_SHAPE, **ids}),
     }
     config = configs[shape]()
     architecture = Gemma3ForCausalLM if shape == "gemma270m" else LlamaForCausalLM
