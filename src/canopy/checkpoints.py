@@ -25,7 +25,7 @@ import re
 import shutil
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -195,7 +195,7 @@ def locate_gguf(spec: str, *, config_key: str, sha256: str | None = None) -> Ggu
                 f"{found.package} publishes for {found.name} ({found.sha256}): remove the "
                 "key or fix it"
             )
-        return found if sha256 is None else _with_checksum(found, sha256)
+        return found if sha256 is None else replace(found, sha256=sha256.lower())
     path = Path(spec).expanduser()
     if not path.is_file():
         raise GgufSourceError(
@@ -203,12 +203,6 @@ def locate_gguf(spec: str, *, config_key: str, sha256: str | None = None) -> Ggu
             "package:<module> for a Python package that ships one."
         )
     return GgufFile(spec, path.name, (path,), sha256.lower() if sha256 else None)
-
-
-def _with_checksum(found: GgufFile, sha256: str) -> GgufFile:
-    return GgufFile(
-        found.spec, found.name, found.parts, sha256.lower(), found.package, found.version
-    )
 
 
 # ------------------------------------------------------------------------------- reading its header
@@ -386,17 +380,6 @@ def assemble_gguf(found: GgufFile, folder: Path, *, config_key: str) -> tuple[Pa
     return path, actual
 
 
-def _drop_quantizer(model: Any) -> None:
-    # The dequantised weights are ordinary tensors, but the model still carries the GGUF
-    # quantizer, and save_pretrained refuses a model "quantized with gguf".
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attribute in ("is_quantized", "quantization_method"):
-        if attribute in vars(model):
-            delattr(model, attribute)
-
-
 def convert_gguf(
     found: GgufFile,
     out_dir: str | Path,
@@ -432,7 +415,9 @@ def convert_gguf(
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=getattr(torch, dtype)
         )
-        _drop_quantizer(model)
+        # The weights are dequantised tensors now, but the model still carries the GGUF
+        # quantizer, and save_pretrained refuses a model "quantized with gguf".
+        model.hf_quantizer.remove_quantization_config(model)
         record = {
             "source": "gguf",
             "spec": found.spec,
