@@ -29,7 +29,7 @@ from canopy.modeling import (
 from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
-from test_sampling_exact import float64_errors, record_sampling_steps
+from test_sampling_exact import float64_errors, float64_truth, record_sampling_steps
 from workflow_helpers import REPO, snakemake
 
 pytestmark = pytest.mark.real_weights
@@ -88,16 +88,9 @@ def teacher_forced(model, prompt: list[int], tokens: list[int], settings: Sampli
     cache), each step's distribution processed in float64 (temperature, then top-k)."""
     ids = torch.tensor([prompt + tokens[:-1]])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].double()
-    logits = logits / settings.temperature
-    if 0 < settings.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    log_q = torch.log_softmax(logits, dim=-1)
-    q = log_q.exp()
-    entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
-    drawn = log_q.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
-    return entropy.numpy(), drawn.numpy()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 :]
+    q, entropy = float64_truth(logits, settings.temperature, settings.top_k)
+    return entropy, np.log(q[np.arange(len(tokens)), tokens])
 
 
 @pytest.mark.parametrize("top_k", [100, 0])
