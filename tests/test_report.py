@@ -1,5 +1,6 @@
 """The ablation table: one row per sweep point, slopes from the GLMM table, the rho difference
-from a paired prompt bootstrap pooled over families and tasks."""
+from a paired prompt bootstrap pooled over families and tasks; and the example rollouts: one
+typical rollout per model and task, next to its prompt."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from canopy.bootstrap import BootstrapSettings
 from canopy.io import write_parquet, write_tsv
-from canopy.report import ABLATION_COLUMNS, ablation_table
+from canopy.prompts import Prompt, write_prompts
+from canopy.report import ABLATION_COLUMNS, EXAMPLE_COLUMNS, ablation_table, example_rollouts
 
 
 def _slopes(ratio: float) -> pd.DataFrame:
@@ -84,3 +86,66 @@ def test_ablation_table_names_a_missing_slope_row(tmp_path):
     write_tsv(_slopes(2.0).iloc[:3], tmp_path / "s.tsv")
     with pytest.raises(ValueError, match="ratio/bootstrap"):
         ablation_table([("default", "minilm")], [tmp_path / "p.parquet"], [tmp_path / "s.tsv"])
+
+
+def _rollouts(lengths: dict[str, list[int]]) -> pd.DataFrame:
+    """A rollout table with the given lengths per prompt, in sample order."""
+    rows = []
+    for prompt_id, steps in lengths.items():
+        for sample, n_steps in enumerate(steps):
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "sample": sample,
+                    "n_steps": n_steps,
+                    "hit_eos": n_steps < 9,
+                    "truncated": n_steps >= 9,
+                    "step_entropy": [0.5] * n_steps,
+                    "text": f"{prompt_id} sample {sample}\tof {n_steps} tokens\nsecond line",
+                }
+            )
+    # Stored in no particular order: the choice must not depend on the row order.
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=0)
+
+
+def test_example_rollouts_take_the_first_prompts_median_rollout(tmp_path):
+    prompts = {}
+    for task, ids in (("math", ["m7", "m1", "m3"]), ("stories", ["s2", "s0"])):
+        prompts[task] = tmp_path / f"{task}.jsonl"
+        write_prompts([Prompt(i, task, f"Prompt {i}?", "test") for i in ids], prompts[task])
+    lengths = {
+        # Odd count: the median 5 is held by samples 1 and 3; the lowest index wins.
+        ("f1", "base", "math"): {"m7": [9, 5, 2, 5, 7], "m1": [1, 1, 1, 1, 1]},
+        # Even count: the lower median, 4 (not 6, and never the mean 5.25).
+        ("f1", "finetuned", "math"): {"m7": [8, 3, 4, 6], "m3": [4, 4, 4, 4]},
+        ("f1", "base", "stories"): {"s0": [2, 2, 2], "s2": [3]},
+        ("f1", "finetuned", "stories"): {"s2": [9, 9, 9], "s0": [1, 1, 1]},
+    }
+    paths = {}
+    for (family, variant, task), table in lengths.items():
+        paths[family, variant, task] = tmp_path / family / variant / f"{task}.parquet"
+        write_parquet(_rollouts(table), paths[family, variant, task])
+    examples = example_rollouts(paths, prompts)
+    assert list(examples.columns) == list(EXAMPLE_COLUMNS)
+    # One row per table, in the order given.
+    assert examples[["family", "variant", "task"]].apply(tuple, axis=1).tolist() == list(paths)
+    # The first prompt of each file, for every model: the variants answer the same prompt.
+    assert examples["prompt_id"].tolist() == ["m7", "m7", "s2", "s2"]
+    assert examples["prompt"].tolist() == ["Prompt m7?", "Prompt m7?", "Prompt s2?", "Prompt s2?"]
+    assert examples["sample"].tolist() == [1, 2, 0, 0]
+    assert examples["n_steps"].tolist() == [5, 4, 3, 9]
+    assert examples["hit_eos"].tolist() == [True, True, True, False]
+    assert examples["text"].iloc[0] == "m7 sample 1\tof 5 tokens\nsecond line"
+    # The texts' tabs and newlines survive the report's TSV.
+    write_tsv(examples, tmp_path / "examples.tsv")
+    read = pd.read_csv(tmp_path / "examples.tsv", sep="\t")
+    pd.testing.assert_frame_equal(read, examples)
+
+
+def test_example_rollouts_name_a_table_without_the_first_prompt(tmp_path):
+    prompts = tmp_path / "math.jsonl"
+    write_prompts([Prompt("m0", "math", "Prompt?", "test")], prompts)
+    table = tmp_path / "math.parquet"
+    write_parquet(_rollouts({"m1": [3, 4]}), table)
+    with pytest.raises(ValueError, match="first prompt 'm0'"):
+        example_rollouts({("f1", "base", "math"): table}, {"math": prompts})

@@ -1,16 +1,25 @@
-"""The headline table: what a reader of the report wants first."""
+"""The headline table: what a reader of the report wants first; and the example rollouts that
+show what each model writes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from canopy.bootstrap import ALL_TASKS, BootstrapSettings, paired_bootstrap
 from canopy.modeling import VARIANTS
+from canopy.prompts import Prompt, read_prompts
 
-__all__ = ["ABLATION_COLUMNS", "ablation_table", "headline_table"]
+__all__ = [
+    "ABLATION_COLUMNS",
+    "EXAMPLE_COLUMNS",
+    "ablation_table",
+    "example_rollouts",
+    "headline_table",
+]
 
 _MEANS = {
     "canopy_entropy": "CE",
@@ -146,3 +155,63 @@ def ablation_table(
             }
         )
     return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+
+
+#: Columns of :func:`example_rollouts`, one row per (family, variant, task).
+EXAMPLE_COLUMNS: tuple[str, ...] = (
+    "family",
+    "variant",
+    "task",
+    "prompt_id",
+    "sample",
+    "n_steps",
+    "hit_eos",
+    "prompt",
+    "text",
+)
+
+_EXAMPLE_ROLLOUT = ["prompt_id", "sample", "n_steps", "hit_eos", "text"]
+
+
+def example_rollouts(
+    rollout_paths: Mapping[tuple[str, str, str], str | os.PathLike[str]],
+    prompts_paths: Mapping[str, str | os.PathLike[str]],
+) -> pd.DataFrame:
+    """One rollout per (family, variant, task), in the order of ``rollout_paths``, next to the
+    prompt it answers: what a reader needs to see how a fine-tune writes differently from its base.
+
+    The choice is fixed in advance rather than made by looking at the texts, so that the example
+    is a typical rollout and never a cherry-picked one: the task's first prompt (prompt file
+    order, the same prompt for every model) and, of that prompt's rollouts, one of median length
+    ``n_steps`` (the lower median for an even count), the lowest sample index among those of that
+    length. ``prompts_paths`` maps each task to its prompt file (``resources/prompts/{task}.jsonl``).
+    """
+    first_prompts: dict[str, Prompt] = {}
+    rows = []
+    for (family, variant, task), path in rollout_paths.items():
+        if task not in first_prompts:
+            first_prompts[task] = read_prompts(prompts_paths[task])[0]
+        prompt = first_prompts[task]
+        rollouts = pd.read_parquet(path, columns=_EXAMPLE_ROLLOUT)
+        rollouts = rollouts[rollouts["prompt_id"].astype(str) == prompt.prompt_id]
+        if rollouts.empty:
+            raise ValueError(
+                f"{path} holds no rollout of {task}'s first prompt {prompt.prompt_id!r}"
+            )
+        lengths = sorted(rollouts["n_steps"])
+        median = lengths[(len(lengths) - 1) // 2]
+        chosen = rollouts[rollouts["n_steps"] == median].sort_values("sample").iloc[0]
+        rows.append(
+            {
+                "family": family,
+                "variant": variant,
+                "task": task,
+                "prompt_id": prompt.prompt_id,
+                "sample": int(chosen["sample"]),
+                "n_steps": int(chosen["n_steps"]),
+                "hit_eos": bool(chosen["hit_eos"]),
+                "prompt": prompt.prompt,
+                "text": str(chosen["text"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(EXAMPLE_COLUMNS))

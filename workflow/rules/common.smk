@@ -403,8 +403,9 @@ def sampling_gpus(wildcards):
 
 
 def analysis_targets():
-    """The headline table, every analysed pair's regression and paired bootstrap, and the
-    diagnostics and robustness tables of the checked pairs (`sweeps.checks`)."""
+    """The headline table, an example rollout of each model and task, every analysed pair's
+    regression and paired bootstrap, and the diagnostics and robustness tables of the checked pairs
+    (`sweeps.checks`)."""
     robustness = config["stats"]["robustness"]
     tables = [
         "results/stats/{sampling}/{embedder}/glmm/summary.json",
@@ -416,7 +417,7 @@ def analysis_targets():
         if robustness[check]
     ]
     return (
-        ["results/headline.tsv"]
+        ["results/headline.tsv", "results/examples.tsv"]
         + [path for table in tables for path in combination_paths(table)]
         + [path for table in checks for path in combination_paths(table, CHECKED_COMBINATIONS)]
     )

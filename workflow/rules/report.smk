@@ -1,4 +1,5 @@
-# Stage 8: the headline table and the Snakemake report (`snakemake --report results/report.html`).
+# Stage 8: the headline table, an example rollout of each model and task, and the Snakemake report
+# (`snakemake --report results/report.html`).
 
 
 # The report opens with workflow.rst rendered with this run's measurements (rule report_intro);
@@ -57,6 +58,32 @@ rule ablation_summary:
         bootstrap=config_provider("metrics.bootstrap"),
     script:
         "../scripts/ablation_summary.py"
+
+
+rule example_rollouts:
+    input:
+        rollouts=expand(
+            "results/rollouts/{sampling}/{matrix}.parquet",
+            sampling=SAMPLINGS[0],
+            matrix=["/".join(key) for key in MATRIX],
+        ),
+        prompts=expand("resources/prompts/{task}.jsonl", task=TASKS),
+    output:
+        report(
+            "results/examples.tsv",
+            caption="../report/examples.rst",
+            category="Rollouts",
+        ),
+    log:
+        "logs/example_rollouts.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        matrix=MATRIX,
+        tasks=TASKS,
+    script:
+        "../scripts/example_rollouts.py"
 
 
 rule report_intro:
