@@ -604,3 +604,54 @@ def test_vllm_without_top_k_warns_and_missing_vllm_is_a_clear_error(tmp_path: Pa
     except ImportError:
         with pytest.raises(ImportError, match="backend 'vllm' needs the vllm package"):
             VllmSampler(tmp_path, SamplingSettings(backend="vllm"), [2])
+
+
+def test_stop_tokens_end_rollouts_exactly_like_eos_and_the_template_frames_the_base(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
+    settings = SamplingSettings(**{**SMALL, "max_new_tokens": 24})
+    plain = sample_task(model_dir, prompts, "base", settings, tmp_path / "plain.parquet")
+    framed = sample_task(
+        model_dir,
+        prompts,
+        "base",
+        settings,
+        tmp_path / "framed.parquet",
+        prompt_template="the {text} and",
+        stop_tokens_containing=["at"],
+    )
+    tokenizer = load_model(model_dir).tokenizer
+    stops = {tokenizer.convert_tokens_to_ids(word) for word in ("cat", "sat", "mat")}
+    eos = {2, 6}
+    # The template adds its two words to every prompt.
+    assert (framed["prompt_tokens"] - plain["prompt_tokens"]).eq(2).all()
+    ended_at_stop = 0
+    for _, row in framed.iterrows():
+        tokens = list(row["token_ids"])
+        # No stop token before the last step; a rollout that ends there counts as ended.
+        assert not (set(tokens[:-1]) & (stops | eos))
+        if tokens[-1] in stops:
+            ended_at_stop += 1
+            assert row["hit_eos"] and not row["truncated"]
+        assert len(row["step_entropy"]) == row["n_steps"] == len(tokens)
+    assert ended_at_stop > 0
+    assert framed["hit_eos"].mean() > plain["hit_eos"].mean()
+    with pytest.raises(ValueError, match="no token .* contains 'zebra'"):
+        sample_task(
+            model_dir,
+            prompts,
+            "base",
+            settings,
+            tmp_path / "never.parquet",
+            stop_tokens_containing=["zebra"],
+        )
+    with pytest.raises(ValueError, match="prompt_template applies to the base variant only"):
+        sample_task(
+            model_dir,
+            prompts,
+            "finetuned",
+            settings,
+            tmp_path / "chat.parquet",
+            prompt_template="the {text}",
+        )

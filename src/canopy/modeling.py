@@ -16,7 +16,7 @@ the template never reads or a system prompt it drops, instead of sampling silent
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ __all__ = [
     "format_prompt",
     "chat_options",
     "check_chat_options",
+    "tokens_containing",
     "CHAT_OPTION_KEYS",
     "eos_token_ids",
     "end_of_turn_ids",
@@ -268,20 +269,25 @@ def format_prompt(
     prompt_id: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     system_prompt: str | None = None,
+    prompt_template: str | None = None,
 ) -> list[int]:
     """Token ids a model of ``variant`` is sampled from for the prompt ``text``.
 
-    ``base``: the raw text, with the BOS token when the tokenizer adds special tokens by default.
+    ``base``: the raw text, or ``prompt_template`` with the text in its ``{text}`` field, with the
+    BOS token when the tokenizer adds special tokens by default.
     ``finetuned``: the tokenizer's chat template applied to one user turn (after a system turn
     when ``system_prompt`` is given), with the generation prompt and ``chat_template_kwargs``.
     """
     name = f"prompt {prompt_id!r}" if prompt_id is not None else "the prompt"
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{name} is empty: every prompt needs text (check resources/prompts/)")
+    if prompt_template is not None and variant != "base":
+        raise ValueError(f"{name}: prompt_template applies to the base variant only")
     if variant == "base":
         if chat_template_kwargs or system_prompt is not None:
             raise ValueError(f"{name}: chat options apply to the finetuned variant only")
-        ids = [int(i) for i in tokenizer(text)["input_ids"]]
+        document = text if prompt_template is None else prompt_template.format(text=text)
+        ids = [int(i) for i in tokenizer(document)["input_ids"]]
     elif variant == "finetuned":
         _require_template(tokenizer, name)
         ids = _template_ids(tokenizer, _messages(text, system_prompt), chat_template_kwargs or {})
@@ -355,6 +361,25 @@ def end_of_turn_ids(
         if getattr(token, "special", False)
     }
     return [int(ids[0])] if ids and int(ids[0]) in special else []
+
+
+def tokens_containing(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Every id of the tokenizer's vocabulary whose decoded text contains one of ``texts`` (special
+    tokens left out): where a variant with ``stop_tokens_containing`` ends its rollouts. Raises
+    ValueError for a text no token contains."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocabulary = [i for i in range(len(tokenizer)) if i not in special]
+    decoded = tokenizer.batch_decode([[i] for i in vocabulary], clean_up_tokenization_spaces=False)
+    found: set[int] = set()
+    for text in texts:
+        matches = [i for i, piece in zip(vocabulary, decoded) if text in piece]
+        if not matches:
+            raise ValueError(
+                f"no token of {getattr(tokenizer, 'name_or_path', '?')!r} contains {text!r}, so "
+                "no rollout could stop there: correct stop_tokens_containing"
+            )
+        found.update(matches)
+    return sorted(found)
 
 
 def context_length(model: Any) -> int | None:

@@ -39,6 +39,7 @@ import torch
 from canopy.modeling import (
     VARIANTS,
     check_chat_options,
+    tokens_containing,
     check_model_dir,
     end_of_turn_ids,
     eos_token_ids,
@@ -173,6 +174,8 @@ def sample_task(
     chunk: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     system_prompt: str | None = None,
+    prompt_template: str | None = None,
+    stop_tokens_containing: Sequence[str] = (),
     progress: logging.Logger | None = None,
 ) -> pd.DataFrame:
     """Sample every prompt of a task (or of its ``chunk``-th of ``settings.chunks`` slices) and
@@ -183,7 +186,10 @@ def sample_task(
     samples the rest. The shard directory is removed once ``output`` is written. A chunk's
     ``output`` must be ``chunk_table_path(task_table, chunk, settings.chunks)``; prompts the task
     finished under another chunking are taken from what that chunking left (see the module).
-    ``chat_template_kwargs`` and ``system_prompt`` shape the finetuned variant's chat template.
+    ``chat_template_kwargs`` and ``system_prompt`` shape the finetuned variant's chat template,
+    ``prompt_template`` the base variant's document; rollouts also end at every token whose text
+    contains one of ``stop_tokens_containing`` (they join the end-of-sequence ids, and with them
+    the shards' fingerprints).
     """
     import transformers
     from transformers import AutoTokenizer
@@ -218,10 +224,17 @@ def sample_task(
         # A chat model's answer ends with its template's end-of-turn token, which some
         # generation configs leave out of eos_token_id.
         eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(tokenizer, **chat)))
+    if stop_tokens_containing:
+        eos_ids = sorted(set(eos_ids) | set(tokens_containing(tokenizer, stop_tokens_containing)))
     formatted: list[list[int]] = []
     for record in prompts:
         ids = format_prompt(
-            tokenizer, record["prompt"], variant, prompt_id=record["prompt_id"], **chat
+            tokenizer,
+            record["prompt"],
+            variant,
+            prompt_id=record["prompt_id"],
+            prompt_template=prompt_template,
+            **chat,
         )
         check_prompt_fits(info, len(ids), settings, record["prompt_id"])
         formatted.append(ids)
