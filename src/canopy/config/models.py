@@ -8,12 +8,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from canopy.config.base import Block
-from canopy.config.types import NonEmptyStr, PositiveInt, PositiveNumber
+from canopy.config.types import Device, NonEmptyStr, PositiveInt, PositiveNumber, format_fields
 
 __all__ = [
     "ARCHITECTURES",
+    "CHAT_TEMPLATE_CHOICES",
     "CorpusSettings",
     "FamilySettings",
+    "FinetuneRecipe",
     "ModelSettings",
     "RESERVED_TEMPLATE_ARGUMENTS",
     "Recipe",
@@ -23,6 +25,9 @@ __all__ = [
 
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
 TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
+#: Where a fine-tune made here takes its chat template: the base tokenizer's own, or one the
+#: package ships (canopy/training/data/chat_templates/<name>.jinja).
+CHAT_TEMPLATE_CHOICES: tuple[str, ...] = ("model", "gemma")
 
 #: apply_chat_template arguments the sampler itself decides.
 RESERVED_TEMPLATE_ARGUMENTS = frozenset(
@@ -45,11 +50,13 @@ ChatKwargs = Annotated[
 
 
 class _ModelSource(Block):
-    source: Literal["train", "hub", "local", "gguf"]
+    source: Literal["train", "hub", "local", "gguf", "finetune"]
     """train (made by this workflow), hub (downloaded at a pinned revision), local (a
-    transformers directory), gguf (a GGUF file, converted once into a transformers directory)."""
+    transformers directory), gguf (a GGUF file, converted once into a transformers directory),
+    finetune (finetuned only: fine-tuned here from the family's base, whatever its source)."""
     recipe: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: train — a key of training.recipes."""
+    """source: train — a key of training.recipes; source: finetune — a key of
+    training.finetunes."""
     id: NonEmptyStr | None = Field(default=None, validate_default=True)
     """source: hub — the hub repository id, e.g. Qwen/Qwen3-8B."""
     revision: NonEmptyStr | None = Field(default=None, validate_default=True)
@@ -64,12 +71,18 @@ class _ModelSource(Block):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """source: gguf — the dtype the weights are dequantised to and stored in (default float32;
     sampling.<name>.dtype still decides the dtype they are sampled in)."""
+    stop_tokens_containing: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Rollouts of this variant also end at any vocabulary token whose text contains one of these
+    strings (e.g. "\n": a base model's answer is the rest of its line), counted like EOS: the
+    stop is a token, so N and every entropy stay exact. Unset: EOS (and a chat model's
+    end-of-turn token) only."""
 
     @field_validator("recipe", "id", "revision", "path", "gguf")
     @classmethod
     def _fits_source(cls, value: object, info: ValidationInfo) -> object:
         needs = {
             "train": ("recipe",),
+            "finetune": ("recipe",),
             "hub": ("id", "revision"),
             "local": ("path",),
             "gguf": ("gguf",),
@@ -95,6 +108,14 @@ class BaseModelSettings(_ModelSource):
     options belong to the family or to its finetuned entry)."""
 
     where = "families.<family>.base"
+
+    source: Literal["train", "hub", "local", "gguf"]
+    """train (made by this workflow), hub (downloaded at a pinned revision), local (a
+    transformers directory), gguf (a GGUF file, converted once into a transformers directory)."""
+    prompt_template: Annotated[str, format_fields("text")] | None = None
+    """The document the base model continues, with {text} for the prompt (e.g.
+    "Question: {text}\nAnswer:"), as the finetuned variant gets its chat template. Unset: the
+    raw prompt text."""
 
 
 class ModelSettings(_ModelSource):
@@ -128,7 +149,8 @@ class FamilySettings(Block):
         if (self.base.source == "train") != (self.finetuned.source == "train"):
             raise ValueError(
                 "source train must be used for both base and finetuned (the fine-tuned model is "
-                "made from the trained base)"
+                "made from the trained base); to fine-tune a downloaded, local or GGUF base here, "
+                "give finetuned source finetune"
             )
         return self
 
@@ -154,7 +176,23 @@ class CorpusSettings(Block):
     seed: int = 42
 
 
-class Recipe(Block):
+class _Optimiser(Block):
+    # The optimiser and schedule every training stage shares: AdamW with these betas and weight
+    # decay (not on norm gains and biases), linear warm-up over this fraction of the steps, cosine
+    # decay to min_lr_ratio times the peak, gradients clipped to this norm.
+    warmup_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Share of each stage's steps spent warming the learning rate up from zero."""
+    min_lr_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Floor of the cosine decay, as a share of the peak learning rate."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    """AdamW weight decay (norm gains and biases are not decayed)."""
+    adam_beta1: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    max_grad_norm: PositiveNumber = 1.0
+    """Gradients are clipped to this global norm."""
+
+
+class Recipe(_Optimiser):
     """``training.recipes.<recipe>``: how one small family is made. The defaults are the calibrated
     values of the embedded default (about a minute for base + fine-tune on 2 CPU cores)."""
 
@@ -173,19 +211,6 @@ class Recipe(Block):
     learning_rate: PositiveNumber = 5e-3
     sft_learning_rate: PositiveNumber = 1e-3
     seed: int = 42
-    # The optimiser and schedule of both stages: AdamW with these betas and weight decay (not on
-    # norm gains and biases), linear warm-up over this fraction of the steps, cosine decay to
-    # min_lr_ratio times the peak, gradients clipped to this norm.
-    warmup_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    """Share of each stage's steps spent warming the learning rate up from zero."""
-    min_lr_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    """Floor of the cosine decay, as a share of the peak learning rate."""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    """AdamW weight decay (norm gains and biases are not decayed)."""
-    adam_beta1: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    adam_beta2: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    max_grad_norm: PositiveNumber = 1.0
-    """Gradients are clipped to this global norm."""
 
     @model_validator(mode="after")
     def _heads(self) -> Recipe:
@@ -201,10 +226,53 @@ class Recipe(Block):
         return self
 
 
+class FinetuneRecipe(_Optimiser):
+    """``training.finetunes.<name>``: supervised fine-tuning of a family's base model here
+    (``finetuned: {source: finetune, recipe: <name>}``) on the corpus' instruction pairs
+    (training.corpus.sft_pairs) rendered through the chat template the result is sampled with;
+    the loss counts the response tokens and the end of the turn only."""
+
+    where = "training.finetunes.<name>"
+
+    steps: PositiveInt = 200
+    learning_rate: PositiveNumber = 2e-4
+    batch_size: PositiveInt = 4
+    max_length: Annotated[int, Field(ge=16)] = 256
+    """Tokens per rendered pair (prompt, response, end of turn); longer responses are cut."""
+    lora_rank: Annotated[int, Field(ge=0)] = 16
+    """Rank of the LoRA adapters on every linear layer of the blocks (peft), trained with the
+    embeddings of the chat template's turn tokens and merged into the weights when training
+    ends; 0 = full fine-tuning."""
+    lora_alpha: PositiveNumber = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+    train_embeddings: bool = False
+    """Full fine-tuning only: also train the (usually tied) token embeddings, by far the largest
+    matrix of a small model with a large vocabulary (and, for a base that never saw the chat
+    template's turn tokens, the only way their embeddings learn)."""
+    chat_template: Literal["model", "gemma"] = "model"
+    """model: the base tokenizer's own chat template (an error if it has none); gemma: the
+    package's rendering of Gemma's turn format (for a Gemma base that ships without one)."""
+    heldout_pairs: Annotated[int, Field(ge=0)] = 32
+    """Pairs held out of training; their response loss before and after is recorded."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The dtype the model is trained and saved in."""
+    device: Device = "auto"
+    """auto: CUDA when the job has a GPU, else the CPU."""
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _embeddings_need_full(self) -> FinetuneRecipe:
+        if self.train_embeddings and self.lora_rank:
+            raise ValueError("train_embeddings applies to full fine-tuning (lora_rank: 0) only")
+        return self
+
+
 class TrainingSettings(Block):
-    """``training``: how families with ``source: train`` are made (the embedded default)."""
+    """``training``: how families with ``source: train`` are made (the embedded default), and how
+    fine-tuned variants with ``source: finetune`` are made from their family's base."""
 
     where = "training"
 
     corpus: CorpusSettings = CorpusSettings()
     recipes: dict[NonEmptyStr, Recipe] = {}
+    finetunes: dict[NonEmptyStr, FinetuneRecipe] = {}

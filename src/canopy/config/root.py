@@ -99,20 +99,21 @@ def cross_problems(config: Mapping[str, Any]) -> list[Problem]:
     mapping defensively, so that they are listed together with the blocks' own problems."""
     problems: list[Problem] = []
     tasks = list(_entries(config.get("tasks")))
-    recipes = _entries(
-        config.get("training", {}).get("recipes")
-        if isinstance(config.get("training"), Mapping)
-        else None
-    )
+    training = config.get("training") if isinstance(config.get("training"), Mapping) else {}
+    recipe_tables = {
+        "train": ("training.recipes", _entries(training.get("recipes"))),
+        "finetune": ("training.finetunes", _entries(training.get("finetunes"))),
+    }
     for name, family in _entries(config.get("families")).items():
         for variant in ("base", "finetuned"):
             spec = family.get(variant)
             if not isinstance(spec, Mapping):
                 continue
             key = ["families", name, variant]
-            if spec.get("source") == "train" and "recipe" in spec and spec["recipe"] not in recipes:
+            table, recipes = recipe_tables.get(spec.get("source"), (None, {}))
+            if table is not None and "recipe" in spec and spec["recipe"] not in recipes:
                 problems.append(Problem([*key, "recipe"], spec["recipe"],
-                                        f"not a key of training.recipes (known: "
+                                        f"not a key of {table} (known: "
                                         f"{', '.join(recipes) or 'none'})"))  # fmt: skip
             path = spec.get("path")
             if spec.get("source") == "local" and isinstance(path, str) and not Path(path).is_dir():

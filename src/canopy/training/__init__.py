@@ -6,7 +6,9 @@
 * :mod:`~canopy.training.tokenizers` — the GPT-2-style and Llama-style tokenizers;
 * :mod:`~canopy.training.chat` — chat templates and chat-rendered pairs;
 * :mod:`~canopy.training.loop` — the one training loop, :func:`pretrain_base` and
-  :func:`finetune`.
+  :func:`finetune`;
+* :mod:`~canopy.training.sft` — :func:`finetune_from_base`: a fine-tuned variant made here from
+  any family's base (hub, local or GGUF), fully or with LoRA.
 """
 
 from __future__ import annotations
@@ -15,21 +17,25 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, Recipe
+    from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, FinetuneRecipe, Recipe
     from canopy.training.chat import CHAT_TEMPLATES, encode_pair, response_loss
     from canopy.training.loop import LOG_FILE, count_parameters, finetune, pretrain_base
+    from canopy.training.sft import finetune_from_base
     from canopy.training.tokenizers import ROLE_MARKERS, train_tokenizer
 
 #: Where each name is defined. Loaded on first use: the corpus job imports
 #: ``canopy.training.corpus``, and through this package it would otherwise load the training
 #: loop and torch (1.4 s of start-up) for text generation that needs neither.
 _HOMES = {
-    **dict.fromkeys(["ARCHITECTURES", "TOKENIZER_KINDS", "Recipe"], "canopy.config.models"),
+    **dict.fromkeys(
+        ["ARCHITECTURES", "TOKENIZER_KINDS", "FinetuneRecipe", "Recipe"], "canopy.config.models"
+    ),
     **dict.fromkeys(["CHAT_TEMPLATES", "encode_pair", "response_loss"], "canopy.training.chat"),
     **dict.fromkeys(
         ["LOG_FILE", "count_parameters", "finetune", "pretrain_base"], "canopy.training.loop"
     ),
     **dict.fromkeys(["ROLE_MARKERS", "train_tokenizer"], "canopy.training.tokenizers"),
+    "finetune_from_base": "canopy.training.sft",
 }
 
 
@@ -41,6 +47,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Recipe",
+    "FinetuneRecipe",
     "ARCHITECTURES",
     "TOKENIZER_KINDS",
     "CHAT_TEMPLATES",
@@ -49,6 +56,7 @@ __all__ = [
     "train_tokenizer",
     "pretrain_base",
     "finetune",
+    "finetune_from_base",
     "response_loss",
     "encode_pair",
     "count_parameters",

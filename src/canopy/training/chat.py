@@ -54,18 +54,20 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs) -> list[int]:
 
 
 def encode_pair(
-    tokenizer, instruction: str, response: str, max_length: int
+    tokenizer, instruction: str, response: str, max_length: int, end_id: int | None = None
 ) -> tuple[list[int], int] | None:
     """(token ids, number of prompt tokens) of one rendered pair, or None if it does not fit.
 
     The prompt part is exactly what :func:`canopy.modeling.format_prompt` feeds a fine-tuned model
-    (chat template, one user turn, generation prompt); the rest is the response and EOS. A response
-    that does not fit is cut (keeping at least 8 tokens) and then has no EOS.
+    (chat template, one user turn, generation prompt); the rest is the response and ``end_id``
+    (the template's end-of-turn token; EOS when None). A response that does not fit is cut
+    (keeping at least 8 tokens) and then has no end.
     """
     prompt = _chat_ids(
         tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True
     )
-    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    end = tokenizer.eos_token_id if end_id is None else end_id
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
     if len(prompt) + 8 > max_length:
         return None
     return (prompt + answer)[:max_length], len(prompt)
@@ -100,12 +102,12 @@ def response_batches(
 
 
 def encode_pairs(
-    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, end_id: int | None = None
 ) -> list[tuple[list[int], int]]:
     """:func:`encode_pair` of each pair, leaving out those whose prompt does not fit."""
     encoded = []
     for instruction, response in pairs:
-        item = encode_pair(tokenizer, instruction, response, max_length)
+        item = encode_pair(tokenizer, instruction, response, max_length, end_id)
         if item is not None:
             encoded.append(item)
     return encoded
@@ -119,13 +121,14 @@ def response_loss(
     *,
     max_length: int | None = None,
     batch_size: int = 16,
+    end_id: int | None = None,
 ) -> float:
-    """Mean cross-entropy (nats per token) of the responses (and their EOS) given the chat-rendered
-    instructions; ``tokenizer`` must carry a chat template."""
+    """Mean cross-entropy (nats per token) of the responses (and their end token, ``end_id`` or
+    EOS) given the chat-rendered instructions; ``tokenizer`` must carry a chat template."""
     max_length = max_length or int(
         getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions")
     )
-    encoded = encode_pairs(tokenizer, pairs, max_length)
+    encoded = encode_pairs(tokenizer, pairs, max_length, end_id)
     if not encoded:
         raise ValueError("no pair fits the model's context")
     model.eval()
@@ -133,8 +136,10 @@ def response_loss(
     for first in range(0, len(encoded), batch_size):
         chosen = encoded[first : first + batch_size]
         input_ids, mask, labels = response_batch(chosen, tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
+        device = next(model.parameters()).device
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[:, :-1]
+        target = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             target.reshape(-1),

@@ -34,7 +34,7 @@ import torch
 
 from canopy.io import atomic_dir
 from canopy.training.chat import CHAT_TEMPLATES, encode_pairs, response_batches
-from canopy.config.models import Recipe
+from canopy.config.models import FinetuneRecipe, Recipe
 from canopy.training.tokenizers import train_tokenizer
 
 __all__ = ["LOG_FILE", "pretrain_base", "finetune", "count_parameters"]
@@ -119,7 +119,7 @@ def _generation_config(tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, recipe: Recipe | FinetuneRecipe, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, parameter in model.named_parameters():
@@ -157,25 +157,23 @@ def _threads(threads: int | None) -> Iterator[None]:
 def _train(
     model: torch.nn.Module,
     tokenizer,
-    recipe: Recipe,
+    recipe: Recipe | FinetuneRecipe,
     stage: str,
     batch: Callable[[int], Batch],
     logger: logging.Logger,
     started: float,
+    *,
+    steps: int,
+    peak_lr: float,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``batch(step)`` for the recipe's steps of ``stage`` ("pretrain" or
-    "finetune") at that stage's peak learning rate; returns the part of the training record that
-    both stages share (with the loss and learning rate of every step, and the seconds since
-    ``started``).
+    """Train ``model`` on ``batch(step)`` for ``steps`` steps of ``stage`` ("pretrain" or
+    "finetune") at the peak learning rate ``peak_lr``, with the recipe's optimiser and schedule;
+    returns the part of the training record that every stage shares (with the loss and learning
+    rate of every step, and the seconds since ``started``).
 
     Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
     mode.
     """
-    steps, peak_lr = (
-        (recipe.pretrain_steps, recipe.learning_rate)
-        if stage == "pretrain"
-        else (recipe.sft_steps, recipe.sft_learning_rate)
-    )
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     optimizer = _optimizer(model, recipe, peak_lr)
@@ -337,7 +335,17 @@ def pretrain_base(
             len(stream),
         )
         record = {
-            **_train(model, tokenizer, recipe, "pretrain", windows, logger, started),
+            **_train(
+                model,
+                tokenizer,
+                recipe,
+                "pretrain",
+                windows,
+                logger,
+                started,
+                steps=recipe.pretrain_steps,
+                peak_lr=recipe.learning_rate,
+            ),
             "documents": len(documents),
             "corpus_tokens": len(stream),
             "uniform_loss": math.log(len(tokenizer)),
@@ -414,7 +422,17 @@ def finetune(
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
         record = {
-            **_train(model, tokenizer, recipe, "finetune", next_batch, logger, started),
+            **_train(
+                model,
+                tokenizer,
+                recipe,
+                "finetune",
+                next_batch,
+                logger,
+                started,
+                steps=recipe.sft_steps,
+                peak_lr=recipe.sft_learning_rate,
+            ),
             "base": str(base_dir),
             "pairs": len(encoded),
             "pairs_skipped": dropped,

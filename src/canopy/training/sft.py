@@ -1,0 +1,257 @@
+"""Supervised fine-tuning of any causal LM directory: how a family's fine-tuned variant is made
+here from its own base (``finetuned: {source: finetune}``), whatever the base's source.
+
+:func:`finetune_from_base` renders the corpus' instruction pairs through the chat template the
+result will be sampled with (the base's own, or a packaged rendering of a known turn format),
+trains on the response tokens and the template's end-of-turn token only, with LoRA adapters
+(peft) merged into the weights at the end, or fully, and writes an ordinary transformers
+directory atomically: an interrupted run leaves nothing behind and simply starts again.
+
+The directory's ``training_log.json`` records the recipe, the loss curve and the response loss
+of held-out pairs before and after training: evidence that the fine-tune changed the model
+rather than an assumption that it did. Its generation config ends generation at the template's
+end-of-turn token too, so every engine that reads it stops where the sampler does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from canopy.config.models import FinetuneRecipe
+from canopy.io import atomic_dir
+from canopy.modeling import end_of_turn_ids, resolve_device
+from canopy.training.chat import encode_pairs, response_batches, response_loss
+from canopy.training.loop import LOG_FILE, _threads, _train, count_parameters
+
+__all__ = ["FinetuneError", "finetune_from_base", "packaged_chat_template", "turn_tokens"]
+
+log = logging.getLogger(__name__)
+
+#: Rows per forward pass of the held-out loss: its logits span the whole vocabulary (262,144
+#: columns for Gemma), so a wide batch would cost gigabytes.
+_LOSS_BATCH = 2
+
+
+class FinetuneError(ValueError):
+    """A base model or recipe that cannot be fine-tuned as configured."""
+
+
+def packaged_chat_template(name: str) -> str:
+    """The chat template the package ships as ``data/chat_templates/<name>.jinja``."""
+    path = resources.files("canopy.training").joinpath("data", "chat_templates", f"{name}.jinja")
+    if not path.is_file():
+        raise FinetuneError(f"no packaged chat template named {name!r}")
+    return path.read_text("utf-8").strip()
+
+
+def _chat_template(tokenizer, recipe: FinetuneRecipe, base_dir: Path) -> str:
+    if recipe.chat_template != "model":
+        return packaged_chat_template(recipe.chat_template)
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise FinetuneError(
+            f"the base tokenizer in {str(base_dir)!r} has no chat template to fine-tune with: set "
+            "chat_template in the fine-tuning recipe to a packaged one (gemma)"
+        )
+    return template
+
+
+def _end_of_turn(tokenizer) -> int:
+    """The token the template closes an assistant turn with, which the model must learn to emit."""
+    ids = end_of_turn_ids(tokenizer)
+    if ids:
+        return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise FinetuneError("the chat template closes no turn with a special token, and the "
+                            "tokenizer has no EOS token: the model could not learn to end")  # fmt: skip
+    return int(tokenizer.eos_token_id)
+
+
+def turn_tokens(tokenizer) -> list[int]:
+    """The special tokens the chat template frames a user and an assistant turn with (BOS, UNK
+    and padding left out): Gemma's ``<start_of_turn>`` and ``<end_of_turn>``. A base model never saw them in
+    pre-training, so their embeddings sit among other untrained ones; unless they are trained,
+    a fine-tune that means to end its turn draws one of those neighbours instead."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    special = set(tokenizer.all_special_ids) - {
+        tokenizer.bos_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.pad_token_id,
+    }
+    return sorted({int(i) for i in ids} & special)
+
+
+def _prepare(model: torch.nn.Module, recipe: FinetuneRecipe, turns: list[int]) -> torch.nn.Module:
+    """The model to train: LoRA adapters on every linear layer of the blocks plus the embedding
+    rows of the chat template's ``turns`` tokens, or the model itself with the embeddings frozen
+    unless the recipe trains them."""
+    if recipe.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        adapters = LoraConfig(
+            r=recipe.lora_rank,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            trainable_token_indices=turns or None,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, adapters)
+    if not recipe.train_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    return model
+
+
+def _generation_config(base_config, tokenizer, end_id: int):
+    """The base's generation config, with the end-of-turn token added to its EOS ids."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_dict(base_config.to_dict()) if base_config else GenerationConfig()
+    eos = config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if end_id not in ids:
+        ids.append(end_id)
+    config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def finetune_from_base(
+    base_dir: str | os.PathLike[str],
+    pairs: Sequence[tuple[str, str]],
+    recipe: FinetuneRecipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    logger: logging.Logger | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the causal LM in ``base_dir`` on ``pairs`` (instruction, response) as ``recipe``
+    says, and save the result to ``out_dir``; returns the record saved as ``training_log.json``.
+
+    The first ``recipe.heldout_pairs`` pairs are held out of training: their response loss is
+    measured before and after. The saved tokenizer carries the chat template trained with.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger = logger or log
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"base model directory {str(base_dir)!r} is missing or incomplete (no config.json)"
+        )
+    heldout, train_pairs = list(pairs[: recipe.heldout_pairs]), list(pairs[recipe.heldout_pairs :])
+    if not train_pairs:
+        raise FinetuneError(
+            f"the corpus has {len(pairs)} pairs, none left after holding out heldout_pairs="
+            f"{recipe.heldout_pairs}: raise training.corpus.sft_pairs"
+        )
+    dtype = getattr(torch, recipe.dtype)
+    with _threads(threads):
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        tokenizer.chat_template = _chat_template(tokenizer, recipe, base_dir)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        end_id = _end_of_turn(tokenizer)
+        device = resolve_device(recipe.device)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=dtype)
+        model.to(device)
+        encoded = encode_pairs(tokenizer, train_pairs, recipe.max_length, end_id)
+        if not encoded:
+            raise FinetuneError(f"none of the {len(train_pairs)} pairs fits max_length="
+                                f"{recipe.max_length}: raise it in the recipe")  # fmt: skip
+
+        def heldout_loss() -> float | None:
+            if not heldout:
+                return None
+            return response_loss(
+                model,
+                tokenizer,
+                heldout,
+                max_length=recipe.max_length,
+                batch_size=_LOSS_BATCH,
+                end_id=end_id,
+            )
+
+        loss_before = heldout_loss()
+        torch.manual_seed(recipe.seed)
+        turns = turn_tokens(tokenizer)
+        trained = _prepare(model, recipe, turns)
+        generator = torch.Generator().manual_seed(recipe.seed + 1)
+        batches = response_batches(
+            encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator
+        )
+
+        def next_batch(step: int):
+            input_ids, mask, labels = next(batches)
+            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            return {key: value.to(device) for key, value in inputs.items()}, int(mask.sum())
+
+        logger.info(
+            "finetune %s on %s: %s, %d trainable parameters, %d pairs (%d held out), %d steps, "
+            "held-out response loss %.4f",
+            base_dir,
+            device,
+            f"LoRA rank {recipe.lora_rank}" if recipe.lora_rank else "full",
+            count_parameters(trained),
+            len(encoded),
+            len(heldout),
+            recipe.steps,
+            float("nan") if loss_before is None else loss_before,
+        )
+        record = _train(
+            trained,
+            tokenizer,
+            recipe,
+            "finetune",
+            next_batch,
+            logger,
+            started,
+            steps=recipe.steps,
+            peak_lr=recipe.learning_rate,
+        )
+        model = trained.merge_and_unload() if recipe.lora_rank else trained
+        loss_after = heldout_loss()
+        record.update(
+            {
+                "base": str(base_dir),
+                "pairs": len(encoded),
+                "pairs_skipped": len(train_pairs) - len(encoded),
+                "heldout_pairs": len(heldout),
+                "heldout_loss_before": loss_before,
+                "heldout_loss_after": loss_after,
+                "end_of_turn_id": end_id,
+                "turn_tokens": turns,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+        model.generation_config = _generation_config(model.generation_config, tokenizer, end_id)
+        with atomic_dir(out_dir) as directory:
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            (directory / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        logger.info(
+            "finetune done in %.1f s: held-out response loss %.4f -> %.4f; saved %s",
+            record["seconds"],
+            float("nan") if loss_before is None else loss_before,
+            float("nan") if loss_after is None else loss_after,
+            out_dir,
+        )
+        return record
