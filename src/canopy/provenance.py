@@ -99,11 +99,24 @@ def _made_here(record: Any, directory: str | os.PathLike[str], rule: str) -> Any
     return record
 
 
+def _training_record(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    from canopy.training.loop import LOG_FILE
+
+    path = Path(directory) / LOG_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def model_entry(
-    family: str, variant: str, spec: Mapping[str, Any], directory: str | os.PathLike[str]
+    family: str,
+    variant: str,
+    spec: Mapping[str, Any],
+    directory: str | os.PathLike[str],
+    base_entry: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Lock entry of one model: its fetch record (hub), recipe (trained here), conversion record
-    (gguf: the file's sha256 and the package it came from) or path (local)."""
+    (gguf: the file's sha256 and the package it came from), path (local), or for a fine-tune made
+    here from the family's base (``base_entry``, that base's own lock entry) the recipe it was
+    trained with and the base's commit or checksum."""
     entry: dict[str, Any] = {"name": f"{family}/{variant}", "source": spec["source"]}
     if spec["source"] == "hub":
         entry.update(_fetched(_made_here(read_fetch_record(directory), directory, "download_model")))
@@ -120,6 +133,20 @@ def model_entry(
             commit=f"sha256:{record['sha256']}",
             pinned=True,
             dtype=record["dtype"],
+            path=str(directory),
+        )
+    elif spec["source"] == "finetune":
+        record = _made_here(_training_record(directory), directory, "finetune_from_base")
+        base = dict(base_entry or {})
+        entry.update(
+            repository=f"fine-tuned here from {family}/base (recipe {spec['recipe']})",
+            revision=spec["recipe"],
+            # What pins the fine-tune is what pins its base: the base's commit or checksum.
+            commit=base.get("commit"),
+            pinned=bool(base.get("pinned")),
+            recipe=record["recipe"],
+            heldout_loss_before=record.get("heldout_loss_before"),
+            heldout_loss_after=record.get("heldout_loss_after"),
             path=str(directory),
         )
     else:
@@ -197,8 +224,9 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for entry in lock["models"]:
         row = {"kind": "model", "name": entry["name"], "source": entry["source"]}
-        # A converted GGUF model names its package and file, pinned by the file's sha256.
-        if entry["source"] in ("hub", "gguf"):
+        # A converted GGUF model names its package and file, pinned by the file's sha256; a
+        # fine-tune made here names its recipe, pinned by its base's commit or checksum.
+        if entry["source"] in ("hub", "gguf", "finetune"):
             row.update({k: entry[k] for k in _FETCH_COLUMNS})
         elif entry["source"] == "train":
             row.update(repository=f"trained here (recipe {entry['recipe']})", pinned=True)

@@ -78,6 +78,8 @@ _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^
 
 #: The keys of a GGUF variant that decide its conversion (gguf_params).
 GGUF_KEYS = ("gguf", "sha256", "dtype")
+#: The keys of a variant that frame its prompts and end its rollouts (framing_params).
+FRAMING_KEYS = ("prompt_template", "stop_tokens_containing")
 
 #: Params functions that combine several keys into one value, and the keys they read: a family's
 #: chat options, overridden by its finetuned variant's (chat_params; set on base, an error), and
@@ -89,6 +91,7 @@ _READING_FUNCTIONS = {
         for option in CHAT_OPTION_KEYS
     ],
     "gguf_params": [f"families.{{family}}.{{variant}}.{key}" for key in GGUF_KEYS],
+    "framing_params": [f"families.{{family}}.{{variant}}.{key}" for key in FRAMING_KEYS],
 }
 
 
@@ -216,6 +219,8 @@ UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
 HUB_FAMILIES = [f for f in FAMILIES if "hub" in {model_source(f, v) for v in VARIANTS}]
+# Families whose fine-tuned variant is made here from their base, whatever its source.
+FINETUNED_HERE = [f for f in FAMILIES if model_source(f, "finetuned") == "finetune"]
 # GGUF variants as "family/variant": one family may mix a GGUF variant with a hub one.
 GGUF_MODELS = [f"{f}/{v}" for f in FAMILIES for v in VARIANTS if model_source(f, v) == "gguf"]
 
@@ -343,7 +348,8 @@ def prompt_source_files(wildcards):
 
 
 def recipe_name(variant):
-    """Input function: the training recipe a trained family's variant names."""
+    """Input function: the recipe a variant made here names (training.recipes for a trained
+    family, training.finetunes for a fine-tune of a family's base)."""
     return lambda wildcards: config["families"][wildcards.family][variant]["recipe"]
 
 
@@ -388,6 +394,14 @@ def chat_params(wildcards):
         )
     except ValueError as error:
         raise WorkflowError(str(error))
+
+
+def framing_params(wildcards):
+    """The variant's own framing keys that are set: the base's prompt_template (the document it
+    continues) and stop_tokens_containing (where its rollouts also end); a change resamples only
+    this variant."""
+    spec = config["families"][wildcards.family][wildcards.variant]
+    return {key: spec[key] for key in FRAMING_KEYS if key in spec}
 
 
 def gguf_params(wildcards):

@@ -2,7 +2,8 @@
 # here (the offline default); `source: hub` models and hub embedders are fetched once into
 # resources/ (the only jobs besides prepare_prompts of a hub task that reach the network);
 # `source: gguf` files are converted once into transformers directories there; `source: local`
-# directories are used where they are.
+# directories are used where they are; a `source: finetune` variant is fine-tuned here from its
+# family's base, whatever that base's source.
 
 
 rule pretrain_base_model:
@@ -48,6 +49,32 @@ rule finetune_model:
         "../scripts/finetune_model.py"
 
 
+rule finetune_from_base:
+    input:
+        base=lambda wildcards: model_path(wildcards.family, "base"),
+        pairs="resources/corpus/sft.jsonl",
+    output:
+        directory("resources/models/{family}/finetuned"),
+    log:
+        "logs/models/{family}/finetuned.log",
+    wildcard_constraints:
+        family=_one_of(FINETUNED_HERE),
+    priority: 10
+    conda:
+        "../../envs/torch.yaml"
+    # A real base is large enough for both cores to pay, and its fine-tune is what every job of
+    # the fine-tuned variant waits for.
+    threads: 2
+    resources:
+        gpu=lambda wildcards: device_gpus(
+            config["training"]["finetunes"][recipe_name("finetuned")(wildcards)]["device"]
+        ),
+    params:
+        recipe=config_provider("training.finetunes.{recipe}", recipe=recipe_name("finetuned")),
+    script:
+        "../scripts/finetune_from_base.py"
+
+
 rule download_model:
     output:
         directory("resources/models/{family}/{variant}"),
@@ -64,8 +91,9 @@ rule download_model:
         "../scripts/download_model.py"
 
 
-# A family may pair a GGUF variant with a hub one: the GGUF one is converted, not downloaded.
-ruleorder: convert_gguf > download_model
+# A family may pair a GGUF variant with a hub one: the GGUF one is converted, not downloaded;
+# a hub base's fine-tune made here is trained, not downloaded.
+ruleorder: convert_gguf > finetune_from_base > download_model
 
 
 rule convert_gguf:

@@ -28,6 +28,7 @@ rule sample_rollouts:
     params:
         settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,
+        framing=framing_params,
         chunk=None,
     script:
         "../scripts/sample_rollouts.py"
@@ -57,6 +58,7 @@ rule sample_rollouts_chunk:
     params:
         settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
         chat=chat_params,
+        framing=framing_params,
         chunk=lambda wildcards: int(wildcards.chunk),
     script:
         "../scripts/sample_rollouts.py"

@@ -18,4 +18,5 @@ sample_task(
     chunk=snakemake.params.chunk,
     progress=log,
     **snakemake.params.chat,
+    **snakemake.params.framing,
 )

@@ -18,10 +18,11 @@ from canopy.provenance import (  # noqa: E402
 inputs, params = snakemake.input, snakemake.params
 # inputs.models runs family by family, base then fine-tuned, in config order.
 pairs = [(family, variant) for family in params.families for variant in ("base", "finetuned")]
-models = [
-    model_entry(family, variant, params.families[family][variant], directory)
-    for (family, variant), directory in zip(pairs, inputs.models, strict=True)
-]
+models = []
+for (family, variant), directory in zip(pairs, inputs.models, strict=True):
+    # A fine-tune made here is pinned by its base, whose entry comes just before it.
+    base = models[-1] if variant == "finetuned" else None
+    models.append(model_entry(family, variant, params.families[family][variant], directory, base))
 # A packaged embedder has no input directory: pair the others with theirs in config order.
 directories = iter(inputs.embedders)
 embedders = [
