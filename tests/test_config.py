@@ -72,7 +72,9 @@ def test_committed_schema_is_the_one_the_models_generate() -> None:
     assert check.returncode == 0, check.stderr
 
 
-@pytest.mark.parametrize("path", ["config.yaml", "config/paper.yaml", "tests/configs/tiny.yaml"])
+@pytest.mark.parametrize(
+    "path", ["config.yaml", "config/paper.yaml", "config/gemma.yaml", "tests/configs/tiny.yaml"]
+)
 def test_shipped_configs_are_valid_for_the_models_and_the_schema(path: str) -> None:
     config = yaml.safe_load((REPO / path).read_text())
     validate_config(config)
@@ -256,6 +258,23 @@ def test_gguf_keys_follow_the_source(default_config) -> None:
     assert "families.tinygpt.finetuned.sha256 = 'abc': String should match pattern" in message
     assert "families.tinygpt.finetuned.dtype = 'int4'" in message
     assert "families.tinyllama.base: sha256 apply to source gguf only" in message
+
+
+def test_a_fine_tune_made_here_names_a_recipe_of_training_finetunes(default_config) -> None:
+    config = copy.deepcopy(default_config)
+    config["families"]["tinygpt"] = {
+        "base": {"source": "local", "path": "/nonexistent", "prompt_template": "Q: {prompt}"},
+        "finetuned": {"source": "finetune", "recipe": "gpt2"},
+    }
+    config["families"]["tinyllama"]["base"] = {"source": "finetune", "recipe": "llama"}
+    config["training"]["finetunes"] = {"sft": {"lora_rank": 4, "train_embeddings": True}}
+    message = problems(config)
+    assert "families.tinygpt.finetuned.recipe = 'gpt2': not a key of training.finetunes" in message
+    assert "families.tinygpt.base.prompt_template = 'Q: {prompt}': must contain {text}" in message
+    assert "families.tinyllama.base.source = 'finetune'" in message
+    assert "training.finetunes.sft: train_embeddings applies to full fine-tuning" in message
+    config["families"]["tinygpt"]["finetuned"]["prompt_template"] = "Q: {text}"
+    assert "families.tinygpt.finetuned.prompt_template" in problems(config)
 
 
 def test_chat_options_belong_to_the_finetuned_side(default_config) -> None:

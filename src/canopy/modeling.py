@@ -39,6 +39,7 @@ __all__ = [
     "format_prompt",
     "chat_options",
     "check_chat_options",
+    "special_token_ids",
     "tokens_containing",
     "CHAT_OPTION_KEYS",
     "eos_token_ids",
@@ -356,18 +357,23 @@ def end_of_turn_ids(
         return []
     after = text[text.rindex(probe) + len(probe) :]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) | {
+    return [int(ids[0])] if ids and int(ids[0]) in special_token_ids(tokenizer) else []
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens: its named ones (BOS, EOS, ...) and every added token marked
+    special (a GGUF tokenizer's ``<start_of_turn>`` is one, without being named)."""
+    return set(getattr(tokenizer, "all_special_ids", []) or []) | {
         int(i) for i, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
         if getattr(token, "special", False)
     }
-    return [int(ids[0])] if ids and int(ids[0]) in special else []
 
 
 def tokens_containing(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     """Every id of the tokenizer's vocabulary whose decoded text contains one of ``texts`` (special
     tokens left out): where a variant with ``stop_tokens_containing`` ends its rollouts. Raises
     ValueError for a text no token contains."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special = special_token_ids(tokenizer)
     vocabulary = [i for i in range(len(tokenizer)) if i not in special]
     decoded = tokenizer.batch_decode([[i] for i in vocabulary], clean_up_tokenization_spaces=False)
     found: set[int] = set()

@@ -28,7 +28,7 @@ import torch
 
 from canopy.config.models import FinetuneRecipe
 from canopy.io import atomic_dir
-from canopy.modeling import end_of_turn_ids, resolve_device
+from canopy.modeling import end_of_turn_ids, resolve_device, special_token_ids
 from canopy.training.chat import encode_pairs, response_batches, response_loss
 from canopy.training.loop import LOG_FILE, _threads, _train, count_parameters
 
@@ -85,7 +85,7 @@ def turn_tokens(tokenizer) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, tokenize=True)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
-    special = set(tokenizer.all_special_ids) - {
+    special = special_token_ids(tokenizer) - {
         tokenizer.bos_token_id,
         tokenizer.unk_token_id,
         tokenizer.pad_token_id,
