@@ -235,9 +235,16 @@ def _tail_mean(losses: Sequence[float]) -> float:
     return float(sum(tail) / len(tail))
 
 
-def _save(model, tokenizer, out_dir: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Model, tokenizer, generation config and the training record, as one atomic directory."""
-    model.generation_config = _generation_config(tokenizer)
+def _save(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike[str],
+    record: dict[str, Any],
+    generation_config=None,
+) -> None:
+    """Model, tokenizer, generation config (by default the tokenizer's BOS, EOS and padding ids)
+    and the training record, as one atomic directory."""
+    model.generation_config = generation_config or _generation_config(tokenizer)
     with atomic_dir(out_dir) as directory:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)

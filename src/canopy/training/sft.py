@@ -15,7 +15,6 @@ end-of-turn token too, so every engine that reads it stops where the sampler doe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,10 +26,9 @@ from typing import Any
 import torch
 
 from canopy.config.models import FinetuneRecipe
-from canopy.io import atomic_dir
 from canopy.modeling import end_of_turn_ids, resolve_device, special_token_ids
 from canopy.training.chat import encode_pairs, response_batches, response_loss
-from canopy.training.loop import LOG_FILE, _threads, _train, count_parameters
+from canopy.training.loop import _save, _threads, _train, count_parameters
 
 __all__ = ["FinetuneError", "finetune_from_base", "packaged_chat_template", "turn_tokens"]
 
@@ -116,7 +114,7 @@ def _prepare(model: torch.nn.Module, recipe: FinetuneRecipe, turns: list[int]) -
     return model
 
 
-def _generation_config(base_config, tokenizer, end_id: int):
+def _chat_generation_config(base_config, tokenizer, end_id: int):
     """The base's generation config, with the end-of-turn token added to its EOS ids."""
     from transformers import GenerationConfig
 
@@ -242,11 +240,13 @@ def finetune_from_base(
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
-        model.generation_config = _generation_config(model.generation_config, tokenizer, end_id)
-        with atomic_dir(out_dir) as directory:
-            model.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            (directory / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _save(
+            model,
+            tokenizer,
+            out_dir,
+            record,
+            _chat_generation_config(model.generation_config, tokenizer, end_id),
+        )
         logger.info(
             "finetune done in %.1f s: held-out response loss %.4f -> %.4f; saved %s",
             record["seconds"],
