@@ -31,7 +31,7 @@ from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
 from test_sampling_exact import float64_errors, float64_truth, record_sampling_steps
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, planned_jobs, snakemake
 
 pytestmark = pytest.mark.real_weights
 # One thread, as in the rest of the suite: a second one helps little on two cores and, when the
@@ -282,6 +282,6 @@ def test_the_gemma_config_shrunken_runs_end_to_end_with_a_fine_tune_made_here(
 
     # A changed sampling setting resamples; the fine-tune and the conversion stay.
     config.write_text(config.read_text().replace("max_new_tokens: 32", "max_new_tokens: 33"))
-    plan = snakemake(tmp_path, "-n", "--configfile", str(config))
-    assert "sample_rollouts" in plan.stdout
-    assert "finetune_from_base" not in plan.stdout and "convert_gguf" not in plan.stdout
+    planned = planned_jobs(snakemake(tmp_path, "-n", "--configfile", str(config)).stdout)
+    assert planned["sample_rollouts"] == 8
+    assert "finetune_from_base" not in planned and "convert_gguf" not in planned
