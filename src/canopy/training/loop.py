@@ -119,7 +119,9 @@ def _generation_config(tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe | FinetuneRecipe, lr: float) -> torch.optim.Optimizer:
+def _optimizer(
+    model: torch.nn.Module, recipe: Recipe | FinetuneRecipe, lr: float
+) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, parameter in model.named_parameters():
@@ -233,6 +235,28 @@ def _tail_mean(losses: Sequence[float]) -> float:
     """Mean of the last 10 % of the loss curve (at least one value): a less noisy final loss."""
     tail = losses[-max(1, len(losses) // 10) :]
     return float(sum(tail) / len(tail))
+
+
+def pair_batches(
+    encoded: list[tuple[list[int], int]],
+    pad_id: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | None = None,
+) -> Callable[[int], Batch]:
+    """``_train``'s batches of chat-rendered pairs (seeded by ``seed + 1``; labels on the responses
+    only), at most ``batch_size`` pairs each, on ``device`` when given."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = response_batches(encoded, pad_id, min(batch_size, len(encoded)), generator)
+
+    def next_batch(step: int) -> Batch:
+        input_ids, mask, labels = next(batches)
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if device is not None:
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+        return inputs, int(mask.sum())
+
+    return next_batch
 
 
 def _save(
@@ -417,15 +441,7 @@ def finetune(
                 len(pairs),
             )
         torch.manual_seed(recipe.seed)
-        generator = torch.Generator().manual_seed(recipe.seed + 1)
-        batches = response_batches(
-            encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator
-        )
-
-        def next_batch(step: int) -> Batch:
-            input_ids, mask, labels = next(batches)
-            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-            return inputs, int(mask.sum())
+        next_batch = pair_batches(encoded, tokenizer.pad_token_id, recipe.batch_size, recipe.seed)
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
         record = {

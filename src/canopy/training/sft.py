@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from canopy.config.models import FinetuneRecipe
-from canopy.modeling import end_of_turn_ids, resolve_device, special_token_ids
-from canopy.training.chat import encode_pairs, response_batches, response_loss
-from canopy.training.loop import _save, _threads, _train, count_parameters
+from canopy.modeling import _as_id_list, end_of_turn_ids, resolve_device, special_token_ids
+from canopy.training.chat import _chat_ids, encode_pairs, response_loss
+from canopy.training.loop import _save, _threads, _train, count_parameters, pair_batches
 
 __all__ = ["FinetuneError", "finetune_from_base", "packaged_chat_template", "turn_tokens"]
 
@@ -76,13 +76,11 @@ def _end_of_turn(tokenizer) -> int:
 
 def turn_tokens(tokenizer) -> list[int]:
     """The special tokens the chat template frames a user and an assistant turn with (BOS, UNK
-    and padding left out): Gemma's ``<start_of_turn>`` and ``<end_of_turn>``. A base model never saw them in
-    pre-training, so their embeddings sit among other untrained ones; unless they are trained,
-    a fine-tune that means to end its turn draws one of those neighbours instead."""
+    and padding left out): Gemma's ``<start_of_turn>`` and ``<end_of_turn>``. A base model never
+    saw them in pre-training, so their embeddings sit among other untrained ones; unless they are
+    trained, a fine-tune that means to end its turn draws one of those neighbours instead."""
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
+    ids = _chat_ids(tokenizer, messages)
     special = special_token_ids(tokenizer) - {
         tokenizer.bos_token_id,
         tokenizer.unk_token_id,
@@ -118,9 +116,10 @@ def _chat_generation_config(base_config, tokenizer, end_id: int):
     """The base's generation config, with the end-of-turn token added to its EOS ids."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig.from_dict(base_config.to_dict()) if base_config else GenerationConfig()
-    eos = config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    config = (
+        GenerationConfig.from_dict(base_config.to_dict()) if base_config else GenerationConfig()
+    )
+    ids = _as_id_list(config.eos_token_id)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     if end_id not in ids:
@@ -192,15 +191,9 @@ def finetune_from_base(
         torch.manual_seed(recipe.seed)
         turns = turn_tokens(tokenizer)
         trained = _prepare(model, recipe, turns)
-        generator = torch.Generator().manual_seed(recipe.seed + 1)
-        batches = response_batches(
-            encoded, tokenizer.pad_token_id, min(recipe.batch_size, len(encoded)), generator
+        next_batch = pair_batches(
+            encoded, tokenizer.pad_token_id, recipe.batch_size, recipe.seed, device
         )
-
-        def next_batch(step: int):
-            input_ids, mask, labels = next(batches)
-            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-            return {key: value.to(device) for key, value in inputs.items()}, int(mask.sum())
 
         logger.info(
             "finetune %s on %s: %s, %d trainable parameters, %d pairs (%d held out), %d steps, "
