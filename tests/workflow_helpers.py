@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,45 @@ def snakemake(
             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def start_in_session(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` as the leader of a new session, so that :func:`kill_session_when` can
+    kill it with every process it starts (Snakemake, its job, the job's workers)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TZ="UTC", **(env or {}))
+    return subprocess.Popen(
+        list(command),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def start_snakemake(
+    workdir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """:func:`snakemake`, started in its own session and not waited for."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+    return start_in_session(command, env)
+
+
+def kill_session_when(
+    job: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300
+) -> None:
+    """SIGKILL ``job``'s whole session as soon as ``ready()`` holds: a lost node, with no chance
+    to clean up. Fails if the job ends first or ``ready`` does not come within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended ({job.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
 
 
 def planned_jobs(output: str) -> dict[str, int]:

@@ -190,6 +190,10 @@ class _Optimiser(Block):
     adam_beta2: Annotated[float, Field(gt=0, lt=1)] = 0.95
     max_grad_norm: PositiveNumber = 1.0
     """Gradients are clipped to this global norm."""
+    checkpoint_every: PositiveInt = 25
+    """Steps between training checkpoints (weights or adapters, optimiser, schedule, RNG states,
+    data position), kept next to the output until it is written: a killed job resumes from the
+    last one and loses at most this many steps. It does not change the trained weights."""
 
 
 class Recipe(_Optimiser):

@@ -21,6 +21,7 @@ The results are ordinary transformers directories: they load with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,9 @@ from typing import Any
 import torch
 
 from canopy.io import atomic_dir
+from canopy.sampling.shards import fingerprint, model_identity
 from canopy.training.chat import CHAT_TEMPLATES, encode_pairs, response_batches
+from canopy.training.checkpoint import Checkpoints, rng_state, set_rng_state
 from canopy.config.models import FinetuneRecipe, Recipe
 from canopy.training.tokenizers import train_tokenizer
 
@@ -167,14 +170,17 @@ def _train(
     *,
     steps: int,
     peak_lr: float,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``batch(step)`` for ``steps`` steps of ``stage`` ("pretrain" or
     "finetune") at the peak learning rate ``peak_lr``, with the recipe's optimiser and schedule;
     returns the part of the training record that every stage shares (with the loss and learning
     rate of every step, and the seconds since ``started``).
 
-    Logs step, loss, learning rate and tokens/s about twenty times, and leaves the model in eval
-    mode.
+    With ``checkpoints``, resumes from the newest usable one (and logs it), and writes one every
+    ``checkpoints.every`` steps; writing one reads the state and draws no random number, so the
+    weights are those of an uninterrupted run. Logs step, loss, learning rate and tokens/s about
+    twenty times, and leaves the model in eval mode.
     """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -190,8 +196,31 @@ def _train(
     losses: list[float] = []
     rates: list[float] = []
     tokens_seen = 0
+    resumed: list[int] = []  # the steps this run resumed at (once per restart)
+    first = 0
+    restored = checkpoints.load() if checkpoints is not None else None
+    if restored is not None:
+        first, state = restored
+        _restore(model, optimizer, scheduler, state)
+        losses, rates, tokens_seen = state["losses"], state["rates"], state["tokens_seen"]
+        resumed = [*state["resumed"], first]
+        # The data position: the batch functions are seeded closures (a generator, an iterator
+        # over permutations), so drawing the batches of the steps done again puts them where
+        # they were, without any model computation.
+        for step in range(first):
+            batch(step)
+        set_rng_state(state["rng"])
+        logger.info(
+            "%s resumed at step %d/%d from %s: kept the weights, optimizer, scheduler, RNG states "
+            "and data position (%d steps not redone)",
+            stage,
+            first,
+            steps,
+            checkpoints.directory,
+            first,
+        )
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(steps):
+    for step in range(first, steps):
         lr = scheduler.get_last_lr()[0]
         rates.append(lr)
         inputs, tokens = batch(step)
@@ -216,6 +245,20 @@ def _train(
                 window_tokens / max(seconds, 1e-9),
             )
             window_start, window_tokens = time.perf_counter(), 0
+        if checkpoints is not None and checkpoints.due(step + 1, steps):
+            checkpoints.save(
+                step + 1,
+                {
+                    "model": _trainable(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "losses": losses,
+                    "rates": rates,
+                    "tokens_seen": tokens_seen,
+                    "resumed": resumed,
+                },
+            )
     model.eval()
     return {
         "stage": stage,
@@ -228,7 +271,42 @@ def _train(
         "final_loss": _tail_mean(losses),
         "loss": losses,
         "lr": rates,
+        # Only a resumed run says so: an uninterrupted run's record is unchanged.
+        **({"resumed_at_steps": resumed} if resumed else {}),
     }
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters training changes (tied ones once): the whole model from scratch, the
+    adapters and trained token rows of a LoRA fine-tune; the frozen rest comes from the base."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Load a checkpoint's parameters, optimizer and scheduler state into a freshly built run."""
+    parameters = dict(model.named_parameters())
+    saved = state["model"]
+    if set(saved) != set(_trainable(model)):
+        raise ValueError("the checkpoint's parameters are not the model's trainable ones")
+    with torch.no_grad():
+        for name, value in saved.items():
+            parameters[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+
+
+def run_checkpoints(
+    out_dir: str | os.PathLike[str],
+    recipe: Recipe | FinetuneRecipe,
+    stage: str,
+    logger: logging.Logger,
+    **inputs: Any,
+) -> Checkpoints:
+    """The checkpoints of the run that writes ``out_dir``, keyed by the stage, the recipe (less
+    ``checkpoint_every``, which changes no weight) and digests of the run's ``inputs``."""
+    recipe_key = {k: v for k, v in recipe.to_config().items() if k != "checkpoint_every"}
+    key = {"stage": stage, "recipe": recipe_key, **inputs}
+    return Checkpoints(out_dir, key, recipe.checkpoint_every, logger)
 
 
 def _tail_mean(losses: Sequence[float]) -> float:
@@ -365,6 +443,13 @@ def pretrain_base(
             len(documents),
             len(stream),
         )
+        checkpoints = run_checkpoints(
+            out_dir,
+            recipe,
+            "pretrain",
+            logger,
+            stream=hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
+        )
         record = {
             **_train(
                 model,
@@ -376,12 +461,14 @@ def pretrain_base(
                 started,
                 steps=recipe.pretrain_steps,
                 peak_lr=recipe.learning_rate,
+                checkpoints=checkpoints,
             ),
             "documents": len(documents),
             "corpus_tokens": len(stream),
             "uniform_loss": math.log(len(tokenizer)),
         }
         _save(model, tokenizer, out_dir, record)
+        checkpoints.clear()
         logger.info(
             "pretrain done in %.1f s: final loss %.3f (uniform %.3f); saved %s",
             record["seconds"],
@@ -444,6 +531,14 @@ def finetune(
         next_batch = pair_batches(encoded, tokenizer.pad_token_id, recipe.batch_size, recipe.seed)
 
         logger.info("finetune %s: %d pairs, %d steps", base_dir, len(encoded), recipe.sft_steps)
+        checkpoints = run_checkpoints(
+            out_dir,
+            recipe,
+            "finetune",
+            logger,
+            base=model_identity(base_dir),
+            pairs=fingerprint({"encoded": encoded}),
+        )
         record = {
             **_train(
                 model,
@@ -455,12 +550,14 @@ def finetune(
                 started,
                 steps=recipe.sft_steps,
                 peak_lr=recipe.sft_learning_rate,
+                checkpoints=checkpoints,
             ),
             "base": str(base_dir),
             "pairs": len(encoded),
             "pairs_skipped": dropped,
         }
         _save(model, tokenizer, out_dir, record)
+        checkpoints.clear()
         logger.info(
             "finetune done in %.1f s: final response loss %.3f; saved %s",
             record["seconds"],

@@ -28,7 +28,15 @@ import torch
 from canopy.config.models import FinetuneRecipe
 from canopy.modeling import _as_id_list, end_of_turn_ids, resolve_device, special_token_ids
 from canopy.training.chat import _chat_ids, encode_pairs, response_loss
-from canopy.training.loop import _save, _threads, _train, count_parameters, pair_batches
+from canopy.sampling.shards import fingerprint, model_identity
+from canopy.training.loop import (
+    _save,
+    _threads,
+    _train,
+    count_parameters,
+    pair_batches,
+    run_checkpoints,
+)
 
 __all__ = ["FinetuneError", "finetune_from_base", "packaged_chat_template", "turn_tokens"]
 
@@ -207,6 +215,15 @@ def finetune_from_base(
             recipe.steps,
             float("nan") if loss_before is None else loss_before,
         )
+        checkpoints = run_checkpoints(
+            out_dir,
+            recipe,
+            "finetune_from_base",
+            logger,
+            base=model_identity(base_dir),
+            pairs=fingerprint({"encoded": encoded, "heldout": heldout}),
+            device=str(device),
+        )
         record = _train(
             trained,
             tokenizer,
@@ -217,6 +234,7 @@ def finetune_from_base(
             started,
             steps=recipe.steps,
             peak_lr=recipe.learning_rate,
+            checkpoints=checkpoints,
         )
         model = trained.merge_and_unload() if recipe.lora_rank else trained
         loss_after = heldout_loss()
@@ -240,6 +258,7 @@ def finetune_from_base(
             record,
             _chat_generation_config(model.generation_config, tokenizer, end_id),
         )
+        checkpoints.clear()
         logger.info(
             "finetune done in %.1f s: held-out response loss %.4f -> %.4f; saved %s",
             record["seconds"],
