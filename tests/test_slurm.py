@@ -46,6 +46,8 @@ def test_profile_settings() -> None:
     assert profile["executor"] == "slurm"
     assert profile["retries"] == 2, "sampling resumes from its shards: let a killed job retry"
     assert profile["rerun-incomplete"] is True
+    # Pre-empted jobs come back (sbatch --requeue) and resume from shards or checkpoints.
+    assert profile["slurm-requeue"] is True
     assert profile["latency-wait"] >= 30
     assert profile["jobs"] >= 24, "the paper's 24 sampling jobs of one setting should run at once"
     defaults = profile["default-resources"]
