@@ -9,6 +9,7 @@
   :func:`finetune`;
 * :mod:`~canopy.training.sft` — :func:`finetune_from_base`: a fine-tuned variant made here from
   any family's base (hub, local or GGUF), fully or with LoRA.
+* :mod:`~canopy.training.checkpoint` — the loop's checkpoints, from which a killed run resumes.
 """
 
 from __future__ import annotations

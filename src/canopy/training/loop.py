@@ -13,6 +13,8 @@ cosine schedule with linear warm-up and a floor (``warmup_fraction``, ``min_lr_r
 clipped to ``max_grad_norm``. They are deterministic for the recipe's seed at a given thread
 count, log step, loss and tokens/s, record the loss curve in ``training_log.json`` inside the
 model directory, and write the directory atomically (a temporary sibling renamed into place).
+Every ``checkpoint_every`` steps they checkpoint next to it (:mod:`canopy.training.checkpoint`),
+so a killed run resumes where it was, to the same bits on the CPU.
 The results are ordinary transformers directories: they load with
 ``AutoModelForCausalLM``/``AutoTokenizer`` and ``local_files_only=True``, and their
 ``generation_config.json`` names the EOS id.

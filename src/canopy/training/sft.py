@@ -5,7 +5,9 @@ here from its own base (``finetuned: {source: finetune}``), whatever the base's 
 result will be sampled with (the base's own, or a packaged rendering of a known turn format),
 trains on the response tokens and the template's end-of-turn token only, with LoRA adapters
 (peft) merged into the weights at the end, or fully, and writes an ordinary transformers
-directory atomically: an interrupted run leaves nothing behind and simply starts again.
+directory atomically: an interrupted run leaves no partial model, and resumes from its last
+checkpoint (:mod:`canopy.training.checkpoint`: the adapters or weights, optimizer, scheduler, RNG
+states and step).
 
 The directory's ``training_log.json`` records the recipe, the loss curve and the response loss
 of held-out pairs before and after training: evidence that the fine-tune changed the model
