@@ -70,11 +70,13 @@ def enumerate_canopy(
     max_new_tokens: int,
     *,
     min_prob: float = 0.0,
+    ends: Callable[[tuple[int, ...]], bool] | None = None,
 ) -> list[CanopyLeaf]:
     """Walk every rollout of the canopy depth-first.
 
     ``min_prob`` prunes branches whose probability falls below it; leave it at 0 for an exact
-    canopy (then the leaf probabilities sum to one up to rounding).
+    canopy (then the leaf probabilities sum to one up to rounding). ``ends(tokens)``, a further
+    stopping rule on the prefix (a stop sequence), ends a rollout there as EOS does.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -94,7 +96,7 @@ def enumerate_canopy(
                 continue
             tokens = prefix + (token,)
             step_entropies = entropies + (h,)
-            if token in eos:
+            if token in eos or (ends is not None and ends(tokens)):
                 leaves.append(CanopyLeaf(tokens, p, step_entropies, hit_eos=True))
             elif len(tokens) == max_new_tokens:
                 leaves.append(CanopyLeaf(tokens, p, step_entropies, hit_eos=False))

@@ -275,6 +275,25 @@ def test_a_fine_tune_made_here_names_a_recipe_of_training_finetunes(default_conf
     assert "training.finetunes.sft: train_embeddings applies to full fine-tuning" in message
     config["families"]["tinygpt"]["finetuned"]["prompt_template"] = "Q: {text}"
     assert "families.tinygpt.finetuned.prompt_template" in problems(config)
+    # Per task: the base's template may read the prompt's document; a finetuned variant's
+    # per_task entry sets stops only.
+    config = copy.deepcopy(default_config)
+    config["families"]["tinygpt"]["base"]["per_task"] = {
+        "math": {"prompt_template": "{text}{document}"}
+    }
+    assert (
+        "families.tinygpt.base.per_task.math.prompt_template = '{text}{document}': must contain "
+        "{text} or {document}, once" in problems(config)
+    )
+    config["families"]["tinygpt"]["base"]["per_task"] = {"math": {"prompt_template": "{document}"}}
+    config["families"]["tinygpt"]["finetuned"]["per_task"] = {
+        "math": {"stop_sequences": ["\n\n"], "prompt_template": "{text}"}
+    }
+    assert "families.tinygpt.finetuned.per_task.math.prompt_template" in problems(config)
+    del config["families"]["tinygpt"]["finetuned"]["per_task"]["math"]["prompt_template"]
+    validated = validate_config(config)["families"]["tinygpt"]
+    assert validated["base"]["per_task"] == {"math": {"prompt_template": "{document}"}}
+    assert validated["finetuned"]["per_task"] == {"math": {"stop_sequences": ["\n\n"]}}
 
 
 def test_chat_options_belong_to_the_finetuned_side(default_config) -> None:

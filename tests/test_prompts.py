@@ -167,6 +167,32 @@ def test_humaneval_selection_is_a_seeded_permutation() -> None:
         prepare_prompts("coding", {**spec, "n_prompts": 165}, seed=1)
 
 
+def test_humaneval_prompts_carry_their_code_prompt_as_the_document(tmp_path: Path) -> None:
+    """A base framed with prompt_template "{document}" continues HumanEval's own code prompt;
+    prompts of other sources carry none, and their files do not change."""
+    from canopy.modeling import format_prompt
+    from canopy.prompts import read_prompts, write_prompts
+    from test_modeling import build_tokenizer
+
+    problems = {p["task_id"]: p["prompt"] for p in load_humaneval_problems()}
+    coding = prepare_prompts("coding", {"source": "humaneval", "n_prompts": 3}, seed=1)
+    assert [p.document for p in coding] == [problems[p.prompt_id] for p in coding]
+    write_prompts(coding, tmp_path / "coding.jsonl")
+    assert read_prompts(tmp_path / "coding.jsonl") == coding
+    math = prepare_prompts("math", {"source": "generated", "generator": "arithmetic",
+                                    "n_prompts": 2}, seed=1)  # fmt: skip
+    assert all(p.document is None for p in math)
+    write_prompts(math, tmp_path / "math.jsonl")
+    assert all("document" not in json.loads(line) for line in open(tmp_path / "math.jsonl"))
+    tokenizer = build_tokenizer()
+    framed = format_prompt(
+        tokenizer, "the cat", "base", prompt_template="{document} and", document="a dog"
+    )
+    assert framed == tokenizer("a dog and")["input_ids"]
+    with pytest.raises(ValueError, match=r"prompt 'm1'.*uses \{document\}.*no document"):
+        format_prompt(tokenizer, "the cat", "base", prompt_id="m1", prompt_template="{document}")
+
+
 # ---------------------------------------------------------------------------------------------
 # jsonl
 # ---------------------------------------------------------------------------------------------

@@ -28,15 +28,15 @@ MAX_NEW = 5
 SAMPLES = 4000
 
 
-def next_distribution_from(model, settings: SamplingSettings):
+def next_distribution_from(model, settings: SamplingSettings, prompt: list[int] = PROMPT):
     """Exact q_t(. | prefix) over the whole vocabulary, from an uncached forward pass."""
 
     def next_distribution(prefix) -> np.ndarray:
-        ids = torch.tensor([PROMPT + list(prefix)])
+        ids = torch.tensor([prompt + list(prefix)])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[:, -1, :]
         probs, token_ids = processed_distribution(logits, settings)
-        full = np.zeros(VOCAB)
+        full = np.zeros(model.config.vocab_size)
         full[token_ids[0].numpy()] = probs[0].double().numpy()
         return full / full.sum()  # float32 -> float64 rounding only
 

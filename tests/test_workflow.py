@@ -313,6 +313,28 @@ def test_a_setting_change_reruns_only_the_rules_that_read_it(
     assert set(planned) - {"all"} == rerun
 
 
+def test_one_tasks_framing_resamples_only_that_variant_and_task(recorded_run: Path) -> None:
+    """Per-task framing reaches sampling through framing_params, one (variant, task) at a time:
+    a stop sequence for tinygpt's base on math resamples that job only (and what reads its
+    rollouts), not the other task, variant or family."""
+
+    def edit(config: dict) -> None:
+        config["families"]["tinygpt"]["base"]["per_task"] = {"math": {"stop_sequences": ["t s"]}}
+
+    planned = _plan_after(recorded_run, edit)
+    assert planned["sample_rollouts"] == 1
+    # A per_task entry for a task the config does not have names the key.
+    config = yaml.safe_load(TINY.read_text())
+    config["families"]["tinygpt"]["base"]["per_task"] = {"coding": {"stop_sequences": ["x"]}}
+    broken = recorded_run / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    result = snakemake(recorded_run, "-n", "--configfile", str(broken), check=False)
+    assert result.returncode != 0
+    assert "families.tinygpt.base.per_task.coding = 'coding': not a key of tasks" in (
+        result.stdout + result.stderr
+    )
+
+
 def test_no_rule_takes_library_code_as_input(recorded_run: Path) -> None:
     """The stated policy (workflow/rules/common.smk): library modules are no input of any job, so
     an edit in src/canopy reruns nothing by itself (only a job's own script is tracked)."""

@@ -16,6 +16,7 @@ the template never reads or a system prompt it drops, instead of sampling silent
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,11 +272,13 @@ def format_prompt(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     system_prompt: str | None = None,
     prompt_template: str | None = None,
+    document: str | None = None,
 ) -> list[int]:
     """Token ids a model of ``variant`` is sampled from for the prompt ``text``.
 
-    ``base``: the raw text, or ``prompt_template`` with the text in its ``{text}`` field, with the
-    BOS token when the tokenizer adds special tokens by default.
+    ``base``: the raw text, or ``prompt_template`` with the text in its ``{text}`` field (or the
+    prompt's ``document`` in its ``{document}`` field), with the BOS token when the tokenizer adds
+    special tokens by default.
     ``finetuned``: the tokenizer's chat template applied to one user turn (after a system turn
     when ``system_prompt`` is given), with the generation prompt and ``chat_template_kwargs``.
     """
@@ -287,8 +290,15 @@ def format_prompt(
     if variant == "base":
         if chat_template_kwargs or system_prompt is not None:
             raise ValueError(f"{name}: chat options apply to the finetuned variant only")
-        document = text if prompt_template is None else prompt_template.format(text=text)
-        ids = [int(i) for i in tokenizer(document)["input_ids"]]
+        fields = {f for _, f, _, _ in string.Formatter().parse(prompt_template or "") if f}
+        if "document" in fields and not document:
+            raise ValueError(
+                f"{name}: prompt_template uses {{document}}, but the prompt has no document "
+                "(only some sources give one: humaneval)"
+            )
+        if prompt_template is not None:
+            text = prompt_template.format(text=text, document=document)
+        ids = [int(i) for i in tokenizer(text)["input_ids"]]
     elif variant == "finetuned":
         _require_template(tokenizer, name)
         ids = _template_ids(tokenizer, _messages(text, system_prompt), chat_template_kwargs or {})

@@ -78,8 +78,9 @@ _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^
 
 #: The keys of a GGUF variant that decide its conversion (gguf_params).
 GGUF_KEYS = ("gguf", "sha256", "dtype")
-#: The keys of a variant that frame its prompts and end its rollouts (framing_params).
-FRAMING_KEYS = ("prompt_template", "stop_tokens_containing")
+#: The keys of a variant (and of its per_task entries) that frame its prompts and end its
+#: rollouts (framing_params).
+FRAMING_KEYS = ("prompt_template", "stop_tokens_containing", "stop_sequences")
 
 #: Params functions that combine several keys into one value, and the keys they read: a family's
 #: chat options, overridden by its finetuned variant's (chat_params; set on base, an error), and
@@ -91,7 +92,11 @@ _READING_FUNCTIONS = {
         for option in CHAT_OPTION_KEYS
     ],
     "gguf_params": [f"families.{{family}}.{{variant}}.{key}" for key in GGUF_KEYS],
-    "framing_params": [f"families.{{family}}.{{variant}}.{key}" for key in FRAMING_KEYS],
+    "framing_params": [
+        f"families.{{family}}.{{variant}}.{level}{key}"
+        for level in ("", "per_task.{task}.")
+        for key in FRAMING_KEYS
+    ],
 }
 
 
@@ -397,11 +402,14 @@ def chat_params(wildcards):
 
 
 def framing_params(wildcards):
-    """The variant's own framing keys that are set: the base's prompt_template (the document it
-    continues) and stop_tokens_containing (where its rollouts also end); a change resamples only
-    this variant."""
+    """The framing keys that are set for this (variant, task): the base's prompt_template (the
+    document it continues), stop_tokens_containing and stop_sequences (where its rollouts also
+    end), the task's per_task entry winning key by key over the variant's own; a change
+    resamples only the (variant, task) pairs it reaches."""
     spec = config["families"][wildcards.family][wildcards.variant]
-    return {key: spec[key] for key in FRAMING_KEYS if key in spec}
+    task = (spec.get("per_task") or {}).get(wildcards.task, {})
+    merged = {**spec, **task}
+    return {key: merged[key] for key in FRAMING_KEYS if key in merged}
 
 
 def gguf_params(wildcards):

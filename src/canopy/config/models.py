@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from canopy.config.base import Block
-from canopy.config.types import Device, NonEmptyStr, PositiveInt, PositiveNumber, format_fields
+from canopy.config.types import (
+    Device,
+    NonEmptyStr,
+    PositiveInt,
+    PositiveNumber,
+    format_fields,
+    one_format_field,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -19,6 +26,8 @@ __all__ = [
     "ModelSettings",
     "RESERVED_TEMPLATE_ARGUMENTS",
     "Recipe",
+    "TaskFraming",
+    "TaskStops",
     "TOKENIZER_KINDS",
     "TrainingSettings",
 ]
@@ -49,6 +58,31 @@ ChatKwargs = Annotated[
 ]
 
 
+class TaskStops(Block):
+    """``families.<family>.<variant>.per_task.<task>``: where that task's rollouts end."""
+
+    where = "families.<family>.<variant>.per_task.<task>"
+
+    stop_tokens_containing: list[Annotated[str, Field(min_length=1)]] | None = None
+    """As the variant's key, for this task."""
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
+    """As the variant's key, for this task."""
+
+    def to_config(self) -> dict[str, Any]:
+        return {key: value for key, value in super().to_config().items() if value is not None}
+
+
+class TaskFraming(TaskStops):
+    """``families.<family>.base.per_task.<task>``: the document the base continues on that task,
+    and where its rollouts end."""
+
+    where = "families.<family>.base.per_task.<task>"
+
+    prompt_template: Annotated[str, one_format_field("text", "document")] | None = None
+    """As the base's key, for this task (e.g. "{document}": HumanEval's own code prompt, the
+    function a base continues as code)."""
+
+
 class _ModelSource(Block):
     source: Literal["train", "hub", "local", "gguf", "finetune"]
     """train (made by this workflow), hub (downloaded at a pinned revision), local (a
@@ -76,6 +110,15 @@ class _ModelSource(Block):
     strings (e.g. "\n": a base model's answer is the rest of its line), counted like EOS: the
     stop is a token, so N and every entropy stay exact. Unset: EOS (and a chat model's
     end-of-turn token) only."""
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Rollouts of this variant also end at the token whose decoded text completes one of these
+    strings (as vLLM's `stop`; e.g. "\ndef" for code), however many tokens the string spans.
+    The end is decided from the prefix alone, so N (which counts that token) and every entropy
+    stay exact. Unset: no stop sequence."""
+    per_task: dict[str, TaskStops] | None = None
+    """Framing per task, by task name: a task's keys win over this variant's own, key by key (an
+    empty list turns the variant's stops off for that task); a change resamples only that
+    (variant, task)."""
 
     @field_validator("recipe", "id", "revision", "path", "gguf")
     @classmethod
@@ -100,7 +143,10 @@ class _ModelSource(Block):
         return self
 
     def to_config(self) -> dict[str, Any]:
-        return {key: value for key, value in super().to_config().items() if value is not None}
+        values = {key: value for key, value in super().to_config().items() if value is not None}
+        if self.per_task is not None:
+            values["per_task"] = {task: spec.to_config() for task, spec in self.per_task.items()}
+        return values
 
 
 class BaseModelSettings(_ModelSource):
@@ -112,10 +158,14 @@ class BaseModelSettings(_ModelSource):
     source: Literal["train", "hub", "local", "gguf"]
     """train (made by this workflow), hub (downloaded at a pinned revision), local (a
     transformers directory), gguf (a GGUF file, converted once into a transformers directory)."""
-    prompt_template: Annotated[str, format_fields("text")] | None = None
+    prompt_template: Annotated[str, one_format_field("text", "document")] | None = None
     """The document the base model continues, with {text} for the prompt (e.g.
-    "Question: {text}\nAnswer:"), as the finetuned variant gets its chat template. Unset: the
-    raw prompt text."""
+    "Question: {text}\nAnswer:"), as the finetuned variant gets its chat template, or with
+    {document} for the prompt's own document where its source gives one (HumanEval: the code
+    prompt, a function signature and docstring). Unset: the raw prompt text."""
+    per_task: dict[str, TaskFraming] | None = None
+    """Framing per task, by task name: a task's keys (prompt_template and the stops) win over the
+    base's own, key by key; a change resamples only that (base, task)."""
 
 
 class ModelSettings(_ModelSource):

@@ -115,6 +115,11 @@ def cross_problems(config: Mapping[str, Any]) -> list[Problem]:
                 problems.append(Problem([*key, "recipe"], spec["recipe"],
                                         f"not a key of {table} (known: "
                                         f"{', '.join(recipes) or 'none'})"))  # fmt: skip
+            for task in _entries(spec.get("per_task")):
+                if tasks and task not in tasks:
+                    problems.append(Problem([*key, "per_task", task], task,
+                                            f"not a key of tasks (known: "
+                                            f"{', '.join(tasks)})"))  # fmt: skip
             path = spec.get("path")
             if spec.get("source") == "local" and isinstance(path, str) and not Path(path).is_dir():
                 problems.append(Problem([*key, "path"], path,

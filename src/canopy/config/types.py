@@ -34,6 +34,24 @@ def distinct(values: tuple) -> tuple:
 TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
 
 
+def one_format_field(*names: str) -> Any:
+    """A validator: the string is a format string with exactly one ``{field}``, one of these."""
+
+    def check(value: str) -> str:
+        try:
+            found = [n for _, n, _, _ in string.Formatter().parse(value) if n is not None]
+        except ValueError as error:
+            raise ValueError(
+                f"not a valid format string ({error}); write literal braces as {{{{ and }}}}"
+            ) from None
+        if len(found) != 1 or found[0] not in names:
+            wanted = " or ".join("{" + n + "}" for n in names)
+            raise ValueError(f"must contain {wanted}, once, and no other field, has {found}")
+        return value
+
+    return AfterValidator(check)
+
+
 def format_fields(*names: str) -> Any:
     """A validator: the string is a format string with exactly these ``{fields}``, once each."""
 

@@ -28,6 +28,9 @@ class Prompt:
     task: str
     prompt: str
     source: str
+    #: The same problem as a document a base model continues, where the source has one
+    #: (HumanEval: its code prompt); a base's prompt_template reads it as {document}.
+    document: str | None = None
 
 
 class PromptSourceError(ValueError):
@@ -35,8 +38,15 @@ class PromptSourceError(ValueError):
 
 
 def write_prompts(prompts: Iterable[Prompt], path: str | os.PathLike[str]) -> None:
-    """Write prompts as JSON lines (``prompt_id``, ``task``, ``prompt``, ``source``), atomically."""
-    write_jsonl([asdict(prompt) for prompt in prompts], path)
+    """Write prompts as JSON lines (``prompt_id``, ``task``, ``prompt``, ``source``, and
+    ``document`` where there is one), atomically."""
+    records = []
+    for prompt in prompts:
+        record = asdict(prompt)
+        if record["document"] is None:
+            del record["document"]
+        records.append(record)
+    write_jsonl(records, path)
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
@@ -67,6 +77,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
                 task=str(record.get("task", path.stem)),
                 prompt=str(record["prompt"]),
                 source=str(record.get("source", "")),
+                document=None if record.get("document") is None else str(record["document"]),
             )
         )
     if not prompts:

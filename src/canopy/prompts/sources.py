@@ -80,8 +80,11 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PromptSourceError(f"the seed for tasks.{task} must be an integer, got {seed!r}")
 
+    documents: dict[str, str] = {}
     if source == "humaneval":
         records = humaneval_records(task, n_prompts, seed)
+        # The code prompt itself, which a base model continues as code.
+        documents = {p["task_id"]: p["prompt"] for p in load_humaneval_problems()}
         label = "humaneval"
     elif source == "generated":
         generator = spec["generator"]
@@ -115,7 +118,15 @@ def prepare_prompts(task: str, spec: dict[str, Any], *, seed: int) -> list[Promp
             text = template.format(text=text)
         if few_shot is not None:
             text = prefix + "\n\n" + few_shot["query"].format(text=text)
-        prompts.append(Prompt(prompt_id=prompt_id, task=task, prompt=text, source=label))
+        prompts.append(
+            Prompt(
+                prompt_id=prompt_id,
+                task=task,
+                prompt=text,
+                source=label,
+                document=documents.get(prompt_id),
+            )
+        )
     _check_unique(task, prompts)
     return prompts
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from canopy.sampling.batcher import PromptJob
 from canopy.sampling.settings import BACKENDS, SamplingSettings
+from canopy.sampling.stops import StopSequences
 
 __all__ = ["Backend", "register_backend", "make_backend", "registered_backends"]
 
@@ -24,7 +25,8 @@ class Backend(Protocol):
     def sample_prompts(self, jobs: Sequence[PromptJob], on_done: OnDone) -> None: ...
 
 
-Factory = Callable[[Path, SamplingSettings, list[int]], Backend]
+#: (model directory, settings, EOS ids, stop sequences or None).
+Factory = Callable[[Path, SamplingSettings, list[int], "StopSequences | None"], Backend]
 _REGISTRY: dict[str, Factory] = {}
 
 
@@ -37,31 +39,60 @@ def registered_backends() -> tuple[str, ...]:
 
 
 def make_backend(
-    name: str, model_dir: Path, settings: SamplingSettings, eos_ids: list[int]
+    name: str,
+    model_dir: Path,
+    settings: SamplingSettings,
+    eos_ids: list[int],
+    stops: StopSequences | None = None,
 ) -> Backend:
+    """A backend that ends rollouts at ``eos_ids`` and, where it can, at ``stops``; rows a
+    backend returns past a stop are cut by the caller (sample_task, stops.cut_at_stop)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown sampling backend {name!r}: use one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](model_dir, settings, eos_ids)
+    return _REGISTRY[name](model_dir, settings, eos_ids, stops)
 
 
 class CanopyBackend:
     """Our sampler: the model loaded with transformers, prompts through the continuous batcher."""
 
-    def __init__(self, model_dir: Path, settings: SamplingSettings, eos_ids: list[int]) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        settings: SamplingSettings,
+        eos_ids: list[int],
+        stops: StopSequences | None = None,
+    ) -> None:
         from canopy.modeling import load_model
 
         self.loaded = load_model(model_dir, device=settings.device, dtype=settings.dtype)
         self.settings = settings
         self.eos_ids = eos_ids
+        self.stops = stops  # rows end at a stop sequence during generation
 
     def sample_prompts(self, jobs: Sequence[PromptJob], on_done: OnDone) -> None:
         from canopy.sampling.batcher import sample_prompts
 
-        sample_prompts(self.loaded, jobs, self.settings, eos_ids=self.eos_ids, on_done=on_done)
+        sample_prompts(
+            self.loaded,
+            jobs,
+            self.settings,
+            eos_ids=self.eos_ids,
+            on_done=on_done,
+            stops=self.stops,
+        )
 
 
-def _vllm_backend(model_dir: Path, settings: SamplingSettings, eos_ids: list[int]) -> Backend:
+def _vllm_backend(
+    model_dir: Path,
+    settings: SamplingSettings,
+    eos_ids: list[int],
+    stops: StopSequences | None = None,
+) -> Backend:
     from canopy.sampling.vllm import VllmSampler
+
+    # The engine runs without detokenisation, so it cannot match text: its rows run on to EOS or
+    # max_new_tokens and sample_task cuts them at the first stop (the steps past it are wasted).
+    del stops
 
     return VllmSampler(model_dir, settings, eos_ids)
 

@@ -59,6 +59,7 @@ from canopy.sampling.cache import (
 from canopy.sampling.distribution import prompt_seed, step_uniforms
 from canopy.sampling.kernel import check_prompt_fits, rollout_row, sample_step
 from canopy.sampling.settings import BatchOutOfMemoryError, SamplingSettings
+from canopy.sampling.stops import StopScanner, StopSequences
 
 __all__ = [
     "BatchStats",
@@ -143,12 +144,17 @@ class _Prompt:
     # The uniforms of each step reached so far: rows admitted at different times reach a step at
     # different times, and a generator is seeded once per (prompt, step), not once per row.
     uniforms: dict[int, np.ndarray] = field(default_factory=dict)
+    # Each rollout's stop-sequence scanner (None: no stop sequences), fed every drawn token.
+    stops: StopSequences | None = None
+    scans: list[StopScanner] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tokens = [[] for _ in range(self.rollouts)]
         self.entropies = [[] for _ in range(self.rollouts)]
         self.logprobs = [[] for _ in range(self.rollouts)]
         self.hit_eos = [False] * self.rollouts
+        if self.stops is not None:
+            self.scans = [self.stops.scanner() for _ in range(self.rollouts)]
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -502,7 +508,11 @@ class _Batcher:
             prompt.entropies[sample].append(float(entropies[index]))
             prompt.logprobs[sample].append(float(logprobs[index]))
             row.pending = token
-            finished = token in self.eos
+            # EOS, a stop token or a stop sequence completed by this token (decided from the
+            # prefix alone: a stopping time) ends the rollout here, counting this token.
+            finished = token in self.eos or (
+                prompt.stops is not None and prompt.scans[sample].push(token)
+            )
             if finished:
                 prompt.hit_eos[sample] = True
             elif steps[index] + 1 == self.settings.max_new_tokens:
@@ -537,11 +547,13 @@ def sample_prompts(
     eos_ids: Sequence[int],
     on_done: Callable[[int, list[dict[str, Any]]], None],
     stats: BatchStats | None = None,
+    stops: StopSequences | None = None,
 ) -> BatchStats:
     """Sample ``settings.rollouts`` rollouts of every job through one continuous batch.
 
     ``on_done(job_index, rows)`` receives each prompt's rows (ordered by ``sample``, ``text``
-    empty) as soon as its last rollout ends; prompts may finish out of order.
+    empty) as soon as its last rollout ends; prompts may finish out of order. With ``stops`` a
+    rollout also ends at the token that completes one of its stop sequences.
     """
     if not eos_ids:
         raise ValueError("no EOS ids given")
@@ -554,12 +566,15 @@ def sample_prompts(
     rows = batch_rows(loaded, settings, longest, len(jobs) * settings.rollouts)
     batcher = _Batcher(loaded, settings, eos_ids, stats, longest, rows)
     queue = [
-        _Prompt(index, job, prompt_seed(settings.seed, job.prompt_id), settings.rollouts)
+        _Prompt(
+            index, job, prompt_seed(settings.seed, job.prompt_id), settings.rollouts, stops=stops
+        )
         for index, job in enumerate(jobs)
     ]
 
     def finish(prompt: _Prompt) -> None:
         prompt.uniforms.clear()
+        prompt.scans = []
         on_done(prompt.index, prompt.rows())
 
     try:
@@ -585,6 +600,7 @@ def sample_prompt(
     *,
     prompt_id: str,
     eos_ids: Sequence[int],
+    stops: StopSequences | None = None,
 ) -> list[dict[str, Any]]:
     """Draw ``settings.rollouts`` rollouts of one formatted prompt (through the batcher).
 
@@ -600,5 +616,6 @@ def sample_prompt(
         settings,
         eos_ids=eos_ids,
         on_done=lambda _, rows: collected.extend(rows),
+        stops=stops,
     )
     return collected

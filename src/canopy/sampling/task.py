@@ -52,6 +52,7 @@ from canopy.sampling.backends import make_backend
 from canopy.sampling.batcher import PromptJob
 from canopy.sampling.kernel import check_prompt_fits
 from canopy.sampling.settings import TOKEN_NEUTRAL_SETTINGS, SamplingSettings
+from canopy.sampling.stops import StopSequences, cut_at_stop
 from canopy.sampling.shards import (
     ROLLOUT_SCHEMA,
     SHARD_FORMAT_VERSION,
@@ -176,6 +177,7 @@ def sample_task(
     system_prompt: str | None = None,
     prompt_template: str | None = None,
     stop_tokens_containing: Sequence[str] = (),
+    stop_sequences: Sequence[str] = (),
     progress: logging.Logger | None = None,
 ) -> pd.DataFrame:
     """Sample every prompt of a task (or of its ``chunk``-th of ``settings.chunks`` slices) and
@@ -189,7 +191,9 @@ def sample_task(
     ``chat_template_kwargs`` and ``system_prompt`` shape the finetuned variant's chat template,
     ``prompt_template`` the base variant's document; rollouts also end at every token whose text
     contains one of ``stop_tokens_containing`` (they join the end-of-sequence ids, and with them
-    the shards' fingerprints).
+    the shards' fingerprints), and at the token that completes one of ``stop_sequences`` in their
+    decoded text (:mod:`canopy.sampling.stops`; in the fingerprints when set). A backend that
+    cannot stop on text hands back longer rows, cut here at the same token.
     """
     import transformers
     from transformers import AutoTokenizer
@@ -226,6 +230,7 @@ def sample_task(
         eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(tokenizer, **chat)))
     if stop_tokens_containing:
         eos_ids = sorted(set(eos_ids) | set(tokens_containing(tokenizer, stop_tokens_containing)))
+    stops = StopSequences(tokenizer, stop_sequences) if stop_sequences else None
     formatted: list[list[int]] = []
     for record in prompts:
         ids = format_prompt(
@@ -234,6 +239,7 @@ def sample_task(
             variant,
             prompt_id=record["prompt_id"],
             prompt_template=prompt_template,
+            document=record.get("document"),
             **chat,
         )
         check_prompt_fits(info, len(ids), settings, record["prompt_id"])
@@ -261,6 +267,9 @@ def sample_task(
     }
     if variant == "finetuned":
         shared["chat"] = chat
+    if stops is not None:
+        # Only when set, so that the fingerprints of runs without stop sequences stay as they were.
+        shared["stop_sequences"] = list(stops.sequences)
     fingerprints = [
         fingerprint(
             {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
@@ -282,13 +291,28 @@ def sample_task(
 
     todo = [index for index, table in enumerate(tables) if table is None]
     if todo:
-        backend = make_backend(settings.backend, model_dir, settings, eos_ids)
+        backend = make_backend(settings.backend, model_dir, settings, eos_ids, stops)
         started = time.perf_counter()
-        counts = {"done": reused, "tokens": 0}
+        counts = {"done": reused, "tokens": 0, "wasted": 0}
 
         def on_done(position: int, rows: list[dict[str, Any]]) -> None:
             index = todo[position]
             prompt_id = prompts[index]["prompt_id"]
+            if stops is not None:
+                # The canopy backend stopped its rows already (nothing is cut); a backend that
+                # cannot match text returns them longer, and the steps past the stop are wasted.
+                wasted = 0
+                for number, row in enumerate(rows):
+                    rows[number], cut = cut_at_stop(row, stops)
+                    wasted += cut
+                if wasted:
+                    counts["wasted"] += wasted
+                    log.info(
+                        "prompt %s: cut %d steps sampled past a stop sequence (%d so far)",
+                        prompt_id,
+                        wasted,
+                        counts["wasted"],
+                    )
             for row in rows:
                 row["text"] = tokenizer.decode(row["token_ids"], skip_special_tokens=True)
             tables[index] = write_shard(
