@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_modeling import build_llama, save_model_dir
+from test_sft import build_turn_tokenizer
 from workflow_helpers import kill_session_when, start_in_session
 
 from canopy.config.models import FinetuneRecipe
@@ -113,7 +115,8 @@ def uninterrupted(data: Path) -> Path:
     return data / "base"
 
 
-def _resume(kind: str, recipe: dict, data: Path, out: Path, caplog) -> str:
+def _resume(kind: str, recipe: dict, data: Path, base: Path | None, out: Path, caplog) -> str:
+    """Run the training of ``kind`` in this process (to the end) and return its log."""
     caplog.clear()
     with caplog.at_level(logging.INFO):
         if kind == "pretrain":
@@ -121,9 +124,7 @@ def _resume(kind: str, recipe: dict, data: Path, out: Path, caplog) -> str:
             pretrain_base(documents, Recipe.from_config(recipe), out, threads=1)
         else:
             pairs = read_pairs(data / "sft.jsonl")
-            finetune_from_base(
-                data / "base", pairs, FinetuneRecipe.from_config(recipe), out, threads=1
-            )
+            finetune_from_base(base, pairs, FinetuneRecipe.from_config(recipe), out, threads=1)
     return caplog.text
 
 
@@ -132,7 +133,7 @@ def test_killed_pretraining_resumes_bit_identically(data, uninterrupted, tmp_pat
     args = ["pretrain", json.dumps(PRETRAIN), str(data / "pretrain.jsonl"), str(out)]
     kept = _killed_run(args, out, at_step=40)
     assert kept[-1] == "step-000000040.ckpt" and len(kept) <= 2, kept
-    log = _resume("pretrain", PRETRAIN, data, out, caplog)
+    log = _resume("pretrain", PRETRAIN, data, None, out, caplog)
     assert "pretrain resumed at step 40/80" in log
     assert "kept the weights, optimizer, scheduler, RNG states and data position" in log
     _assert_identical(out, uninterrupted)
@@ -151,20 +152,29 @@ def test_a_truncated_checkpoint_is_named_and_the_one_before_used(
     newest = checkpoint_dir_for(out) / "step-000000030.ckpt"
     data_bytes = newest.read_bytes()
     newest.write_bytes(data_bytes[: len(data_bytes) // 2])  # a disk that lost the file's end
-    log = _resume("pretrain", PRETRAIN, data, out, caplog)
+    log = _resume("pretrain", PRETRAIN, data, None, out, caplog)
     assert f"checkpoint {newest} is damaged (truncated" in log
     assert "pretrain resumed at step 20/80" in log
     _assert_identical(out, uninterrupted)
 
 
-def test_killed_lora_finetune_resumes_bit_identically(data, uninterrupted, tmp_path, caplog):
-    # The fixture's uninterrupted base model (data / "base") is the base fine-tuned here.
+@pytest.fixture(scope="module")
+def turn_base(data: Path) -> Path:
+    """A base whose tokenizer holds Gemma's turn tokens, so that the LoRA run also trains their
+    embedding rows (peft's trainable tokens) and its checkpoints must carry them."""
+    tokenizer = build_turn_tokenizer(read_pairs(data / "sft.jsonl"))
+    model = build_llama(len(tokenizer), hidden=32, context=256, seed=4)
+    return save_model_dir(data / "turn_base", model, tokenizer)
+
+
+def test_killed_lora_finetune_resumes_bit_identically(data, turn_base, tmp_path, caplog):
     reference = tmp_path / "uninterrupted"
-    _resume("finetune", LORA, data, reference, caplog)
+    _resume("finetune", LORA, data, turn_base, reference, caplog)
+    assert json.loads((reference / "training_log.json").read_text())["turn_tokens"]
     out = tmp_path / "finetuned"
-    args = ["finetune", json.dumps(LORA), str(data / "sft.jsonl"), str(out), str(data / "base")]
+    args = ["finetune", json.dumps(LORA), str(data / "sft.jsonl"), str(out), str(turn_base)]
     _killed_run(args, out, at_step=30)
-    log = _resume("finetune", LORA, data, out, caplog)
+    log = _resume("finetune", LORA, data, turn_base, out, caplog)
     assert "finetune resumed at step 30/60" in log
     _assert_identical(out, reference)
 
