@@ -268,14 +268,23 @@ def test_the_gemma_config_shrunken_runs_end_to_end_with_a_fine_tune_made_here(
     assert entry["commit"] == f"sha256:{locate_gguf(GEMMA, config_key='x').sha256}"
     assert entry["recipe"]["steps"] == 4 and entry["pinned"]
 
-    # The base answers on its "Answer:" line, the fine-tune in Gemma's turns.
+    # The base answers prose on its "Answer:" line, and continues HumanEval's code prompt up to
+    # the first of the coding task's stop sequences; the fine-tune answers in Gemma's turns.
     examples = pd.read_csv(tmp_path / "results/examples.tsv", sep="\t", keep_default_na=False)
     assert len(examples) == 8
-    base_rows = pd.concat(
-        pd.read_parquet(path)
-        for path in (tmp_path / "results/rollouts/default/gemma3_270m/base").glob("*.parquet")
-    )
-    assert not base_rows["text"].str.rstrip("\n").str.contains("\n").any()
+    rollouts = tmp_path / "results/rollouts/default/gemma3_270m/base"
+    prose = pd.concat(pd.read_parquet(p) for p in rollouts.glob("*.parquet") if p.stem != "coding")
+    assert not prose["text"].str.rstrip("\n").str.contains("\n").any()
+    coding = pd.read_parquet(rollouts / "coding.parquet")
+    framing = shrunken_gemma_config()["families"]["gemma3_270m"]["base"]["per_task"]["coding"]
+    from transformers import AutoTokenizer
+
+    from canopy.sampling.stops import StopSequences
+
+    stops = StopSequences(AutoTokenizer.from_pretrained(base), framing["stop_sequences"])
+    for _, row in coding.iterrows():
+        # A stop, where there is one, is completed by the rollout's last token.
+        assert stops.first_stop(row["token_ids"]) in (None, row["n_steps"])
     headline = pd.read_csv(tmp_path / "results/headline.tsv", sep="\t")
     assert set(headline["variant"]) == {"base", "finetuned"}
     assert headline["slope_ratio"].notna().all()
