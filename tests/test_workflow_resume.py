@@ -3,18 +3,13 @@ an uninterrupted run's."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, SNAKEFILE, snakemake
+from workflow_helpers import REPO, kill_session_when, snakemake, start_snakemake
 
 TARGET = "results/rollouts/default/tinyllama/base/math.parquet"
 # Targets go before --configfile, which takes every argument after it as a config file.
@@ -31,6 +26,7 @@ def _config(workdir: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     config = _config(tmp_path)
     snakemake(
@@ -38,22 +34,10 @@ def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
     )
     shards = tmp_path / "results/rollouts/default/tinyllama/base/math.shards"
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TZ="UTC")
-    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path)]
-    job = subprocess.Popen(
-        [*command, "--cores", "1", TARGET, "--configfile", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not any(shards.glob("*.parquet")) and time.monotonic() < deadline:
-        assert job.poll() is None, "the sampling job ended before writing a shard"
-        time.sleep(0.05)
-    # Lose the node: SIGKILL snakemake and the job together, no chance to clean up.
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    job = start_snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
+    # Lose the node once a shard has landed: SIGKILL snakemake and the job together, no chance to
+    # clean up.
+    kill_session_when(job, lambda: any(shards.glob("*.parquet")), "the first shard")
     kept = sorted(p.name for p in shards.glob("*.parquet"))
     assert kept, "no shard survived the kill"
     assert not (tmp_path / TARGET).exists(), "the job finished before it could be killed"
