@@ -4,21 +4,26 @@ Every contender samples the same prompts, M rollouts each, with the same tempera
 token cap, in one run of this script:
 
 * ``canopy`` — ``canopy.sampling.sample_prompts`` (exact full-vocabulary entropies);
-* ``vllm-bare-logprobs`` — ``vllm.LLM.generate`` of all prompts at once with ``logprobs=K``
-  (what our backend must read), nothing done with them;
-* ``vllm-bare`` — the same without log-probabilities (vLLM's own speed, no entropy at all);
-* ``vllm-backend`` — ``canopy.sampling.vllm.VllmSampler``: the same engine, plus the worker's
-  renormalisation and the rows (what ``backend: vllm`` runs);
+* ``vllm-bare`` — ``vllm.LLM.generate`` of all prompts at once, a seed per prompt, no
+  log-probabilities: vLLM's own speed, no entropy at all (the peer the backend is held to);
+* ``vllm-backend`` — ``canopy.sampling.vllm.VllmSampler`` (what ``backend: vllm`` runs): the same
+  engine with the step-entropy plugin, driven by the backend's worker, rows and all;
 * ``generate`` — transformers' ``model.generate(do_sample=True, output_scores=True)``, then the
   entropies from the stored processed scores.
+
+With ``--breakdown``, two more split the backend's cost between the engine and the worker:
+
+* ``vllm-bare-noseed`` — ``vllm-bare`` without the per-prompt seeds;
+* ``vllm-bare-entropy`` — ``vllm-bare`` with the plugin on and one log-probability per step
+  (the backend's requests through ``LLM.generate``, without its worker, transport or rows).
 
 Tokens/s = generated tokens (EOS included) per second of sampling; engine and model start-up are
 not counted (each contender starts first, then is timed). Each contender runs in its own process:
 the vLLM ones with the interpreter that has vLLM (``--vllm-python``; ``build/vllm`` here, made by
-``setup.sh --test``), the others with this one. Both vLLM contenders use the same engine arguments
-(``$CANOPY_VLLM_ENGINE_ARGS`` included), so their ratio is the backend's own cost. The step-1
-entropy of each prompt (the same distribution for every rollout: the prompt's next token) must
-agree between canopy, the backend and the bare run's log-probabilities renormalised.
+``setup.sh --test``), the others with this one. The vLLM contenders share the engine arguments
+(``$CANOPY_VLLM_ENGINE_ARGS`` included) but for what the plugin needs (``logprobs_mode`` and
+``max_logprobs``). The step-1 entropy of each prompt (the same distribution for every rollout: the
+prompt's next token) must agree between canopy, the backend and ``generate``.
 
 Models: ``random`` — the random Llama-style model of benchmarks/sampler.py (vocabulary 8192,
 hidden 256, 4 layers, 4 heads, head_dim 64), saved once under build/bench/; random weights
@@ -26,9 +31,9 @@ rarely draw EOS, so rollouts run to the cap. ``gemma`` — Gemma-3-270m real wei
 build/real_weights/gemma-3-270m (the real_weights tier's directory), vocabulary 262,144, when it
 exists.
 
-Run: ``python benchmarks/vllm_peer.py`` (both models; ``--models random``; ``--device cuda`` with
-``--dtype bfloat16`` on a GPU, where vLLM is installed beside the workflow: ``--vllm-python`` then
-defaults to this interpreter).
+Run: ``python benchmarks/vllm_peer.py`` (both models; ``--models random``; ``--top-k 0``;
+``--device cuda`` with ``--dtype bfloat16`` on a GPU, where vLLM is installed beside the workflow:
+``--vllm-python`` then defaults to this interpreter).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_MODULE = REPO / "src" / "canopy" / "sampling" / "vllm.py"
@@ -52,7 +56,8 @@ GEMMA_TEXTS = [
     "def fibonacci(n):",
     "The three most important ideas in thermodynamics are",
 ]
-CONTENDERS = ("canopy", "vllm-bare-logprobs", "vllm-bare", "vllm-backend", "generate")
+CONTENDERS = ("canopy", "vllm-bare", "vllm-backend", "generate")
+BREAKDOWN = ("vllm-bare-noseed", "vllm-bare-entropy")
 
 
 def build_random_model(path: Path, shape: str = "small") -> Path:
@@ -255,18 +260,20 @@ def run_generate(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
 
 
 def run_bare(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """One bare vLLM run (``args.worker``: with or without log-probabilities) on a fresh engine,
-    its first call timed, as the backend's is."""
+    """One bare vLLM run (``args.worker``: ``vllm-bare``, ``-noseed`` or ``-entropy``) on a fresh
+    engine, its first call timed, as the backend's is."""
     import importlib.util
-
-    import vllm
-    from vllm import SamplingParams
 
     spec = importlib.util.spec_from_file_location("canopy_vllm_worker", VLLM_MODULE)
     ours = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = ours
     spec.loader.exec_module(ours)
-    candidates = args.top_k if args.top_k > 0 else ours.CANDIDATES_WHEN_TOP_K_OFF
+    entropy = args.worker == "vllm-bare-entropy"
+    if entropy:
+        ours._register_plugin()  # as the backend's worker does, before vLLM is imported
+    import vllm
+    from vllm import SamplingParams
+
     engine = {
         "model": str(args.model_dir),
         "dtype": (
@@ -275,11 +282,10 @@ def run_bare(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             else ("bfloat16" if args.device == "cuda" else "float32")
         ),
         "seed": 42,
-        "max_logprobs": candidates,
-        "logprobs_mode": "raw_logprobs",
         "max_model_len": max(map(len, prompts)) + args.max_new_tokens,
         "skip_tokenizer_init": True,
         "generation_config": "vllm",
+        **({"max_logprobs": 1, "logprobs_mode": "processed_logits"} if entropy else {}),
         **json.loads(os.environ.get(ours.ENGINE_ARGS_VARIABLE) or "{}"),
     }
     if args.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -291,35 +297,33 @@ def run_bare(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         )
     llm = vllm.LLM(**engine)
     requests = [{"prompt_token_ids": ids} for ids in prompts]
-
-    def params(logprobs: int | None, max_tokens: int) -> list:
-        return [
-            SamplingParams(
-                n=args.rollouts,
-                temperature=1.0,
-                top_k=args.top_k if args.top_k > 0 else -1,
-                max_tokens=max_tokens,
-                seed=1000 + index,
-                logprobs=logprobs,
-                stop_token_ids=[args.eos],
-                ignore_eos=True,
-                detokenize=False,
-            )
-            for index in range(len(prompts))
-        ]
-
-    logprobs = candidates if args.worker == "vllm-bare-logprobs" else None
+    params = [
+        SamplingParams(
+            n=args.rollouts,
+            temperature=1.0,
+            top_k=args.top_k if args.top_k > 0 else -1,
+            max_tokens=args.max_new_tokens,
+            seed=None if args.worker == "vllm-bare-noseed" else 1000 + index,
+            logprobs=1 if entropy else None,
+            flat_logprobs=entropy,
+            stop_token_ids=[args.eos],
+            ignore_eos=True,
+            detokenize=False,
+        )
+        for index in range(len(prompts))
+    ]
     _sync(args.device)
     started = time.perf_counter()
-    outputs = llm.generate(requests, params(logprobs, args.max_new_tokens), use_tqdm=False)
+    outputs = llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
     first: dict[int, float] = {}
-    if logprobs:
-        settings = SimpleNamespace(temperature=1.0, top_k=args.top_k, top_p=1.0)
+    if entropy:
         for index, out in enumerate(outputs):
             c = out.outputs[0]
-            first[index] = ours.renormalised_step(c.logprobs[0], c.token_ids[0], settings)[0]
+            flat = c.logprobs
+            h, _ = ours.step_columns(c.token_ids, flat.token_ids, flat.logprobs, flat.ranks)
+            first[index] = float(h[0])
     return _result(tokens, seconds, first, args.device)
 
 
@@ -437,13 +441,15 @@ def compare(args: argparse.Namespace, model: str, contenders: list[str]) -> dict
             value = results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
             print(f"  {a} / {b}: {value:.2f}x")
 
-    ratio("vllm-backend", "vllm-bare-logprobs")
-    ratio("canopy", "vllm-bare-logprobs")
+    ratio("vllm-backend", "vllm-bare")
+    ratio("vllm-bare-noseed", "vllm-bare")
+    ratio("vllm-bare-entropy", "vllm-bare")
+    ratio("vllm-backend", "vllm-bare-entropy")
     ratio("canopy", "vllm-bare")
     ratio("canopy", "vllm-backend")
     ratio("canopy", "generate")
     reference = results.get("canopy", {}).get("step1_entropy")
-    for name in ("vllm-backend", "vllm-bare-logprobs", "generate"):
+    for name in ("vllm-backend", "vllm-bare-entropy", "generate"):
         other = results.get(name, {}).get("step1_entropy")
         if reference and other:
             worst = max(abs(a - b) for a, b in zip(reference, other))
@@ -456,6 +462,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="random,gemma")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--breakdown", action="store_true", help=f"add {', '.join(BREAKDOWN)} to the contenders"
+    )
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--rollouts", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=100)
@@ -487,14 +496,15 @@ def main() -> None:
             "canopy": run_canopy,
             "vllm-backend": run_backend,
             "generate": run_generate,
-            "vllm-bare-logprobs": run_bare,
             "vllm-bare": run_bare,
+            "vllm-bare-noseed": run_bare,
+            "vllm-bare-entropy": run_bare,
         }[args.worker]
         args.result.write_text(json.dumps(runner(args, prompts)))
         return
 
     sys.path.insert(0, str(REPO / "src"))
-    contenders = args.contenders.split(",")
+    contenders = args.contenders.split(",") + (list(BREAKDOWN) if args.breakdown else [])
     everything = {}
     targets = (
         [("custom", args.model_dir)]

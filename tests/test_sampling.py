@@ -557,55 +557,6 @@ def test_model_errors_name_the_path_and_keep_the_shards(tmp_path: Path) -> None:
     assert len(list(shards.glob("*.parquet"))) == 1 and not output.exists()
 
 
-# ------------------------------------------------------------------ vLLM renormalisation
-
-
-def full_vocabulary_truth(
-    logits: torch.Tensor, settings: SamplingSettings
-) -> tuple[dict[int, float], float]:
-    probs, ids = processed_distribution(logits.unsqueeze(0), settings)
-    q = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0}
-    return q, -sum(p * np.log(p) for p in q.values())
-
-
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9), (1.4, 0.5)])
-def test_vllm_top_k_logprobs_renormalise_exactly_when_top_k_fits(
-    temperature: float, top_p: float
-) -> None:
-    from canopy.sampling.vllm import candidate_count, renormalised_step
-
-    settings = SamplingSettings(temperature=temperature, top_k=20, top_p=top_p)
-    logits = 2 * torch.randn(300, generator=torch.Generator().manual_seed(1))
-    raw = torch.log_softmax(logits, dim=-1)  # what vLLM returns: raw log-probabilities
-    top = torch.topk(raw, candidate_count(settings)).indices.tolist()
-    order = np.random.default_rng(0).permutation(len(top))  # a dict in no particular order
-    candidates = {top[i]: float(raw[top[i]]) for i in order}
-    q, entropy = full_vocabulary_truth(logits, settings)
-    for token, p in q.items():
-        h, log_q = renormalised_step(candidates, token, settings)
-        assert h == pytest.approx(entropy, abs=1e-5)
-        assert log_q == pytest.approx(np.log(p), abs=1e-5)
-    outside = next(t for t in range(300) if t not in q)
-    with pytest.raises(ValueError, match=f"drawn token {outside} lies outside"):
-        renormalised_step(
-            {**candidates, outside: float(raw[outside])}, outside, settings, where="p1"
-        )
-    with pytest.raises(ValueError, match="returned 5 candidates but top_k=20"):
-        renormalised_step(dict(list(candidates.items())[:5]), top[0], settings)
-
-
-def test_vllm_without_top_k_warns_and_missing_vllm_is_a_clear_error(tmp_path: Path) -> None:
-    from canopy.sampling.vllm import VllmSampler, candidate_count
-
-    with pytest.warns(UserWarning, match="underestimate"):
-        assert candidate_count(SamplingSettings(top_k=0)) == 1000
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="backend 'vllm' needs the vllm package"):
-            VllmSampler(tmp_path, SamplingSettings(backend="vllm"), [2])
-
-
 def test_stop_tokens_end_rollouts_exactly_like_eos_and_the_template_frames_the_base(
     model_dir: Path, tmp_path: Path
 ) -> None:

