@@ -244,3 +244,29 @@ rule figure_forest:
         settings=config_provider("figures.forest"),
     script:
         "../scripts/plot_forest.py"
+
+
+# Drawn only when the power planner runs (rule power, make plan-power): no default target.
+rule figure_power:
+    input:
+        table="results/stats/{sampling}/{embedder}/power.tsv",
+    output:
+        pdf=report(
+            "results/figures/{sampling}/{embedder}/power.pdf",
+            caption="../report/figures/power.rst",
+            category="Power",
+        ),
+        png=report(
+            "results/figures/{sampling}/{embedder}/power.png",
+            caption="../report/figures/power.rst",
+            category="Power",
+        ),
+    log:
+        "logs/figures/{sampling}/{embedder}/power.log",
+    localrule: True
+    conda:
+        "../../envs/figures.yaml"
+    params:
+        settings=config_provider("figures.power"),
+    script:
+        "../scripts/plot_power.py"

@@ -217,3 +217,49 @@ rule paired_bootstrap:
         settings=config_provider("metrics.bootstrap"),
     script:
         "../scripts/paired_bootstrap.py"
+
+
+# The power planner: no default target (its refits take minutes); `snakemake power` runs it for
+# the main setting, `make plan-power` for the Gemma run.
+rule plan_power:
+    input:
+        panel="results/panel/{sampling}/{embedder}.parquet",
+        model="results/stats/{sampling}/{embedder}/glmm/model.rds",
+        summary="results/stats/{sampling}/{embedder}/glmm/summary.json",
+    output:
+        power=report(
+            "results/stats/{sampling}/{embedder}/power.tsv",
+            caption="../report/power.rst",
+            category="Power",
+        ),
+        simulations="results/stats/{sampling}/{embedder}/power_simulations.tsv",
+    log:
+        "logs/stats/{sampling}/{embedder}/power.log",
+    conda:
+        "../../envs/stats.yaml"
+    # One R process per thread, side by side: the simulated panels are independent, and each
+    # is seeded by itself, so the thread count never changes a number.
+    threads: workflow.cores
+    params:
+        settings=config_provider(
+            "stats",
+            "formula",
+            "dispersion",
+            "reference_variant",
+            "reference_task",
+            "clip",
+            "bootstrap",
+            "confidence",
+            "seed",
+            "rscript",
+            "power",
+        ),
+    script:
+        "../scripts/plan_power.py"
+
+
+rule power:
+    input:
+        combination_paths("results/stats/{sampling}/{embedder}/power.tsv", [MAIN_COMBINATION]),
+        combination_paths("results/figures/{sampling}/{embedder}/power.pdf", [MAIN_COMBINATION]),
+    localrule: True

@@ -35,6 +35,7 @@ __all__ = [
     "LENGTH_ENTROPY_ESTIMATORS",
     "MetricSettings",
     "PACKAGE_PREFIX",
+    "PowerPlanSettings",
     "RobustnessSettings",
     "SemanticEntropySettings",
     "StatsSettings",
@@ -184,6 +185,32 @@ class RobustnessSettings(Block):
     """A prompt needs at least this many matched rollouts per variant, else it is dropped."""
 
 
+class PowerPlanSettings(Block):
+    """``stats.power``: the power planner (rule plan_power, canopy.power). It simulates panels
+    with more prompts from a finished run's Beta GLMM fit and refits each; its cost grows with
+    ``simulations`` times the sum of ``prompts`` (docs/architecture.md gives its time)."""
+
+    where = "stats.power"
+
+    prompts: Annotated[
+        tuple[Annotated[int, Field(ge=2)], ...],
+        Field(min_length=1),
+        BeforeValidator(_as_tuple),
+        AfterValidator(distinct),
+    ] = (32, 64, 128, 256, 512)
+    """Prompts per (family, task, variant) of each simulated panel size."""
+    ratio: Annotated[float, Field(allow_inf_nan=False)] = 3.0
+    """Hypothesised slope ratio (fine-tuned / base) whose power is planned besides the fitted
+    one's; 3 is the paper's "nearly triples". The base slope stays the fitted one."""
+    simulations: Annotated[int, Field(ge=10)] = 40
+    """Simulated panels per prompt count and effect: the Monte-Carlo standard error of a share
+    is at most 0.5 / sqrt(simulations)."""
+    interval: Literal["delta", "bootstrap"] = "delta"
+    """The slope-ratio interval whose width and exclusion of 1 are counted (the headline's is
+    the delta method's)."""
+    seed: NonNegativeInt = 42
+
+
 class StatsSettings(Block):
     """``stats``: the Beta mixed-effects regression (glmmTMB), its diagnostics and robustness
     checks."""
@@ -210,3 +237,4 @@ class StatsSettings(Block):
     use_dharma: bool = True
     """Use R's DHARMa for the diagnostics when it is installed."""
     robustness: RobustnessSettings = RobustnessSettings()
+    power: PowerPlanSettings = PowerPlanSettings()

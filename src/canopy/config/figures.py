@@ -24,6 +24,7 @@ __all__ = [
     "FiguresSettings",
     "ForestSettings",
     "LengthsSettings",
+    "PowerSettings",
     "ResidualsSettings",
     "RhoSettings",
     "SlopesSettings",
@@ -171,6 +172,16 @@ class ForestSettings(FigureSettings):
     """Slope-ratio interval: delta method or parametric bootstrap."""
 
 
+class PowerSettings(FigureSettings):
+    """The power planner's table: median slope-ratio CI width and the share of CIs that exclude 1,
+    against prompts per (family, task, variant)."""
+
+    figure: ClassVar[str] = "power"
+
+    target: Share = 0.8
+    """The power drawn as a reference line (0.8, the conventional planning target)."""
+
+
 class FiguresSettings(Block):
     """``figures``: one settings block per figure; editing one reruns only that figure."""
 
@@ -184,3 +195,4 @@ class FiguresSettings(Block):
     residuals: ResidualsSettings = ResidualsSettings()
     rho: RhoSettings = RhoSettings()
     forest: ForestSettings = ForestSettings()
+    power: PowerSettings = PowerSettings()

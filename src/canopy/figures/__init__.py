@@ -14,6 +14,7 @@ slopes         the GLMM entropy-rate slope by variant, their ratio, D vs R̄ sca
 residuals      DHARMa-style QQ and residual-vs-predicted diagnostics
 rho            mean ρ(N, r_N) by family, task and variant with bootstrap intervals
 forest         ablation forest plot: slope ratio and ρ difference per sweep point
+power          the power planner: slope-ratio CI width and power against prompts
 =============  ==========================================================================
 """
 
@@ -22,6 +23,7 @@ from canopy.figures.decomposition import DecompositionSettings, decomposition_su
 from canopy.figures.decomposition import plot_decomposition, render_decomposition
 from canopy.figures.forest import ForestSettings, forest_rows, plot_forest, render_forest
 from canopy.figures.lengths import LengthsSettings, plot_lengths, render_lengths
+from canopy.figures.power import PowerSettings, plot_power, render_power
 from canopy.figures.residuals import ResidualsSettings, diagnostic_p_values, plot_residuals
 from canopy.figures.residuals import render_residuals
 from canopy.figures.rho import RhoSettings, plot_rho, render_rho, rho_summary
@@ -44,6 +46,7 @@ SETTINGS_CLASSES: dict[str, type[FigureSettings]] = {
         ResidualsSettings,
         RhoSettings,
         ForestSettings,
+        PowerSettings,
     )
 }
 
@@ -87,4 +90,7 @@ __all__ = [
     "forest_rows",
     "plot_forest",
     "render_forest",
+    "PowerSettings",
+    "plot_power",
+    "render_power",
 ]
