@@ -143,6 +143,15 @@ def test_killed_pretraining_resumes_bit_identically(data, uninterrupted, tmp_pat
     assert not checkpoint_dir_for(out).exists(), "the checkpoints outlived the output"
 
 
+def test_writing_checkpoints_changes_no_weight(data, uninterrupted, tmp_path):
+    # The reference wrote 7 checkpoints; a run that writes none must end on the same bytes
+    # (writing one reads the state and draws no random number).
+    out = tmp_path / "base"
+    recipe = Recipe.from_config({**PRETRAIN, "checkpoint_every": PRETRAIN["pretrain_steps"]})
+    pretrain_base(read_documents(data / "pretrain.jsonl"), recipe, out, threads=1)
+    _assert_identical(out, uninterrupted)
+
+
 def test_a_truncated_checkpoint_is_named_and_the_one_before_used(
     data, uninterrupted, tmp_path, caplog
 ):
