@@ -84,9 +84,11 @@ def _assert_identical(resumed: Path, uninterrupted: Path) -> None:
     ).read_bytes()
 
 
-def _killed_run(args: list[str], out: Path, at_step: int) -> list[str]:
+def _killed_run(args: list[str], out: Path, at_step: int) -> list[tuple[int, Path]]:
     """Run the training of ``args`` in a subprocess and SIGKILL it once the checkpoint after
-    ``at_step`` steps is written; returns the checkpoint files it left."""
+    ``at_step`` steps is written; returns the checkpoints it left as (step, path), oldest first
+    (on a fast machine the next one may have landed before the kill: the caller takes what is
+    there, not what it hoped for)."""
     job = start_in_session([sys.executable, "-c", _RUN, *args])
     directory = checkpoint_dir_for(out)
     kill_session_when(
@@ -95,7 +97,9 @@ def _killed_run(args: list[str], out: Path, at_step: int) -> list[str]:
         f"the checkpoint of step {at_step}",
     )
     assert not out.exists(), "the run finished before it was killed"
-    return sorted(p.name for p in directory.glob("step-*.ckpt"))
+    kept = sorted(directory.glob("step-*.ckpt"))
+    assert 1 <= len(kept) <= 2, "two checkpoints are kept, the newest and the one before"
+    return [(int(path.stem.removeprefix("step-")), path) for path in kept]
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +135,13 @@ def _resume(kind: str, recipe: dict, data: Path, base: Path | None, out: Path, c
 def test_killed_pretraining_resumes_bit_identically(data, uninterrupted, tmp_path, caplog):
     out = tmp_path / "base"
     args = ["pretrain", json.dumps(PRETRAIN), str(data / "pretrain.jsonl"), str(out)]
-    kept = _killed_run(args, out, at_step=40)
-    assert kept[-1] == "step-000000040.ckpt" and len(kept) <= 2, kept
+    step, _ = _killed_run(args, out, at_step=40)[-1]
     log = _resume("pretrain", PRETRAIN, data, None, out, caplog)
-    assert "pretrain resumed at step 40/80" in log
+    assert f"pretrain resumed at step {step}/80" in log
     assert "kept the weights, optimizer, scheduler, RNG states and data position" in log
     _assert_identical(out, uninterrupted)
     record = json.loads((out / "training_log.json").read_text())
-    assert record["resumed_at_steps"] == [40]
+    assert record["resumed_at_steps"] == [step]
     assert record["loss"] == json.loads((uninterrupted / "training_log.json").read_text())["loss"]
     assert not checkpoint_dir_for(out).exists(), "the checkpoints outlived the output"
 
@@ -157,13 +160,12 @@ def test_a_truncated_checkpoint_is_named_and_the_one_before_used(
 ):
     out = tmp_path / "base"
     args = ["pretrain", json.dumps(PRETRAIN), str(data / "pretrain.jsonl"), str(out)]
-    _killed_run(args, out, at_step=30)
-    newest = checkpoint_dir_for(out) / "step-000000030.ckpt"
+    (before, _), (_, newest) = _killed_run(args, out, at_step=30)
     data_bytes = newest.read_bytes()
     newest.write_bytes(data_bytes[: len(data_bytes) // 2])  # a disk that lost the file's end
     log = _resume("pretrain", PRETRAIN, data, None, out, caplog)
     assert f"checkpoint {newest} is damaged (truncated" in log
-    assert "pretrain resumed at step 20/80" in log
+    assert f"pretrain resumed at step {before}/80" in log
     _assert_identical(out, uninterrupted)
 
 
@@ -182,9 +184,9 @@ def test_killed_lora_finetune_resumes_bit_identically(data, turn_base, tmp_path,
     assert json.loads((reference / "training_log.json").read_text())["turn_tokens"]
     out = tmp_path / "finetuned"
     args = ["finetune", json.dumps(LORA), str(data / "sft.jsonl"), str(out), str(turn_base)]
-    _killed_run(args, out, at_step=30)
+    step, _ = _killed_run(args, out, at_step=30)[-1]
     log = _resume("finetune", LORA, data, turn_base, out, caplog)
-    assert "finetune resumed at step 30/60" in log
+    assert f"finetune resumed at step {step}/60" in log
     _assert_identical(out, reference)
 
 
