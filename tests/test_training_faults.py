@@ -217,3 +217,22 @@ def test_a_corrupt_checkpoint_is_never_unpickled(tmp_path, caplog):
     assert f"checkpoint {third} is damaged (checksum mismatch)" in caplog.text
     assert step == 10 and torch.equal(state["weights"], torch.arange(4.0) + 1)
     assert second.exists() and not third.exists()
+
+
+def test_a_kill_during_a_write_leaves_nothing_that_is_read(tmp_path, caplog):
+    log = logging.getLogger("test")
+    checkpoints = Checkpoints(tmp_path / "model", {"stage": "pretrain"}, 5, log)
+    good = checkpoints.save(5, {"weights": torch.arange(3.0)})
+    # What a kill inside a write leaves: the temporary file atomic_path writes to, never renamed.
+    partial = checkpoints.directory / ".step-000000010.ckpt.x1y2.tmp"
+    partial.write_bytes(good.read_bytes()[:100])
+    # And a file under a checkpoint's name that is none (written by something else).
+    stranger = checkpoints.directory / "step-000000015.ckpt"
+    stranger.write_bytes(b"PK\x03\x04 not ours")
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpoints.load()
+    assert step == 5 and torch.equal(state["weights"], torch.arange(3.0))
+    assert f"checkpoint {stranger} is damaged (not a checkpoint file (no header))" in caplog.text
+    assert str(partial) not in caplog.text
+    checkpoints.clear()
+    assert not checkpoints.directory.exists()
