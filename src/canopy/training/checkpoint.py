@@ -133,7 +133,9 @@ class Checkpoints:
         """Write the state after ``done`` steps atomically; keep the newest two checkpoints."""
         buffer = io.BytesIO()
         torch.save(dict(state), buffer)
-        payload = buffer.getvalue()
+        # A view, not a copy: a full fine-tune's checkpoint (weights and two Adam moments) is
+        # three times the model.
+        payload = buffer.getbuffer()
         header = {
             "fingerprint": self.fingerprint,
             "step": done,
@@ -143,7 +145,8 @@ class Checkpoints:
         path = self.directory / f"step-{done:09d}.ckpt"
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                handle.write(_MAGIC + json.dumps(header).encode() + b"\n" + payload)
+                handle.write(_MAGIC + json.dumps(header).encode() + b"\n")
+                handle.write(payload)
         for old in self._files()[_KEEP:]:
             old.unlink(missing_ok=True)
         return path
@@ -151,13 +154,14 @@ class Checkpoints:
     def _read(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]] | str:
         """(header, state) of a checkpoint file, or why it cannot be used."""
         data = path.read_bytes()
-        if not data.startswith(_MAGIC) or b"\n" not in data[len(_MAGIC) :]:
+        end = data.find(b"\n", len(_MAGIC)) if data.startswith(_MAGIC) else -1
+        if end < 0:
             return "not a checkpoint file (no header)"
-        line, payload = data[len(_MAGIC) :].split(b"\n", 1)
         try:
-            header = json.loads(line)
+            header = json.loads(data[len(_MAGIC) : end])
         except ValueError:
             return "unreadable header"
+        payload = memoryview(data)[end + 1 :]  # a view: the payload may be gigabytes
         if header.get("fingerprint") != self.fingerprint:
             return "stale"
         if len(payload) != header.get("bytes"):
