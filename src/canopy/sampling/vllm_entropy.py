@@ -49,7 +49,7 @@ FLOOR = -1.0e4
 CPU_CHUNK_BYTES = 32 << 20
 #: Entries per chunk on an accelerator: bounds the work buffers (two float32 [rows, vocab]) that
 #: vLLM's memory profile does not see.
-DEVICE_CHUNK_ENTRIES = 1 << 26
+DEVICE_CHUNK_ENTRIES = 1 << 24
 
 logger = logging.getLogger(__name__)
 
