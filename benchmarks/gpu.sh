@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (one call, under 8 minutes): both sampling backends on CUDA in
-# bfloat16, M=100 rollouts, up to 1000 new tokens, top-k 100, on
+# One prepared run for a lent GPU (one call, under 8 minutes): the vLLM backend (each step's entropy
+# computed inside vLLM's sampler) beside bare vLLM without log-probabilities, and the canopy
+# backend, on CUDA in bfloat16, M=100 rollouts, up to 1000 new tokens, top-k 100, on
 #   1. Gemma-3-270m (real weights from build/real_weights/gemma-3-270m, else its shape at random),
 #   2. a random model shaped like Llama-3.1-8B (built here on the GPU: 16 GB of bfloat16),
 # printing tokens/s, their ratios (benchmarks/vllm_peer.py) and peak GPU memory. vLLM is used from
-# this interpreter (a CUDA vLLM installed beside the workflow); without it only canopy runs.
-# Results also land in $OUT (the device tool's output folder) or build/bench/gpu.
+# this interpreter: vllm==0.32.0 installed beside the workflow (envs/engines/vllm-cuda.yaml pins
+# it; the backend refuses other releases); without it only canopy runs. Results also land in $OUT
+# (the device tool's output folder) or build/bench/gpu.
 #
 #   bash benchmarks/gpu.sh            # PYTHON=python3.11 bash benchmarks/gpu.sh
 set -uo pipefail
@@ -27,10 +29,9 @@ for name in ("torch", "transformers", "vllm"):
 PY
 
 if "$PYTHON" -c "import vllm" >/dev/null 2>&1; then
-    # Bare vLLM with log-probabilities is the bar the backend is held to; each vLLM contender
-    # starts its own engine (a minute or more with an 8B model), so bare vLLM without them stays
-    # out of the 8 minutes.
-    contenders=canopy,vllm-bare-logprobs,vllm-backend
+    # Bare vLLM without log-probabilities is the bar the backend is held to; each vLLM contender
+    # starts its own engine (a minute or more with an 8B model).
+    contenders=vllm-bare,vllm-backend,canopy
 else
     echo "vllm does not import here: canopy alone"
     contenders=canopy

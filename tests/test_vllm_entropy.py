@@ -82,6 +82,38 @@ def test_rows_with_ties_at_the_kth_logit_take_the_dense_path() -> None:
     np.testing.assert_allclose(log_q.numpy(), -np.log(12), atol=1e-12)
 
 
+def test_the_top_k_mask_keeps_its_survivors_for_the_entropy() -> None:
+    """On vLLM's CPU path the plugin masks the top k itself and keeps each row's top k + 1 aside:
+    the mask is vLLM's (ties with the k-th logit kept), and the entropy from the kept values equals
+    float64 on the masked rows, ties, mixed k and rows without top-k included."""
+    from canopy.sampling.vllm_entropy import _kept_top_k, _Step, _top_k_mask_keeping_survivors
+
+    generator = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(5, 8192, generator=generator)
+    logits[4, :7] = 9.0  # seven tied at the top of the last row, whose k is 5
+    cases = {
+        "one k": torch.full((5,), 40),
+        "mixed k": torch.tensor([1, 40, 100, 7, 5]),
+        "a row without top-k": torch.tensor([40, 8192, 40, 40, 40]),
+    }
+    for name, k in cases.items():
+        expected = logits.clone()
+        for row, kk in enumerate(k.tolist()):
+            if kk < logits.shape[1]:
+                kth = logits[row].topk(kk).values[-1]
+                expected[row] = expected[row].masked_fill(expected[row] < kth, float("-inf"))
+        processed = _top_k_mask_keeping_survivors(logits.clone(), k.to(torch.int32))
+        assert torch.equal(processed, expected), name
+        # Only a batch whose rows all kept exactly their k skips the full-vocabulary passes.
+        assert (_kept_top_k(_Step.survivors) is not None) == (name == "one k")
+        drawn = draws(processed)
+        truth_h, truth_log_q = float64_truth(processed, drawn)
+        entropy, log_q = step_entropy(processed, drawn, k, _Step.survivors)
+        np.testing.assert_allclose(entropy.numpy(), truth_h, rtol=0, atol=2e-7, err_msg=name)
+        np.testing.assert_allclose(log_q.numpy(), truth_log_q, rtol=0, atol=2e-7, err_msg=name)
+        _Step.survivors = None
+
+
 def test_the_backend_reads_the_two_numbers_and_refuses_anything_else() -> None:
     tokens = [7, 3, 9]
     entropy, log_q = [1.5, 0.25, 2.0], [-0.5, -0.01, -3.0]

@@ -94,6 +94,24 @@ def _sparse_rows(x, top_k):
     return values[:, :widest]
 
 
+def _kept_top_k(survivors):
+    """The survivors of the top-k mask, [B, k] (-inf padded), from the top k + 1 logits of each
+    row that :func:`_top_k_mask_keeping_survivors` took before masking; None where a row kept more
+    than its k (a tie with its k-th logit) or had no top-k."""
+    import torch
+
+    top, k, unfiltered = survivors
+    if bool(unfiltered.any()):
+        return None
+    kth = top.gather(-1, (k - 1).unsqueeze(-1))
+    following = top.gather(-1, k.unsqueeze(-1))
+    if not bool((following < kth).all()):
+        return None
+    widest = int(k.max())
+    columns = torch.arange(widest, device=top.device)
+    return top[:, :widest].masked_fill(columns >= k.unsqueeze(-1), float("-inf"))
+
+
 def _reduce(values):
     """(h, log Z, max) per row of finite-or--inf logits [B, K], all float64, outright."""
     import torch
@@ -106,17 +124,21 @@ def _reduce(values):
     return entropy, torch.logsumexp(x - largest.unsqueeze(-1), dim=-1), largest
 
 
-def step_entropy(processed_logits, drawn, top_k=None):
+def step_entropy(processed_logits, drawn, top_k=None, survivors=None):
     """(h, log q(drawn)) per row, float64, of softmax(processed_logits) (rows [B, V], -inf where
-    a filter removed a token) and the drawn token ids [B]. ``top_k`` [B] (the rows' top-k, None
-    when none applies) lets rows that top-k alone filtered skip the full-vocabulary passes."""
+    a filter removed a token) and the drawn token ids [B]. Rows that top-k alone filtered skip the
+    full-vocabulary passes: with ``survivors`` (what the top-k mask kept aside) at no cost, with
+    ``top_k`` [B] (the rows' top-k) at the cost of one top-(k + 1); None where none applies."""
     import torch
 
     rows, vocab = processed_logits.shape
     device = processed_logits.device
     token = drawn.to(device=device, dtype=torch.long).unsqueeze(-1)
     drawn_logit = processed_logits.gather(-1, token).squeeze(-1).double()
-    sparse = _sparse_rows(processed_logits, top_k)
+    if survivors is not None:
+        sparse = _kept_top_k(survivors)
+    else:
+        sparse = _sparse_rows(processed_logits, top_k)
     if sparse is not None:
         entropy, log_total, largest = _reduce(sparse)
         return entropy, drawn_logit - largest - log_total
@@ -151,10 +173,12 @@ def step_entropy(processed_logits, drawn, top_k=None):
 
 
 class _Step:
-    """The top-k of the batch the sampler is working on: ``forward`` has the sampling metadata,
-    ``gather_logprobs`` (a static method) does not."""
+    """What the sampler knows of the batch it is working on, for ``gather_logprobs`` (a static
+    method, called without it): the rows' top-k from ``forward``'s sampling metadata, and the
+    survivors of the top-k mask on the CPU path."""
 
     top_k = None
+    survivors = None
 
 
 def _forward_noting_top_k(original):
@@ -164,9 +188,27 @@ def _forward_noting_top_k(original):
         try:
             return original(self, logits, sampling_metadata, *args, **kwargs)
         finally:
-            _Step.top_k = None
+            _Step.top_k = _Step.survivors = None
 
     return forward
+
+
+def _top_k_mask_keeping_survivors(logits, k):
+    """The top-k mask of vLLM's CPU path (rows with top-k and no top-p): every logit below its
+    row's k-th largest to -inf, ties with it kept, in place. It takes each row's top k + 1 values
+    (one more than the mask needs, to see ties) and keeps them aside, so that the entropy of the
+    survivors needs no second pass over the vocabulary."""
+    import torch
+
+    vocab = logits.shape[-1]
+    k = k.to(device=logits.device, dtype=torch.long)
+    unfiltered = k >= vocab  # vLLM gives a row without top-k the whole vocabulary
+    k = k.masked_fill(unfiltered, 1)
+    top = logits.topk(min(int(k.max()) + 1, vocab), dim=-1).values
+    kth = top.gather(-1, (k - 1).unsqueeze(-1))
+    kth = kth.masked_fill(unfiltered.unsqueeze(-1), float("-inf"))
+    _Step.survivors = (top, k, unfiltered)
+    return logits.masked_fill_(logits < kth, float("-inf"))
 
 
 def _gather_step_entropy(original):
@@ -177,7 +219,7 @@ def _gather_step_entropy(original):
     def gather_logprobs(logprobs, num_logprobs, token_ids):
         if num_logprobs != 1:
             return original(logprobs, num_logprobs, token_ids)
-        entropy, drawn_log_q = step_entropy(logprobs, token_ids, _Step.top_k)
+        entropy, drawn_log_q = step_entropy(logprobs, token_ids, _Step.top_k, _Step.survivors)
         ids = token_ids.to(torch.int32).unsqueeze(-1).expand(-1, 2).contiguous()
         values = torch.stack([drawn_log_q, entropy], dim=-1)
         ranks = torch.full_like(token_ids, MARK)
@@ -191,6 +233,7 @@ def register() -> None:
     if os.environ.get(ENABLE_VARIABLE) != "1":
         return
     import vllm
+    from vllm.v1.sample.ops import topk_topp_sampler
     from vllm.v1.sample.sampler import Sampler
 
     if vllm.__version__ != SUPPORTED_VLLM:
@@ -206,5 +249,6 @@ def register() -> None:
         return  # plugins may load more than once per process
     Sampler.gather_logprobs = _gather_step_entropy(Sampler.gather_logprobs)
     Sampler.forward = _forward_noting_top_k(Sampler.forward)
+    topk_topp_sampler.apply_top_k_only = _top_k_mask_keeping_survivors
     Sampler._canopy_step_entropy = True
     logger.info("canopy step entropy: vLLM's V1 sampler returns (log q, entropy) per step")
