@@ -45,8 +45,10 @@ MARK = -1
 BLOCK = 256
 #: Where the shifted logits are clamped: exp gives an exact 0 far above it (below -104 in float32).
 FLOOR = -1.0e4
-#: Bytes of float32 work per chunk of rows on a CPU (two buffers of this size).
-CPU_CHUNK_BYTES = 32 << 20
+#: Bytes of float32 work per chunk of rows on a CPU (two buffers of this size): its passes then
+#: run in the core's cache. On [40, 262144] rows, one thread: 18-20 ms at 2-4 MB, 26 ms at 32 MB,
+#: against 33 ms for one torch.softmax of the same rows.
+CPU_CHUNK_BYTES = 4 << 20
 #: Entries per chunk on an accelerator: bounds the work buffers (two float32 [rows, vocab]) that
 #: vLLM's memory profile does not see.
 DEVICE_CHUNK_ENTRIES = 1 << 24
