@@ -16,7 +16,9 @@ Modules:
 * :mod:`~canopy.sampling.shards` — the rollout table's schema and per-prompt shards;
 * :mod:`~canopy.sampling.task` — a prompts file to a rollout table, chunks and their gathering;
 * :mod:`~canopy.sampling.backends` — the backend registry (``canopy``; ``vllm`` in
-  :mod:`~canopy.sampling.vllm`, imported only when chosen).
+  :mod:`~canopy.sampling.vllm`, imported only when chosen);
+* :mod:`~canopy.sampling.vllm_entropy` — the vLLM plugin that computes each step's entropy and
+  log q inside vLLM's sampler (loaded by vLLM, never imported by the workflow).
 """
 
 from canopy.sampling.batcher import BatchStats, PromptJob, sample_prompt, sample_prompts
