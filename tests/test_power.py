@@ -274,6 +274,7 @@ def test_planner_power_agrees_with_a_direct_count(tmp_path):
 # ------------------------------------------------------------------------------------ workflow
 
 
+@pytest.mark.slow
 def test_power_is_an_optional_target_of_the_main_setting(tmp_path):
     """`snakemake power` plans the planner and its figure once, for the main setting; the default
     target plans neither (its refits take minutes)."""
