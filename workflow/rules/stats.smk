@@ -238,8 +238,10 @@ rule plan_power:
     conda:
         "../../envs/stats.yaml"
     # One R process per thread, side by side: the simulated panels are independent, and each
-    # is seeded by itself, so the thread count never changes a number.
-    threads: workflow.cores
+    # is seeded by itself, so the thread count never changes a number. Two fit a laptop (the
+    # Slurm profile gives 16; `--set-threads plan_power=N` elsewhere); `workflow.cores` would
+    # make the workflow unreadable without --cores (a lint, a dry run from a test).
+    threads: 2
     params:
         settings=config_provider(
             "stats",
