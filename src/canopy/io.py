@@ -2,7 +2,10 @@
 
 Every file the workflow produces is written to a temporary sibling and renamed into place, so an
 interrupted job never leaves a half-written output that a later run could mistake for a result:
-:func:`atomic_path` for a file, :func:`atomic_dir` for a directory (a model). JSON lines files (the
+:func:`atomic_path` for a file, :func:`atomic_dir` for a directory (a model). Where the output
+cannot be written (a full disk, a read-only file system, a file where its folder should be) they
+raise :class:`OutputNotWritable`, naming the path and what to do, and leave nothing behind: no
+temporary file, and any earlier output at the path untouched. JSON lines files (the
 prompts and the training corpus) are written by :func:`write_jsonl` and read by
 :func:`iter_jsonl`, which names the file and line of a malformed record.
 """
@@ -10,6 +13,7 @@ prompts and the training corpus) are written by :func:`write_jsonl` and read by
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 __all__ = [
+    "OutputNotWritable",
     "atomic_path",
     "atomic_dir",
     "write_jsonl",
@@ -32,21 +37,67 @@ __all__ = [
 ]
 
 
+class OutputNotWritable(OSError):
+    """An output cannot be written where it belongs; the message names the path and what to do.
+
+    Keeps the ``errno`` of the underlying error (``ENOSPC`` for a full disk)."""
+
+    #: What the user can do, by the errno of what failed.
+    _ADVICE = {
+        errno.ENOSPC: "the disk holding it is full: free space there, or run the workflow in a "
+        "directory on a larger disk (snakemake --directory)",
+        errno.EDQUOT: "you are over your disk quota there: free space, or run the workflow in a "
+        "directory with quota to spare (snakemake --directory)",
+        errno.EROFS: "it is on a read-only file system: run the workflow in a writable directory "
+        "(snakemake --directory)",
+        errno.EACCES: "you may not write there: fix the folder's permissions, or run the workflow "
+        "in a directory you own (snakemake --directory)",
+        errno.ENOTDIR: "a file stands where one of its folders should be: move that file aside",
+        errno.EEXIST: "a file stands where one of its folders should be: move that file aside",
+    }
+    _ADVICE[errno.EPERM] = _ADVICE[errno.EACCES]
+    #: Errors of writing a file's contents that are about where it is written, not what: only
+    #: these are reported as an unwritable output when they come from inside the caller's block.
+    WHILE_WRITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+    @classmethod
+    def of(cls, path: Path, error: OSError) -> OutputNotWritable:
+        """The error for ``path`` that ``error`` stopped (OSError's own constructor is kept, so
+        that the error pickles like any OSError)."""
+        advice = cls._ADVICE.get(error.errno, "check that its folder exists and can be written")
+        return cls(
+            error.errno,
+            f"cannot write {path} ({error.strerror or error}): {advice}. Nothing was written "
+            "there (the temporary file was removed; an earlier file at that path is untouched)",
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same directory so that the final ``os.replace`` is atomic on
-    POSIX file systems. On an exception the temporary file is removed and ``path`` is untouched.
+    POSIX file systems. On an exception the temporary file is removed and ``path`` is untouched;
+    a folder that cannot be made or written, or a disk that fills up during the block, raises
+    :class:`OutputNotWritable`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as error:
+        raise OutputNotWritable.of(target, error) from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with _unwritable_as(target):
+            yield tmp
+        try:
+            os.replace(tmp, target)
+        except OSError as error:
+            raise OutputNotWritable.of(target, error) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -55,25 +106,69 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` (a previous
-    directory there is moved aside first and removed after the rename)."""
+    directory there is moved aside first and removed after the rename). Raises
+    :class:`OutputNotWritable` as :func:`atomic_path` does."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        yield tmp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as error:
+        raise OutputNotWritable.of(target, error) from error
+    try:
+        with _unwritable_as(target):
+            yield tmp
         old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            os.replace(tmp, target)
+        except OSError as error:
+            if old is not None and not target.exists():
+                os.replace(old, target)  # the earlier directory back where it was
+            raise OutputNotWritable.of(target, error) from error
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Free space below which a failed write is taken for a full disk: the failed write's temporary
+#: file is still there, so a disk that filled up has (next to) nothing free.
+_FULL_BELOW = 2**20
+
+
+@contextlib.contextmanager
+def _unwritable_as(target: Path) -> Iterator[None]:
+    """Report a full disk (or read-only one) met while writing ``target``'s temporary file as
+    :class:`OutputNotWritable`; other errors of the block (a bad input, a bug) pass unchanged.
+
+    Writers do not all say ENOSPC: numpy reports a short write as an OSError without errno,
+    torch.save and safetensors raise their own errors. Those count as a full disk when the disk
+    is full, measured after the failure."""
+    try:
+        yield
+    except OutputNotWritable:
+        raise
+    except Exception as error:
+        reported = error if isinstance(error, OSError) and error.errno is not None else None
+        if reported is None and _free_bytes(target.parent) < _FULL_BELOW:
+            reported = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}; the writer: {error}")
+        if reported is not None and reported.errno in OutputNotWritable.WHILE_WRITING:
+            raise OutputNotWritable.of(target, reported) from error
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return _FULL_BELOW  # cannot tell: not taken for a full disk
+    return stats.f_bavail * stats.f_frsize
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:

@@ -5,12 +5,18 @@ a Snakemake output, so it survives a killed job) together with a fingerprint of 
 determines its rows; a rerun reuses only shards whose fingerprint matches. A rollout table keeps
 the fingerprints of its prompts (and the number of chunks it was sampled in) in its schema metadata,
 so that sampling the task again under another chunking can take its finished prompts from it.
+
+Both are written with Parquet's CRC-32 page checksums and read back verifying them: a kill cannot
+leave a half-written shard (writes are atomic), but a damaged disk or a copy cut short can, and a
+flipped byte in a Parquet data page otherwise decodes to wrong numbers without any error. A shard
+that fails its format or checksum check is named in the log and its prompt sampled again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from canopy.io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ROLLOUT_SCHEMA",
@@ -108,18 +116,51 @@ def shard_path(shard_dir: Path, prompt_id: str) -> Path:
     return shard_dir / f"{hashlib.sha256(prompt_id.encode()).hexdigest()[:24]}.parquet"
 
 
-def read_valid_shard(path: Path, fingerprint: str) -> pa.Table | None:
-    """The shard's rows if it exists and was written for exactly this fingerprint, else None."""
+#: How every table of this module is written and read: with Parquet's page checksums (CRC-32 of
+#: each data page), which pyarrow neither writes nor checks by default.
+_WRITE_CHECKED = {"write_page_checksum": True}
+_READ_CHECKED = {"page_checksum_verification": True}
+#: The metadata key that says a shard was written with page checksums: a shard without it (from a
+#: canopy before them) could hold a damaged page that reads as data, so it is sampled again.
+CHECKSUMS_KEY = b"canopy_page_checksums"
+
+
+def read_valid_shard(
+    path: Path, fingerprint: str, log: logging.Logger | None = None
+) -> pa.Table | None:
+    """The shard's rows if it exists, passes its format and checksum checks and was written for
+    exactly this fingerprint, else None. A shard that is there but damaged (truncated, a page
+    that fails its checksum, not a rollout shard) is named in ``log``: its prompt is redone."""
     if not path.is_file():
         return None
+    log = log or logger
     try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return None  # unreadable: resample (atomic writes make this very unlikely)
+        table = pq.read_table(path, **_READ_CHECKED)
+        problem = _shard_problem(table)
+    except (OSError, pa.ArrowException) as error:
+        problem = f"unreadable: {error}"
+    if problem:
+        log.warning(
+            "shard %s is damaged (%s): not read, its prompt is sampled again", path, problem
+        )
+        return None
     metadata = table.schema.metadata or {}
     if metadata.get(b"canopy_fingerprint", b"").decode() != fingerprint:
-        return None
+        return None  # another model, setting or prompt: stale, not damaged
     return table.replace_schema_metadata(None)
+
+
+def _shard_problem(table: pa.Table) -> str:
+    """Why a table read from a shard file is not a shard write_shard wrote ('' if it is)."""
+    metadata = table.schema.metadata or {}
+    if metadata.get(CHECKSUMS_KEY) != b"crc32":
+        return "written without page checksums"
+    if table.schema.remove_metadata() != ROLLOUT_SCHEMA:
+        return "not the rollout schema"
+    prompt_ids = set(table.column("prompt_id").to_pylist())
+    if prompt_ids != {metadata.get(b"prompt_id", b"").decode()}:
+        return f"rows of prompts {sorted(prompt_ids)} under the stamp of another"
+    return ""
 
 
 def write_shard(
@@ -127,10 +168,10 @@ def write_shard(
 ) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
     stamped = table.replace_schema_metadata(
-        {"canopy_fingerprint": fingerprint, "prompt_id": prompt_id}
+        {"canopy_fingerprint": fingerprint, "prompt_id": prompt_id, CHECKSUMS_KEY: "crc32"}
     )
     with atomic_path(path) as tmp:
-        pq.write_table(stamped, tmp)
+        pq.write_table(stamped, tmp, **_WRITE_CHECKED)
     return table
 
 
@@ -144,7 +185,7 @@ def write_rollout_table(
         {FINGERPRINTS_KEY: json.dumps(dict(fingerprints)), CHUNKS_KEY: str(chunks)}
     )
     with atomic_path(path) as tmp:
-        pq.write_table(stamped, tmp)
+        pq.write_table(stamped, tmp, **_WRITE_CHECKED)
     return table
 
 
@@ -174,7 +215,7 @@ def read_reusable_prompts(path: Path, wanted: Mapping[str, str]) -> dict[str, pa
     if not matching:
         return {}
     try:
-        table = pq.read_table(path).replace_schema_metadata(None)
+        table = pq.read_table(path, **_READ_CHECKED).replace_schema_metadata(None)
     except (OSError, pa.ArrowException):
         return {}
     if table.schema != ROLLOUT_SCHEMA:

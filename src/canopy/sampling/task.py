@@ -279,7 +279,7 @@ def sample_task(
 
     shard_dir = shard_dir_for(output)
     tables: list[pa.Table | None] = [
-        read_valid_shard(shard_path(shard_dir, r["prompt_id"]), fp)
+        read_valid_shard(shard_path(shard_dir, r["prompt_id"]), fp, log)
         for r, fp in zip(prompts, fingerprints)
     ]
     total = len(prompts)
@@ -364,7 +364,7 @@ def _reuse_other_chunkings(
     filled = 0
     for shard_dir in other_shard_dirs:
         for prompt_id, index in list(missing.items()):
-            found = read_valid_shard(shard_path(shard_dir, prompt_id), fingerprints[index])
+            found = read_valid_shard(shard_path(shard_dir, prompt_id), fingerprints[index], log)
             if found is not None:
                 tables[index] = found
                 del missing[prompt_id]
