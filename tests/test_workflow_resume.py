@@ -1,5 +1,5 @@
-"""Killing a real Snakemake sampling job loses no finished prompt, and the rerun's table equals
-an uninterrupted run's."""
+"""Killing a real Snakemake sampling job loses no finished prompt, a shard damaged after the kill
+is named in the log and redone, and the rerun's table equals an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import yaml
 from workflow_helpers import REPO, kill_session_when, snakemake, start_snakemake
 
 TARGET = "results/rollouts/default/tinyllama/base/math.parquet"
+# Enough prompts that the job is still running when its second shard lands, even when the test's
+# polling is slowed by a busy machine (with 12, all shards have landed between two polls).
+PROMPTS, ROLLOUTS = 24, 12
 # Targets go before --configfile, which takes every argument after it as a config file.
 
 
 def _config(workdir: Path) -> Path:
     config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
-    # Enough prompts that the job is still running when its first shard lands.
-    config["tasks"]["math"]["n_prompts"] = 12
-    config["sampling"]["default"].update(rollouts=12, max_new_tokens=48)
+    config["tasks"]["math"]["n_prompts"] = PROMPTS
+    config["sampling"]["default"].update(rollouts=ROLLOUTS, max_new_tokens=48)
     path = workdir / "resume.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -35,29 +37,35 @@ def test_killed_sampling_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
     shards = tmp_path / "results/rollouts/default/tinyllama/base/math.shards"
 
     job = start_snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
-    # Lose the node once a shard has landed: SIGKILL snakemake and the job together, no chance to
-    # clean up.
-    kill_session_when(job, lambda: any(shards.glob("*.parquet")), "the first shard")
-    kept = sorted(p.name for p in shards.glob("*.parquet"))
-    assert kept, "no shard survived the kill"
+    # Lose the node once two shards have landed: SIGKILL snakemake and the job together, no chance
+    # to clean up.
+    kill_session_when(job, lambda: len(list(shards.glob("*.parquet"))) >= 2, "two shards")
+    kept = sorted(shards.glob("*.parquet"))
     assert not (tmp_path / TARGET).exists(), "the job finished before it could be killed"
-    assert len(kept) < 12
+    assert 2 <= len(kept) < PROMPTS
+
+    # One kept shard is then damaged (a disk error, a copy cut short): the resumed job must name
+    # it and sample its prompt again, never read it as rows.
+    damaged = kept[0]
+    damaged.write_bytes(damaged.read_bytes()[:-100])
 
     # What a user does after a crash: unlock, rerun. Snakemake reruns the incomplete job, and the
-    # job resumes from its shards.
+    # job resumes from its intact shards.
     snakemake(tmp_path, "--unlock", "--configfile", str(config))
     snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
     log = (tmp_path / "logs/rollouts/default/tinyllama/base/math.log").read_text()
-    assert "resum" in log.lower(), log[-2000:]
-    resumed = pd.read_parquet(tmp_path / TARGET)
+    assert f"resuming: {len(kept) - 1}/{PROMPTS} prompts already sampled" in log, log[-2000:]
+    named = f"shard {damaged.relative_to(tmp_path)} is damaged"
+    assert named in log and "its prompt is sampled again" in log, log[-2000:]
     assert not shards.exists()
 
-    # The uninterrupted run of the same job.
+    # The uninterrupted run of the same job: the same table, byte for byte.
     shutil.move(tmp_path / TARGET, tmp_path / "resumed.parquet")
     snakemake(tmp_path, "--cores", "1", TARGET, "--configfile", str(config))
-    uninterrupted = pd.read_parquet(tmp_path / TARGET)
-    assert len(resumed) == 12 * 12
-    pd.testing.assert_frame_equal(resumed, uninterrupted)
+    resumed = pd.read_parquet(tmp_path / "resumed.parquet")
+    assert len(resumed) == PROMPTS * ROLLOUTS
+    pd.testing.assert_frame_equal(resumed, pd.read_parquet(tmp_path / TARGET), check_exact=True)
+    assert (tmp_path / "resumed.parquet").read_bytes() == (tmp_path / TARGET).read_bytes()
 
 
 @pytest.mark.slow

@@ -147,7 +147,14 @@ def read_valid_shard(
     metadata = table.schema.metadata or {}
     if metadata.get(b"canopy_fingerprint", b"").decode() != fingerprint:
         return None  # another model, setting or prompt: stale, not damaged
-    return table.replace_schema_metadata(None)
+    return _as_written(table)
+
+
+def _as_written(table: pa.Table) -> pa.Table:
+    """A table read back from Parquet with the exact types it was written with: Parquet names a
+    list's items "element" where Arrow says "item", and a rollout table assembled from read-back
+    shards must be the same bytes as one assembled from fresh ones."""
+    return table.replace_schema_metadata(None).cast(ROLLOUT_SCHEMA)
 
 
 def _shard_problem(table: pa.Table) -> str:
@@ -220,5 +227,6 @@ def read_reusable_prompts(path: Path, wanted: Mapping[str, str]) -> dict[str, pa
         return {}
     if table.schema != ROLLOUT_SCHEMA:
         return {}
+    table = _as_written(table)
     ids = table.column("prompt_id")
     return {pid: table.filter(pc.equal(ids, pid)) for pid in matching}
