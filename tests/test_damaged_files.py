@@ -2,9 +2,10 @@
 
 A sampling shard that is truncated, fails a page checksum or is not a shard is named in the log
 and its prompt sampled again (the workflow-level kill-and-truncate run is in
-test_workflow_resume.py). A full disk and an unwritable results folder are made for real: a 1 MB
-tmpfs, a read-only mount, a file where a folder should be. Mounting needs root (CAP_SYS_ADMIN);
-where it is refused those cases are skipped with the reason.
+test_workflow_resume.py). A damaged embeddings file is refused by name, with the way to redo it.
+A full disk and an unwritable results folder are made for real: a 1 MB tmpfs, a read-only mount,
+a file where a folder should be. Mounting needs root (CAP_SYS_ADMIN); where it is refused those
+cases are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from canopy.diversity import DamagedEmbeddings, Embeddings, load_embeddings, save_embeddings
 from canopy.io import OutputNotWritable, atomic_dir, atomic_path, write_parquet, write_tsv
 from canopy.sampling.shards import ROLLOUT_SCHEMA, read_valid_shard, write_shard
 
@@ -106,6 +108,41 @@ def test_a_damaged_shard_is_named_and_never_read(
     assert read_valid_shard(path, "fp", log) is None
     assert "under the stamp of another" in _damaged(caplog, path)[-1]
     assert ROLLOUT_SCHEMA.names[0] == "prompt_id"  # the column that check reads
+
+
+def test_a_damaged_embeddings_file_is_refused_by_name(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    written = Embeddings(
+        np.repeat(["p0", "p1"], 5), np.tile(np.arange(5), 2), rng.random((10, 16), np.float32)
+    )
+    path = tmp_path / "embeddings" / "math.npz"
+    save_embeddings(written, path)
+    intact = path.read_bytes()
+
+    # One bit flipped in each byte in turn: the file is refused, or it reads as exactly what was
+    # written (bytes such as the zip's timestamps hold no data); never as other numbers.
+    refused = []
+    for position in range(len(intact)):
+        damaged = bytearray(intact)
+        damaged[position] ^= 0x10
+        path.write_bytes(damaged)
+        try:
+            read = load_embeddings(path)
+        except DamagedEmbeddings as error:
+            refused.append(str(error))
+            continue
+        except ValueError as error:  # a damaged member name: the file lacks a key
+            assert "not an embeddings file" in str(error)
+            continue
+        assert np.array_equal(read.prompt_id, written.prompt_id), position
+        assert np.array_equal(read.sample, written.sample), position
+        assert read.vectors.tobytes() == written.vectors.tobytes(), position
+    assert any("CRC-32" in message for message in refused)
+
+    path.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(DamagedEmbeddings, match="Delete its folder") as raised:
+        load_embeddings(path)
+    assert f"{path} is damaged" in str(raised.value)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "embed_rollouts",
     "save_embeddings",
     "load_embeddings",
+    "DamagedEmbeddings",
     "semantic_dissimilarity",
     "vendi_score",
     "distinct_n",
@@ -354,18 +356,36 @@ def save_embeddings(embeddings: Embeddings, path: str | os.PathLike[str]) -> Non
         )
 
 
+class DamagedEmbeddings(ValueError):
+    """An embeddings file fails its format or checksum check; the message says how to redo it."""
+
+
 def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
-    """Read an embeddings file written by :func:`save_embeddings`."""
-    with np.load(path, allow_pickle=False) as data:
-        missing = [key for key in ("prompt_id", "sample", "embeddings") if key not in data.files]
-        if missing:
-            raise ValueError(
-                f"{path}: not an embeddings file, it lacks {missing} (has {data.files})"
-            )
-        try:
-            return Embeddings(data["prompt_id"], data["sample"], data["embeddings"])
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+    """Read an embeddings file written by :func:`save_embeddings`.
+
+    An ``.npz`` is a zip whose members carry CRC-32 checksums, which reading checks: a truncated or
+    damaged file raises :class:`DamagedEmbeddings` naming it and how to embed again, never rows."""
+    keys = ("prompt_id", "sample", "embeddings")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = data.files
+            arrays = {key: data[key] for key in keys if key in files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, OSError, ValueError) as err:
+        # What a damaged zip member gives: a failed CRC, a bad header, a short read; numpy's
+        # refusal to unpickle is a damaged array header here (save_embeddings writes no objects).
+        raise DamagedEmbeddings(
+            f"{path} is damaged ({type(err).__name__}: {err}): it is not read. Delete its folder "
+            f"{Path(path).parent} and rerun, and Snakemake embeds that model's tasks again"
+        ) from err
+    missing = [key for key in keys if key not in arrays]
+    if missing:
+        raise ValueError(f"{path}: not an embeddings file, it lacks {missing} (has {files})")
+    try:
+        return Embeddings(*(arrays[key] for key in keys))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------
