@@ -54,6 +54,9 @@ class OutputNotWritable(OSError):
         "in a directory you own (snakemake --directory)",
         errno.ENOTDIR: "a file stands where one of its folders should be: move that file aside",
         errno.EEXIST: "a file stands where one of its folders should be: move that file aside",
+        errno.EISDIR: "a folder stands at that path: move it aside",
+        errno.EFBIG: "the file is larger than its file system allows: run the workflow on "
+        "another (snakemake --directory)",
     }
     _ADVICE[errno.EPERM] = _ADVICE[errno.EACCES]
     #: Errors of writing a file's contents that are about where it is written, not what: only
