@@ -34,16 +34,21 @@ def distinct(values: tuple) -> tuple:
 TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
 
 
+def _format_field_names(value: str) -> list[str]:
+    """The ``{field}`` names of a format string, in order; a clear error for a broken one."""
+    try:
+        return [n for _, n, _, _ in string.Formatter().parse(value) if n is not None]
+    except ValueError as error:
+        raise ValueError(
+            f"not a valid format string ({error}); write literal braces as {{{{ and }}}}"
+        ) from None
+
+
 def one_format_field(*names: str) -> Any:
     """A validator: the string is a format string with exactly one ``{field}``, one of these."""
 
     def check(value: str) -> str:
-        try:
-            found = [n for _, n, _, _ in string.Formatter().parse(value) if n is not None]
-        except ValueError as error:
-            raise ValueError(
-                f"not a valid format string ({error}); write literal braces as {{{{ and }}}}"
-            ) from None
+        found = _format_field_names(value)
         if len(found) != 1 or found[0] not in names:
             wanted = " or ".join("{" + n + "}" for n in names)
             raise ValueError(f"must contain {wanted}, once, and no other field, has {found}")
@@ -56,12 +61,7 @@ def format_fields(*names: str) -> Any:
     """A validator: the string is a format string with exactly these ``{fields}``, once each."""
 
     def check(value: str) -> str:
-        try:
-            found = [n for _, n, _, _ in string.Formatter().parse(value) if n is not None]
-        except ValueError as error:
-            raise ValueError(
-                f"not a valid format string ({error}); write literal braces as {{{{ and }}}}"
-            ) from None
+        found = _format_field_names(value)
         if sorted(found) != sorted(names):
             wanted = ", ".join("{" + n + "}" for n in names)
             raise ValueError(f"must contain {wanted} once each and no other field, has {found}")
