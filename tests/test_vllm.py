@@ -16,10 +16,8 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from workflow_helpers import GEMMA, REPO, SNAKEFILE, converted, snakemake
+from workflow_helpers import (
+    GEMMA,
+    REPO,
+    converted,
+    kill_session_when,
+    snakemake,
+    start_snakemake,
+)
 
 from canopy.modeling import VARIANTS
 from canopy.sampling import SamplingSettings
@@ -98,35 +103,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
 
     shards = workdir / "results/rollouts/default/vl/base/math.shards"
-    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir)]
-    job = subprocess.Popen(
-        [
-            *command,
-            "--cores",
-            "1",
-            TABLE.format(point="default", family="vl"),
-            "--configfile",
-            str(config_path),
-        ],
+    job = start_snakemake(
+        workdir,
+        "--cores",
+        "1",
+        TABLE.format(point="default", family="vl"),
+        "--configfile",
+        str(config_path),
         # vLLM's own default here: its engine core spawned from the job's worker, as a GPU user
         # runs it (the spawn start method must not re-run the Snakemake script).
-        env={
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TZ": "UTC",
-            **env,
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        env={**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
     )
-    deadline = time.monotonic() + 300
-    while not any(shards.glob("*.parquet")) and time.monotonic() < deadline:
-        assert job.poll() is None, "the vLLM sampling job ended before writing a shard"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # snakemake, the job, the vLLM worker: no clean-up
-    job.wait()
+    # Snakemake, the job, the vLLM worker and its engine core: no clean-up.
+    kill_session_when(job, lambda: any(shards.glob("*.parquet")), "the first shard")
     kept = {
         str(shard.prompt_id.iloc[0]): shard
         for shard in map(pd.read_parquet, shards.glob("*.parquet"))
@@ -162,6 +151,7 @@ def teacher_forced(model_dir: Path, table: pd.DataFrame, workdir: Path):
         yield row, tokens, logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
 
 
+@pytest.mark.faults
 def test_sampling_rule_with_vllm_resumes_and_keeps_finished_prompts(run: dict) -> None:
     workdir = run["workdir"]
     kept = run["kept"]
