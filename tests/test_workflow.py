@@ -192,7 +192,7 @@ def test_a_formula_typo_names_every_rule_that_reads_the_formula(tmp_path: Path) 
     message = result.stdout + result.stderr
     assert (
         "(read by rules fit_glmm, robustness_lmm, robustness_fixed_effects, "
-        "robustness_length_matched)" in message
+        "robustness_length_matched, plan_power)" in message
     ), message[-3000:]
 
 
