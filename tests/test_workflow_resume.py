@@ -21,7 +21,12 @@ PROMPTS, ROLLOUTS = 24, 12
 def _config(workdir: Path) -> Path:
     config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     config["tasks"]["math"]["n_prompts"] = PROMPTS
-    config["sampling"]["default"].update(rollouts=ROLLOUTS, max_new_tokens=48)
+    # One prompt's rollouts in the batch at a time, so that shards land one after another: with
+    # every prompt in one batch they all landed at the end, and the job could finish between two
+    # polls (seen in a full suite run).
+    config["sampling"]["default"].update(
+        rollouts=ROLLOUTS, max_new_tokens=48, max_batch_rows=ROLLOUTS
+    )
     path = workdir / "resume.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
