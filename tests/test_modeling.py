@@ -1,8 +1,6 @@
 """canopy.modeling: loading a model directory, prompt formatting per variant, EOS ids.
 
-The tiny model builders here are shared with the sampling tests (imported from this module): real
-transformers models built from a config with random weights under a fixed seed, and real
-``tokenizers`` word-level tokenizers, saved as ordinary model directories.
+The tiny models and word-level tokenizers are tests/support/models.py's.
 """
 
 from __future__ import annotations
@@ -28,117 +26,15 @@ from canopy.modeling import (  # noqa: E402
     format_prompt,
     load_model,
 )
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<user> {{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
+from support.models import (  # noqa: E402
+    THINKING_TEMPLATE,
+    THINKING_WORDS,
+    WORDS,
+    build_gpt2,
+    build_llama,
+    build_model_dir,
+    build_tokenizer,
 )
-
-WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "far", "away", "big"]
-
-
-def build_tokenizer(words: list[str] = WORDS, *, chat_template: str | None = CHAT_TEMPLATE):
-    """A word-level fast tokenizer: specials first, then ``words``; the base encoding adds BOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>", "<end_turn>"]
-    vocab = {token: index for index, token in enumerate(specials + list(words))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<user>", "<assistant>", "<end_turn>"],
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def build_llama(
-    vocab_size: int,
-    *,
-    hidden: int = 32,
-    layers: int = 2,
-    context: int = 128,
-    seed: int = 0,
-    eos: int | list[int] = 2,
-    logit_scale: float = 1.0,
-):
-    """A tiny Llama-style causal LM with random weights (fixed seed)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        bos_token_id=1,
-        eos_token_id=eos,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.5 if parameter.ndim > 1 else 0.1)
-        model.lm_head.weight.mul_(logit_scale)
-    model.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=1, pad_token_id=0)
-    return model
-
-
-def build_gpt2(
-    vocab_size: int,
-    *,
-    hidden: int = 32,
-    layers: int = 2,
-    context: int = 128,
-    seed: int = 0,
-    eos: int = 2,
-):
-    """A tiny GPT-2-style causal LM with random weights (fixed seed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=4,
-        n_positions=context,
-        bos_token_id=1,
-        eos_token_id=eos,
-    )
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
-
-
-def save_model_dir(path: Path, model, tokenizer) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def build_model_dir(
-    path: Path, *, chat_template: str | None = CHAT_TEMPLATE, **model_kwargs
-) -> Path:
-    """A complete tiny Llama model directory with the word-level tokenizer."""
-    tokenizer = build_tokenizer(chat_template=chat_template)
-    return save_model_dir(path, build_llama(len(tokenizer), **model_kwargs), tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def test_load_model_reads_a_local_directory_on_cpu(tmp_path: Path) -> None:
@@ -187,18 +83,6 @@ def test_finetuned_prompt_uses_the_chat_template_with_generation_prompt() -> Non
     vocab = tokenizer.get_vocab()
     assert ids == [vocab[w] for w in ["<user>", "the", "cat", "sat", "<assistant>"]]
     assert all(isinstance(i, int) for i in ids)
-
-
-# A template with a system turn and a thinking switch, the way Qwen3's has one.
-THINKING_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<sys> {{ message['content'] }} "
-    "{% else %}<user> {{ message['content'] }} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>"
-    "{% if enable_thinking is defined and not enable_thinking %} <think> </think>{% endif %}"
-    "{% endif %}"
-)
-THINKING_WORDS = WORDS + ["<sys>", "<think>", "</think>", "be", "brief"]
 
 
 def test_chat_template_kwargs_and_system_prompt_shape_the_finetuned_prompt() -> None:

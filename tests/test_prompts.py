@@ -172,7 +172,7 @@ def test_humaneval_prompts_carry_their_code_prompt_as_the_document(tmp_path: Pat
     prompts of other sources carry none, and their files do not change."""
     from canopy.modeling import format_prompt
     from canopy.prompts import read_prompts, write_prompts
-    from test_modeling import build_tokenizer
+    from support.models import build_tokenizer
 
     problems = {p["task_id"]: p["prompt"] for p in load_humaneval_problems()}
     coding = prepare_prompts("coding", {"source": "humaneval", "n_prompts": 3}, seed=1)

@@ -33,7 +33,7 @@ from canopy.sampling import (
     sample_task,
     shard_dir_for,
 )
-from test_modeling import WORDS, build_llama, build_model_dir, build_tokenizer, save_model_dir
+from support.models import WORDS, build_llama, build_model_dir, build_tokenizer, save_model_dir
 
 TESTS = Path(__file__).resolve().parent
 SMALL = dict(rollouts=6, max_new_tokens=12, top_k=8, seed=5)

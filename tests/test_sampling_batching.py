@@ -35,7 +35,7 @@ from canopy.sampling import batcher as batcher_module
 from canopy.sampling import cache as cache_module
 from canopy.sampling.cache import ClassCache
 from canopy.sampling.settings import BatchOutOfMemoryError
-from test_modeling import build_llama
+from support.models import build_llama
 from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
 
 VOCAB = 24
@@ -478,7 +478,7 @@ def test_changing_the_chunking_samples_no_finished_prompt_again(
 
 
 def test_chat_options_enter_the_prompt_and_the_shard_fingerprint(tmp_path: Path) -> None:
-    from test_modeling import THINKING_TEMPLATE, THINKING_WORDS, build_tokenizer, save_model_dir
+    from support.models import THINKING_TEMPLATE, THINKING_WORDS, build_tokenizer, save_model_dir
     from test_sampling import Interrupted, InterruptingLogger
 
     tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)

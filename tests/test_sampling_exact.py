@@ -19,7 +19,7 @@ from scipy import stats
 from enumeration import enumerate_canopy, exact_canopy
 from canopy.modeling import LoadedModel
 from canopy.sampling import SamplingSettings, processed_distribution, sample_prompt
-from test_modeling import build_gpt2, build_llama
+from support.models import build_gpt2, build_llama
 
 VOCAB = 5
 EOS_IDS = [3, 4]  # two end-of-sequence ids, as real instruct models have

@@ -21,32 +21,9 @@ from canopy.modeling import end_of_turn_ids, format_prompt  # noqa: E402
 from canopy.training.corpus import sft_pairs  # noqa: E402
 from canopy.training.loop import LOG_FILE  # noqa: E402
 from canopy.training.sft import FinetuneError, finetune_from_base, packaged_chat_template  # noqa: E402
-from test_modeling import build_llama, save_model_dir  # noqa: E402
+from support.models import build_llama, build_turn_tokenizer, save_model_dir  # noqa: E402
 
 PAIRS = sft_pairs(48, seed=3)
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-
-
-def build_turn_tokenizer(pairs: list[tuple[str, str]]):
-    """A word-level tokenizer over the pairs' words, with Gemma's turn tokens as specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for pair in pairs for text in pair for w in text.split()} | {"user", "model"})
-    vocab = {token: index for index, token in enumerate(SPECIALS + words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from canopy.modeling import LoadedModel
 from canopy.sampling import SamplingSettings, sample_prompt, sample_task
 from canopy.sampling.shards import shard_dir_for
 from canopy.sampling.stops import StopSequences, cut_at_stop
-from test_modeling import build_llama, build_tokenizer
+from support.models import build_llama, build_tokenizer
 from test_sampling import PROMPTS, InterruptingLogger, Interrupted, model_dir, write_prompts
 from test_sampling_exact import next_distribution_from
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_modeling import build_llama, save_model_dir
-from test_sft import build_turn_tokenizer
+from support.models import build_llama, build_turn_tokenizer, save_model_dir
 from workflow_helpers import kill_session_when, start_in_session
 
 from canopy.config.models import FinetuneRecipe

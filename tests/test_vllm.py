@@ -39,7 +39,7 @@ from canopy.sampling import SamplingSettings
 from canopy.sampling.distribution import entropy_from_log, processed_log_distribution
 from canopy.sampling.shards import ROLLOUT_SCHEMA
 from canopy.sampling.vllm import ENGINE_ARGS_VARIABLE, PYTHON_VARIABLE, VllmSampler
-from test_modeling import build_llama, build_tokenizer, save_model_dir
+from support.models import build_llama, build_tokenizer, save_model_dir
 
 pytestmark = pytest.mark.vllm
 
