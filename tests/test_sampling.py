@@ -6,7 +6,6 @@ Exactness against the enumerated canopy lives in test_sampling_exact.py.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -33,7 +32,14 @@ from canopy.sampling import (
     sample_task,
     shard_dir_for,
 )
-from support.models import WORDS, build_llama, build_model_dir, build_tokenizer, save_model_dir
+from support.models import build_llama, build_model_dir, build_tokenizer, save_model_dir
+from support.sampling import (
+    PROMPTS,
+    Interrupted,
+    InterruptingLogger,
+    RecordingLogger,
+    write_prompts,
+)
 
 TESTS = Path(__file__).resolve().parent
 SMALL = dict(rollouts=6, max_new_tokens=12, top_k=8, seed=5)
@@ -251,51 +257,6 @@ def test_too_long_prompt_names_the_prompt(tiny: LoadedModel) -> None:
 
 
 # --------------------------------------------------------------------------------- a task
-
-
-def write_prompts(path: Path, prompts: dict[str, str]) -> Path:
-    lines = [
-        json.dumps({"prompt_id": pid, "task": "t", "prompt": text, "source": "test"})
-        for pid, text in prompts.items()
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-PROMPTS = {f"q{i}": " ".join(WORDS[i : i + 3 + i % 4]) for i in range(6)}
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptingLogger(logging.Logger):
-    """A progress logger that stops the run after ``after`` finished prompts (like a killed job)."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__("interrupting")
-        self.after, self.done, self.messages = after, 0, []
-
-    def info(self, msg, *args, **kwargs) -> None:  # noqa: ANN001
-        self.messages.append(msg % args)
-        if "done" in msg:
-            self.done += 1
-            if self.done == self.after:
-                raise Interrupted
-
-
-class RecordingLogger(logging.Logger):
-    def __init__(self) -> None:
-        super().__init__("recording")
-        self.messages: list[str] = []
-
-    def info(self, msg, *args, **kwargs) -> None:  # noqa: ANN001
-        self.messages.append(msg % args)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny", eos=[2, 6], seed=1)
 
 
 def test_task_table_has_the_contract_columns_and_decoded_text(

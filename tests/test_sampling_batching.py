@@ -35,8 +35,20 @@ from canopy.sampling import batcher as batcher_module
 from canopy.sampling import cache as cache_module
 from canopy.sampling.cache import ClassCache
 from canopy.sampling.settings import BatchOutOfMemoryError
-from support.models import build_llama
-from test_sampling import PROMPTS, RecordingLogger, model_dir, write_prompts  # noqa: F401
+from support.models import (
+    THINKING_TEMPLATE,
+    THINKING_WORDS,
+    build_llama,
+    build_tokenizer,
+    save_model_dir,
+)
+from support.sampling import (
+    PROMPTS,
+    Interrupted,
+    InterruptingLogger,
+    RecordingLogger,
+    write_prompts,
+)
 
 VOCAB = 24
 EOS = [2, 3]
@@ -421,8 +433,6 @@ def test_changing_the_chunking_samples_no_finished_prompt_again(
     """What a Snakemake run does when `chunks` changes, step by step: each job of the new
     chunking takes the finished prompts from what the old one left (the task table is still there
     while the new chunk jobs run; Snakemake deletes it only before the job that rewrites it)."""
-    from test_sampling import Interrupted, InterruptingLogger
-
     prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)  # 6 prompts
     settings = dict(rollouts=4, max_new_tokens=10, top_k=8, seed=5)
     task = tmp_path / "math.parquet"
@@ -478,9 +488,6 @@ def test_changing_the_chunking_samples_no_finished_prompt_again(
 
 
 def test_chat_options_enter_the_prompt_and_the_shard_fingerprint(tmp_path: Path) -> None:
-    from support.models import THINKING_TEMPLATE, THINKING_WORDS, build_tokenizer, save_model_dir
-    from test_sampling import Interrupted, InterruptingLogger
-
     tokenizer = build_tokenizer(THINKING_WORDS, chat_template=THINKING_TEMPLATE)
     directory = save_model_dir(
         tmp_path / "model", build_llama(len(tokenizer), eos=[2, 6], seed=1), tokenizer

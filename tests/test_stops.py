@@ -23,10 +23,8 @@ from canopy.sampling import SamplingSettings, sample_prompt, sample_task
 from canopy.sampling.shards import shard_dir_for
 from canopy.sampling.stops import StopSequences, cut_at_stop
 from support.models import build_llama, build_tokenizer
-from test_sampling import PROMPTS, InterruptingLogger, Interrupted, model_dir, write_prompts
+from support.sampling import PROMPTS, InterruptingLogger, Interrupted, write_prompts
 from test_sampling_exact import next_distribution_from
-
-__all__ = ["model_dir"]  # the shared fixture, imported so that pytest finds it here
 
 # Two words after the seven special tokens: a stop of two words is common enough to be sampled
 # often, and the specials between them decode to nothing, so the stop spans 2 to 4 tokens.

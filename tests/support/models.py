@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 CHAT_TEMPLATE = (
     "{% for message in messages %}<user> {{ message['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -110,6 +108,7 @@ def build_llama(
     far from uniform (transformers' own initialisation gives nearly flat ones); the benchmarks keep
     transformers' initialisation, whose near-uniform rows rarely end and so run to the cap.
     """
+    import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -146,6 +145,7 @@ def build_gpt2(
     eos: int = 2,
 ):
     """A tiny GPT-2-style causal LM with random weights (fixed seed)."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
