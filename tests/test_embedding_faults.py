@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from workflow_helpers import REPO, kill_session_when, snakemake, start_snakemake
+from support.workflow import REPO, kill_session_when, snakemake, start_snakemake
 
 from canopy.diversity import load_embeddings
 

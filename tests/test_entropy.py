@@ -29,7 +29,7 @@ from canopy.entropy import (
     prompt_metrics,
     write_metrics,
 )
-from enumeration import CanopyLeaf, ExactCanopy, enumerate_canopy, exact_canopy
+from support.enumeration import CanopyLeaf, ExactCanopy, enumerate_canopy, exact_canopy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

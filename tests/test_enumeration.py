@@ -1,7 +1,7 @@
 """Exact canopy enumeration against closed forms and brute force.
 
-Everything else checks its estimators against the oracle in ``tests/enumeration.py``, so it is
-checked here against truths that do not use it: closed forms for a memoryless model, and for a
+Everything else checks its estimators against the oracle in ``tests/support/enumeration.py``,
+so it is checked here against truths that do not use it: closed forms for a memoryless model, and for a
 model with memory a brute-force walk over every full-length token sequence.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from enumeration import enumerate_canopy, exact_canopy
+from support.enumeration import enumerate_canopy, exact_canopy
 
 
 def _entropy(q: np.ndarray) -> float:

@@ -14,8 +14,7 @@ import functools
 import re
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from workflow_helpers import REPO, SNAKEFILE, snakemake
+from support.workflow import REPO, snakemake, workflow_rules
 
 ENVS_DIR = REPO / "envs"
 ENV_FILES = sorted(ENVS_DIR.glob("*.yaml"))
@@ -77,34 +76,36 @@ def conda_pins(env: dict) -> dict[str, str]:
     return pins
 
 
-def pip_pins(env: dict) -> dict[str, str]:
+def exact_pip_pins(specs: Iterable[str], where: str) -> dict[str, str]:
+    """{canonical name: version} of pip specs that must each pin one exact version."""
     pins = {}
-    for spec in pip_specs(env):
+    for spec in specs:
         match = PIP_SPEC.match(spec)
-        assert match, f"not an exact pip pin: {spec!r}"
+        assert match, f"{where}: not an exact pip pin: {spec!r}"
         pins[canonicalize_name(match["name"])] = match["version"]
     return pins
 
 
+def pip_pins(env: dict) -> dict[str, str]:
+    return exact_pip_pins(pip_specs(env), "conda env")
+
+
+def pin_lines(path: Path) -> list[str]:
+    """A pin file's lines without comments and blanks."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
 def requirements_pins() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            match = PIP_SPEC.match(line)
-            assert match, f"requirements.txt: not an exact pin: {line!r}"
-            pins[canonicalize_name(match["name"])] = match["version"]
-    return pins
+    return exact_pip_pins(pin_lines(REPO / "requirements.txt"), "requirements.txt")
 
 
 def apt_pins() -> dict[str, str]:
     pins = {}
-    for line in (REPO / "requirements-apt.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("=")
-            assert version, f"requirements-apt.txt: not an exact pin: {line!r}"
-            pins[name] = version
+    for line in pin_lines(REPO / "requirements-apt.txt"):
+        name, _, version = line.partition("=")
+        assert version, f"requirements-apt.txt: not an exact pin: {line!r}"
+        pins[name] = version
     return pins
 
 
@@ -246,42 +247,6 @@ def test_stats_env_provides_every_r_package_the_code_loads() -> None:
 
 
 # --------------------------------------------------------------------------- rules and envs
-
-
-@functools.lru_cache(maxsize=1)
-def workflow_rules() -> dict[str, dict]:
-    """{rule name: {'conda': Path|None, 'script': Path|None, 'local': bool}} of the real workflow
-    with the default config, read through Snakemake's API (the same parse as a real run)."""
-    from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import (
-        ConfigSettings,
-        OutputSettings,
-        ResourceSettings,
-        StorageSettings,
-    )
-
-    rules: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        with SnakemakeApi(OutputSettings()) as api:
-            workflow_api = api.workflow(
-                resource_settings=ResourceSettings(),
-                config_settings=ConfigSettings(),
-                storage_settings=StorageSettings(),
-                snakefile=SNAKEFILE,
-                workdir=Path(workdir),
-            )
-            workflow = workflow_api._workflow  # the parsed workflow; no public accessor exists
-            for rule in workflow.rules:
-                base = Path(rule.snakefile).parent
-                rules[rule.name] = {
-                    "conda": (base / rule.conda_env).resolve() if rule.conda_env else None,
-                    "script": (base / rule.script).resolve() if rule.script else None,
-                    # workflow.is_local() is True for every rule here (no executor chosen).
-                    "local": rule.name in workflow._localrules or rule.norun,
-                    # A target rule (all, power) runs nothing: it needs no environment.
-                    "runs": not rule.norun,
-                }
-    return rules
 
 
 def test_every_rule_has_an_existing_conda_env() -> None:

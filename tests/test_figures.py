@@ -60,7 +60,7 @@ from canopy.figures import (
 from canopy.figures.lengths import infer_length_cap, length_bins
 from canopy.figures.residuals import binned_quantiles, uniform_qq
 from canopy.io import write_json, write_parquet, write_tsv
-from workflow_helpers import snakemake as run_snakemake
+from support.workflow import snakemake as run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("tinygpt", "tinyllama")

@@ -203,7 +203,7 @@ def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
 
     import yaml
     from test_semantic_entropy import _tiny_nli
-    from workflow_helpers import snakemake
+    from support.workflow import snakemake
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())

@@ -1,7 +1,7 @@
 """canopy.hub and canopy.provenance against a hub on 127.0.0.1 (olah behind a gate, see
-tests/hub_server.py): fetches at resolved commits with their records, the messages of a gated, a
-missing and an unreachable repository, resumption, moved branches, custom-code embedders, and the
-network policy of the workflow's jobs.
+tests/support/hub_server.py): fetches at resolved commits with their records, the messages of a
+gated, a missing and an unreachable repository, resumption, moved branches, custom-code embedders,
+and the network policy of the workflow's jobs.
 
 Each check runs in a fresh Python process: huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE
 once, when it is first imported.
@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hub_repos import build_qwen3
-from hub_server import HubServer, HubUnavailable
-from workflow_helpers import REPO
+from support.hub_repos import build_qwen3
+from support.hub_server import HubServer, HubUnavailable
+from support.workflow import REPO
 
 SRC = REPO / "src"
 MODEL = "canopy-test/tiny-qwen3"
@@ -65,7 +65,7 @@ def build_custom_code_embedder(out_dir: Path) -> None:
         import shutil, sys, torch
         from pathlib import Path
         sys.path.insert(0, {str(REPO / "tests")!r})
-        from hub_repos import build_tokenizer
+        from support.hub_repos import build_tokenizer
         from transformers import AutoConfig, AutoModel
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer

@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import yaml
 from canopy.hub import is_commit
-from hub_repos import BUILDERS, build_dataset, build_embedder, build_nli
-from hub_server import HubServer, HubUnavailable
-from workflow_helpers import REPO, SNAKEFILE, planned_jobs
+from support.hub_repos import BUILDERS, build_dataset, build_embedder, build_nli
+from support.hub_server import HubServer, HubUnavailable
+from support.workflow import REPO, SNAKEFILE, planned_jobs
 
 pytestmark = pytest.mark.slow
 

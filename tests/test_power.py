@@ -25,7 +25,7 @@ from canopy.power import (
 )
 from canopy.stats import StatsSettings, _run_r, fit_beta_glmm, fit_beta_glmm_many, prepare_panel
 from simulate_panel import PanelTruth, simulate_panel
-from workflow_helpers import REPO, planned_jobs, snakemake
+from support.workflow import REPO, planned_jobs, snakemake
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 

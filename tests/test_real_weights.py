@@ -31,7 +31,7 @@ from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
 from test_sampling_exact import float64_errors, float64_truth, record_sampling_steps
-from workflow_helpers import GEMMA, REPO, converted, planned_jobs, snakemake
+from support.workflow import GEMMA, REPO, converted, planned_jobs, snakemake
 
 pytestmark = pytest.mark.real_weights
 # One thread, as in the rest of the suite: a second one helps little on two cores and, when the

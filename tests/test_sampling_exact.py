@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from enumeration import enumerate_canopy, exact_canopy
+from support.enumeration import enumerate_canopy, exact_canopy
 from canopy.modeling import LoadedModel
 from canopy.sampling import SamplingSettings, processed_distribution, sample_prompt
 from support.models import build_gpt2, build_llama

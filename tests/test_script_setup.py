@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from workflow_helpers import REPO
+from support.workflow import REPO
 
 
 def run_job(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess[str], str]:

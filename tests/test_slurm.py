@@ -1,7 +1,8 @@
 """profiles/slurm: its settings, and real runs through a one-node Slurm started for the tests.
 
-The cluster tests (marked slurm and slow) need root and apt-get: tests/slurm_cluster.py installs
-Debian's slurm-wlm and munge when missing and starts private daemons in a scratch directory. They
+The cluster tests (marked slurm and slow) need root and apt-get: tests/support/slurm_cluster.py
+installs Debian's slurm-wlm and munge when missing and starts private daemons in a scratch
+directory. They
 run the workflow through a copy of profiles/slurm that differs only where a one-node test cluster
 must: its partition, memory and threads that fit this machine, no retries (a failure should show
 at once), squeue for job status (no accounting database here) and fast status checks.
@@ -19,9 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
-from test_envs import workflow_rules
-from workflow_helpers import REPO, SNAKEFILE, planned_jobs
+from support.slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
+from support.workflow import REPO, SNAKEFILE, planned_jobs, workflow_rules
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from enumeration import enumerate_canopy, exact_canopy
+from support.enumeration import enumerate_canopy, exact_canopy
 from canopy.modeling import LoadedModel
 from canopy.sampling import SamplingSettings, sample_prompt, sample_task
 from canopy.sampling.shards import shard_dir_for

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.models import build_llama, build_turn_tokenizer, save_model_dir
-from workflow_helpers import kill_session_when, start_in_session
+from support.workflow import kill_session_when, start_in_session
 
 from canopy.config.models import FinetuneRecipe
 from canopy.training import Recipe, pretrain_base

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from workflow_helpers import (
+from support.workflow import (
     GEMMA,
     REPO,
     converted,
@@ -247,7 +247,7 @@ def test_gemma_step_entropies_in_the_engine_equal_float64_of_its_processed_logit
     (tmp_path / "request.json").write_text(json.dumps(request))
     env = {**os.environ, **engine_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}
     done = subprocess.run(
-        [str(VLLM_PYTHON), str(REPO / "tests/vllm_truth.py"), "request.json", "result.npz"],
+        [str(VLLM_PYTHON), str(REPO / "tests/support/vllm_truth.py"), "request.json", "result.npz"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, planned_jobs, snakemake
+from support.workflow import REPO, planned_jobs, snakemake
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 TINY_SWEEPS = REPO / "tests" / "configs" / "tiny_sweeps.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_helpers import REPO, kill_session_when, snakemake, start_snakemake
+from support.workflow import REPO, kill_session_when, snakemake, start_snakemake
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

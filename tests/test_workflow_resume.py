@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, kill_session_when, snakemake, start_snakemake
+from support.workflow import REPO, kill_session_when, snakemake, start_snakemake
 
 TARGET = "results/rollouts/default/tinyllama/base/math.parquet"
 # Enough prompts that the job is still running when its second shard lands, even when the test's
