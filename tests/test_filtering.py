@@ -22,6 +22,7 @@ from canopy.filtering import (  # noqa: E402
     write_filtered_rollouts,
 )
 from canopy.io import write_parquet  # noqa: E402
+from support.models import CHAT_SPECIALS, build_nli_dir, llama_config, word_tokenizer  # noqa: E402
 
 WORDS = "the cat dog sat ran on a mat big small far away and".split()
 TEMPLATE = (
@@ -31,35 +32,10 @@ TEMPLATE = (
 
 
 def tiny_reward_model(path, seed: int = 0):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import LlamaForSequenceClassification
 
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>", "<end_turn>"]
-    vocab = {token: i for i, token in enumerate(specials + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<user>", "<assistant>", "<end_turn>"],
-    )
-    tokenizer.chat_template = TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    tokenizer = word_tokenizer(CHAT_SPECIALS, WORDS, add_bos=False, chat_template=TEMPLATE)
+    config = llama_config(len(tokenizer), num_labels=1)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(path)
@@ -202,13 +178,12 @@ def test_filter_and_semantic_entropy_rules_run_through_snakemake(tmp_path):
     from pathlib import Path
 
     import yaml
-    from test_semantic_entropy import _tiny_nli
     from support.workflow import snakemake
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
     rm = tiny_reward_model(tmp_path / "rm")
-    nli = _tiny_nli(tmp_path)
+    nli = build_nli_dir(tmp_path)
     config["sampling"]["rm50"] = {
         "filter": {
             "from": "default",

@@ -19,6 +19,7 @@ from canopy.semantic_entropy import (
     semantic_entropy_table,
     weighted_semantic_entropy,
 )
+from support.models import build_nli_dir
 
 
 def same_first_letter(pairs):
@@ -115,42 +116,11 @@ def test_settings_reject_bad_keys():
 # ------------------------------------------------------------------------------ the NLI path
 
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "a", "big", "small"]
-
-
-def _tiny_nli(tmp_path, labels=("contradiction", "neutral", "entailment"), seed=0):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab))
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    with torch.no_grad():  # spread the logits, so that the labels depend on the pair
-        model.classifier.weight.mul_(200.0)
-    out = tmp_path / "nli"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def test_nli_entailment_matches_the_model_pair_by_pair(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = _tiny_nli(tmp_path)
+    path = build_nli_dir(tmp_path)
     texts = [
         "the cat sat",
         "a dog ran on the mat",
@@ -201,7 +171,7 @@ def test_nli_model_forced_to_entail_gives_one_cluster(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    path = _tiny_nli(tmp_path)
+    path = build_nli_dir(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(path)
     with torch.no_grad():
         model.classifier.bias[:] = torch.tensor([0.0, 0.0, 1e4])
@@ -218,6 +188,6 @@ def test_nli_model_forced_to_entail_gives_one_cluster(tmp_path):
 
 
 def test_nli_model_without_entailment_label_is_rejected(tmp_path):
-    path = _tiny_nli(tmp_path, labels=("negative", "positive"))
+    path = build_nli_dir(tmp_path, labels=("negative", "positive"))
     with pytest.raises(ValueError, match="entailment"):
         NliEntailment(str(path), device="cpu")

@@ -88,7 +88,7 @@ def build_turn_tokenizer(pairs: Sequence[tuple[str, str]]):
     return word_tokenizer(TURN_SPECIALS, words)
 
 
-def build_llama(
+def llama_config(
     vocab_size: int,
     *,
     hidden: int = 32,
@@ -97,21 +97,13 @@ def build_llama(
     heads: int = 4,
     kv_heads: int = 2,
     context: int = 128,
-    seed: int = 0,
     eos: int | list[int] = 2,
-    logit_scale: float = 1.0,
-    spread: bool = True,
+    **extra,
 ):
-    """A tiny Llama-style causal LM with random weights (fixed seed); BOS 1, PAD 0.
+    """A tiny Llama config: PAD 0, BOS 1, untied embeddings; ``extra`` adds LlamaConfig keys."""
+    from transformers import LlamaConfig
 
-    ``spread`` redraws every weight with a large spread, so that the next-token distributions are
-    far from uniform (transformers' own initialisation gives nearly flat ones); the benchmarks keep
-    transformers' initialisation, whose near-uniform rows rarely end and so run to the cap.
-    """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate or 2 * hidden,
@@ -123,7 +115,29 @@ def build_llama(
         eos_token_id=eos,
         pad_token_id=0,
         tie_word_embeddings=False,
+        **extra,
     )
+
+
+def build_llama(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    eos: int | list[int] = 2,
+    logit_scale: float = 1.0,
+    spread: bool = True,
+    **shape,
+):
+    """A tiny Llama-style causal LM with random weights (fixed seed); ``shape`` as llama_config's.
+
+    ``spread`` redraws every weight with a large spread, so that the next-token distributions are
+    far from uniform (transformers' own initialisation gives nearly flat ones); the benchmarks keep
+    transformers' initialisation, whose near-uniform rows rarely end and so run to the cap.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    config = llama_config(vocab_size, eos=eos, **shape)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     if spread:
@@ -175,3 +189,37 @@ def build_model_dir(
     """A complete tiny Llama model directory with the word-level chat tokenizer."""
     tokenizer = build_tokenizer(chat_template=chat_template)
     return save_model_dir(path, build_llama(len(tokenizer), **model_kwargs), tokenizer)
+
+
+NLI_WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "a", "big", "small"]
+
+
+def build_nli_dir(
+    root: Path, labels: Sequence[str] = ("contradiction", "neutral", "entailment"), seed: int = 0
+) -> Path:
+    """A tiny BERT sequence-pair classifier with ``labels``, saved as ``root``/nli."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *NLI_WORDS]) + "\n")
+    tokenizer = BertTokenizer(str(vocab))
+    config = BertConfig(
+        vocab_size=len(NLI_WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # spread the logits, so that the labels depend on the pair
+        model.classifier.weight.mul_(200.0)
+    out = root / "nli"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
