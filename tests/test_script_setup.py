@@ -47,3 +47,30 @@ def test_a_library_warning_is_written_to_the_rules_log_once(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert written.count("TruncationWarning: prompt 'p7': truncation rate 40%") == 1
     assert result.stderr.count("TruncationWarning: prompt 'p7'") == 1
+
+
+def test_a_figure_is_drawn_with_the_rules_settings_and_outputs_and_logged(tmp_path: Path) -> None:
+    table = tmp_path / "summary.tsv"
+    table.write_text(
+        "sampling\tembedder\tslope_ratio\tslope_ratio_ci_low\tslope_ratio_ci_high\t"
+        "slope_ratio_boot_ci_low\tslope_ratio_boot_ci_high\trho_difference\t"
+        "rho_difference_ci_low\trho_difference_ci_high\n"
+        "default\tminilm\t2.7\t1.9\t3.5\t2.0\t3.7\t0.21\t0.1\t0.3\n"
+        "topk1000\tminilm\t2.2\t1.5\t2.9\t1.6\t3.0\t0.15\t0.02\t0.27\n"
+    )
+    pdf, png = tmp_path / "figures" / "forest.pdf", tmp_path / "figures" / "forest.png"
+    result, written = run_job(
+        tmp_path,
+        f"""
+        from script_setup import render_figure
+        from canopy.figures import render_forest
+        smk.params = types.SimpleNamespace(settings={{"width": 4.0, "dpi": 60}})
+        smk.output = types.SimpleNamespace(pdf={str(pdf)!r}, png={str(png)!r})
+        render_figure(smk, render_forest, {str(table)!r})
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert pdf.read_bytes().startswith(b"%PDF") and png.read_bytes().startswith(b"\x89PNG")
+    # The PNG's width in pixels (its header's) is the settings' width in inches at their dpi.
+    assert int.from_bytes(png.read_bytes()[16:20], "big") == 240
+    assert f"wrote {pdf} and {png}" in written

@@ -1,15 +1,11 @@
 """Figure 4: within-prompt variances of H_i, N_i and r_i across prompts, from the rollout tables."""
 
-from script_setup import setup
+from script_setup import render_figure, setup
 
-log = setup(snakemake)
+setup(snakemake)
 
 from canopy.figures import keyed_paths, render_variance  # noqa: E402
 
-render_variance(
-    keyed_paths(snakemake.params.matrix, snakemake.input.rollouts),
-    snakemake.params.settings,
-    pdf=snakemake.output.pdf,
-    png=snakemake.output.png,
+render_figure(
+    snakemake, render_variance, keyed_paths(snakemake.params.matrix, snakemake.input.rollouts)
 )
-log.info("wrote %s and %s", snakemake.output.pdf, snakemake.output.png)

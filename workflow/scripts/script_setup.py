@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 _SRC = Path(__file__).resolve().parents[2] / "src"
@@ -70,3 +71,20 @@ def setup(smk, *, network: bool = False) -> logging.Logger:  # noqa: ANN001 - no
 
     sys.excepthook = log_uncaught
     return logger
+
+
+def render_figure(
+    smk,  # noqa: ANN001 - no importable type
+    render: Callable[..., object],
+    *inputs: object,
+    **options: object,
+) -> None:
+    """Draw the rule's figure: ``render(*inputs, settings, pdf=..., png=..., **options)``, with the
+    rule's figure settings (``params.settings``) and outputs, and log the files it wrote.
+
+    Call it after :func:`setup`, with a render function of ``canopy.figures`` imported after it.
+    """
+    render(*inputs, smk.params.settings, pdf=smk.output.pdf, png=smk.output.png, **options)
+    logging.getLogger(f"canopy.rule.{smk.rule}").info(
+        "wrote %s and %s", smk.output.pdf, smk.output.png
+    )
