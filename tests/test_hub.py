@@ -21,6 +21,8 @@ from support.hub_repos import build_qwen3
 from support.hub_server import HubServer, HubUnavailable
 from support.workflow import REPO
 
+from canopy.sources.record import RECORD_FILE
+
 SRC = REPO / "src"
 MODEL = "canopy-test/tiny-qwen3"
 GATED = "canopy-test/gated-model"
@@ -143,7 +145,8 @@ def test_a_model_is_fetched_at_the_commit_its_branch_resolves_to(hub, tmp_path: 
     """)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == commits[MODEL]
-    record = json.loads((tmp_path / "m" / "canopy_fetch.json").read_text())
+    record = json.loads((tmp_path / "m" / RECORD_FILE).read_text())
+    assert record["source"] == "hub" and record["kind"] == "model"
     assert record["repo_id"] == MODEL and record["revision"] == "main"
     assert record["commit"] == commits[MODEL] and record["endpoint"] == server.endpoint
     assert "model.safetensors" in record["files"] and "tokenizer_config.json" in record["files"]
@@ -205,9 +208,7 @@ def test_a_partial_fetch_of_another_commit_is_discarded(hub, tmp_path: Path) -> 
     """)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "m" / "stale.safetensors").exists()
-    assert (
-        json.loads((tmp_path / "m" / "canopy_fetch.json").read_text())["commit"] == commits[MODEL]
-    )
+    assert json.loads((tmp_path / "m" / RECORD_FILE).read_text())["commit"] == commits[MODEL]
 
 
 def test_a_custom_code_embedder_runs_from_its_fetched_directory_offline(
@@ -304,3 +305,29 @@ def test_a_fetch_record_that_is_missing_is_no_model(tmp_path: Path) -> None:
     assert read_fetch_record(tmp_path) is None
     shutil.rmtree(tmp_path)
     assert read_fetch_record(tmp_path) is None
+
+
+def test_a_directory_fetched_before_the_one_record_keeps_its_record(tmp_path: Path) -> None:
+    """A model fetched before every made directory held canopy_source.json has only its
+    canopy_fetch.json: it is read as the same record, so the model is not fetched again."""
+    from canopy.hub import FETCH_RECORD, read_fetch_record
+    from canopy.provenance import model_entry
+
+    old = {
+        "kind": "model",
+        "repo_id": "org/m",
+        "repo_type": "model",
+        "revision": "main",
+        "commit": "c" * 40,
+        "endpoint": "https://hub.example",
+        "fetched_at": "2026-01-01T00:00:00+00:00",
+        "files": ["config.json"],
+    }
+    (tmp_path / FETCH_RECORD).write_text(json.dumps(old))
+    record = read_fetch_record(tmp_path)
+    assert record is not None and record.commit == "c" * 40 and record.files == ("config.json",)
+    entry = model_entry("fam", "base", {"source": "hub"}, tmp_path)
+    assert entry["commit"] == "c" * 40 and entry["pinned"] is False
+    # The one record wins over an old file left beside it.
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"source": "hub", **old, "commit": "d" * 40}))
+    assert read_fetch_record(tmp_path).commit == "d" * 40

@@ -9,8 +9,9 @@ the package's own installation record.
 
 :func:`convert_gguf` turns the file into an ordinary transformers directory (weights dequantised
 to the requested dtype, the tokenizer and its chat template read from the GGUF), which then enters
-the workflow exactly as hub and local models do. The directory holds :data:`CONVERSION_RECORD`,
-which the lock file reads: the file's sha256 and the package and version it came from.
+the workflow exactly as hub and local models do. The directory holds the conversion's record
+(:mod:`canopy.sources.record`), which the lock file reads: the file's sha256 and the package and
+version it came from.
 
 Nothing here imports the package that ships the file: its own code may need a runtime this
 workflow does not install (a llama.cpp binding), and the weights are all it needs.
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from canopy.config.analysis import PACKAGE_PREFIX
-from canopy.io import atomic_dir, read_json, write_json
+from canopy.io import atomic_dir
+from canopy.sources.record import read_record, write_record
 
 __all__ = [
     "CONVERSION_RECORD",
@@ -48,7 +50,7 @@ __all__ = [
     "supported_architectures",
 ]
 
-#: The record a finished conversion leaves in its directory.
+#: The file a conversion's record had before every made model held one record file: still read.
 CONVERSION_RECORD = "canopy_gguf.json"
 #: The first four bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
@@ -434,7 +436,7 @@ def convert_gguf(
         with atomic_dir(out_dir) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            write_json(record, staging / CONVERSION_RECORD)
+            write_record(staging, "gguf", record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record
@@ -442,6 +444,5 @@ def convert_gguf(
 
 def read_conversion_record(directory: str | Path) -> dict[str, Any] | None:
     """The record of a finished conversion in ``directory``, or None if it holds none."""
-    path = Path(directory) / CONVERSION_RECORD
-    return read_json(path) if path.is_file() else None
+    return read_record(directory, source="gguf", legacy=(CONVERSION_RECORD,))
 

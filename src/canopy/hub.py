@@ -9,7 +9,7 @@ points to *now*, then downloads exactly that commit, so that what is recorded is
 even when the branch moves during the download. Files go to a hidden sibling of the target
 directory (``.{name}.partial``), which a rerun resumes, and the sibling is renamed onto the target
 only when complete: an interrupted fetch never looks like a model. The finished directory holds a
-record of the fetch, :data:`FETCH_RECORD`, which the workflow's lock file gathers.
+record of the fetch (:mod:`canopy.sources.record`), which the workflow's lock file gathers.
 
 A revision that names a branch is resolved once, when the resource is fetched, and never again
 behind the user's back: later runs use the fetched copy. :func:`moved_revisions` asks the hub
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from canopy.sources.record import RECORD_FILE, read_record, write_record
 
 __all__ = [
     "ALLOW_PATTERNS",
@@ -49,7 +50,7 @@ __all__ = [
     "resolve_revision",
 ]
 
-#: The record a finished fetch leaves in its directory.
+#: The file a fetch's record had before every made model held one record file: still read.
 FETCH_RECORD = "canopy_fetch.json"
 
 #: Files fetched from a model repository (weights, config, tokenizer, generation config).
@@ -278,10 +279,10 @@ def _check_arguments(repo_id: Any, revision: Any, config_key: str) -> None:
 
 def read_fetch_record(directory: str | os.PathLike[str]) -> HubFetch | None:
     """The record of a finished fetch in ``directory``, or None if it holds none."""
-    path = Path(directory) / FETCH_RECORD
-    if not path.is_file():
+    data = read_record(directory, source="hub", legacy=(FETCH_RECORD,))
+    if data is None:
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    del data["source"]
     data["files"] = tuple(data.get("files", ()))
     return HubFetch(**data)
 
@@ -291,7 +292,7 @@ def _local_files(directory: Path) -> tuple[str, ...]:
         sorted(
             str(path.relative_to(directory))
             for path in directory.rglob("*")
-            if path.is_file() and path.name != FETCH_RECORD
+            if path.is_file() and path.name not in (RECORD_FILE, FETCH_RECORD)
         )
     )
 
@@ -377,7 +378,7 @@ def fetch_snapshot(
         fetched_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         files=_local_files(partial),
     )
-    (partial / FETCH_RECORD).write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+    write_record(partial, "hub", record.to_dict())
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)

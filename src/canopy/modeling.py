@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from canopy.config.models import RESERVED_TEMPLATE_ARGUMENTS
+from canopy.config.families import RESERVED_TEMPLATE_ARGUMENTS
 
 if (
     TYPE_CHECKING

@@ -1,8 +1,9 @@
 """The lock file of a run: which commit of every model, data set and embedder it used, and with
 which versions of the key packages.
 
-Fetched resources carry their own record (:data:`canopy.hub.FETCH_RECORD` in a fetched directory,
-``resources/prompts/{task}.source.json`` beside a prompt set); this module gathers them into one
+Made and fetched resources carry their own record (:mod:`canopy.sources.record` in a model,
+embedder or classifier directory, ``resources/prompts/{task}.source.json`` beside a prompt set);
+this module gathers them, each model's through its source (:mod:`canopy.sources`), into one
 table, ``results/provenance/lock.yaml`` and its ``lock.tsv`` view in the report. It reaches no
 network: :func:`check_revisions` is the one function here that asks the hub anything, and only
 the workflow's ``check_hub_revisions`` rule calls it.
@@ -19,8 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from canopy.checkpoints import read_conversion_record
 from canopy.hub import HubFetch, is_commit, moved_revisions, read_fetch_record
+from canopy.sources.hub import fetch_entry
+from canopy.sources.registry import SOURCES, source_of
+from canopy.sources.source import LOCK_ROW_KEYS
 
 __all__ = [
     "LOCK_COLUMNS",
@@ -59,9 +62,6 @@ LOCK_COLUMNS: tuple[str, ...] = (
 )
 
 
-# The lock-table columns a fetched resource fills from its entry.
-_FETCH_COLUMNS = ("repository", "revision", "commit", "pinned")
-
 
 class RevisionsMovedError(RuntimeError):
     """A branch or tag a run fetched points to another commit on the hub today."""
@@ -78,34 +78,6 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     return versions
 
 
-def _fetched(record: HubFetch | Mapping[str, Any]) -> dict[str, Any]:
-    data = record.to_dict() if isinstance(record, HubFetch) else dict(record)
-    return {
-        "repository": data["repo_id"],
-        "revision": data["revision"],
-        "commit": data["commit"],
-        "pinned": is_commit(data["revision"]),
-        "endpoint": data.get("endpoint"),
-    }
-
-
-def _made_here(record: Any, directory: str | os.PathLike[str], rule: str) -> Any:
-    """``record``, which the workflow's ``rule`` leaves in every directory it makes."""
-    if record is None:
-        raise FileNotFoundError(
-            f"{directory} has no record of this workflow's {rule} rule, which made it: delete it "
-            "and rerun to make it again"
-        )
-    return record
-
-
-def _training_record(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    from canopy.training.loop import LOG_FILE
-
-    path = Path(directory) / LOG_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def model_entry(
     family: str,
     variant: str,
@@ -113,45 +85,12 @@ def model_entry(
     directory: str | os.PathLike[str],
     base_entry: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Lock entry of one model: its fetch record (hub), recipe (trained here), conversion record
-    (gguf: the file's sha256 and the package it came from), path (local), or for a fine-tune made
-    here from the family's base (``base_entry``, that base's own lock entry) the recipe it was
-    trained with and the base's commit or checksum."""
-    entry: dict[str, Any] = {"name": f"{family}/{variant}", "source": spec["source"]}
-    if spec["source"] == "hub":
-        entry.update(_fetched(_made_here(read_fetch_record(directory), directory, "download_model")))
-    elif spec["source"] == "train":
-        entry["recipe"] = spec["recipe"]
-        entry["path"] = str(directory)
-    elif spec["source"] == "gguf":
-        record = _made_here(read_conversion_record(directory), directory, "convert_gguf")
-        entry.update(
-            repository=(
-                f"{record['package']}=={record['version']}" if record["package"] else record["spec"]
-            ),
-            revision=record["file"],
-            commit=f"sha256:{record['sha256']}",
-            pinned=True,
-            dtype=record["dtype"],
-            path=str(directory),
-        )
-    elif spec["source"] == "finetune":
-        record = _made_here(_training_record(directory), directory, "finetune_from_base")
-        base = dict(base_entry or {})
-        entry.update(
-            repository=f"fine-tuned here from {family}/base (recipe {spec['recipe']})",
-            revision=spec["recipe"],
-            # What pins the fine-tune is what pins its base: the base's commit or checksum.
-            commit=base.get("commit"),
-            pinned=bool(base.get("pinned")),
-            recipe=record["recipe"],
-            heldout_loss_before=record.get("heldout_loss_before"),
-            heldout_loss_after=record.get("heldout_loss_after"),
-            path=str(directory),
-        )
-    else:
-        entry["path"] = str(spec["path"])
-    return entry
+    """Lock entry of one model, as its source gives it (:mod:`canopy.sources`): the fetch record
+    (hub), the recipe (trained here), the conversion record (gguf: the file's sha256 and the
+    package it came from), the path (local), or for a fine-tune made here from the family's base
+    (``base_entry``, that base's own lock entry) the recipe it was trained with and the base's
+    commit or checksum."""
+    return source_of(spec).lock_entry(f"{family}/{variant}", spec, directory, base_entry)
 
 
 def embedder_entry(
@@ -169,14 +108,19 @@ def embedder_entry(
         return {"name": name, "source": "package", "package": distribution, "version": version}
     record = read_fetch_record(directory) if directory is not None else None
     if record is not None:
-        return {"name": name, "source": "hub", **_fetched(record)}
+        return {"name": name, "source": "hub", **fetch_entry(record)}
     return {"name": name, "source": "local", "path": str(model)}
 
 
 def classifier_entry(name: str, directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Lock entry of a fetched sequence classifier (a reward or NLI model)."""
-    record = _made_here(read_fetch_record(directory), directory, "download_classifier")
-    return {"name": name, "source": "hub", **_fetched(record)}
+    record = read_fetch_record(directory)
+    if record is None:
+        raise FileNotFoundError(
+            f"{directory} has no record of this workflow's download_classifier rule, which made "
+            "it: delete it and rerun to make it again"
+        )
+    return {"name": name, "source": "hub", **fetch_entry(record)}
 
 
 def build_lock(
@@ -208,7 +152,7 @@ def build_lock(
 def _prompt_row(entry: Mapping[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"kind": "prompts", "name": entry["task"], "source": entry["source"]}
     if entry["source"] == "hub":
-        row.update(_fetched(entry))
+        row.update(fetch_entry(entry))
     elif entry["source"] == "jsonl":
         row.update(repository=entry["path"], commit=f"sha256:{entry['sha256']}", pinned=True)
     elif entry["source"] == "humaneval":
@@ -224,20 +168,13 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for entry in lock["models"]:
         row = {"kind": "model", "name": entry["name"], "source": entry["source"]}
-        # A converted GGUF model names its package and file, pinned by the file's sha256; a
-        # fine-tune made here names its recipe, pinned by its base's commit or checksum.
-        if entry["source"] in ("hub", "gguf", "finetune"):
-            row.update({k: entry[k] for k in _FETCH_COLUMNS})
-        elif entry["source"] == "train":
-            row.update(repository=f"trained here (recipe {entry['recipe']})", pinned=True)
-        else:
-            row.update(repository=entry["path"])
+        row.update(SOURCES[entry["source"]].lock_row(entry))
         rows.append(row)
     rows += [_prompt_row(entry) for entry in lock["prompts"]]
     for entry in lock["embedders"]:
         row = {"kind": "embedder", "name": entry["name"], "source": entry["source"]}
         if entry["source"] == "hub":
-            row.update({k: entry[k] for k in _FETCH_COLUMNS})
+            row.update({k: entry[k] for k in LOCK_ROW_KEYS})
         elif entry["source"] == "package":
             row.update(repository=entry["package"], revision=entry["version"], pinned=True)
         else:
@@ -245,7 +182,7 @@ def lock_table(lock: Mapping[str, Any]) -> pd.DataFrame:
         rows.append(row)
     for entry in lock.get("classifiers", []):
         row = {"kind": "classifier", "name": entry["name"], "source": entry["source"]}
-        row.update({k: entry[k] for k in _FETCH_COLUMNS})
+        row.update({k: entry[k] for k in LOCK_ROW_KEYS})
         rows.append(row)
     for name, version in lock["software"].items():
         rows.append({"kind": "software", "name": name, "source": "installed", "revision": version})

@@ -13,6 +13,8 @@ from snakemake.exceptions import WorkflowError
 
 from canopy.config import ConfigError, SamplingSettings, validate_config
 from canopy.modeling import CHAT_OPTION_KEYS, VARIANTS, chat_options, visible_cuda_devices
+from canopy.sources.registry import SOURCES
+from canopy.sources.source import SourceError
 
 
 # Library code is no input of any job, one policy for all. Snakemake reruns a job when its
@@ -76,23 +78,27 @@ def config_value(dotted):
 
 _READS_CALL = re.compile(r'config_(?:provider|value)\(\s*"([^"]*)"((?:\s*,\s*"[^"]*")*)')
 
-#: The keys of a GGUF variant that decide its conversion (gguf_params).
-GGUF_KEYS = ("gguf", "sha256", "dtype")
 #: The keys of a variant (and of its per_task entries) that frame its prompts and end its
 #: rollouts (framing_params).
 FRAMING_KEYS = ("prompt_template", "stop_tokens_containing", "stop_sequences")
 
-#: Params functions that combine several keys into one value, and the keys they read: a family's
-#: chat options, overridden by its finetuned variant's (chat_params; set on base, an error), and
-#: a GGUF variant's conversion keys, the optional ones only where set (gguf_params).
+#: Params functions that combine several keys into one value (a pattern of their call), and the
+#: keys they read: a family's chat options, overridden by its finetuned variant's (chat_params;
+#: set on base, an error), and the keys of one kind of model source, those set
+#: (source_params("<kind>")).
 _READING_FUNCTIONS = {
-    "chat_params": [
+    r"\bchat_params\b": [
         f"families.{{family}}.{level}{option}"
         for level in ("", *(f"{variant}." for variant in VARIANTS))
         for option in CHAT_OPTION_KEYS
     ],
-    "gguf_params": [f"families.{{family}}.{{variant}}.{key}" for key in GGUF_KEYS],
-    "framing_params": [
+    **{
+        rf'\bsource_params\(\s*"{kind}"\s*\)': [
+            f"families.{{family}}.{{variant}}.{key}" for key in source.keys
+        ]
+        for kind, source in SOURCES.items()
+    },
+    r"\bframing_params\b": [
         f"families.{{family}}.{{variant}}.{level}{key}"
         for level in ("", "per_task.{task}.")
         for key in FRAMING_KEYS
@@ -114,8 +120,8 @@ def rules_reading(key):
                 for block, rest in _READS_CALL.findall(chunk)
                 for sub in re.findall(r'"([^"]*)"', rest) or [""]
             ]
-            for function, keys in _READING_FUNCTIONS.items():
-                if re.search(rf"\b{function}\b", chunk):
+            for call, keys in _READING_FUNCTIONS.items():
+                if re.search(call, chunk):
                     read += keys
             for dotted in read:
                 pattern = ["*" if p.startswith("{") else p for p in dotted.split(".") if p]
@@ -214,6 +220,11 @@ def model_source(family, variant):
     return config["families"][family][variant]["source"]
 
 
+def source_of(family, variant):
+    """The source of one model (canopy.sources): how its directory is made and recorded."""
+    return SOURCES[model_source(family, variant)]
+
+
 # Sampling points whose rollouts are sampled by rollouts.smk (a point produced otherwise, e.g. by
 # filtering another point's rollouts, is left out here); those with `chunks` > 1 are sampled as
 # that many jobs and gathered.
@@ -222,37 +233,54 @@ CHUNKED_POINTS = [s for s in SAMPLED_POINTS if config["sampling"][s].get("chunks
 UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 
+# Every model by the rule that makes its directory ("family/variant"); a model used where it
+# is (source: local) has none. Each rule that makes models accepts exactly its own (made_by), so
+# one rule matches each model directory, whichever sources a family mixes.
+MODELS_BY_RULE = {}
+for _family in FAMILIES:
+    for _variant in VARIANTS:
+        _rule = source_of(_family, _variant).rule_for(_variant)
+        if _rule is not None:
+            MODELS_BY_RULE.setdefault(_rule, []).append(f"{_family}/{_variant}")
+
+
+def made_by(rule, variant=None):
+    """Wildcard constraint of a rule that makes model directories: the models it makes, as
+    "family/variant" for a {model} wildcard, or as the families of ``variant`` for a rule whose
+    output names the variant."""
+    models = MODELS_BY_RULE.get(rule, [])
+    if variant is None:
+        return _one_of(models)
+    return _one_of([m.split("/")[0] for m in models if m.split("/")[1] == variant])
+
+
 TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
-HUB_FAMILIES = [f for f in FAMILIES if "hub" in {model_source(f, v) for v in VARIANTS}]
 # Families whose fine-tuned variant is made here from their base, whatever its source.
 FINETUNED_HERE = [f for f in FAMILIES if model_source(f, "finetuned") == "finetune"]
-# GGUF variants as "family/variant": one family may mix a GGUF variant with a hub one.
-GGUF_MODELS = [f"{f}/{v}" for f in FAMILIES for v in VARIANTS if model_source(f, v) == "gguf"]
 
 
-def _check_gguf_sources():
-    """Stop before any job when a GGUF source cannot be converted: a package that is not
-    installed, a part package missing, a file that is not GGUF or of an architecture transformers
-    cannot read. Checked once, in the main process (the architecture check imports transformers);
-    a finished conversion is not checked again, so uninstalling its package loses nothing."""
-    from canopy.checkpoints import CONVERSION_RECORD, GgufSourceError, check_gguf, locate_gguf
+def _check_sources():
+    """Stop before any job when a model that is not made yet cannot be made as configured (a
+    GGUF package that is not installed, a file that is not GGUF), naming the key and the rule
+    that reads it. Each source's check is light (no model library is imported while the
+    workflow is planned); a model already made is not checked again, so uninstalling the
+    package it came from loses nothing."""
+    for family in FAMILIES:
+        for variant in VARIANTS:
+            source = source_of(family, variant)
+            spec = config["families"][family][variant]
+            try:
+                source.check(
+                    spec,
+                    config_key=f"families.{family}.{variant}",
+                    directory=source.directory(family, variant, spec),
+                )
+            except SourceError as error:
+                raise WorkflowError(f"{error} (read by rule {source.rule_for(variant)})")
 
-    for model in GGUF_MODELS:
-        if (Path("resources/models") / model / CONVERSION_RECORD).is_file():
-            continue
-        family, variant = model.split("/")
-        spec = config["families"][family][variant]
-        key = f"families.{family}.{variant}"
-        try:
-            found = locate_gguf(spec["gguf"], config_key=key, sha256=spec.get("sha256"))
-            check_gguf(found, config_key=key)
-        except GgufSourceError as error:
-            rules = ", ".join(rules_reading(["families", family, variant, "gguf"]))
-            raise WorkflowError(f"{error} (read by rule {rules})")
 
-
-if GGUF_MODELS and workflow.is_main_process:
-    _check_gguf_sources()
+if workflow.is_main_process:
+    _check_sources()
 
 
 def embedder_source(name):
@@ -277,11 +305,10 @@ wildcard_constraints:
 
 
 def model_path(family, variant):
-    """The transformers directory of one model: built or fetched under resources/, or the user's own."""
+    """The transformers directory of one model: made or fetched under resources/, or the user's
+    own, as its source says."""
     spec = config["families"][family][variant]
-    if spec["source"] == "local":
-        return spec["path"]
-    return f"resources/models/{family}/{variant}"
+    return source_of(family, variant).directory(family, variant, spec)
 
 
 def model_dir(wildcards):
@@ -412,12 +439,18 @@ def framing_params(wildcards):
     return {key: merged[key] for key in FRAMING_KEYS if key in merged}
 
 
-def gguf_params(wildcards):
-    """A GGUF variant's conversion keys that are set: a chat option of the same entry changes
-    what is sampled, not what is converted."""
-    family, variant = wildcards.gguf_model.split("/")
-    spec = config["families"][family][variant]
-    return {key: spec[key] for key in GGUF_KEYS if key in spec}
+def source_params(kind):
+    """Params function of the rule that makes models of one kind of source, from its {model}
+    wildcard ("family/variant"): the keys of that source which are set (a chat option of the same
+    entry changes what is sampled, not how the model is made)."""
+    keys = SOURCES[kind].keys
+
+    def params(wildcards):
+        family, variant = wildcards.model.split("/")
+        spec = config["families"][family][variant]
+        return {key: spec[key] for key in keys if key in spec}
+
+    return params
 
 
 def sampling_gpus(wildcards):

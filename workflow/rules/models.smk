@@ -14,7 +14,7 @@ rule pretrain_base_model:
     log:
         "logs/models/{family}/base.log",
     wildcard_constraints:
-        family=_one_of(TRAINED_FAMILIES),
+        family=made_by("pretrain_base_model", "base"),
     conda:
         "../../envs/torch.yaml"
     # One thread: the default's models are too small for a second one to pay (its matrices are
@@ -75,38 +75,38 @@ rule finetune_from_base:
         "../scripts/finetune_from_base.py"
 
 
+# The rules that make model directories each accept exactly the models whose source names them
+# (made_by, from canopy.sources' registry): one rule matches each directory, whichever sources a
+# family mixes (a GGUF base with a hub fine-tune, a hub base fine-tuned here).
+
+
 rule download_model:
     output:
-        directory("resources/models/{family}/{variant}"),
+        directory("resources/models/{model}"),
     log:
-        "logs/models/{family}/{variant}.download.log",
+        "logs/models/{model}.download.log",
     wildcard_constraints:
-        family=_one_of(HUB_FAMILIES),
+        model=made_by("download_model"),
     localrule: True
     conda:
         "../../envs/torch.yaml"
     params:
-        spec=config_provider("families.{family}.{variant}", "id", "revision"),
+        spec=source_params("hub"),
     script:
         "../scripts/download_model.py"
 
 
-# A family may pair a GGUF variant with a hub one: the GGUF one is converted, not downloaded;
-# a hub base's fine-tune made here is trained, not downloaded.
-ruleorder: convert_gguf > finetune_from_base > download_model
-
-
 rule convert_gguf:
     output:
-        directory("resources/models/{gguf_model}"),
+        directory("resources/models/{model}"),
     log:
-        "logs/models/{gguf_model}.convert.log",
+        "logs/models/{model}.convert.log",
     wildcard_constraints:
-        gguf_model=_one_of(GGUF_MODELS),
+        model=made_by("convert_gguf"),
     conda:
         "../../envs/torch.yaml"
     params:
-        spec=gguf_params,
+        spec=source_params("gguf"),
     script:
         "../scripts/convert_gguf.py"
 

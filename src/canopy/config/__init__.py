@@ -28,7 +28,8 @@ if TYPE_CHECKING:
         StatsSettings,
     )
     from canopy.config.figures import FigureSettings, FiguresSettings
-    from canopy.config.models import CorpusSettings, FamilySettings, Recipe, TrainingSettings
+    from canopy.config.families import FamilySettings
+    from canopy.config.models import CorpusSettings, Recipe, TrainingSettings
     from canopy.config.prompts import FewShotSettings, TaskSettings
     from canopy.config.root import Config, SweepsSettings
     from canopy.config.sampling import FilterSettings, SamplingSettings
@@ -42,7 +43,8 @@ _HOMES = {
         "analysis",
     ),
     **dict.fromkeys(["FigureSettings", "FiguresSettings"], "figures"),
-    **dict.fromkeys(["CorpusSettings", "FamilySettings", "Recipe", "TrainingSettings"], "models"),
+    "FamilySettings": "families",
+    **dict.fromkeys(["CorpusSettings", "Recipe", "TrainingSettings"], "models"),
     **dict.fromkeys(["FewShotSettings", "TaskSettings"], "prompts"),
     **dict.fromkeys(["FilterSettings", "SamplingSettings"], "sampling"),
     **dict.fromkeys(["Config", "SweepsSettings"], "root"),

@@ -57,14 +57,34 @@ _MISSING = object()
 
 
 def problems_from(error: ValidationError, prefix: Sequence[Any] = ()) -> list[Problem]:
-    """One :class:`Problem` per pydantic error, keyed from the root of the configuration."""
+    """One :class:`Problem` per pydantic error, keyed from the root of the configuration.
+
+    A block chosen by a tag (a model's ``source``) is keyed as the user wrote it: the tag that
+    pydantic adds to the location is left out, and named in the message instead."""
     problems = []
+    root = _ROOTS.get(error.title)
     for item in error.errors(include_url=False):
-        loc = [*prefix, *item["loc"]]
+        own, tag, _ = _walk(root, item["loc"])
+        loc = [*prefix, *own]
         kind, message = item["type"], item["msg"]
         value = item.get("input", _MISSING)
-        if kind == "extra_forbidden":
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            # The tag key itself is wrong or missing: key it, not the block around it.
+            loc.append(item["ctx"]["discriminator"].strip("'"))
+            if kind == "union_tag_invalid":
+                value = item["ctx"]["tag"]
+                allowed = f"Input should be {_one_of(item['ctx']['expected_tags'])}"
+            else:
+                allowed, value = "required key is missing", None
+        elif kind == "extra_forbidden":
             allowed = "unknown key; allowed here: " + ", ".join(_allowed_at(error, item["loc"]))
+            owner = _other_member(tag, _model_at(root, item["loc"][:-1]), own[-1])
+            if owner is not None:
+                allowed = f"not used by {tag[0]} {tag[1]} (a key of {tag[0]} {owner}); " + (
+                    allowed.removeprefix("unknown key; ")
+                )
+        elif kind == "missing" and tag is not None:
+            allowed, value = f"required by {tag[0]} {tag[1]}", None
         elif kind == "missing":
             allowed, value = "required key is missing", None
         else:
@@ -87,15 +107,60 @@ _ROOTS: dict[str, type[BaseModel]] = {}
 
 
 def _model_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> type[BaseModel] | None:
-    for part in loc:
+    return _walk(model, loc)[2]
+
+
+def _walk(
+    model: type[BaseModel] | None, loc: Sequence[Any]
+) -> tuple[list[Any], tuple[str, str, dict[str, type[BaseModel]]] | None, type[BaseModel] | None]:
+    """Follow ``loc`` through the blocks from ``model``: the location without the tags pydantic
+    puts after a tagged union's field, the last such tag as (tag key, tag, {tag: block} of its
+    union), and the block ``loc`` ends in (None where it leaves the blocks)."""
+    out: list[Any] = []
+    tag = None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        out.append(part)
         if model is None:
-            return None
+            continue
         fields = {f.alias or n: f for n, f in model.model_fields.items()}
         field = fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue  # a dict key (a task's name) or a list index: same model further down
-        model = _block_in(field.annotation)
-    return model
+        members = _tagged_members(field)
+        if members and parts and parts[0] in members:
+            tag = (field.discriminator, parts[0], members)
+            model = members[parts.pop(0)]
+        else:
+            model = _block_in(field.annotation)
+    return out, tag, model
+
+
+def _tagged_members(field: Any) -> dict[str, type[BaseModel]]:
+    """{tag: block} of a field that holds a union told apart by a tag key (``source``)."""
+    key = getattr(field, "discriminator", None)
+    if not isinstance(key, str):
+        return {}
+    return {
+        tag: member
+        for member in typing.get_args(field.annotation)
+        for tag in typing.get_args(member.model_fields[key].annotation)
+    }
+
+
+def _other_member(tag: Any, block: type[BaseModel] | None, key: str) -> str | None:
+    """The tag of another member of the tagged union that ``block`` is one of, which takes
+    ``key`` (for a key of another source)."""
+    if tag is None or block is not tag[2][tag[1]]:
+        return None
+    return next((t for t, member in tag[2].items() if key in member.model_fields), None)
+
+
+def _one_of(tags: str) -> str:
+    # pydantic lists expected tags as "'a', 'b', 'c'"; a Literal's message says "'a', 'b' or 'c'".
+    head, _, last = tags.rpartition(", ")
+    return f"{head} or {last}" if head else last
 
 
 def _block_in(annotation: Any) -> type[BaseModel] | None:

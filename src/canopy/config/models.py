@@ -1,33 +1,22 @@
-"""``families`` (the model pairs) and ``training`` (how families with ``source: train`` are made:
-canopy.training and its corpus read these)."""
+"""``training``: how families with ``source: train`` are made and how fine-tunes of a base are
+made here (canopy.training and its corpus read these; the families that name them are in
+:mod:`canopy.config.families`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from canopy.config.base import Block
-from canopy.config.types import (
-    Device,
-    NonEmptyStr,
-    PositiveInt,
-    PositiveNumber,
-    format_fields,
-    one_format_field,
-)
+from canopy.config.types import Device, NonEmptyStr, PositiveInt, PositiveNumber
 
 __all__ = [
     "ARCHITECTURES",
     "CHAT_TEMPLATE_CHOICES",
     "CorpusSettings",
-    "FamilySettings",
     "FinetuneRecipe",
-    "ModelSettings",
-    "RESERVED_TEMPLATE_ARGUMENTS",
     "Recipe",
-    "TaskFraming",
-    "TaskStops",
     "TOKENIZER_KINDS",
     "TrainingSettings",
 ]
@@ -37,183 +26,6 @@ TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
 #: Where a fine-tune made here takes its chat template: the base tokenizer's own, or one the
 #: package ships (canopy/training/data/chat_templates/<name>.jinja).
 CHAT_TEMPLATE_CHOICES: tuple[str, ...] = ("model", "gemma")
-
-#: apply_chat_template arguments the sampler itself decides.
-RESERVED_TEMPLATE_ARGUMENTS = frozenset(
-    {"messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents"}
-)
-
-
-def _not_reserved(kwargs: dict[str, Any]) -> dict[str, Any]:
-    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGUMENTS)
-    if reserved:
-        raise ValueError(f"may not set {', '.join(reserved)} (the sampler sets it)")
-    return kwargs
-
-
-#: Template variable names (keys of chat_template_kwargs) and their values.
-ChatKwargs = Annotated[
-    dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any],
-    AfterValidator(_not_reserved),
-]
-
-
-class TaskStops(Block):
-    """``families.<family>.<variant>.per_task.<task>``: where that task's rollouts end."""
-
-    where = "families.<family>.<variant>.per_task.<task>"
-
-    stop_tokens_containing: list[Annotated[str, Field(min_length=1)]] | None = None
-    """As the variant's key, for this task."""
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
-    """As the variant's key, for this task."""
-
-    def to_config(self) -> dict[str, Any]:
-        return {key: value for key, value in super().to_config().items() if value is not None}
-
-
-class TaskFraming(TaskStops):
-    """``families.<family>.base.per_task.<task>``: the document the base continues on that task,
-    and where its rollouts end."""
-
-    where = "families.<family>.base.per_task.<task>"
-
-    prompt_template: Annotated[str, one_format_field("text", "document")] | None = None
-    """As the base's key, for this task (e.g. "{document}": HumanEval's own code prompt, the
-    function a base continues as code)."""
-
-
-class _ModelSource(Block):
-    source: Literal["train", "hub", "local", "gguf", "finetune"]
-    """train (made by this workflow), hub (downloaded at a pinned revision), local (a
-    transformers directory), gguf (a GGUF file, converted once into a transformers directory),
-    finetune (finetuned only: fine-tuned here from the family's base, whatever its source)."""
-    recipe: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: train — a key of training.recipes; source: finetune — a key of
-    training.finetunes."""
-    id: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: hub — the hub repository id, e.g. Qwen/Qwen3-8B."""
-    revision: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: hub — a commit hash (or tag) that pins the weights."""
-    path: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: local — a transformers model directory."""
-    gguf: NonEmptyStr | None = Field(default=None, validate_default=True)
-    """source: gguf — a .gguf file, or package:<module> for a Python package that ships one
-    (whole, or split into part packages it requires)."""
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
-    """source: gguf — the sha256 the whole file must have (a package publishes its own)."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """source: gguf — the dtype the weights are dequantised to and stored in (default float32;
-    sampling.<name>.dtype still decides the dtype they are sampled in)."""
-    stop_tokens_containing: list[Annotated[str, Field(min_length=1)]] | None = None
-    """Rollouts of this variant also end at any vocabulary token whose text contains one of these
-    strings (e.g. "\n": a base model's answer is the rest of its line), counted like EOS: the
-    stop is a token, so N and every entropy stay exact. Unset: EOS (and a chat model's
-    end-of-turn token) only."""
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
-    """Rollouts of this variant also end at the token whose decoded text completes one of these
-    strings (as vLLM's `stop`; e.g. "\ndef" for code), however many tokens the string spans.
-    The end is decided from the prefix alone, so N (which counts that token) and every entropy
-    stay exact. Unset: no stop sequence."""
-    per_task: dict[str, TaskStops] | None = None
-    """Framing per task, by task name: a task's keys win over this variant's own, key by key (an
-    empty list turns the variant's stops off for that task); a change resamples only that
-    (variant, task)."""
-
-    @field_validator("recipe", "id", "revision", "path", "gguf")
-    @classmethod
-    def _fits_source(cls, value: object, info: ValidationInfo) -> object:
-        needs = {
-            "train": ("recipe",),
-            "finetune": ("recipe",),
-            "hub": ("id", "revision"),
-            "local": ("path",),
-            "gguf": ("gguf",),
-        }
-        source = info.data.get("source")
-        if value is None and source is not None and info.field_name in needs[source]:
-            raise ValueError(f"required by source {source}")
-        return value
-
-    @model_validator(mode="after")
-    def _gguf_keys(self) -> _ModelSource:
-        stray = [key for key in ("sha256", "dtype") if getattr(self, key) is not None]
-        if stray and self.source != "gguf":
-            raise ValueError(f"{', '.join(stray)} apply to source gguf only")
-        return self
-
-    def to_config(self) -> dict[str, Any]:
-        values = {key: value for key, value in super().to_config().items() if value is not None}
-        if self.per_task is not None:
-            values["per_task"] = {task: spec.to_config() for task, spec in self.per_task.items()}
-        return values
-
-
-class BaseModelSettings(_ModelSource):
-    """``families.<family>.base``: the pre-trained model, sampled from the raw prompt text (chat
-    options belong to the family or to its finetuned entry)."""
-
-    where = "families.<family>.base"
-
-    source: Literal["train", "hub", "local", "gguf"]
-    """train (made by this workflow), hub (downloaded at a pinned revision), local (a
-    transformers directory), gguf (a GGUF file, converted once into a transformers directory)."""
-    prompt_template: Annotated[str, one_format_field("text", "document")] | None = None
-    """The document the base model continues, with {text} for the prompt (e.g.
-    "Question: {text}\nAnswer:"), as the finetuned variant gets its chat template, or with
-    {document} for the prompt's own document where its source gives one (HumanEval: the code
-    prompt, a function signature and docstring). Unset: the raw prompt text."""
-    per_task: dict[str, TaskFraming] | None = None
-    """Framing per task, by task name: a task's keys (prompt_template and the stops) win over the
-    base's own, key by key; a change resamples only that (base, task)."""
-
-
-class ModelSettings(_ModelSource):
-    """``families.<family>.finetuned``: the fine-tuned model, sampled through its chat template."""
-
-    where = "families.<family>.finetuned"
-
-    chat_template_kwargs: ChatKwargs | None = None
-    """Keyword arguments of the chat template (tokenizer.apply_chat_template), e.g.
-    enable_thinking: false for Qwen3; wins key by key over the family's."""
-    system_prompt: NonEmptyStr | None = None
-    """A system turn before each prompt (wins over the family's)."""
-
-
-class FamilySettings(Block):
-    """``families.<family>``: a base model and its fine-tuned variant."""
-
-    where = "families.<family>"
-
-    base: BaseModelSettings
-    finetuned: ModelSettings
-    chat_template_kwargs: ChatKwargs | None = None
-    """Keyword arguments of the finetuned variant's chat template; part of what is sampled, so
-    changing it resamples that family only."""
-    system_prompt: NonEmptyStr | None = None
-    """A system turn before each prompt in the finetuned variant's chat template."""
-
-    @model_validator(mode="after")
-    def _trained_together(self) -> FamilySettings:
-        # A fine-tuned model is made from its own base, so a trained family trains both.
-        if (self.base.source == "train") != (self.finetuned.source == "train"):
-            raise ValueError(
-                "source train must be used for both base and finetuned (the fine-tuned model is "
-                "made from the trained base); to fine-tune a downloaded, local or GGUF base here, "
-                "give finetuned source finetune"
-            )
-        return self
-
-    def to_config(self) -> dict[str, Any]:
-        return {
-            "base": self.base.to_config(),
-            "finetuned": self.finetuned.to_config(),
-            **{
-                key: value
-                for key, value in super().to_config().items()
-                if key not in ("base", "finetuned") and value is not None
-            },
-        }
 
 
 class CorpusSettings(Block):

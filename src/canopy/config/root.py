@@ -16,8 +16,9 @@ from canopy.config.analysis import (
     StatsSettings,
 )
 from canopy.config.base import Block, Problem, _as_tuple
+from canopy.config.families import FamilySettings
 from canopy.config.figures import FiguresSettings
-from canopy.config.models import FamilySettings, TrainingSettings
+from canopy.config.models import TrainingSettings
 from canopy.config.prompts import TaskSettings
 from canopy.config.sampling import SamplingSettings
 from canopy.config.types import distinct

@@ -1,0 +1,48 @@
+"""``source: finetune`` (finetuned only): fine-tuned here from the family's base, whatever that
+base's source, by a recipe of ``training.finetunes``. Its record is the training run's; it is
+pinned by what pins its base (the base's commit or checksum)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from canopy.config.families import FinetuneSource
+from canopy.sources.source import ModelSource, variant_of
+from canopy.sources.train import TRAINING_LOG
+
+__all__ = ["Finetune", "SOURCE"]
+
+
+class Finetune(ModelSource):
+    settings = FinetuneSource
+    rule = "finetune_model"
+    legacy_records = (TRAINING_LOG,)
+
+    def lock_entry(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        directory: str | os.PathLike[str],
+        base_entry: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        record = self.made_record(directory, variant_of(name))
+        base = dict(base_entry or {})
+        family = name.rpartition("/")[0]
+        return {
+            "name": name,
+            "source": self.kind,
+            "repository": f"fine-tuned here from {family}/base (recipe {spec['recipe']})",
+            "revision": spec["recipe"],
+            # What pins the fine-tune is what pins its base: the base's commit or checksum.
+            "commit": base.get("commit"),
+            "pinned": bool(base.get("pinned")),
+            "recipe": record["recipe"],
+            "heldout_loss_before": record.get("heldout_loss_before"),
+            "heldout_loss_after": record.get("heldout_loss_after"),
+            "path": str(directory),
+        }
+
+
+SOURCE = Finetune()

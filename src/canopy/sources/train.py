@@ -1,0 +1,44 @@
+"""``source: train``: both models of a family made by this workflow from its own corpus
+(canopy.training, the embedded default): the base by ``pretrain_base_model``, the fine-tune of it
+by ``finetune_model``, the rule that fine-tunes any base. The training run's record (recipe, loss curve) is its record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from canopy.config.families import TrainSource
+from canopy.sources.source import ModelSource
+
+__all__ = ["SOURCE", "TRAINING_LOG", "Train"]
+
+#: The file a training run's record had before the one record file.
+TRAINING_LOG = "training_log.json"
+
+
+class Train(ModelSource):
+    settings = TrainSource
+    rule = "pretrain_base_model"
+    legacy_records = (TRAINING_LOG,)
+
+    def rule_for(self, variant: str) -> str | None:
+        # The fine-tuned model is made by the one fine-tune rule, from the base's directory.
+        return self.rule if variant == "base" else "finetune_model"
+
+    def lock_entry(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        directory: str | os.PathLike[str],
+        base_entry: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {"name": name, "source": self.kind, "recipe": spec["recipe"], "path": str(directory)}
+
+    def lock_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        # Made here from the repository's own corpus: the recipe pins it.
+        return {"repository": f"trained here (recipe {entry['recipe']})", "pinned": True}
+
+
+SOURCE = Train()
