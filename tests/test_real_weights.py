@@ -30,7 +30,7 @@ from canopy.modeling import (
 from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
-from test_sampling_exact import float64_errors, float64_truth, record_sampling_steps
+from support.oracle import float64_errors, oracle_distribution, record_sampling_steps
 from support.workflow import GEMMA, REPO, converted, planned_jobs, snakemake
 
 pytestmark = pytest.mark.real_weights
@@ -73,11 +73,11 @@ def smollm() -> Path:
 
 def teacher_forced(model, prompt: list[int], tokens: list[int], settings: SamplingSettings):
     """Per-step entropy and log q(drawn) from one full forward over prompt + rollout (no KV
-    cache), each step's distribution processed in float64 (temperature, then top-k)."""
+    cache), each step's distribution from the float64 oracle."""
     ids = torch.tensor([prompt + tokens[:-1]])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 :]
-    q, entropy = float64_truth(logits, settings.temperature, settings.top_k)
+    q, entropy = oracle_distribution(logits, settings)
     return entropy, np.log(q[np.arange(len(tokens)), tokens])
 
 

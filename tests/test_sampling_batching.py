@@ -168,9 +168,7 @@ def cache_free_errors(model, rows: dict[str, list[dict]], settings: SamplingSett
                 ids = torch.tensor([prompts[prompt_id] + row["token_ids"][:t]])
                 with torch.no_grad():
                     logits = model(input_ids=ids).logits[:, -1, :]
-                log_q, token_ids = processed_log_distribution(
-                    logits, settings.temperature, settings.top_k, settings.top_p
-                )
+                log_q, token_ids = processed_log_distribution(logits, settings)
                 q = log_q.exp()
                 truth = float(-torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum())
                 drawn = float(log_q[0, token_ids[0] == row["token_ids"][t]][0])

@@ -24,7 +24,7 @@ from canopy.sampling.shards import shard_dir_for
 from canopy.sampling.stops import StopSequences, cut_at_stop
 from support.models import build_llama, build_tokenizer
 from support.sampling import PROMPTS, InterruptingLogger, Interrupted, write_prompts
-from test_sampling_exact import next_distribution_from
+from support.oracle import next_distribution_from
 
 # Two words after the seven special tokens: a stop of two words is common enough to be sampled
 # often, and the specials between them decode to nothing, so the stop spans 2 to 4 tokens.

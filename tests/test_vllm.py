@@ -7,7 +7,9 @@ killed after its first shard and rerun, and a second sampling point with top-k o
 it. The rows are then checked against the canopy code's own recomputation of every step
 (teacher-forced: one full forward per rollout on the drawn tokens). On Gemma-3-270m, every step's
 entropy and log q computed inside the engine are checked against float64 from vLLM's own
-processed logits of the same steps, at top-k 0, top-k 100 and top-p 0.9.
+processed logits of the same steps, at top-k 0, top-k 100, top-p 0.9 and min-p 0.1 (min-p also
+in the workflow run's default point: vLLM applies it before top-k and top-p, as the canopy
+backend does).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from support.workflow import (
 
 from canopy.modeling import VARIANTS
 from canopy.sampling import SamplingSettings
-from canopy.sampling.distribution import entropy_from_log, processed_log_distribution
+from canopy.sampling.distribution import entropy_from_log
+from canopy.sampling.transforms import processed_log_distribution, vllm_sampling_params
 from canopy.sampling.shards import ROLLOUT_SCHEMA
 from canopy.sampling.vllm import ENGINE_ARGS_VARIABLE, PYTHON_VARIABLE, VllmSampler
 from support.models import build_llama, build_tokenizer, save_model_dir
@@ -49,7 +52,7 @@ WORDS = [f"w{i}" for i in range(2048 - 7)]
 # Every 20th id ends a rollout: about 60 % of the rollouts end before the cap, the rest run to it.
 EOS = [2, *range(7, 2048, 20)]
 PROMPTS = 6
-DEFAULT = dict(rollouts=8, top_k=50, top_p=0.9, temperature=0.8, max_new_tokens=24)
+DEFAULT = dict(rollouts=8, top_k=50, top_p=0.9, min_p=0.05, temperature=0.8, max_new_tokens=24)
 TOP_K_OFF = dict(rollouts=4, top_k=0, max_new_tokens=12)
 TABLE = "results/rollouts/{point}/{family}/base/math.parquet"
 
@@ -182,7 +185,7 @@ def test_sampling_rule_with_vllm_resumes_and_keeps_finished_prompts(run: dict) -
 @pytest.mark.parametrize(
     "point, family, settings",
     [("default", "vl", DEFAULT), ("topk0", "flat", TOP_K_OFF)],
-    ids=["top-k 50, top-p 0.9, T 0.8", "top-k 0 on flat rows"],
+    ids=["top-k 50, top-p 0.9, min-p 0.05, T 0.8", "top-k 0 on flat rows"],
 )
 def test_vllm_steps_equal_the_canopy_recomputation(
     run: dict, point: str, family: str, settings: dict
@@ -194,7 +197,7 @@ def test_vllm_steps_equal_the_canopy_recomputation(
     s = SamplingSettings(**settings)
     worst = 0.0
     for row, tokens, logits in teacher_forced(model_dir, table, run["workdir"]):
-        log_q, ids = processed_log_distribution(logits, s.temperature, s.top_k, s.top_p)
+        log_q, ids = processed_log_distribution(logits, s)
         drawn = ids == torch.tensor(tokens).unsqueeze(-1)
         assert bool(drawn.any(-1).all()), f"{row.prompt_id}/{row.sample}: a token outside top-k"
         expected_logprob = log_q[drawn].double().numpy()
@@ -211,11 +214,12 @@ def test_vllm_steps_equal_the_canopy_recomputation(
     assert "step entropies from its V1 sampler" in log and "underestimate" not in log
 
 
-# The paper's settings and the two the old top-K reconstruction could not do exactly.
+# The paper's settings, the two the old top-K reconstruction could not do exactly, and min-p.
 GEMMA_SETTINGS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
     dict(temperature=1.0, top_k=100, top_p=1.0),
     dict(temperature=0.8, top_k=0, top_p=0.9),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1),
 ]
 
 
@@ -242,7 +246,7 @@ def test_gemma_step_entropies_in_the_engine_equal_float64_of_its_processed_logit
         "max_tokens": 8,
         "seed": 5,
         "eos_ids": [int(tokenizer.eos_token_id)],
-        "settings": GEMMA_SETTINGS,
+        "settings": [vllm_sampling_params(SamplingSettings(**s)) for s in GEMMA_SETTINGS],
     }
     (tmp_path / "request.json").write_text(json.dumps(request))
     env = {**os.environ, **engine_env(), "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -17,6 +17,7 @@ from canopy.sampling import SamplingSettings
 from canopy.sampling import vllm_entropy
 from canopy.sampling.vllm import PYTHON_VARIABLE, VllmSampler, step_columns
 from canopy.sampling.vllm_entropy import MARK, step_entropy
+from support.oracle import oracle_distribution
 
 
 def float64_truth(logits: torch.Tensor, drawn: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -26,17 +27,12 @@ def float64_truth(logits: torch.Tensor, drawn: torch.Tensor) -> tuple[np.ndarray
     return entropy.numpy(), log_q.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).numpy()
 
 
-def masked(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits as vLLM's sampler leaves them: -inf outside the top k and the nucleus."""
-    out = logits.clone()
-    if top_k:
-        out = out.masked_fill(out < out.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
-    if top_p < 1.0:
-        order = out.argsort(dim=-1, descending=True)
-        q = torch.softmax(out.gather(-1, order).double(), dim=-1)
-        drop = (q.cumsum(-1) - q) >= top_p
-        out = out.scatter(-1, order, out.gather(-1, order).masked_fill(drop, float("-inf")))
-    return out
+def masked(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Logits as vLLM's sampler leaves them: -inf where the filters dropped a token (those the
+    float64 oracle drops; vLLM's order of filters is the oracle's)."""
+    settings = SamplingSettings(top_k=top_k, top_p=top_p, min_p=min_p)
+    kept = torch.from_numpy(oracle_distribution(logits, settings)[0] > 0)
+    return logits.masked_fill(~kept, float("-inf"))
 
 
 def draws(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -45,21 +41,24 @@ def draws(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "rows, vocab, top_k, top_p, scale",
+    "rows, vocab, top_k, top_p, min_p, scale",
     [
-        (5, 262144, 0, 1.0, 3.0),  # Gemma-3's vocabulary, top-k off: the dense path
-        (70, 8192, 0, 1.0, 1.0),  # flat rows, more than one chunk of work
-        (9, 151936, 0, 1.0, 6.0),  # a vocabulary that is not whole blocks (Qwen's)
-        (6, 8192, 100, 1.0, 3.0),  # top-k alone: the sparse path
-        (6, 8192, 50, 0.9, 2.0),  # top-k and top-p: dense, most of each row at -inf
-        (6, 8192, 0, 0.5, 4.0),  # top-p alone
+        (5, 262144, 0, 1.0, 0.0, 3.0),  # Gemma-3's vocabulary, top-k off: the dense path
+        (70, 8192, 0, 1.0, 0.0, 1.0),  # flat rows, more than one chunk of work
+        (9, 151936, 0, 1.0, 0.0, 6.0),  # a vocabulary that is not whole blocks (Qwen's)
+        (6, 8192, 100, 1.0, 0.0, 3.0),  # top-k alone: the sparse path
+        (6, 8192, 50, 0.9, 0.0, 2.0),  # top-k and top-p: dense, most of each row at -inf
+        (6, 8192, 0, 0.5, 0.0, 4.0),  # top-p alone
+        (6, 8192, 0, 1.0, 0.01, 3.0),  # min-p alone: dense
+        (6, 8192, 100, 1.0, 0.05, 2.0),  # min-p leaves fewer than k: the sparse path
     ],
 )
 def test_the_step_entropy_equals_float64_on_the_processed_logits(
-    rows: int, vocab: int, top_k: int, top_p: float, scale: float
+    rows: int, vocab: int, top_k: int, top_p: float, min_p: float, scale: float
 ) -> None:
     generator = torch.Generator().manual_seed(rows + vocab)
-    logits = masked(scale * torch.randn(rows, vocab, generator=generator), top_k, top_p)
+    logits = scale * torch.randn(rows, vocab, generator=generator)
+    logits = masked(logits, top_k, top_p, min_p)
     drawn = draws(logits)
     truth_h, truth_log_q = float64_truth(logits, drawn)
     # vLLM's metadata names the rows' top-k only when no row uses top-p.

@@ -6,9 +6,10 @@ float64 check in the test.
     build/vllm/bin/python tests/support/vllm_truth.py request.json result.npz
 
 request.json: {"model", "prompt" (token ids), "rollouts", "max_tokens", "seed", "eos_ids",
-"settings": [{"temperature", "top_k", "top_p"}, ...]}. result.npz, per setting i: ``tokens_i``
-and ``truth_tokens_i`` [rollouts, steps] (-1 padded), ``entropy_i`` and ``log_q_i`` (the
-plugin's), and ``logits_i`` [rollouts, steps, vocab] float32 (vLLM's processed logits).
+"settings": [the sampling points as SamplingParams keyword arguments, ...]}. result.npz, per
+setting i: ``tokens_i`` and ``truth_tokens_i`` [rollouts, steps] (-1 padded), ``entropy_i`` and
+``log_q_i`` (the plugin's), and ``logits_i`` [rollouts, steps, vocab] float32 (vLLM's processed
+logits).
 """
 
 from __future__ import annotations
@@ -54,9 +55,7 @@ def main(request_path: str, result_path: str) -> None:
     def run(setting: dict, logprobs: int):
         params = SamplingParams(
             n=request["rollouts"],
-            temperature=setting["temperature"],
-            top_k=setting["top_k"] if setting["top_k"] > 0 else -1,
-            top_p=setting["top_p"],
+            **setting,
             max_tokens=request["max_tokens"],
             seed=request["seed"],
             logprobs=logprobs,

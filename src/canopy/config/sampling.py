@@ -3,7 +3,7 @@ rollouts by a reward model (canopy.filtering)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -69,12 +69,20 @@ class SamplingSettings(Block):
     """``sampling.<name>``: one sampling run (the paper's defaults); the key names a results folder."""
 
     where = "sampling.<name>"
+    #: Keys added after finished runs existed: at their default they stay out of :meth:`to_dict`
+    #: (what the rule's params and the shard fingerprints are made of), so those runs stay done.
+    identity_when_set: ClassVar[tuple[str, ...]] = ("min_p",)
 
     rollouts: PositiveInt = 100
     temperature: PositiveNumber = 1.0
     top_k: NonNegativeInt = 100
     """0 turns top-k off."""
     top_p: Share = 1.0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """0 turns min-p off. Drops each token whose probability (after the temperature) is below
+    min_p times the most probable token's, as vLLM and transformers define it. Applied before
+    top-k and top-p, in vLLM's order (canopy.sampling.transforms); transformers applies it after
+    top-p, so the two differ when min_p and top_p are both on."""
     max_new_tokens: PositiveInt = 4000
     seed: int = 42
     backend: Literal["canopy", "vllm"] = "canopy"
@@ -102,7 +110,11 @@ class SamplingSettings(Block):
     filter: FilterSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The sampling keys (not ``filter``), as plain values."""
+        """The sampling keys (not ``filter``), as plain values; those of
+        :attr:`identity_when_set` only when they differ from their default."""
         values = self.to_config()
         values.pop("filter")
+        for key in self.identity_when_set:
+            if values[key] == type(self).model_fields[key].default:
+                del values[key]
         return values

@@ -2,13 +2,16 @@
 
 For every prompt we draw M rollouts from a causal LM and record, at every step t of every rollout,
 the entropy h_t of the distribution q_t the token was actually drawn from (after temperature,
-top-k and top-p, renormalised) and log q_t(y_t) of the drawn token.
+min-p, top-k and top-p, renormalised) and log q_t(y_t) of the drawn token.
 
 Modules:
 
 * :mod:`~canopy.sampling.settings` — ``SamplingSettings`` (one ``sampling.<name>`` entry) and errors;
-* :mod:`~canopy.sampling.distribution` — the processed distribution, its entropy, the inverse-CDF
-  draw, and the randomness that depends only on (seed, prompt, rollout, step);
+* :mod:`~canopy.sampling.transforms` — the sampling transforms (temperature, min-p, top-k, top-p)
+  and the distribution they make from a step's logits;
+* :mod:`~canopy.sampling.distribution` — the full-vocabulary step, the float64 entropy and
+  log q, the inverse-CDF draw, and the randomness that depends only on (seed, prompt, rollout,
+  step);
 * :mod:`~canopy.sampling.kernel` — one sampling step of a batch of rows;
 * :mod:`~canopy.sampling.cache` — the KV caches (a prompt's prefill; the batch's length classes);
 * :mod:`~canopy.sampling.batcher` — continuous batching of many prompts' rollouts;
@@ -22,12 +25,7 @@ Modules:
 """
 
 from canopy.sampling.batcher import BatchStats, PromptJob, sample_prompt, sample_prompts
-from canopy.sampling.distribution import (
-    processed_distribution,
-    processed_log_distribution,
-    prompt_seed,
-    step_uniforms,
-)
+from canopy.sampling.distribution import prompt_seed, step_uniforms
 from canopy.sampling.kernel import check_prompt_fits
 from canopy.sampling.reference import sample_prompt_dynamic
 from canopy.sampling.settings import NonFiniteLogitsError, PromptTooLongError, SamplingSettings
@@ -39,6 +37,7 @@ from canopy.sampling.task import (
     read_prompts,
     sample_task,
 )
+from canopy.sampling.transforms import processed_distribution, processed_log_distribution
 
 __all__ = [
     "BatchStats",

@@ -58,7 +58,7 @@ from canopy.sampling.cache import (
 )
 from canopy.sampling.distribution import prompt_seed, step_uniforms
 from canopy.sampling.kernel import check_prompt_fits, rollout_row, sample_step
-from canopy.sampling.settings import BatchOutOfMemoryError, SamplingSettings
+from canopy.sampling.settings import BatchOutOfMemoryError, SamplingSettings, fixed_batch_rows
 from canopy.sampling.stops import StopScanner, StopSequences
 
 __all__ = [
@@ -253,9 +253,10 @@ def batch_rows(
 ) -> int:
     """The rows the batch may hold: ``max_batch_rows`` (0: the rollout count M; auto: see
     :func:`auto_batch_rows`)."""
-    if settings.max_batch_rows == "auto":
+    fixed = fixed_batch_rows(settings)
+    if fixed is None:
         return auto_batch_rows(loaded, settings, longest_prompt, job_rollouts)
-    return settings.max_batch_rows or settings.rollouts
+    return fixed
 
 
 @dataclass
@@ -312,7 +313,7 @@ class _Batcher:
                 self.factor
                 * default_kv_budget(self.row_budget, longest_prompt, settings.max_new_tokens)
             )
-            if settings.max_batch_rows == "auto":
+            if fixed_batch_rows(settings) is None:
                 # auto sized the rows for memory with every row at its longest: admission need
                 # not hold rows back for memory's sake.
                 self.budget = max(self.budget, self.row_budget * self.reserve)
@@ -583,7 +584,7 @@ def sample_prompts(
                 batcher.admit(queue)
                 batcher.step(finish)
     except (torch.OutOfMemoryError, MemoryError) as error:
-        chosen = " (chosen by max_batch_rows: auto)" if settings.max_batch_rows == "auto" else ""
+        chosen = " (chosen by max_batch_rows: auto)" if fixed_batch_rows(settings) is None else ""
         raise BatchOutOfMemoryError(
             f"out of memory with a batch of {rows} rows{chosen}, up to {longest} prompt tokens + "
             f"max_new_tokens={settings.max_new_tokens} each: set max_batch_rows to fewer rows "

@@ -1,14 +1,14 @@
-"""The distribution actually sampled from at one step, its entropy, and the draw from it.
+"""The reductions and draws every sampling step shares, and the randomness behind the draws.
 
 Exactness: every step's entropy, log-normaliser and drawn token's log-probability equal a float64
 computation from the logits the model produced, to about 1e-8 (the logits stay in the model's
-dtype). Over a filtered distribution (top-k, top-p) the candidates are few and are processed in
-float64 outright (:func:`processed_log_distribution`). Over the full vocabulary (top-k 0, top-p 1,
-262,144 entries for Gemma-3) a float64 copy of every row would cost more than the model's forward
-on a CPU, so :func:`full_vocabulary_step` keeps the elementwise work in float32 and accumulates in
-float64 instead: the float32 exponentials carry a relative rounding of about 1e-7 each, which
-averages out in the sums, whereas a float32 accumulation over 262k entries is biased by up to 5e-4
-nats (what the sampler did before).
+dtype). Over a filtered distribution (:mod:`canopy.sampling.transforms`) the candidates are few
+and are processed in float64 outright (:func:`entropy_and_logprob`). Over the full vocabulary (no
+filter on, 262,144 entries for Gemma-3) a float64 copy of every row would cost more than the
+model's forward on a CPU, so :func:`full_vocabulary_step` keeps the elementwise work in float32 and
+accumulates in float64 instead: the float32 exponentials carry a relative rounding of about 1e-7
+each, which averages out in the sums, whereas a float32 accumulation over 262k entries is biased
+by up to 5e-4 nats (what the sampler did before).
 
 Randomness depends only on (seed, prompt_id, rollout, step): ``prompt_seed`` derives a per-prompt
 seed with SHA-256 (stable across processes, unlike ``hash()``), and ``step_uniforms`` draws the
@@ -24,16 +24,12 @@ import hashlib
 import numpy as np
 import torch
 
-from canopy.sampling.settings import SamplingSettings
-
 __all__ = [
     "BLOCK",
     "entropy_and_logprob",
     "entropy_from_log",
     "full_vocabulary_step",
     "inverse_cdf",
-    "processed_distribution",
-    "processed_log_distribution",
     "prompt_seed",
     "step_uniforms",
 ]
@@ -54,57 +50,6 @@ FLOOR = -1.0e4
 #: time, so that its passes over the two buffers run in the core's cache (on [40, 262144] the same
 #: passes took 1.5-3x as long per entry as on [4, 262144]).
 CPU_WORK_BYTES = 4 << 20
-
-
-def _ranking_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The float32 values candidates are ranked by (the model's logits / temperature): the order
-    the sampler has always used, so top-k and top-p keep the same candidates in the same order."""
-    if logits.dtype == torch.float32 and temperature == 1.0:
-        return logits  # dividing by one is exact: no copy
-    return logits.float() / temperature
-
-
-def processed_log_distribution(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities [B, K] (float64, -inf where dropped) and token ids [B, K] of the processed
-    distribution: temperature, then top-k, then top-p (nucleus), renormalised.
-
-    With top-k on, K = top_k and the candidates come sorted by decreasing probability; with both
-    filters off, K = vocab and the ids are simply 0..V-1. Top-p keeps the smallest prefix of the
-    sorted candidates whose mass reaches ``top_p`` (the token that crosses it is kept). The
-    candidates' logits are taken from ``logits`` and divided by the temperature in float64.
-    """
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    vocab = logits.shape[-1]
-    if top_k == 0 and top_p >= 1.0:
-        ids = torch.arange(vocab, device=logits.device).expand(logits.shape)
-        return torch.log_softmax(logits.double() / temperature, dim=-1), ids
-    ranking = _ranking_logits(logits, temperature)
-    if 0 < top_k < vocab:
-        ids = torch.topk(ranking, top_k, dim=-1, sorted=True).indices
-    else:
-        ids = torch.sort(ranking, dim=-1, descending=True).indices
-    values = logits.gather(-1, ids).double() / temperature
-    log_q = torch.log_softmax(values, dim=-1)
-    if top_p < 1.0:
-        q = log_q.exp()
-        mass_before = torch.cumsum(q, dim=-1) - q
-        values = values.masked_fill(mass_before >= top_p, float("-inf"))
-        log_q = torch.log_softmax(values, dim=-1)
-    return log_q, ids
-
-
-def processed_distribution(
-    logits: torch.Tensor, settings: SamplingSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities [B, K] (float64, rows sum to one, zeros where top-p dropped a candidate) and
-    the token ids [B, K] they belong to: the distribution each rollout actually samples from."""
-    log_q, ids = processed_log_distribution(
-        logits, settings.temperature, settings.top_k, settings.top_p
-    )
-    return log_q.exp(), ids
 
 
 def entropy_from_log(log_q: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,9 @@ import numpy as np
 import torch
 
 from canopy.modeling import context_length
-from canopy.sampling.distribution import (
-    entropy_and_logprob,
-    full_vocabulary_step,
-    inverse_cdf,
-    processed_log_distribution,
-)
+from canopy.sampling.distribution import entropy_and_logprob, full_vocabulary_step, inverse_cdf
 from canopy.sampling.settings import NonFiniteLogitsError, PromptTooLongError, SamplingSettings
+from canopy.sampling.transforms import active_filters, processed_log_distribution
 
 __all__ = ["StepResult", "sample_step", "check_prompt_fits", "rollout_row"]
 
@@ -40,21 +36,22 @@ def sample_step(
     describe_bad_rows: Any,
 ) -> StepResult:
     """Draw one token per row of ``logits`` [rows, vocab] with the given uniforms, by inverse CDF
-    of the processed distribution, and return the draws with the step's entropies and log-probs
-    (float64, see :mod:`canopy.sampling.distribution`).
+    of the sampling point's distribution (:mod:`canopy.sampling.transforms`), and return the
+    draws with the step's entropies and log-probs (float64, see
+    :mod:`canopy.sampling.distribution`). With no filter on, the whole vocabulary is drawn from
+    by :func:`full_vocabulary_step`; otherwise from the filters' float64 candidates.
 
     ``describe_bad_rows(bad: np.ndarray) -> str`` names the rows with non-finite logits (prompt,
     step, rollouts) for the error raised then. A NaN or +inf logit always makes the row's entropy
-    non-finite: the full-vocabulary pass propagates it through the row's maximum, and top-k ranks
-    NaN and +inf first, so no separate pass over the logits looks for them.
+    non-finite: the full-vocabulary pass propagates it through the row's maximum, and the
+    candidates' ranking puts NaN and +inf first, so no separate pass over the logits looks for
+    them.
     """
     u = torch.from_numpy(uniforms).to(logits.device)
-    if settings.top_k == 0 and settings.top_p >= 1.0:
+    if not active_filters(settings):
         drawn, h, drawn_log_q = full_vocabulary_step(logits, settings.temperature, u)
     else:
-        log_q, ids = processed_log_distribution(
-            logits, settings.temperature, settings.top_k, settings.top_p
-        )
+        log_q, ids = processed_log_distribution(logits, settings)
         choice = inverse_cdf(log_q.exp(), u)
         h, drawn_log_q = entropy_and_logprob(log_q, choice)
         drawn = ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)

@@ -20,7 +20,7 @@ import torch
 from canopy.modeling import LoadedModel
 from canopy.sampling.distribution import prompt_seed, step_uniforms
 from canopy.sampling.kernel import check_prompt_fits, rollout_row, sample_step
-from canopy.sampling.settings import SamplingSettings
+from canopy.sampling.settings import SamplingSettings, fixed_batch_rows
 
 __all__ = ["sample_prompt_dynamic"]
 
@@ -55,7 +55,7 @@ def sample_prompt_dynamic(
     check_prompt_fits(model, len(prompt_ids), settings, prompt_id)
     rollouts = settings.rollouts
     # auto sizes the continuous batch; the baseline runs all M rows of its one prompt then.
-    rows_per_batch = rollouts if settings.max_batch_rows in (0, "auto") else settings.max_batch_rows
+    rows_per_batch = fixed_batch_rows(settings) or rollouts
     seed_of_prompt = prompt_seed(settings.seed, prompt_id)
     eos_tensor = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long)
 

@@ -13,6 +13,7 @@ __all__ = [
     "PromptTooLongError",
     "SamplingSettings",
     "TOKEN_NEUTRAL_SETTINGS",
+    "fixed_batch_rows",
 ]
 
 
@@ -26,6 +27,15 @@ TOKEN_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "device",
     "dtype",
 )
+
+
+def fixed_batch_rows(settings: SamplingSettings) -> int | None:
+    """The rows ``max_batch_rows`` fixes (0: the rollout count), or None for ``auto``, which each
+    backend sizes itself (the canopy batcher from the memory left, vLLM's scheduler within its KV
+    cache)."""
+    if settings.max_batch_rows == "auto":
+        return None
+    return settings.max_batch_rows or settings.rollouts
 
 
 class NonFiniteLogitsError(FloatingPointError):

@@ -1,10 +1,12 @@
 """The vLLM backend: vLLM samples, and its own sampler reports each step's entropy and log q.
 
 A vLLM plugin (:mod:`canopy.sampling.vllm_entropy`) makes the engine's V1 sampler reduce, at every
-step, the distribution it actually drew from (over the whole vocabulary, after temperature, top-k
-and top-p) to two float64 numbers: the entropy and the drawn token's log q. They come back in the
-place of one log-probability per step (``logprobs=1``), so the backend is exact at every setting
-the canopy backend accepts, top-k 0 and top-p included, and asks vLLM for no candidates. Unlike
+step, the distribution it actually drew from (over the whole vocabulary, after temperature, min-p,
+top-k and top-p) to two float64 numbers: the entropy and the drawn token's log q. They come back
+in the place of one log-probability per step (``logprobs=1``), so the backend is exact at every
+setting the canopy backend accepts, top-k 0, top-p and min-p included, and asks vLLM for no
+candidates. The sampling point reaches vLLM's ``SamplingParams`` as the transforms module spells
+it (:func:`canopy.sampling.transforms.vllm_sampling_params`), in the same order of filters. Unlike
 the ``canopy`` backend, vLLM's draws depend on its batching, so reruns match only when the engine
 schedules the same way (each prompt gets a stable seed from (seed, prompt_id), its rollout i the
 seed + i).
@@ -252,9 +254,7 @@ def _sample(llm: Any, prompts: list[tuple[list[int], int]], s: dict, connection:
             token_ids, seed = prompts[next_prompt]
             params = SamplingParams(
                 n=rollouts,
-                temperature=s["temperature"],
-                top_k=s["top_k"] if s["top_k"] > 0 else -1,
-                top_p=s["top_p"],
+                **s["distribution"],
                 max_tokens=s["max_new_tokens"],
                 seed=seed,
                 logprobs=1,  # the plugin's two numbers per step
@@ -422,8 +422,8 @@ class VllmSampler:
             "model": str(self.model_dir),
             "dtype": self.dtype,
             "seed": s.seed,
-            # The sampler hands the plugin the logits it drew from (after temperature, top-k and
-            # top-p), and one log-probability per step makes room for its two numbers.
+            # The sampler hands the plugin the logits it drew from (after temperature, min-p,
+            # top-k and top-p), and one log-probability per step makes room for its two numbers.
             "max_logprobs": 1,
             "logprobs_mode": "processed_logits",
             "max_model_len": model_len,
@@ -455,13 +455,13 @@ class VllmSampler:
     def start(self, jobs: Sequence[Any]) -> None:
         """Start the engine, sized for the longest of ``jobs``' prompts (``sample_prompts`` does
         it when nobody did; the peer benchmark starts it first so as to time the sampling)."""
+        from canopy.sampling.transforms import vllm_sampling_params
+
         s = self.settings
         engine, env = self._engine_args(max(len(job.token_ids) for job in jobs))
         settings = {
             "rollouts": s.rollouts,
-            "temperature": s.temperature,
-            "top_k": s.top_k,
-            "top_p": s.top_p,
+            "distribution": vllm_sampling_params(s),
             "max_new_tokens": s.max_new_tokens,
             "eos_ids": self.eos_ids,
         }

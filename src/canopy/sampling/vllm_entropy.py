@@ -2,10 +2,11 @@
 with every drawn token, the entropy of the distribution it drew from and the token's log q.
 
 vLLM's V1 sampler builds the processed logits of every step over the whole vocabulary (after
-temperature, top-k and top-p; the masked tokens at -inf) and, with ``logprobs_mode=
-"processed_logits"``, passes them with the drawn tokens to ``Sampler.gather_logprobs``. This plugin
-replaces that method for requests that ask for one log-probability: instead of vLLM's top-1
-candidate and the drawn token's rank, it reduces each row in float64 to
+temperature, its min-p logits processor, top-k and top-p; the masked tokens at -inf) and, with
+``logprobs_mode="processed_logits"``, passes them with the drawn tokens to
+``Sampler.gather_logprobs``. This plugin replaces that method for requests that ask for one
+log-probability: instead of vLLM's top-1 candidate and the drawn token's rank, it reduces each row
+in float64 to
 
 * column 0: log q(drawn) (so vLLM's cumulative log-probability is the rollout's log q),
 * column 1: h = -sum q log q,
