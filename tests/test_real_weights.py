@@ -280,4 +280,4 @@ def test_the_gemma_config_shrunken_runs_end_to_end_with_a_fine_tune_made_here(
     config.write_text(config.read_text().replace("max_new_tokens: 32", "max_new_tokens: 33"))
     planned = planned_jobs(snakemake(tmp_path, "-n", "--configfile", str(config)).stdout)
     assert planned["sample_rollouts"] == 8
-    assert "finetune_from_base" not in planned and "convert_gguf" not in planned
+    assert "finetune_model" not in planned and "convert_gguf" not in planned

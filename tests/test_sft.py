@@ -1,4 +1,5 @@
-"""canopy.training.sft: a fine-tuned variant made here from any base model directory.
+"""canopy.training.sft: the one fine-tune path, here for a fine-tuned variant made from any base
+model directory (a trained family's fine-tune is tested in test_training).
 
 Real tiny transformers models (random weights, fixed seed), a real word-level tokenizer holding
 Gemma's turn tokens, real peft adapters, and the corpus' real instruction pairs.
@@ -20,7 +21,8 @@ from canopy.config.models import FinetuneRecipe  # noqa: E402
 from canopy.modeling import end_of_turn_ids, format_prompt  # noqa: E402
 from canopy.training.corpus import sft_pairs  # noqa: E402
 from canopy.training.loop import LOG_FILE  # noqa: E402
-from canopy.training.sft import FinetuneError, finetune_from_base, packaged_chat_template  # noqa: E402
+from canopy.training.chat import CHAT_TEMPLATES, packaged_chat_template  # noqa: E402
+from canopy.training.sft import FinetuneError, finetune  # noqa: E402
 from support.models import build_llama, build_turn_tokenizer, save_model_dir  # noqa: E402
 
 PAIRS = sft_pairs(48, seed=3)
@@ -53,7 +55,7 @@ def test_a_lora_fine_tune_lowers_the_heldout_loss_and_saves_an_ordinary_director
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "finetuned"
-    record = finetune_from_base(base_dir, PAIRS, recipe(), out, threads=1)
+    record = finetune(base_dir, PAIRS, recipe(), out, threads=1)
     # Rank-8 adapters on a random 32-wide model with its output layer frozen learn little of
     # an 800-word vocabulary, but steadily: 6.71 -> 6.58 nats.
     assert record["heldout_loss_after"] < record["heldout_loss_before"] - 0.1
@@ -85,7 +87,7 @@ def test_a_full_fine_tune_keeps_the_embeddings_frozen_unless_asked(
     from transformers import AutoModelForCausalLM
 
     before = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
-    record = finetune_from_base(
+    record = finetune(
         base_dir, PAIRS, recipe(lora_rank=0, steps=6, learning_rate=1e-3), tmp_path / "f"
     )
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "f", local_files_only=True)
@@ -104,7 +106,21 @@ def test_a_base_without_a_chat_template_needs_a_packaged_one_and_nothing_is_left
 ) -> None:
     out = tmp_path / "finetuned"
     with pytest.raises(FinetuneError, match="has no chat template .* packaged one"):
-        finetune_from_base(base_dir, PAIRS, recipe(chat_template="model"), out)
+        finetune(base_dir, PAIRS, recipe(chat_template="model"), out)
     with pytest.raises(FinetuneError, match="none left after holding out"):
-        finetune_from_base(base_dir, PAIRS[:8], recipe(), out)
+        finetune(base_dir, PAIRS[:8], recipe(), out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_packaged_chat_templates_are_the_trained_families_and_gemmas() -> None:
+    """A fine-tune recipe names a packaged template: a trained family's by its tokenizer kind (what
+    a trained family's derived fine-tune uses) or Gemma's turn format; any other name is refused,
+    by the config model and by the lookup."""
+    for kind in CHAT_TEMPLATES:
+        assert packaged_chat_template(kind) == CHAT_TEMPLATES[kind]
+        assert recipe(chat_template=kind).chat_template == kind
+    assert "<start_of_turn>" in packaged_chat_template("gemma")
+    with pytest.raises(ValueError, match="no packaged chat template named 'chatml'"):
+        packaged_chat_template("chatml")
+    with pytest.raises(ValueError, match="chat_template"):
+        recipe(chat_template="chatml")

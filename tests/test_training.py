@@ -29,7 +29,7 @@ from canopy.training import (  # noqa: E402
     train_tokenizer,
 )
 from canopy.training.chat import response_batches  # noqa: E402
-from canopy.training.loop import _token_stream  # noqa: E402
+from canopy.training.pretrain import token_stream  # noqa: E402
 
 FAMILIES = {
     "gpt2": {"architecture": "gpt2", "tokenizer": "byte_bpe"},
@@ -271,6 +271,33 @@ def test_finetuning_lowers_the_response_loss(trained) -> None:
     assert sum(sft[-5:]) / 5 < sum(sft[:5]) / 5
 
 
+def test_a_family_fine_tunes_by_the_recipe_it_derives_on_the_one_path(trained) -> None:
+    """A trained family's fine-tune is a recipe of the path every fine-tune takes: its sft_* keys,
+    the context as the pair length, its tokenizer kind's chat template, nothing held out, and
+    every weight trained (the embeddings too, where the chat template's role markers live). The
+    record names the family's own recipe, which the report reads its architecture from."""
+    from safetensors.torch import load_file
+
+    recipe = trained["recipe"]
+    derived = recipe.finetune_recipe()
+    assert (derived.steps, derived.learning_rate, derived.batch_size, derived.max_length) == (
+        recipe.sft_steps,
+        recipe.sft_learning_rate,
+        recipe.batch_size,
+        recipe.context_length,
+    )
+    assert (derived.lora_rank, derived.heldout_pairs, derived.device) == (0, 0, "cpu")
+    assert derived.chat_template == recipe.tokenizer and derived.seed == recipe.seed
+    record = trained["finetuned"]
+    assert record["recipe"] == recipe.to_config() and record["heldout_pairs"] == 0
+    assert record["stage"] == "finetune" and len(record["loss"]) == recipe.sft_steps
+    base = load_file(trained["root"] / "base" / "model.safetensors")
+    finetuned = load_file(trained["root"] / "finetuned" / "model.safetensors")
+    assert base.keys() == finetuned.keys()
+    unchanged = [name for name in base if torch.equal(base[name], finetuned[name])]
+    assert not unchanged, f"a full fine-tune left {unchanged} as the base had them"
+
+
 def test_the_two_families_differ(families) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -349,7 +376,7 @@ def test_default_training_examples_end_with_eos_under_the_loss(family: str, defa
     recipe = Recipe.from_config(DEFAULT_CONFIG["training"]["recipes"][family], name=family)
     tokenizer = train_tokenizer(documents, recipe)
     eos = tokenizer.eos_token_id
-    stream = _token_stream(documents, tokenizer)
+    stream = token_stream(documents, tokenizer)
     leading = 1 if tokenizer.bos_token_id == eos else 0
     assert int((stream == eos).sum()) == len(documents) + leading
     assert int(stream[-1]) == eos

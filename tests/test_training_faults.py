@@ -30,7 +30,7 @@ from canopy.training.corpus import (
     write_documents,
     write_pairs,
 )
-from canopy.training.sft import finetune_from_base
+from canopy.training.sft import finetune
 
 pytestmark = pytest.mark.faults
 
@@ -58,13 +58,12 @@ import json, sys
 from canopy.config.models import FinetuneRecipe
 from canopy.training import Recipe, pretrain_base
 from canopy.training.corpus import read_documents, read_pairs
-from canopy.training.sft import finetune_from_base
+from canopy.training.sft import finetune
 kind, recipe, source, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 if kind == "pretrain":
     pretrain_base(read_documents(source), Recipe.from_config(recipe), out, threads=1)
 else:
-    finetune_from_base(sys.argv[5], read_pairs(source), FinetuneRecipe.from_config(recipe), out,
-                       threads=1)
+    finetune(sys.argv[5], read_pairs(source), FinetuneRecipe.from_config(recipe), out, threads=1)
 """
 
 
@@ -127,7 +126,7 @@ def _resume(kind: str, recipe: dict, data: Path, base: Path | None, out: Path, c
             pretrain_base(documents, Recipe.from_config(recipe), out, threads=1)
         else:
             pairs = read_pairs(data / "sft.jsonl")
-            finetune_from_base(base, pairs, FinetuneRecipe.from_config(recipe), out, threads=1)
+            finetune(base, pairs, FinetuneRecipe.from_config(recipe), out, threads=1)
     return caplog.text
 
 

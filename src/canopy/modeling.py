@@ -43,6 +43,7 @@ __all__ = [
     "special_token_ids",
     "tokens_containing",
     "CHAT_OPTION_KEYS",
+    "as_id_list",
     "eos_token_ids",
     "end_of_turn_ids",
     "context_length",
@@ -311,7 +312,8 @@ def format_prompt(
     return ids
 
 
-def _as_id_list(value: Any) -> list[int]:
+def as_id_list(value: Any) -> list[int]:
+    """A config's token id field (None, one id or several) as a list of ids."""
     if value is None:
         return []
     if isinstance(value, int):
@@ -328,14 +330,14 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
-        ids.update(_as_id_list(getattr(generation_config, "eos_token_id", None)))
+        ids.update(as_id_list(getattr(generation_config, "eos_token_id", None)))
     config = getattr(model, "config", None)
     if config is not None:
-        ids.update(_as_id_list(getattr(config, "eos_token_id", None)))
+        ids.update(as_id_list(getattr(config, "eos_token_id", None)))
         get_text_config = getattr(config, "get_text_config", None)
         if callable(get_text_config):
-            ids.update(_as_id_list(getattr(get_text_config(), "eos_token_id", None)))
-    ids.update(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
+            ids.update(as_id_list(getattr(get_text_config(), "eos_token_id", None)))
+    ids.update(as_id_list(getattr(tokenizer, "eos_token_id", None)))
     if not ids:
         raise ValueError(
             f"model {getattr(config, 'name_or_path', '?')!r} names no end-of-sequence token (none in "

@@ -27,29 +27,9 @@ rule pretrain_base_model:
         "../scripts/pretrain_base_model.py"
 
 
+# The one fine-tune rule: a trained family's fine-tune (its recipe's sft_* keys) and a
+# `source: finetune` variant (training.finetunes) are both made from the base's directory.
 rule finetune_model:
-    input:
-        base="resources/models/{family}/base",
-        pairs="resources/corpus/sft.jsonl",
-    output:
-        directory("resources/models/{family}/finetuned"),
-    log:
-        "logs/models/{family}/finetuned.log",
-    wildcard_constraints:
-        family=_one_of(TRAINED_FAMILIES),
-    # Every job of a fine-tuned model waits for this one: run it before ready jobs of other kinds
-    # (the base models' sampling would otherwise take the cores first and delay it).
-    priority: 10
-    conda:
-        "../../envs/torch.yaml"
-    threads: 1
-    params:
-        recipe=config_provider("training.recipes.{recipe}", recipe=recipe_name("finetuned")),
-    script:
-        "../scripts/finetune_model.py"
-
-
-rule finetune_from_base:
     input:
         base=lambda wildcards: model_path(wildcards.family, "base"),
         pairs="resources/corpus/sft.jsonl",
@@ -58,21 +38,33 @@ rule finetune_from_base:
     log:
         "logs/models/{family}/finetuned.log",
     wildcard_constraints:
-        family=_one_of(FINETUNED_HERE),
+        family=made_by("finetune_model", "finetuned"),
+    # Every job of a fine-tuned model waits for this one: run it before ready jobs of other kinds
+    # (the base models' sampling would otherwise take the cores first and delay it).
     priority: 10
     conda:
         "../../envs/torch.yaml"
-    # A real base is large enough for both cores to pay, and its fine-tune is what every job of
-    # the fine-tuned variant waits for.
-    threads: 2
+    # A trained family's model is too small for a second thread to pay (as in pretraining), and
+    # its fine-tune's bits are those of one thread; a real base pays for both cores.
+    threads: lambda wildcards: 1 if wildcards.family in TRAINED_FAMILIES else 2
     resources:
-        gpu=lambda wildcards: device_gpus(
-            config["training"]["finetunes"][recipe_name("finetuned")(wildcards)]["device"]
+        gpu=lambda wildcards: (
+            0
+            if wildcards.family in TRAINED_FAMILIES
+            else device_gpus(
+                config["training"]["finetunes"][recipe_name("finetuned")(wildcards)]["device"]
+            )
         ),
     params:
-        recipe=config_provider("training.finetunes.{recipe}", recipe=recipe_name("finetuned")),
+        source=config_provider("families.{family}.finetuned.source"),
+        # The recipe the variant names, in its source's table (each spelt out, so that a config
+        # error in either names this rule).
+        recipe=lambda wildcards: {
+            "train": config_provider("training.recipes.{r}", r=recipe_name("finetuned")),
+            "finetune": config_provider("training.finetunes.{r}", r=recipe_name("finetuned")),
+        }[model_source(wildcards.family, "finetuned")](wildcards),
     script:
-        "../scripts/finetune_from_base.py"
+        "../scripts/finetune_model.py"
 
 
 # The rules that make model directories each accept exactly the models whose source names them

@@ -24,8 +24,9 @@ __all__ = [
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama")
 TOKENIZER_KINDS: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
 #: Where a fine-tune made here takes its chat template: the base tokenizer's own, or one the
-#: package ships (canopy/training/data/chat_templates/<name>.jinja).
-CHAT_TEMPLATE_CHOICES: tuple[str, ...] = ("model", "gemma")
+#: package ships (canopy/training/data/chat_templates/<name>.jinja, or a trained family's, named
+#: by its tokenizer kind).
+CHAT_TEMPLATE_CHOICES: tuple[str, ...] = ("model", "gemma", *TOKENIZER_KINDS)
 
 
 class CorpusSettings(Block):
@@ -91,6 +92,26 @@ class Recipe(_Optimiser):
             )
         return self
 
+    def finetune_recipe(self) -> FinetuneRecipe:
+        """The family's fine-tune as a recipe of the one fine-tune path: sft_steps steps at
+        sft_learning_rate, every weight trained (the embeddings too: the base never saw the chat
+        template's role markers in a turn), pairs cut to the context, none held out, with the
+        family's chat template, in float32 on the CPU (where the recipe's seed fixes the bits)."""
+        return FinetuneRecipe(
+            **{name: getattr(self, name) for name in _Optimiser.model_fields},
+            steps=self.sft_steps,
+            learning_rate=self.sft_learning_rate,
+            batch_size=self.batch_size,
+            max_length=self.context_length,
+            lora_rank=0,
+            train_embeddings=True,
+            chat_template=self.tokenizer,
+            heldout_pairs=0,
+            dtype="float32",
+            device="cpu",
+            seed=self.seed,
+        )
+
 
 class FinetuneRecipe(_Optimiser):
     """``training.finetunes.<name>``: supervised fine-tuning of a family's base model here
@@ -115,9 +136,10 @@ class FinetuneRecipe(_Optimiser):
     """Full fine-tuning only: also train the (usually tied) token embeddings, by far the largest
     matrix of a small model with a large vocabulary (and, for a base that never saw the chat
     template's turn tokens, the only way their embeddings learn)."""
-    chat_template: Literal["model", "gemma"] = "model"
+    chat_template: Literal["model", "gemma", "byte_bpe", "sentencepiece_bpe"] = "model"
     """model: the base tokenizer's own chat template (an error if it has none); gemma: the
-    package's rendering of Gemma's turn format (for a Gemma base that ships without one)."""
+    package's rendering of Gemma's turn format (for a Gemma base that ships without one);
+    byte_bpe, sentencepiece_bpe: the chat template of the trained families with that tokenizer."""
     heldout_pairs: Annotated[int, Field(ge=0)] = 32
     """Pairs held out of training; their response loss before and after is recorded."""
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -1,14 +1,16 @@
-"""The embedded default's own model pairs: small causal LMs pre-trained here, then fine-tuned.
+"""Models made here: the embedded default's small causal LMs, pre-trained and fine-tuned, and
+the fine-tune of any family's base.
 
 * :mod:`~canopy.training.corpus` — the offline training text (documents and instruction pairs);
-* :class:`Recipe` (defined with the configuration, :mod:`canopy.config.models`) — every
-  hyperparameter of a family;
+* :class:`Recipe` and :class:`FinetuneRecipe` (defined with the configuration,
+  :mod:`canopy.config.models`) — every hyperparameter of a trained family, of a fine-tune;
 * :mod:`~canopy.training.tokenizers` — the GPT-2-style and Llama-style tokenizers;
 * :mod:`~canopy.training.chat` — chat templates and chat-rendered pairs;
-* :mod:`~canopy.training.loop` — the one training loop, :func:`pretrain_base` and
-  :func:`finetune`;
-* :mod:`~canopy.training.sft` — :func:`finetune_from_base`: a fine-tuned variant made here from
-  any family's base (hub, local or GGUF), fully or with LoRA.
+* :mod:`~canopy.training.loop` — the one training loop every stage runs, and the training record;
+* :mod:`~canopy.training.pretrain` — :func:`pretrain_base`: a trained family's base, from scratch;
+* :mod:`~canopy.training.sft` — :func:`finetune`: the one fine-tune path, full or LoRA, of a
+  trained family's base (its recipe derived from its :class:`Recipe`) or of any family's base
+  (hub, local or GGUF; ``training.finetunes``);
 * :mod:`~canopy.training.checkpoint` — the loop's checkpoints, from which a killed run resumes.
 """
 
@@ -20,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, FinetuneRecipe, Recipe
     from canopy.training.chat import CHAT_TEMPLATES, encode_pair, response_loss
-    from canopy.training.loop import LOG_FILE, count_parameters, finetune, pretrain_base
-    from canopy.training.sft import finetune_from_base
+    from canopy.training.loop import LOG_FILE, count_parameters
+    from canopy.training.pretrain import pretrain_base
+    from canopy.training.sft import finetune
     from canopy.training.tokenizers import ROLE_MARKERS, train_tokenizer
 
 #: Where each name is defined. Loaded on first use: the corpus job imports
@@ -32,11 +35,10 @@ _HOMES = {
         ["ARCHITECTURES", "TOKENIZER_KINDS", "FinetuneRecipe", "Recipe"], "canopy.config.models"
     ),
     **dict.fromkeys(["CHAT_TEMPLATES", "encode_pair", "response_loss"], "canopy.training.chat"),
-    **dict.fromkeys(
-        ["LOG_FILE", "count_parameters", "finetune", "pretrain_base"], "canopy.training.loop"
-    ),
+    **dict.fromkeys(["LOG_FILE", "count_parameters"], "canopy.training.loop"),
     **dict.fromkeys(["ROLE_MARKERS", "train_tokenizer"], "canopy.training.tokenizers"),
-    "finetune_from_base": "canopy.training.sft",
+    "pretrain_base": "canopy.training.pretrain",
+    "finetune": "canopy.training.sft",
 }
 
 
@@ -57,7 +59,6 @@ __all__ = [
     "train_tokenizer",
     "pretrain_base",
     "finetune",
-    "finetune_from_base",
     "response_loss",
     "encode_pair",
     "count_parameters",

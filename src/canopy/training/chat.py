@@ -1,17 +1,21 @@
 """Chat templates and chat-rendered (instruction, response) pairs: what fine-tuning trains on.
 
-A pair is one user turn rendered through the family's chat template with the generation prompt,
-then the response and EOS; the loss counts the response tokens only.
+A pair is one user turn rendered through the chat template with the generation prompt, then the
+response and the turn's end (EOS, or the template's end-of-turn token); the loss counts the
+response tokens and that end only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from importlib import resources
 
 import torch
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "packaged_chat_template",
+    "chat_ids",
     "encode_pair",
     "encode_pairs",
     "response_batch",
@@ -46,7 +50,20 @@ CHAT_TEMPLATES: dict[str, str] = {
 # add_generation_prompt adds nothing further there.
 
 
-def _chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs) -> list[int]:
+def packaged_chat_template(name: str) -> str:
+    """The chat template the package ships under ``name``: a trained family's, by its tokenizer
+    kind (:data:`CHAT_TEMPLATES`), or a known turn format's, ``data/chat_templates/<name>.jinja``
+    (Gemma's, for a base that ships without one). Raises ValueError for an unknown name."""
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    path = resources.files("canopy.training").joinpath("data", "chat_templates", f"{name}.jinja")
+    if not path.is_file():
+        raise ValueError(f"no packaged chat template named {name!r}")
+    return path.read_text("utf-8").strip()
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs) -> list[int]:
+    """The token ids of ``messages`` rendered through the tokenizer's chat template."""
     ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
@@ -63,7 +80,7 @@ def encode_pair(
     (the template's end-of-turn token; EOS when None). A response that does not fit is cut
     (keeping at least 8 tokens) and then has no end.
     """
-    prompt = _chat_ids(
+    prompt = chat_ids(
         tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True
     )
     end = tokenizer.eos_token_id if end_id is None else end_id

@@ -1,13 +1,21 @@
-"""Supervised fine-tuning of any causal LM directory: how a family's fine-tuned variant is made
-here from its own base (``finetuned: {source: finetune}``), whatever the base's source.
+"""Supervised fine-tuning: the one path by which every fine-tuned variant made here is made.
 
-:func:`finetune_from_base` renders the corpus' instruction pairs through the chat template the
-result will be sampled with (the base's own, or a packaged rendering of a known turn format),
-trains on the response tokens and the template's end-of-turn token only, with LoRA adapters
-(peft) merged into the weights at the end, or fully, and writes an ordinary transformers
-directory atomically: an interrupted run leaves no partial model, and resumes from its last
-checkpoint (:mod:`canopy.training.checkpoint`: the adapters or weights, optimizer, scheduler, RNG
-states and step).
+:func:`finetune` fine-tunes a causal LM directory as a :class:`FinetuneRecipe` says. Two kinds
+of family use it:
+
+* a family with ``finetuned: {source: finetune, recipe: <name>}`` fine-tunes its base, whatever
+  that base's source (hub, local, GGUF or trained here), with ``training.finetunes.<name>``;
+* a family with ``source: train`` fine-tunes the base it pre-trained with the recipe its
+  :class:`Recipe` derives (:meth:`Recipe.finetune_recipe`): every weight trained, on the CPU,
+  with the family's chat template.
+
+The corpus' instruction pairs are rendered through the chat template the result will be sampled
+with (the base's own, or a packaged one), and training counts the response tokens and the
+template's end-of-turn token only, with LoRA adapters (peft) merged into the weights at the end,
+or fully (LoRA rank 0). The result is an ordinary transformers directory, written atomically: an
+interrupted run leaves no partial model, and resumes from its last checkpoint
+(:mod:`canopy.training.checkpoint`: the adapters or weights, optimizer, scheduler, RNG states and
+step).
 
 The directory's ``training_log.json`` records the recipe, the loss curve and the response loss
 of held-out pairs before and after training: evidence that the fine-tune changed the model
@@ -21,26 +29,25 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from canopy.config.models import FinetuneRecipe
-from canopy.modeling import _as_id_list, end_of_turn_ids, resolve_device, special_token_ids
-from canopy.training.chat import _chat_ids, encode_pairs, response_loss
+from canopy.config.models import FinetuneRecipe, Recipe
+from canopy.modeling import as_id_list, end_of_turn_ids, resolve_device, special_token_ids
 from canopy.sampling.shards import fingerprint, model_identity
+from canopy.training.chat import chat_ids, encode_pairs, packaged_chat_template, response_loss
 from canopy.training.loop import (
-    _save,
-    _threads,
-    _train,
     count_parameters,
     pair_batches,
     run_checkpoints,
+    save_model,
+    torch_threads,
+    train,
 )
 
-__all__ = ["FinetuneError", "finetune_from_base", "packaged_chat_template", "turn_tokens"]
+__all__ = ["FinetuneError", "finetune", "turn_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +58,6 @@ _LOSS_BATCH = 2
 
 class FinetuneError(ValueError):
     """A base model or recipe that cannot be fine-tuned as configured."""
-
-
-def packaged_chat_template(name: str) -> str:
-    """The chat template the package ships as ``data/chat_templates/<name>.jinja``."""
-    path = resources.files("canopy.training").joinpath("data", "chat_templates", f"{name}.jinja")
-    if not path.is_file():
-        raise FinetuneError(f"no packaged chat template named {name!r}")
-    return path.read_text("utf-8").strip()
 
 
 def _chat_template(tokenizer, recipe: FinetuneRecipe, base_dir: Path) -> str:
@@ -90,7 +89,7 @@ def turn_tokens(tokenizer) -> list[int]:
     saw them in pre-training, so their embeddings sit among other untrained ones; unless they are
     trained, a fine-tune that means to end its turn draws one of those neighbours instead."""
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    ids = _chat_ids(tokenizer, messages)
+    ids = chat_ids(tokenizer, messages)
     special = special_token_ids(tokenizer) - {
         tokenizer.bos_token_id,
         tokenizer.unk_token_id,
@@ -129,7 +128,7 @@ def _chat_generation_config(base_config, tokenizer, end_id: int):
     config = (
         GenerationConfig.from_dict(base_config.to_dict()) if base_config else GenerationConfig()
     )
-    ids = _as_id_list(config.eos_token_id)
+    ids = as_id_list(config.eos_token_id)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     if end_id not in ids:
@@ -140,10 +139,10 @@ def _chat_generation_config(base_config, tokenizer, end_id: int):
     return config
 
 
-def finetune_from_base(
+def finetune(
     base_dir: str | os.PathLike[str],
     pairs: Sequence[tuple[str, str]],
-    recipe: FinetuneRecipe,
+    recipe: FinetuneRecipe | Recipe,
     out_dir: str | os.PathLike[str],
     *,
     threads: int | None = None,
@@ -152,38 +151,49 @@ def finetune_from_base(
     """Fine-tune the causal LM in ``base_dir`` on ``pairs`` (instruction, response) as ``recipe``
     says, and save the result to ``out_dir``; returns the record saved as ``training_log.json``.
 
-    The first ``recipe.heldout_pairs`` pairs are held out of training: their response loss is
-    measured before and after. The saved tokenizer carries the chat template trained with.
+    ``recipe`` is a fine-tuning recipe, or a trained family's :class:`Recipe`, which fine-tunes
+    by the recipe it derives and is what the record names (the recipe its family configures).
+    The first ``heldout_pairs`` pairs are held out of training: their response loss is measured
+    before and after. The saved tokenizer carries the chat template trained with.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    plan = recipe.finetune_recipe() if isinstance(recipe, Recipe) else recipe
     logger = logger or log
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"base model directory {str(base_dir)!r} is missing or incomplete (no config.json)"
         )
-    heldout, train_pairs = list(pairs[: recipe.heldout_pairs]), list(pairs[recipe.heldout_pairs :])
+    heldout, train_pairs = list(pairs[: plan.heldout_pairs]), list(pairs[plan.heldout_pairs :])
     if not train_pairs:
         raise FinetuneError(
             f"the corpus has {len(pairs)} pairs, none left after holding out heldout_pairs="
-            f"{recipe.heldout_pairs}: raise training.corpus.sft_pairs"
+            f"{plan.heldout_pairs}: raise training.corpus.sft_pairs"
         )
-    dtype = getattr(torch, recipe.dtype)
-    with _threads(threads):
+    dtype = getattr(torch, plan.dtype)
+    with torch_threads(threads):
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        tokenizer.chat_template = _chat_template(tokenizer, recipe, base_dir)
+        tokenizer.chat_template = _chat_template(tokenizer, plan, base_dir)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         end_id = _end_of_turn(tokenizer)
-        device = resolve_device(recipe.device)
+        device = resolve_device(plan.device)
         model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=dtype)
         model.to(device)
-        encoded = encode_pairs(tokenizer, train_pairs, recipe.max_length, end_id)
+        encoded = encode_pairs(tokenizer, train_pairs, plan.max_length, end_id)
         if not encoded:
             raise FinetuneError(f"none of the {len(train_pairs)} pairs fits max_length="
-                                f"{recipe.max_length}: raise it in the recipe")  # fmt: skip
+                                f"{plan.max_length}: raise it in the recipe")  # fmt: skip
+        skipped = len(train_pairs) - len(encoded)
+        if skipped:
+            logger.warning(
+                "finetune: %d of %d pairs have prompts longer than max_length=%d; skipped",
+                skipped,
+                len(train_pairs),
+                plan.max_length,
+            )
 
         def heldout_loss() -> float | None:
             if not heldout:
@@ -192,17 +202,17 @@ def finetune_from_base(
                 model,
                 tokenizer,
                 heldout,
-                max_length=recipe.max_length,
+                max_length=plan.max_length,
                 batch_size=_LOSS_BATCH,
                 end_id=end_id,
             )
 
         loss_before = heldout_loss()
-        torch.manual_seed(recipe.seed)
+        torch.manual_seed(plan.seed)
         turns = turn_tokens(tokenizer)
-        trained = _prepare(model, recipe, turns)
+        trained = _prepare(model, plan, turns)
         next_batch = pair_batches(
-            encoded, tokenizer.pad_token_id, recipe.batch_size, recipe.seed, device
+            encoded, tokenizer.pad_token_id, plan.batch_size, plan.seed, device
         )
 
         logger.info(
@@ -210,41 +220,42 @@ def finetune_from_base(
             "held-out response loss %.4f",
             base_dir,
             device,
-            f"LoRA rank {recipe.lora_rank}" if recipe.lora_rank else "full",
+            f"LoRA rank {plan.lora_rank}" if plan.lora_rank else "full",
             count_parameters(trained),
             len(encoded),
             len(heldout),
-            recipe.steps,
+            plan.steps,
             float("nan") if loss_before is None else loss_before,
         )
         checkpoints = run_checkpoints(
             out_dir,
-            recipe,
-            "finetune_from_base",
+            plan,
+            "finetune",
             logger,
             base=model_identity(base_dir),
             pairs=fingerprint({"encoded": encoded, "heldout": heldout}),
             device=str(device),
         )
-        record = _train(
+        record = train(
             trained,
             tokenizer,
-            recipe,
+            plan,
             "finetune",
             next_batch,
             logger,
             started,
-            steps=recipe.steps,
-            peak_lr=recipe.learning_rate,
+            steps=plan.steps,
+            peak_lr=plan.learning_rate,
             checkpoints=checkpoints,
         )
-        model = trained.merge_and_unload() if recipe.lora_rank else trained
+        model = trained.merge_and_unload() if plan.lora_rank else trained
         loss_after = heldout_loss()
         record.update(
             {
+                "recipe": recipe.to_config(),
                 "base": str(base_dir),
                 "pairs": len(encoded),
-                "pairs_skipped": len(train_pairs) - len(encoded),
+                "pairs_skipped": skipped,
                 "heldout_pairs": len(heldout),
                 "heldout_loss_before": loss_before,
                 "heldout_loss_after": loss_after,
@@ -253,7 +264,7 @@ def finetune_from_base(
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
-        _save(
+        save_model(
             model,
             tokenizer,
             out_dir,
@@ -262,8 +273,10 @@ def finetune_from_base(
         )
         checkpoints.clear()
         logger.info(
-            "finetune done in %.1f s: held-out response loss %.4f -> %.4f; saved %s",
+            "finetune done in %.1f s: final response loss %.3f, held-out response loss %.4f -> "
+            "%.4f; saved %s",
             record["seconds"],
+            record["final_loss"],
             float("nan") if loss_before is None else loss_before,
             float("nan") if loss_after is None else loss_after,
             out_dir,
