@@ -326,6 +326,24 @@ def test_prompt_order_and_subset_do_not_change_a_prompts_rollouts(
         )
 
 
+def interrupted_run(
+    model_dir: Path,
+    prompts: Path,
+    output: Path,
+    settings: SamplingSettings = SamplingSettings(**SMALL),
+    after: int = 1,
+) -> Path:
+    """Stop a base task after ``after`` prompts, as a killed job stops, leaving one shard per
+    finished prompt behind; return the shard directory."""
+    with pytest.raises(Interrupted):
+        sample_task(
+            model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=after)
+        )
+    shards = shard_dir_for(output)
+    assert len(list(shards.glob("*.parquet"))) == after
+    return shards
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_table(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -335,12 +353,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(
     sample_task(model_dir, prompts, "base", settings, reference)
 
     output = tmp_path / "run" / "t.parquet"
-    with pytest.raises(Interrupted):
-        sample_task(
-            model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2)
-        )
+    interrupted_run(model_dir, prompts, output, settings, after=2)
     assert not output.exists()
-    assert len(list(shard_dir_for(output).glob("*.parquet"))) == 2
 
     log = RecordingLogger()
     sample_task(model_dir, prompts, "base", settings, output, progress=log)
@@ -351,10 +365,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(
 
     # A smaller max_batch_rows (the fix after running out of memory) keeps the finished prompts;
     # the draws are the same, the floats only up to the kernels' rounding for other batch shapes.
-    with pytest.raises(Interrupted):
-        sample_task(
-            model_dir, prompts, "base", settings, output, progress=InterruptingLogger(after=2)
-        )
+    interrupted_run(model_dir, prompts, output, settings, after=2)
     log = RecordingLogger()
     smaller = SamplingSettings(**{**SMALL, "max_batch_rows": 4})
     resumed = sample_task(model_dir, prompts, "base", smaller, output, progress=log)
@@ -369,15 +380,7 @@ def test_stale_shards_from_other_settings_or_prompt_text_are_not_reused(
 ) -> None:
     prompts = write_prompts(tmp_path / "t.jsonl", PROMPTS)
     output = tmp_path / "t.parquet"
-    with pytest.raises(Interrupted):
-        sample_task(
-            model_dir,
-            prompts,
-            "base",
-            SamplingSettings(**SMALL),
-            output,
-            progress=InterruptingLogger(after=3),
-        )
+    interrupted_run(model_dir, prompts, output, after=3)
     hotter = SamplingSettings(**{**SMALL, "temperature": 1.7})
     log = RecordingLogger()
     table = sample_task(model_dir, prompts, "base", hotter, output, progress=log)
@@ -386,10 +389,7 @@ def test_stale_shards_from_other_settings_or_prompt_text_are_not_reused(
     pd.testing.assert_frame_equal(table, reference)
 
     # Same settings but an edited prompt: only that prompt is resampled.
-    with pytest.raises(Interrupted):
-        sample_task(
-            model_dir, prompts, "base", hotter, output, progress=InterruptingLogger(after=3)
-        )
+    interrupted_run(model_dir, prompts, output, hotter, after=3)
     edited = write_prompts(tmp_path / "edited.jsonl", {**PROMPTS, "q0": "a big dog"})
     log = RecordingLogger()
     sample_task(model_dir, edited, "base", hotter, output, progress=log)
@@ -452,22 +452,6 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_table(model_dir: Path, tmp_p
 
 
 # ------------------------------------------------------------------------------- task errors
-
-
-def interrupted_run(model_dir: Path, prompts: Path, output: Path) -> Path:
-    """Leave one shard behind, as a killed job does; return the shard directory."""
-    with pytest.raises(Interrupted):
-        sample_task(
-            model_dir,
-            prompts,
-            "base",
-            SamplingSettings(**SMALL),
-            output,
-            progress=InterruptingLogger(after=1),
-        )
-    shards = shard_dir_for(output)
-    assert len(list(shards.glob("*.parquet"))) == 1
-    return shards
 
 
 def test_prompt_errors_name_the_prompt_and_keep_the_shards(model_dir: Path, tmp_path: Path) -> None:

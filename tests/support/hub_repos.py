@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from support.models import word_tokenizer
 
 # Words the tiny tokenizers know; the prompt sets below are written from them, so that no prompt
 # falls apart into unknown tokens.
@@ -97,31 +98,18 @@ def build_tokenizer(
     add_bos: bool = False,
 ):
     """A word-level tokenizer over :data:`WORDS` plus ``specials``, saved to ``out_dir``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     unknown = unk or "[UNK]"
-    vocab = {token: i for i, token in enumerate(specials)}
-    for word in [unknown, "\n", *WORDS, ".", ",", "?", ":", "'"]:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unknown))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    tokenizer = word_tokenizer(
+        specials,
+        [unknown, "\n", *WORDS, ".", ",", "?", ":", "'"],
+        bos=bos,
+        eos=eos,
+        pad=pad or eos,
+        unk=unknown,
+        add_bos=add_bos,
+        split_punctuation=True,
+        chat_template=chat_template,
     )
-    if add_bos and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad or eos,
-        unk_token=unknown,
-        additional_special_tokens=[t for t in specials if t not in {bos, eos, pad, unknown}],
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 

@@ -64,13 +64,15 @@ def word_tokenizer(
         core.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
         )
+    extra = [t for t in specials if t not in {bos, eos, pad, unk}]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=bos,
         eos_token=eos,
         pad_token=pad,
         unk_token=unk,
-        additional_special_tokens=[t for t in specials if t not in {bos, eos, pad, unk}],
+        # Only where there are some: an empty list is saved, and changes the saved directory.
+        **({"additional_special_tokens": extra} if extra else {}),
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
