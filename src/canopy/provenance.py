@@ -23,7 +23,7 @@ import pandas as pd
 from canopy.hub import HubFetch, is_commit, moved_revisions, read_fetch_record
 from canopy.sources.hub import fetch_entry
 from canopy.sources.registry import SOURCES, source_of
-from canopy.sources.source import LOCK_ROW_KEYS
+from canopy.sources.source import LOCK_ROW_KEYS, Model
 
 __all__ = [
     "LOCK_COLUMNS",
@@ -90,7 +90,7 @@ def model_entry(
     package it came from), the path (local), or for a fine-tune made here from the family's base
     (``base_entry``, that base's own lock entry) the recipe it was trained with and the base's
     commit or checksum."""
-    return source_of(spec).lock_entry(f"{family}/{variant}", spec, directory, base_entry)
+    return source_of(spec).lock_entry(Model(family, variant, spec, directory, base_entry))
 
 
 def embedder_entry(

@@ -1,5 +1,6 @@
 # Shared helpers: configuration validation, the experiment matrix, and input functions.
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -233,25 +234,25 @@ CHUNKED_POINTS = [s for s in SAMPLED_POINTS if config["sampling"][s].get("chunks
 UNCHUNKED_POINTS = [s for s in SAMPLED_POINTS if s not in CHUNKED_POINTS]
 
 
-# Every model by the rule that makes its directory ("family/variant"); a model used where it
+# Every model, as (family, variant), by the rule that makes its directory; a model used where it
 # is (source: local) has none. Each rule that makes models accepts exactly its own (made_by), so
 # one rule matches each model directory, whichever sources a family mixes.
 MODELS_BY_RULE = {}
 for _family in FAMILIES:
     for _variant in VARIANTS:
-        _rule = source_of(_family, _variant).rule_for(_variant)
-        if _rule is not None:
-            MODELS_BY_RULE.setdefault(_rule, []).append(f"{_family}/{_variant}")
+        _maker = source_of(_family, _variant).rule_for(_variant)
+        if _maker is not None:
+            MODELS_BY_RULE.setdefault(_maker, []).append((_family, _variant))
 
 
 def made_by(rule, variant=None):
-    """Wildcard constraint of a rule that makes model directories: the models it makes, as
-    "family/variant" for a {model} wildcard, or as the families of ``variant`` for a rule whose
-    output names the variant."""
+    """Wildcard constraint accepting the models made by the rule named ``rule``, as
+    family/variant for a {model} wildcard, or as the families of ``variant`` where the output
+    names the variant."""
     models = MODELS_BY_RULE.get(rule, [])
     if variant is None:
-        return _one_of(models)
-    return _one_of([m.split("/")[0] for m in models if m.split("/")[1] == variant])
+        return _one_of([os.path.join(f, v) for f, v in models])
+    return _one_of([f for f, v in models if v == variant])
 
 
 TRAINED_FAMILIES = [f for f in FAMILIES if model_source(f, "base") == "train"]
@@ -411,9 +412,13 @@ def device_gpus(device):
 # reach it as resources (config_value), so lowering them after running out of memory reruns no
 # finished job; every other sampling key is a param.
 BATCH_BUDGETS = ["max_batch_rows", "max_batch_tokens"]
-SAMPLING_KEYS = [
-    key for key in SamplingSettings.model_fields if key != "filter" and key not in BATCH_BUDGETS
-]
+
+
+def sampling_params(wildcards):
+    """The sampling point's keys as SamplingSettings.to_dict gives them (a key added after runs
+    existed only when set, so that their finished jobs stay finished), less the batch budgets."""
+    settings = SamplingSettings.from_config(config["sampling"][wildcards.sampling])
+    return {key: value for key, value in settings.to_dict().items() if key not in BATCH_BUDGETS}
 
 
 def chat_params(wildcards):

@@ -4,12 +4,10 @@ pinned by what pins its base (the base's commit or checksum)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 from canopy.config.families import FinetuneSource
-from canopy.sources.source import ModelSource, variant_of
+from canopy.sources.source import Model, ModelSource
 from canopy.sources.train import TRAINING_LOG
 
 __all__ = ["Finetune", "SOURCE"]
@@ -20,28 +18,21 @@ class Finetune(ModelSource):
     rule = "finetune_model"
     legacy_records = (TRAINING_LOG,)
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        record = self.made_record(directory, variant_of(name))
-        base = dict(base_entry or {})
-        family = name.rpartition("/")[0]
+    def lock_entry(self, model: Model) -> dict[str, Any]:
+        record = self.made_record(model)
+        base = dict(model.base_entry or {})
         return {
-            "name": name,
+            "name": model.name,
             "source": self.kind,
-            "repository": f"fine-tuned here from {family}/base (recipe {spec['recipe']})",
-            "revision": spec["recipe"],
+            "repository": f"fine-tuned here from {model.family}/base (recipe {model.spec['recipe']})",
+            "revision": model.spec["recipe"],
             # What pins the fine-tune is what pins its base: the base's commit or checksum.
             "commit": base.get("commit"),
             "pinned": bool(base.get("pinned")),
             "recipe": record["recipe"],
             "heldout_loss_before": record.get("heldout_loss_before"),
             "heldout_loss_after": record.get("heldout_loss_after"),
-            "path": str(directory),
+            "path": str(model.directory),
         }
 
 

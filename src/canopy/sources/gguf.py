@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from canopy.config.families import GgufSource
-from canopy.sources.source import ModelSource, SourceError, variant_of
+from canopy.sources.source import Model, ModelSource, SourceError
 
 __all__ = ["Gguf", "SOURCE"]
 
@@ -62,16 +62,10 @@ class Gguf(ModelSource):
 
         return read_conversion_record(directory)
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        record = self.made_record(directory, variant_of(name))
+    def lock_entry(self, model: Model) -> dict[str, Any]:
+        record = self.made_record(model)
         return {
-            "name": name,
+            "name": model.name,
             "source": self.kind,
             "repository": (
                 f"{record['package']}=={record['version']}" if record["package"] else record["spec"]
@@ -80,7 +74,7 @@ class Gguf(ModelSource):
             "commit": f"sha256:{record['sha256']}",
             "pinned": True,
             "dtype": record["dtype"],
-            "path": str(directory),
+            "path": str(model.directory),
         }
 
 

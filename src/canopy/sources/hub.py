@@ -9,7 +9,7 @@ from typing import Any
 
 from canopy.config.families import HubSource
 from canopy.hub import FETCH_RECORD, HubFetch, download_model, is_commit
-from canopy.sources.source import ModelSource, variant_of
+from canopy.sources.source import Model, ModelSource
 
 __all__ = ["Hub", "SOURCE", "fetch_entry"]
 
@@ -38,17 +38,11 @@ class Hub(ModelSource):
         """Fetch the model at its configured revision into ``out_dir`` (the rule's job)."""
         return download_model(spec["id"], spec["revision"], out_dir, config_key=config_key)
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def lock_entry(self, model: Model) -> dict[str, Any]:
         return {
-            "name": name,
+            "name": model.name,
             "source": self.kind,
-            **fetch_entry(self.made_record(directory, variant_of(name))),
+            **fetch_entry(self.made_record(model)),
         }
 
 

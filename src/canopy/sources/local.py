@@ -3,12 +3,11 @@ it, and it holds no record: the lock names its path)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from canopy.config.families import LocalSource
-from canopy.sources.source import ModelSource
+from canopy.sources.source import Model, ModelSource
 
 __all__ = ["Local", "SOURCE"]
 
@@ -19,14 +18,8 @@ class Local(ModelSource):
     def directory(self, family: str, variant: str, spec: Mapping[str, Any]) -> str:
         return str(spec["path"])
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return {"name": name, "source": self.kind, "path": str(spec["path"])}
+    def lock_entry(self, model: Model) -> dict[str, Any]:
+        return {"name": model.name, "source": self.kind, "path": str(model.spec["path"])}
 
     def lock_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         return {"repository": entry["path"]}

@@ -5,20 +5,32 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from canopy.config.families import SourceKeys
 from canopy.sources.record import read_record
 
-__all__ = ["LOCK_ROW_KEYS", "ModelSource", "SourceError", "variant_of"]
+__all__ = ["LOCK_ROW_KEYS", "Model", "ModelSource", "SourceError"]
 
 #: The lock-table columns a model's row fills from its entry (besides kind, name and source).
 LOCK_ROW_KEYS: tuple[str, ...] = ("repository", "revision", "commit", "pinned")
 
 
-def variant_of(name: str) -> str:
-    """The variant of a model named ``family/variant``."""
-    return name.rpartition("/")[2]
+@dataclass(frozen=True)
+class Model:
+    """One model of the experiment as the lock sees it: its config entry and its directory."""
+
+    family: str
+    variant: str
+    spec: Mapping[str, Any]
+    directory: str | os.PathLike[str]
+    #: The lock entry of the family's base, for a variant made from it (None for a base).
+    base_entry: Mapping[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.variant}"
 
 
 class SourceError(ValueError):
@@ -74,25 +86,20 @@ class ModelSource:
         """The record this kind left in ``directory`` (None: it holds none)."""
         return read_record(directory, source=self.kind, legacy=self.legacy_records)
 
-    def made_record(self, directory: str | os.PathLike[str], variant: str) -> dict[str, Any]:
-        """The record of ``directory``, which this kind's rule made: an error if it has none."""
-        record = self.read_record(directory)
+    def made_record(self, model: Model) -> dict[str, Any]:
+        """The record in the model's directory, which this kind's rule made: an error if it
+        has none."""
+        record = self.read_record(model.directory)
         if record is None:
             raise FileNotFoundError(
-                f"{directory} has no record of this workflow's {self.rule_for(variant)} rule, "
-                "which made it: delete it and rerun to make it again"
+                f"{model.directory} has no record of this workflow's "
+                f"{self.rule_for(model.variant)} rule, which made it: delete it and rerun to make "
+                "it again"
             )
         return record
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """The lock file's entry of one model (``name`` is ``family/variant``; ``base_entry`` the
-        entry of its family's base, for a variant made from it)."""
+    def lock_entry(self, model: Model) -> dict[str, Any]:
+        """The lock file's entry of one model."""
         raise NotImplementedError
 
     def lock_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,12 +5,11 @@ by ``finetune_model``, the rule that fine-tunes any base. The training run's rec
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from canopy.config.families import TrainSource
-from canopy.sources.source import ModelSource
+from canopy.sources.source import Model, ModelSource
 
 __all__ = ["SOURCE", "TRAINING_LOG", "Train"]
 
@@ -27,14 +26,13 @@ class Train(ModelSource):
         # The fine-tuned model is made by the one fine-tune rule, from the base's directory.
         return self.rule if variant == "base" else "finetune_model"
 
-    def lock_entry(
-        self,
-        name: str,
-        spec: Mapping[str, Any],
-        directory: str | os.PathLike[str],
-        base_entry: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return {"name": name, "source": self.kind, "recipe": spec["recipe"], "path": str(directory)}
+    def lock_entry(self, model: Model) -> dict[str, Any]:
+        return {
+            "name": model.name,
+            "source": self.kind,
+            "recipe": model.spec["recipe"],
+            "path": str(model.directory),
+        }
 
     def lock_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         # Made here from the repository's own corpus: the recipe pins it.
