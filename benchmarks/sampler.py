@@ -86,9 +86,22 @@ import torch
 # This checkout's library, not another one installed in the environment (an editable install of
 # another worktree would otherwise be measured).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# The tests' tiny-model builders (tests/support/models.py) build the random model here too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support.models import build_llama  # noqa: E402
 
 VOCAB = 8192
 HIDDEN, LAYERS, HEADS, KV_HEADS = 256, 4, 4, 4
+#: The random model's shape, as tests/support/models.py's builders take it (vllm_peer's too).
+LLAMA_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden=HIDDEN,
+    intermediate=3 * HIDDEN,
+    layers=LAYERS,
+    heads=HEADS,
+    kv_heads=KV_HEADS,
+)
 EOS = 2
 PAD = 0
 PROMPT = [1, 17, 401, 977, 3050, 58, 6021, 812, 99, 4444, 12, 7]
@@ -96,25 +109,7 @@ PROMPT = [1, 17, 401, 977, 3050, 58, 6021, 812, 99, 4444, 12, 7]
 
 def llama_model(device: torch.device):
     """The random 8k-vocabulary Llama-style model (fixed seed), without hooks."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=3 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().to(device)
-    model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)
-    return model
+    return build_llama(**LLAMA_SHAPE, context=2048, eos=EOS, spread=False).to(device)
 
 
 def build_model(device: torch.device, eos_hazard: float, tail_scale: float = 0.0):
@@ -604,8 +599,14 @@ def rows_worker(args: argparse.Namespace) -> dict:
             seconds, (tokens, stats) = _timed(
                 device,
                 lambda: canopy_rollouts(
-                    model, device, prompts, args.job_rollouts, args.job_new_tokens, 100,
-                    rows_setting, eos,
+                    model,
+                    device,
+                    prompts,
+                    args.job_rollouts,
+                    args.job_new_tokens,
+                    100,
+                    rows_setting,
+                    eos,
                 ),
             )
             result[rows] = {
@@ -745,7 +746,6 @@ def real_section(args: argparse.Namespace) -> None:
         f"  throughput canopy / generate: "
         f"{r['canopy']['tokens_per_s'] / r['generate']['tokens_per_s']:.2f}x"
     )
-
 
 
 def main() -> None:

@@ -49,6 +49,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VLLM_MODULE = REPO / "src" / "canopy" / "sampling" / "vllm.py"
 GEMMA_DIR = REPO / "build" / "real_weights" / "gemma-3-270m"
+# The tests' tiny-model builders (tests/support/models.py) build the random models here too.
+sys.path.insert(0, str(REPO / "tests"))
 RANDOM_DIR = REPO / "build" / "bench"  # random-<shape>/ beneath
 GEMMA_TEXTS = [
     "The capital of France is",
@@ -66,48 +68,24 @@ def build_random_model(path: Path, shape: str = "small") -> Path:
     if (path / "config.json").exists():
         return path
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig, LlamaForCausalLM
 
-    from sampler import GEMMA_270M_SHAPE
+    from sampler import GEMMA_270M_SHAPE, LLAMA_SHAPE
+    from support.models import BASE_SPECIALS, llama_config, save_model_dir, word_tokenizer
 
-    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     configs = {
         # benchmarks/sampler.py's model
-        "small": lambda: LlamaConfig(
-            vocab_size=8192,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            **ids,
-        ),
+        "small": lambda: llama_config(**LLAMA_SHAPE, context=4096),
         # Llama-3.1-8B's shape (random weights): for the GPU script
-        "llama8b": lambda: LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            **ids,
+        "llama8b": lambda: llama_config(
+            128256, hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, context=4096
         ),
         # Gemma-3-270m's shape (sampler.py's one definition of it): for a GPU machine that has no
         # copy of the real weights (the same work per token; random rows rarely end, so every
         # rollout runs to the cap), with this tokenizer's special ids
-        "gemma270m": lambda: Gemma3TextConfig(**{**GEMMA_270M_SHAPE, **ids}),
+        "gemma270m": lambda: Gemma3TextConfig(
+            **{**GEMMA_270M_SHAPE, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        ),
     }
     config = configs[shape]()
     architecture = Gemma3ForCausalLM if shape == "gemma270m" else LlamaForCausalLM
@@ -118,20 +96,10 @@ def build_random_model(path: Path, shape: str = "small") -> Path:
     with torch.device(device):
         model = architecture(config).to(dtype).eval()
     model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=1)
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, config.vocab_size)})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    words = [f"w{i}" for i in range(len(BASE_SPECIALS), config.vocab_size)]
+    tokenizer = word_tokenizer(BASE_SPECIALS, words, add_bos=False)
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_model_dir(tmp, model, tokenizer)
     tmp.rename(path)
     return path
 
