@@ -36,7 +36,7 @@ from support.workflow import (
     start_snakemake,
 )
 
-from canopy.modeling import VARIANTS
+from canopy.config import VARIANTS
 from canopy.sampling import SamplingSettings
 from canopy.sampling.distribution import entropy_from_log
 from canopy.sampling.transforms import processed_log_distribution, vllm_sampling_params

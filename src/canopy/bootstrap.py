@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from canopy.modeling import VARIANTS
+from canopy.config import VARIANTS
 from canopy.config.analysis import BootstrapSettings
 
 __all__ = [

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from canopy.config import CHAT_OPTION_KEYS, VARIANTS
 from canopy.config.families import RESERVED_TEMPLATE_ARGUMENTS
 
 if (
@@ -32,17 +33,18 @@ if (
 __all__ = [
     "ModelNotFoundError",
     "LoadedModel",
-    "VARIANTS",
+    "ModelFiles",
     "resolve_device",
     "visible_cuda_devices",
     "resolve_dtype",
+    "read_model_files",
+    "load_weights",
     "load_model",
     "format_prompt",
     "chat_options",
     "check_chat_options",
     "special_token_ids",
     "tokens_containing",
-    "CHAT_OPTION_KEYS",
     "as_id_list",
     "eos_token_ids",
     "end_of_turn_ids",
@@ -50,12 +52,22 @@ __all__ = [
     "check_model_dir",
 ]
 
-#: The two members of a model pair (the ``variant`` wildcard).
-VARIANTS: tuple[str, ...] = ("base", "finetuned")
-
 
 class ModelNotFoundError(FileNotFoundError):
     """A model directory is missing or is not a transformers model directory."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory's small files, read once per job: the tokenizer, the model config and
+    the generation config (None without ``generation_config.json``). They give the EOS ids, the
+    context length and the prompts' token ids before any weight is loaded, and are handed on to
+    :func:`load_weights` so that no file is read twice."""
+
+    directory: Path
+    tokenizer: Any  # a transformers tokenizer
+    config: Any  # a transformers PretrainedConfig
+    generation_config: Any | None  # a transformers GenerationConfig
 
 
 @dataclass
@@ -134,6 +146,44 @@ def check_model_dir(path: Path) -> None:
         )
 
 
+def read_model_files(path: str | Path) -> ModelFiles:
+    """Read the tokenizer and configs of a local transformers model directory (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    model_dir = Path(path)
+    check_model_dir(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    # Given the config, the tokenizer does not read config.json again to find its class.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, config=config)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:  # no generation_config.json: the model config's eos is used
+        generation_config = None
+    return ModelFiles(model_dir, tokenizer, config, generation_config)
+
+
+def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load the causal LM whose small files ``files`` holds; ``device`` and ``dtype`` as for
+    :func:`load_model`."""
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    # Handing on what was read keeps each file read once per job; without a generation config
+    # transformers derives one from config.json, as it does when it reads the directory itself.
+    read: dict[str, Any] = {"config": files.config}
+    if files.generation_config is not None:
+        read["generation_config"] = files.generation_config
+    model = AutoModelForCausalLM.from_pretrained(
+        files.directory, local_files_only=True, dtype=torch_dtype, **read
+    )
+    model.to(torch_device)
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=files.tokenizer, device=torch_device, dtype=torch_dtype
+    )
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a local transformers model directory.
 
@@ -141,23 +191,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
     ``dtype``: ``auto`` (bfloat16 on CUDA when supported, else float16; float32 on CPU),
     ``float32``, ``bfloat16`` or ``float16``. The model is returned in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(path)
-    check_model_dir(model_dir)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=torch_dtype
-    )
-    model.to(torch_device)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
-
-
-#: Config keys (of a family, or of its finetuned variant) that shape the chat template.
-CHAT_OPTION_KEYS: tuple[str, ...] = ("chat_template_kwargs", "system_prompt")
+    return load_weights(read_model_files(path), device, dtype)
 
 
 def chat_options(family: Mapping[str, Any], variant: str, *, name: str = "?") -> dict[str, Any]:

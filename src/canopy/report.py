@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from canopy.bootstrap import ALL_TASKS, BootstrapSettings, paired_bootstrap
-from canopy.modeling import VARIANTS
+from canopy.config import VARIANTS
 from canopy.prompts import Prompt, read_prompts
 
 __all__ = [

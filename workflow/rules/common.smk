@@ -12,8 +12,8 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from snakemake.exceptions import WorkflowError
 
-from canopy.config import ConfigError, SamplingSettings, validate_config
-from canopy.modeling import CHAT_OPTION_KEYS, VARIANTS, chat_options, visible_cuda_devices
+from canopy.config import CHAT_OPTION_KEYS, VARIANTS, ConfigError, SamplingSettings, validate_config
+from canopy.modeling import chat_options, visible_cuda_devices
 from canopy.sources.registry import SOURCES
 from canopy.sources.source import SourceError
 

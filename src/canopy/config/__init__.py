@@ -6,7 +6,9 @@ with ``Settings(**values)`` or ``Settings.from_config(block)``, the workflow val
 file with :func:`validate_config` before any job, and the JSON schema in
 ``workflow/schemas/config.schema.yaml`` is generated from them (``python -m canopy.config.schema``).
 Importing this package loads pydantic only, and each block's models when first used (the
-Snakefile validates at start-up; every job imports the block it reads).
+Snakefile validates at start-up; every job imports the block it reads). The names the whole
+experiment shares (``VARIANTS``, ``CHAT_OPTION_KEYS``, ``PACKAGE_PREFIX``) are defined in
+:mod:`canopy.config.constants` and exported here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from canopy.config.base import Block, ConfigError, Problem, format_key, render
+from canopy.config.constants import CHAT_OPTION_KEYS, PACKAGE_PREFIX, VARIANTS
 
 if TYPE_CHECKING:
     from canopy.config.analysis import (
@@ -60,6 +63,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Block",
     "BootstrapSettings",
+    "CHAT_OPTION_KEYS",
     "Config",
     "ConfigError",
     "CorpusSettings",
@@ -71,6 +75,7 @@ __all__ = [
     "FiguresSettings",
     "FilterSettings",
     "MetricSettings",
+    "PACKAGE_PREFIX",
     "Problem",
     "Recipe",
     "RobustnessSettings",
@@ -80,6 +85,7 @@ __all__ = [
     "StatsSettings",
     "TaskSettings",
     "TrainingSettings",
+    "VARIANTS",
     "format_key",
     "validate_config",
 ]

@@ -28,7 +28,7 @@ from canopy.figures.residuals import ResidualsSettings, diagnostic_p_values, plo
 from canopy.figures.residuals import render_residuals
 from canopy.figures.rho import RhoSettings, plot_rho, render_rho, rho_summary
 from canopy.figures.slopes import SlopesSettings, plot_slopes, render_slopes
-from canopy.figures.style import COLUMN_WIDTH, FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
+from canopy.figures.style import COLUMN_WIDTH, FULL_WIDTH, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import save_figure
 from canopy.figures.trajectory import TrajectorySettings, plot_trajectory, render_trajectory
 from canopy.figures.variance import VarianceSettings, plot_variance, render_variance
@@ -53,7 +53,6 @@ SETTINGS_CLASSES: dict[str, type[FigureSettings]] = {
 __all__ = [
     "COLUMN_WIDTH",
     "FULL_WIDTH",
-    "VARIANTS",
     "VARIANT_COLORS",
     "VARIANT_LABELS",
     "SETTINGS_CLASSES",

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 
 from matplotlib.figure import Figure
 
+from canopy.config import VARIANTS
 from canopy.config.figures import FigureSettings
-from canopy.figures.style import VARIANTS, save_figure
+from canopy.figures.style import save_figure
 
 __all__ = [
     "TableKey",

@@ -19,10 +19,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from canopy.config import VARIANTS
 from canopy.config.figures import ResidualsSettings
 from canopy.figures.common import check_variants, read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
-from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANTS, figure_style
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, figure_style
 from canopy.figures.style import finish_figure, new_figure, save_figure, variant_handles
 from canopy.io import read_json
 

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from canopy.config import VARIANTS
 from canopy.config.figures import SlopesSettings
 from canopy.figures.common import check_variants, read_table, require_columns
 from canopy.figures.common import Config, FilePath, settings_for
-from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS, VARIANTS
+from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import figure_style, finish_figure, new_figure, save_figure
 from canopy.figures.style import set_category_ticks, variant_handles
 

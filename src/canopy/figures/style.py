@@ -24,10 +24,8 @@ from matplotlib.patches import Patch
 
 from canopy.config.figures import COLUMN_WIDTH, FULL_WIDTH
 from canopy.io import atomic_path
-from canopy.modeling import VARIANTS  # the two variants, in the order they are drawn
 
 __all__ = [
-    "VARIANTS",
     "VARIANT_LABELS",
     "VARIANT_COLORS",
     "NEUTRAL_COLOR",

@@ -1,7 +1,7 @@
 """Sampling backends behind one small registry: a name of ``SamplingSettings.backend`` -> factory.
 
-A backend is built from (model directory, settings, EOS ids) and samples a list of formatted
-prompts, handing each prompt's rows to ``on_done(index, rows)`` as soon as they are complete (so
+A backend is built from (the model's files as the job read them, settings, EOS ids, stop
+sequences) and samples a list of formatted prompts, handing each prompt's rows to ``on_done(index, rows)`` as soon as they are complete (so
 the caller can write its shard). Factories import their engine lazily: choosing ``canopy`` never
 imports vLLM, and the vLLM module imports nothing from here.
 """
@@ -9,9 +9,9 @@ imports vLLM, and the vLLM module imports nothing from here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
+from canopy.modeling import ModelFiles, load_weights
 from canopy.sampling.batcher import PromptJob
 from canopy.sampling.settings import BACKENDS, SamplingSettings
 from canopy.sampling.stops import StopSequences
@@ -25,8 +25,8 @@ class Backend(Protocol):
     def sample_prompts(self, jobs: Sequence[PromptJob], on_done: OnDone) -> None: ...
 
 
-#: (model directory, settings, EOS ids, stop sequences or None).
-Factory = Callable[[Path, SamplingSettings, list[int], "StopSequences | None"], Backend]
+#: (the model's files, settings, EOS ids, stop sequences or None).
+Factory = Callable[[ModelFiles, SamplingSettings, list[int], "StopSequences | None"], Backend]
 _REGISTRY: dict[str, Factory] = {}
 
 
@@ -40,7 +40,7 @@ def registered_backends() -> tuple[str, ...]:
 
 def make_backend(
     name: str,
-    model_dir: Path,
+    files: ModelFiles,
     settings: SamplingSettings,
     eos_ids: list[int],
     stops: StopSequences | None = None,
@@ -49,22 +49,21 @@ def make_backend(
     backend returns past a stop are cut by the caller (sample_task, stops.cut_at_stop)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown sampling backend {name!r}: use one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](model_dir, settings, eos_ids, stops)
+    return _REGISTRY[name](files, settings, eos_ids, stops)
 
 
 class CanopyBackend:
-    """Our sampler: the model loaded with transformers, prompts through the continuous batcher."""
+    """Our sampler: the model loaded with transformers, prompts through the continuous batcher.
+    Its weights are loaded with the tokenizer and configs the job read already."""
 
     def __init__(
         self,
-        model_dir: Path,
+        files: ModelFiles,
         settings: SamplingSettings,
         eos_ids: list[int],
         stops: StopSequences | None = None,
     ) -> None:
-        from canopy.modeling import load_model
-
-        self.loaded = load_model(model_dir, device=settings.device, dtype=settings.dtype)
+        self.loaded = load_weights(files, device=settings.device, dtype=settings.dtype)
         self.settings = settings
         self.eos_ids = eos_ids
         self.stops = stops  # rows end at a stop sequence during generation
@@ -83,7 +82,7 @@ class CanopyBackend:
 
 
 def _vllm_backend(
-    model_dir: Path,
+    files: ModelFiles,
     settings: SamplingSettings,
     eos_ids: list[int],
     stops: StopSequences | None = None,
@@ -94,7 +93,7 @@ def _vllm_backend(
     # max_new_tokens and sample_task cuts them at the first stop (the steps past it are wasted).
     del stops
 
-    return VllmSampler(model_dir, settings, eos_ids)
+    return VllmSampler(files.directory, settings, eos_ids)
 
 
 register_backend("canopy", CanopyBackend)

@@ -26,9 +26,8 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -36,16 +35,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from canopy.config import VARIANTS
 from canopy.modeling import (
-    VARIANTS,
+    ModelFiles,
     check_chat_options,
-    tokens_containing,
-    check_model_dir,
     end_of_turn_ids,
     eos_token_ids,
     format_prompt,
+    read_model_files,
     resolve_device,
     resolve_dtype,
+    tokens_containing,
 )
 from canopy.prompts import read_prompts
 from canopy.sampling.backends import make_backend
@@ -73,6 +73,10 @@ __all__ = [
     "read_prompts",
     "chunk_prompts",
     "chunk_table_path",
+    "PreparedTask",
+    "prepare_task",
+    "resume_task",
+    "run_task",
     "sample_task",
     "gather_rollouts",
 ]
@@ -153,16 +157,203 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _lightweight_model_info(model_dir: Path) -> SimpleNamespace:
-    """Config and generation config without the weights: enough for EOS ids and context length."""
-    from transformers import AutoConfig, GenerationConfig
+@dataclass(frozen=True)
+class PreparedTask:
+    """What a job settles before it samples: its prompts formatted for the model, where their
+    rollouts end, and the fingerprint each prompt's shard is written and found with."""
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
-    except OSError:  # no generation_config.json: the model config's eos is used
-        generation_config = None
-    return SimpleNamespace(config=config, generation_config=generation_config)
+    files: ModelFiles
+    prompts: list[dict[str, Any]]
+    token_ids: list[list[int]]  # each prompt as the model is sampled from it
+    eos_ids: list[int]
+    stops: StopSequences | None
+    fingerprints: list[str]
+
+
+def prepare_task(
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    variant: str,
+    settings: SamplingSettings,
+    *,
+    chunk: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+    prompt_template: str | None = None,
+    stop_tokens_containing: Sequence[str] = (),
+    stop_sequences: Sequence[str] = (),
+) -> PreparedTask:
+    """Read the model's small files, format every prompt of the task (or of its ``chunk``) and
+    check it fits the context, and fingerprint each one; no weight is loaded (arguments as for
+    :func:`sample_task`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    import transformers
+
+    files = read_model_files(model_dir)
+    prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
+    if chunk is not None:
+        prompts = chunk_prompts(prompts, chunk, settings.chunks)
+    chat = {
+        "chat_template_kwargs": dict(chat_template_kwargs or {}),
+        "system_prompt": system_prompt,
+    }
+    if variant == "finetuned":
+        check_chat_options(files.tokenizer, **chat)
+    elif chat_template_kwargs or system_prompt is not None:
+        raise ValueError(
+            "chat_template_kwargs and system_prompt apply to the finetuned variant only (the base "
+            "variant is sampled from the raw prompt text)"
+        )
+    eos_ids = eos_token_ids(files, files.tokenizer)
+    if variant == "finetuned":
+        # A chat model's answer ends with its template's end-of-turn token, which some
+        # generation configs leave out of eos_token_id.
+        eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(files.tokenizer, **chat)))
+    if stop_tokens_containing:
+        found = tokens_containing(files.tokenizer, stop_tokens_containing)
+        eos_ids = sorted(set(eos_ids) | set(found))
+    stops = StopSequences(files.tokenizer, stop_sequences) if stop_sequences else None
+    token_ids: list[list[int]] = []
+    for record in prompts:
+        ids = format_prompt(
+            files.tokenizer,
+            record["prompt"],
+            variant,
+            prompt_id=record["prompt_id"],
+            prompt_template=prompt_template,
+            document=record.get("document"),
+            **chat,
+        )
+        check_prompt_fits(files, len(ids), settings, record["prompt_id"])
+        token_ids.append(ids)
+
+    # Both backends sample on the device and in the dtype these resolve to (the vLLM one asks
+    # its engine for them), so the shards' fingerprints name what was really used.
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    shared = {
+        "format": SHARD_FORMAT_VERSION,
+        "settings": {
+            key: value
+            for key, value in settings.to_dict().items()
+            if key not in TOKEN_NEUTRAL_SETTINGS
+        },
+        "device_type": device.type,
+        "dtype": str(dtype),
+        "model": model_identity(files.directory),
+        "variant": variant,
+        "eos_ids": eos_ids,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if variant == "finetuned":
+        shared["chat"] = chat
+    if stops is not None:
+        # Only when set, so that the fingerprints of runs without stop sequences stay as they were.
+        shared["stop_sequences"] = list(stops.sequences)
+    fingerprints = [
+        fingerprint(
+            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
+        )
+        for r, ids in zip(prompts, token_ids)
+    ]
+    return PreparedTask(files, prompts, token_ids, eos_ids, stops, fingerprints)
+
+
+def resume_task(
+    task: PreparedTask,
+    output: Path,
+    task_table: Path,
+    chunks: int,
+    log: logging.Logger,
+) -> list[pa.Table | None]:
+    """What is sampled already: per prompt, its rows from this job's valid shard, else from
+    what another chunking of the task left, else None (still to sample)."""
+    shard_dir = shard_dir_for(output)
+    tables: list[pa.Table | None] = [
+        read_valid_shard(shard_path(shard_dir, r["prompt_id"]), fp, log)
+        for r, fp in zip(task.prompts, task.fingerprints)
+    ]
+    total = len(task.prompts)
+    reused = sum(t is not None for t in tables)
+    if reused:
+        log.info("resuming: %d/%d prompts already sampled in %s", reused, total, shard_dir)
+    if reused < total:
+        _reuse_other_chunkings(task_table, chunks, task.prompts, task.fingerprints, tables, log)
+    return tables
+
+
+def run_task(
+    task: PreparedTask,
+    settings: SamplingSettings,
+    tables: list[pa.Table | None],
+    shard_dir: Path,
+    log: logging.Logger,
+) -> None:
+    """Sample the prompts that ``tables`` lacks with the configured backend; each prompt's shard
+    is written, and its entry of ``tables`` filled, as soon as its last rollout ends."""
+    todo = [index for index, table in enumerate(tables) if table is None]
+    if not todo:
+        return
+    backend = make_backend(settings.backend, task.files, settings, task.eos_ids, task.stops)
+    total = len(tables)
+    reused = total - len(todo)
+    started = time.perf_counter()
+    counts = {"done": reused, "tokens": 0, "wasted": 0}
+
+    def on_done(position: int, rows: list[dict[str, Any]]) -> None:
+        index = todo[position]
+        prompt_id = task.prompts[index]["prompt_id"]
+        if task.stops is not None:
+            _cut_at_stops(rows, task.stops, prompt_id, counts, log)
+        for row in rows:
+            row["text"] = task.files.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+        tables[index] = write_shard(
+            shard_path(shard_dir, prompt_id), rows, task.fingerprints[index], prompt_id
+        )
+        counts["done"] += 1
+        new_tokens = sum(row["n_steps"] for row in rows)
+        counts["tokens"] += new_tokens
+        seconds = time.perf_counter() - started
+        sampled_here = counts["done"] - reused
+        log.info(
+            "prompt %d/%d (%s) done: %d tokens; %.1f tokens/s overall; ETA %s",
+            counts["done"],
+            total,
+            prompt_id,
+            new_tokens,
+            counts["tokens"] / seconds if seconds > 0 else float("nan"),
+            _format_seconds(seconds / sampled_here * (total - counts["done"])),
+        )
+
+    backend.sample_prompts(
+        [PromptJob(task.prompts[i]["prompt_id"], task.token_ids[i]) for i in todo], on_done
+    )
+
+
+def _cut_at_stops(
+    rows: list[dict[str, Any]],
+    stops: StopSequences,
+    prompt_id: str,
+    counts: dict[str, int],
+    log: logging.Logger,
+) -> None:
+    """Cut ``rows`` in place at their first stop sequence. The canopy backend stopped its rows
+    already (nothing is cut); a backend that cannot match text returns them longer, and the
+    steps past the stop are wasted."""
+    wasted = 0
+    for number, row in enumerate(rows):
+        rows[number], cut = cut_at_stop(row, stops)
+        wasted += cut
+    if wasted:
+        counts["wasted"] += wasted
+        log.info(
+            "prompt %s: cut %d steps sampled past a stop sequence (%d so far)",
+            prompt_id,
+            wasted,
+            counts["wasted"],
+        )
 
 
 def sample_task(
@@ -181,7 +372,8 @@ def sample_task(
     progress: logging.Logger | None = None,
 ) -> pd.DataFrame:
     """Sample every prompt of a task (or of its ``chunk``-th of ``settings.chunks`` slices) and
-    write the rollout table to ``output`` (atomically).
+    write the rollout table to ``output`` (atomically): :func:`prepare_task`, then
+    :func:`resume_task`, then :func:`run_task` for the rest.
 
     Resumable: each finished prompt is stored in ``<output>.shards/`` with a fingerprint of its
     settings, model files, variant, chat options and prompt; a rerun reuses the valid shards and
@@ -195,152 +387,31 @@ def sample_task(
     decoded text (:mod:`canopy.sampling.stops`; in the fingerprints when set). A backend that
     cannot stop on text hands back longer rows, cut here at the same token.
     """
-    import transformers
-    from transformers import AutoTokenizer
-
     log = progress or logger
-    model_dir = Path(model_dir)
     output = Path(output)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    check_model_dir(model_dir)
     chunks = settings.chunks if chunk is not None else 1
     task_table = _task_table_of(output, chunk, chunks)
-    prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
-    if chunk is not None:
-        prompts = chunk_prompts(prompts, chunk, chunks)
-    chat = {
-        "chat_template_kwargs": dict(chat_template_kwargs or {}),
-        "system_prompt": system_prompt,
-    }
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if variant == "finetuned":
-        check_chat_options(tokenizer, **chat)
-    elif chat_template_kwargs or system_prompt is not None:
-        raise ValueError(
-            "chat_template_kwargs and system_prompt apply to the finetuned variant only (the base "
-            "variant is sampled from the raw prompt text)"
-        )
-    info = _lightweight_model_info(model_dir)
-    eos_ids = eos_token_ids(info, tokenizer)
-    if variant == "finetuned":
-        # A chat model's answer ends with its template's end-of-turn token, which some
-        # generation configs leave out of eos_token_id.
-        eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(tokenizer, **chat)))
-    if stop_tokens_containing:
-        eos_ids = sorted(set(eos_ids) | set(tokens_containing(tokenizer, stop_tokens_containing)))
-    stops = StopSequences(tokenizer, stop_sequences) if stop_sequences else None
-    formatted: list[list[int]] = []
-    for record in prompts:
-        ids = format_prompt(
-            tokenizer,
-            record["prompt"],
-            variant,
-            prompt_id=record["prompt_id"],
-            prompt_template=prompt_template,
-            document=record.get("document"),
-            **chat,
-        )
-        check_prompt_fits(info, len(ids), settings, record["prompt_id"])
-        formatted.append(ids)
-
-    # Both backends sample on the device and in the dtype these resolve to (the vLLM one asks
-    # its engine for them), so the shards' fingerprints name what was really used.
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-
-    shared = {
-        "format": SHARD_FORMAT_VERSION,
-        "settings": {
-            key: value
-            for key, value in settings.to_dict().items()
-            if key not in TOKEN_NEUTRAL_SETTINGS
-        },
-        "device_type": device.type,
-        "dtype": str(dtype),
-        "model": model_identity(model_dir),
-        "variant": variant,
-        "eos_ids": eos_ids,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    if variant == "finetuned":
-        shared["chat"] = chat
-    if stops is not None:
-        # Only when set, so that the fingerprints of runs without stop sequences stay as they were.
-        shared["stop_sequences"] = list(stops.sequences)
-    fingerprints = [
-        fingerprint(
-            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
-        )
-        for r, ids in zip(prompts, formatted)
-    ]
-
+    task = prepare_task(
+        model_dir,
+        prompts_path,
+        variant,
+        settings,
+        chunk=chunk,
+        chat_template_kwargs=chat_template_kwargs,
+        system_prompt=system_prompt,
+        prompt_template=prompt_template,
+        stop_tokens_containing=stop_tokens_containing,
+        stop_sequences=stop_sequences,
+    )
+    tables = resume_task(task, output, task_table, chunks, log)
     shard_dir = shard_dir_for(output)
-    tables: list[pa.Table | None] = [
-        read_valid_shard(shard_path(shard_dir, r["prompt_id"]), fp, log)
-        for r, fp in zip(prompts, fingerprints)
-    ]
-    total = len(prompts)
-    reused = sum(t is not None for t in tables)
-    if reused:
-        log.info("resuming: %d/%d prompts already sampled in %s", reused, total, shard_dir)
-    if reused < total:
-        reused += _reuse_other_chunkings(task_table, chunks, prompts, fingerprints, tables, log)
+    run_task(task, settings, tables, shard_dir, log)
 
-    todo = [index for index, table in enumerate(tables) if table is None]
-    if todo:
-        backend = make_backend(settings.backend, model_dir, settings, eos_ids, stops)
-        started = time.perf_counter()
-        counts = {"done": reused, "tokens": 0, "wasted": 0}
-
-        def on_done(position: int, rows: list[dict[str, Any]]) -> None:
-            index = todo[position]
-            prompt_id = prompts[index]["prompt_id"]
-            if stops is not None:
-                # The canopy backend stopped its rows already (nothing is cut); a backend that
-                # cannot match text returns them longer, and the steps past the stop are wasted.
-                wasted = 0
-                for number, row in enumerate(rows):
-                    rows[number], cut = cut_at_stop(row, stops)
-                    wasted += cut
-                if wasted:
-                    counts["wasted"] += wasted
-                    log.info(
-                        "prompt %s: cut %d steps sampled past a stop sequence (%d so far)",
-                        prompt_id,
-                        wasted,
-                        counts["wasted"],
-                    )
-            for row in rows:
-                row["text"] = tokenizer.decode(row["token_ids"], skip_special_tokens=True)
-            tables[index] = write_shard(
-                shard_path(shard_dir, prompt_id), rows, fingerprints[index], prompt_id
-            )
-            counts["done"] += 1
-            new_tokens = sum(row["n_steps"] for row in rows)
-            counts["tokens"] += new_tokens
-            seconds = time.perf_counter() - started
-            sampled_here = counts["done"] - reused
-            log.info(
-                "prompt %d/%d (%s) done: %d tokens; %.1f tokens/s overall; ETA %s",
-                counts["done"],
-                total,
-                prompt_id,
-                new_tokens,
-                counts["tokens"] / seconds if seconds > 0 else float("nan"),
-                _format_seconds(seconds / sampled_here * (total - counts["done"])),
-            )
-
-        backend.sample_prompts(
-            [PromptJob(prompts[i]["prompt_id"], formatted[i]) for i in todo], on_done
-        )
-
+    total = len(task.prompts)
     done = [t for t in tables if t is not None]
     if len(done) != total:
         raise RuntimeError(f"{total - len(done)} prompt(s) were never sampled")
-    stamps = {r["prompt_id"]: fp for r, fp in zip(prompts, fingerprints)}
+    stamps = dict(zip((r["prompt_id"] for r in task.prompts), task.fingerprints))
     table = write_rollout_table(output, done, stamps, chunks)
     shutil.rmtree(shard_dir, ignore_errors=True)
     if chunk is None:
@@ -356,9 +427,8 @@ def _reuse_other_chunkings(
     fingerprints: Sequence[str],
     tables: list[pa.Table | None],
     log: logging.Logger,
-) -> int:
-    """Fill ``tables``' missing prompts from what another chunking of the task left; returns
-    how many were filled."""
+) -> None:
+    """Fill ``tables``' missing prompts from what another chunking of the task left."""
     other_tables, other_shard_dirs = _other_chunkings(task_table, chunks)
     missing = {r["prompt_id"]: index for index, r in enumerate(prompts) if tables[index] is None}
     filled = 0
@@ -382,7 +452,6 @@ def _reuse_other_chunkings(
             len(prompts),
             ", ".join(str(p) for p in [*other_shard_dirs, *other_tables] if p.exists()),
         )
-    return filled
 
 
 def gather_rollouts(
