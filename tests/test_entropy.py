@@ -30,6 +30,7 @@ from canopy.entropy import (
     write_metrics,
 )
 from support.enumeration import CanopyLeaf, ExactCanopy, enumerate_canopy, exact_canopy
+from support.models import llama_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -186,16 +187,13 @@ def llama_canopy() -> tuple[Callable[[Sequence[int]], np.ndarray], list[CanopyLe
     transformers = pytest.importorskip("transformers")
     torch.set_num_threads(1)
     torch.manual_seed(3)  # a seed whose canopy truncates 15 % of the time (EOS = 4 is not rare)
-    config = transformers.LlamaConfig(
-        vocab_size=5,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+    config = llama_config(
+        5,
+        hidden=16,
+        heads=2,
+        context=32,
+        eos=4,
         bos_token_id=0,
-        eos_token_id=4,
         pad_token_id=4,
         initializer_range=0.6,  # large weights: distributions far from uniform
     )

@@ -102,10 +102,10 @@ def llama_config(
     eos: int | list[int] = 2,
     **extra,
 ):
-    """A tiny Llama config: PAD 0, BOS 1, untied embeddings; ``extra`` adds LlamaConfig keys."""
+    """A tiny Llama config: PAD 0, BOS 1, untied embeddings; ``extra`` adds or overrides keys."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    values = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate or 2 * hidden,
@@ -117,8 +117,8 @@ def llama_config(
         eos_token_id=eos,
         pad_token_id=0,
         tie_word_embeddings=False,
-        **extra,
     )
+    return LlamaConfig(**{**values, **extra})
 
 
 def build_llama(
