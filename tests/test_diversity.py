@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from vendi_score import vendi
 
+from canopy.auxiliary_models import ModelUnavailableError
 from canopy.diversity import (
     DiversitySettings,
     EmbedderSettings,
-    EmbedderUnavailableError,
     Embeddings,
     distinct_n,
     diversity_table,
@@ -386,7 +386,7 @@ def test_missing_hub_model_offline_gives_a_clear_error(monkeypatch, tmp_path: Pa
         {"model": "nomic-ai/modernbert-embed-large", "prefix": "search_document: "},
         where="embedders.modernbert",
     )
-    with pytest.raises(EmbedderUnavailableError) as raised:
+    with pytest.raises(ModelUnavailableError) as raised:
         load_embedder(settings, name="modernbert")
     message = str(raised.value)
     assert "nomic-ai/modernbert-embed-large" in message
@@ -394,9 +394,9 @@ def test_missing_hub_model_offline_gives_a_clear_error(monkeypatch, tmp_path: Pa
 
 
 def test_missing_package_or_directory_gives_a_clear_error() -> None:
-    with pytest.raises(EmbedderUnavailableError, match="no_such_embedding_package"):
+    with pytest.raises(ModelUnavailableError, match="no_such_embedding_package"):
         load_embedder(EmbedderSettings(model="package:no_such_embedding_package"), name="x")
-    with pytest.raises(EmbedderUnavailableError, match="not a model directory"):
+    with pytest.raises(ModelUnavailableError, match="not a model directory"):
         load_embedder(EmbedderSettings(model="/nonexistent/embedder"), name="x")
 
 

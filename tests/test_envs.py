@@ -536,10 +536,11 @@ def test_import_scan_follows_canopy_functions(tmp_path: Path) -> None:
     """The scanner itself: a lazy import inside a called function counts, an unused one does not."""
     script = tmp_path / "probe.py"
     script.write_text(
-        "from canopy.diversity import resolve_device\nfrom canopy.io import write_tsv\nimport yaml\n"
+        "from canopy.auxiliary_models import load_classifier\nfrom canopy.diversity import "
+        "vendi_score\nfrom canopy.io import write_tsv\nimport yaml\n"
     )
     found = third_party_imports(script)
-    assert {"torch", "pandas", "numpy", "yaml"} <= set(found)
+    assert {"torch", "transformers", "pandas", "numpy", "yaml"} <= set(found)
     assert "sentence_transformers" not in found  # only under TYPE_CHECKING and in unused loaders
     script.write_text("from canopy.diversity import DiversitySettings\n")
     assert "torch" not in third_party_imports(script)

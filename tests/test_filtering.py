@@ -12,6 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from canopy.auxiliary_models import load_classifier  # noqa: E402
 from canopy.prompts import Prompt, write_prompts  # noqa: E402
 from canopy.filtering import (  # noqa: E402
     FilterSettings,
@@ -99,7 +100,7 @@ def _rollouts(rng: np.random.Generator, prompts: list[str], m: int) -> pd.DataFr
 
 def test_scorer_batches_agree_with_one_pair_at_a_time(tmp_path):
     path = tiny_reward_model(tmp_path / "rm")
-    scorer = RewardScorer(str(path), batch_size=3, device="cpu")
+    scorer = RewardScorer(load_classifier(path, device="cpu"), batch_size=3)
     # The conversation as the reward model expects it: user turn, assistant turn, its specials.
     ids = scorer.encode("the cat sat", "a dog ran")
     assert scorer.tokenizer.convert_ids_to_tokens(ids) == [
@@ -134,7 +135,7 @@ def test_filter_keeps_the_best_scored_share_of_each_prompt(tmp_path):
     path = tiny_reward_model(tmp_path / "rm")
     rollouts = _rollouts(np.random.default_rng(2), ["p0", "p1", "p2"], 10)
     prompts = {"p0": "the cat", "p1": "a big dog", "p2": "the mat"}
-    scorer = RewardScorer(str(path), batch_size=4, device="cpu")
+    scorer = RewardScorer(load_classifier(path, device="cpu"), batch_size=4)
     kept, scores = filter_rollouts(rollouts, prompts, scorer, keep=0.7)
     assert len(kept) == 21 and (kept.groupby("prompt_id").size() == 7).all()
     for prompt, group in scores.groupby("prompt_id"):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from canopy.auxiliary_models import load_classifier
 from canopy.semantic_entropy import (
     EntailmentCache,
     NliEntailment,
@@ -150,11 +151,13 @@ def test_nli_entailment_matches_the_model_pair_by_pair(tmp_path):
     model.save_pretrained(path)
     expected = (logits_one_by_one().argmax(dim=1) == 2).tolist()
 
-    got = NliEntailment(str(path), batch_size=4, device="cpu")(pairs)
+    got = NliEntailment(load_classifier(path, device="cpu"), batch_size=4)(pairs)
     assert got == expected
     assert 0 < sum(got) < len(got)  # random weights: a mix, so the comparison means something
 
-    labels = cluster_by_entailment(texts, EntailmentCache(NliEntailment(str(path), batch_size=3)))
+    labels = cluster_by_entailment(
+        texts, EntailmentCache(NliEntailment(load_classifier(path), batch_size=3))
+    )
     lookup = dict(zip(pairs, expected))
     # Reference clustering from the pair-by-pair answers.
     reps, ref = [], []
@@ -183,11 +186,11 @@ def test_nli_model_forced_to_entail_gives_one_cluster(tmp_path):
             "sum_logprob": [-1.0, -2.0, -3.0],
         }
     )
-    table = semantic_entropy_table(rollouts, NliEntailment(str(path), device="cpu"))
+    table = semantic_entropy_table(rollouts, NliEntailment(load_classifier(path, device="cpu")))
     assert table.loc[0, "n_semantic_clusters"] == 1 and table.loc[0, "semantic_entropy"] == 0.0
 
 
 def test_nli_model_without_entailment_label_is_rejected(tmp_path):
     path = build_nli_dir(tmp_path, labels=("negative", "positive"))
     with pytest.raises(ValueError, match="entailment"):
-        NliEntailment(str(path), device="cpu")
+        NliEntailment(load_classifier(path, device="cpu"))

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from canopy.config.analysis import PACKAGE_PREFIX
+from canopy.config import PACKAGE_PREFIX
 from canopy.io import atomic_dir
 from canopy.sources.record import read_record, write_record
 

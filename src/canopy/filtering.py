@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from canopy.auxiliary_models import Classifier, load_classifier, locate_model
 from canopy.config.sampling import FilterSettings
-from canopy.prompts import read_prompts
-from canopy.diversity import _model_source, resolve_device
 from canopy.io import write_parquet
+from canopy.prompts import read_prompts
 
 __all__ = [
     "FilterSettings",
@@ -57,50 +57,32 @@ class RewardScorer:
 
     Each pair is rendered as a user turn and an assistant turn with the reward model's chat
     template, tokenised without adding special tokens again (the template has them), and scored
-    in batches of similar length, right-padded.
+    in batches of ``batch_size`` pairs of similar length, right-padded, each cut to
+    ``max_length`` tokens.
     """
 
     def __init__(
-        self,
-        source: str,
-        *,
-        batch_size: int = 8,
-        max_length: int = 4096,
-        device: str = "cpu",
-        dtype: str = "auto",
-        revision: str | None = None,
+        self, reward_model: Classifier, *, batch_size: int = 8, max_length: int = 4096
     ) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self._torch = torch
-        torch_dtype = {
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }.get(dtype)
-        if torch_dtype is None:  # auto
-            torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        self.tokenizer, self.model = reward_model.tokenizer, reward_model.model
         if self.tokenizer.chat_template is None:
             raise ValueError(
-                f"reward model {source!r} has no chat template: it cannot be "
+                f"reward model {reward_model.location!r} has no chat template: it cannot be "
                 "given (prompt, answer) conversations the way it was trained"
             )
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            source, revision=revision, dtype=torch_dtype
-        )
         if self.model.config.num_labels != 1:
             raise ValueError(
-                f"reward model {source!r} has {self.model.config.num_labels} "
+                f"reward model {reward_model.location!r} has {self.model.config.num_labels} "
                 "labels; a reward model gives one score per sequence"
             )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval()
-        self.device = device
+        self.device = reward_model.device
         self.batch_size = batch_size
         self.max_length = max_length
 
@@ -184,17 +166,13 @@ def write_filtered_rollouts(
     ``model_dir``: where the reward model was fetched to (the workflow's resources/classifiers/);
     without it the model is found from ``settings.model`` (a directory, package or hub cache).
     """
-    source = (
-        str(model_dir)
-        if model_dir is not None
-        else _model_source(settings.model, "sampling.<filter>.filter.reward_model.model")
+    source = locate_model(
+        settings.model, "sampling.<filter>.filter.reward_model.model", directory=model_dir
     )
     scorer = RewardScorer(
-        source,
+        load_classifier(source, device=settings.device, dtype=settings.dtype),
         batch_size=settings.batch_size,
         max_length=settings.max_length,
-        device=resolve_device(settings.device),
-        dtype=settings.dtype,
     )
     rollouts = pd.read_parquet(rollouts_path)
     prompts = {p.prompt_id: p.prompt for p in read_prompts(prompts_path)}

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
+from canopy.auxiliary_models import Classifier, load_classifier, locate_model
 from canopy.config.analysis import SemanticEntropySettings
-from canopy.diversity import _model_source, resolve_device
 from canopy.io import write_parquet
 
 __all__ = [
@@ -166,31 +166,20 @@ class NliEntailment:
     """Entailment from a transformers sequence-classification NLI model (batched, no gradients).
 
     A pair counts as entailed when the model's most likely label is its entailment label (found
-    by name in ``config.id2label``, case-insensitively).
+    by name in ``config.id2label``, case-insensitively). Pairs go to the model ``batch_size`` at a
+    time, each cut to ``max_length`` tokens.
     """
 
-    def __init__(
-        self,
-        source: str,
-        *,
-        batch_size: int = 32,
-        max_length: int = 512,
-        device: str = "cpu",
-        revision: str | None = None,
-    ) -> None:
+    def __init__(self, judge: Classifier, *, batch_size: int = 32, max_length: int = 512) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        self.model = AutoModelForSequenceClassification.from_pretrained(source, revision=revision)
-        self.model.to(device).eval()
-        self.device = device
+        self.tokenizer, self.model, self.device = judge.tokenizer, judge.model, judge.device
         labels = {int(i): str(name).lower() for i, name in self.model.config.id2label.items()}
         hits = [i for i, name in labels.items() if name.startswith("entail")]
         if len(hits) != 1:
             raise ValueError(
-                f"NLI model {source!r} has labels {sorted(labels.values())}: expected exactly one "
+                f"NLI model {judge.location!r} has labels {sorted(labels.values())}: expected exactly one "
                 "named 'entailment' (set diversity.semantic_entropy.model to an NLI model)"
             )
         self.entailment_index = hits[0]
@@ -220,16 +209,11 @@ def load_nli(
 ) -> NliEntailment:
     """The NLI model of ``settings``: from ``model_dir`` where it was fetched to, else from the
     directory, package or local hub cache ``settings.model`` names."""
-    source = (
-        str(model_dir)
-        if model_dir is not None
-        else _model_source(settings.model, "diversity.semantic_entropy.model")
-    )
+    source = locate_model(settings.model, "diversity.semantic_entropy.model", directory=model_dir)
     return NliEntailment(
-        source,
+        load_classifier(source, device=settings.device),
         batch_size=settings.batch_size,
         max_length=settings.max_length,
-        device=resolve_device(settings.device),
     )
 
 

