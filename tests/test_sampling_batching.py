@@ -38,6 +38,7 @@ from canopy.sampling.settings import BatchOutOfMemoryError
 from support.models import (
     THINKING_TEMPLATE,
     THINKING_WORDS,
+    TINY_VISION,
     build_llama,
     build_tokenizer,
     save_model_dir,
@@ -114,14 +115,7 @@ def build(architecture: str, attn: str = "sdpa"):
     if architecture == "gemma3":
         return _init(tf.Gemma3ForCausalLM(_gemma3_text_config(attn)))
     if architecture == "gemma3-multimodal":
-        vision = tf.SiglipVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-        )
+        vision = tf.SiglipVisionConfig(**TINY_VISION, image_size=16, patch_size=8)
         config = tf.Gemma3Config(
             text_config=_gemma3_text_config(attn).to_dict(),
             vision_config=vision.to_dict(),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from support.models import word_tokenizer
+from support.models import TINY_VISION, word_tokenizer
 
 # Words the tiny tokenizers know; the prompt sets below are written from them, so that no prompt
 # falls apart into unknown tokens.
@@ -225,14 +225,7 @@ def build_gemma3(out_dir: Path, *, instruct: bool, seed: int = 2) -> None:
         eos_token_id=ids["<eos>"],
         bos_token_id=ids["<bos>"],
     )
-    vision = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
+    vision = SiglipVisionConfig(**TINY_VISION, image_size=28, patch_size=14)
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,

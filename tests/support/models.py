@@ -31,6 +31,15 @@ CHAT_SPECIALS = BASE_SPECIALS + ["<user>", "<assistant>", "<end_turn>"]
 TURN_SPECIALS = BASE_SPECIALS + ["<start_of_turn>", "<end_of_turn>"]
 
 
+#: The smallest vision tower a multimodal Gemma-3 loads with (image and patch sizes set per model).
+TINY_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+
+
 def word_tokenizer(
     specials: Sequence[str],
     words: Sequence[str],
