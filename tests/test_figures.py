@@ -300,22 +300,30 @@ def test_settings_reject_unknown_keys_by_name(name: str) -> None:
         cls.from_config({"dpi": 72.5})
 
 
-def test_settings_validate_values_and_freeze_task_lists() -> None:
+def test_settings_freeze_task_lists() -> None:
     settings = TrajectorySettings.from_config({"tasks": ["math"], "max_positions": 10})
     assert settings.tasks == ("math",) and hash(settings)
-    with pytest.raises(ValueError, match=r"figures\.trajectory\.max_positions"):
-        TrajectorySettings.from_config({"max_positions": 0})
-    with pytest.raises(ValueError, match=r"figures\.lengths\.log_scale"):
-        LengthsSettings.from_config({"log_scale": "yes"})
-    with pytest.raises(ValueError, match=r"figures\.decomposition\.error_bars"):
-        DecompositionSettings.from_config({"error_bars": "bootstrap"})
-    with pytest.raises(ValueError, match=r"figures\.variance\.tasks"):
-        VarianceSettings.from_config({"tasks": "math"})
-    with pytest.raises(ValueError, match=r"figures\.slopes must be a mapping"):
-        SlopesSettings.from_config(["width"])
-    # An opacity of 0 would draw nothing: refused here, as when the whole config is validated.
-    with pytest.raises(ValueError, match=r"figures\.slopes\.scatter_alpha = 0: .*greater than 0"):
-        SlopesSettings.from_config({"scatter_alpha": 0})
+
+
+@pytest.mark.parametrize(
+    "cls, config, message",
+    [
+        (TrajectorySettings, {"max_positions": 0}, r"figures\.trajectory\.max_positions"),
+        (LengthsSettings, {"log_scale": "yes"}, r"figures\.lengths\.log_scale"),
+        (DecompositionSettings, {"error_bars": "bootstrap"}, r"figures\.decomposition\.error_bars"),
+        (VarianceSettings, {"tasks": "math"}, r"figures\.variance\.tasks"),
+        (SlopesSettings, ["width"], r"figures\.slopes must be a mapping"),
+        # An opacity of 0 would draw nothing: refused here, as when the whole config is validated.
+        (
+            SlopesSettings,
+            {"scatter_alpha": 0},
+            r"figures\.slopes\.scatter_alpha = 0: .*greater than 0",
+        ),
+    ],
+)
+def test_settings_refuse_bad_values_by_name(cls: type, config: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cls.from_config(config)
 
 
 # --------------------------------------------------------------------------- decomposition
