@@ -9,6 +9,7 @@ Each builder writes an ordinary directory (what ``save_pretrained`` writes) that
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -114,6 +115,53 @@ def build_tokenizer(
     return tokenizer
 
 
+@dataclass(frozen=True)
+class ChatTokens:
+    """A family's special tokens as its tokenizer uses them; the base and the instruct variant
+    differ in their EOS and in that only the instruct one has a chat template."""
+
+    specials: list[str]
+    bos: str | None
+    pad: str
+    base_eos: str
+    instruct_eos: str
+    template: str
+    unk: str | None = None
+    add_bos: bool = False
+
+
+QWEN_TOKENS = ChatTokens(
+    QWEN_SPECIALS, None, "<|endoftext|>", "<|endoftext|>", "<|im_end|>", QWEN_TEMPLATE
+)
+# Llama's and Gemma's tokenizers add BOS to raw text.
+LLAMA_TOKENS = ChatTokens(
+    LLAMA_SPECIALS,
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    LLAMA_TEMPLATE,
+    add_bos=True,
+)
+GEMMA_TOKENS = ChatTokens(
+    GEMMA_SPECIALS, "<bos>", "<pad>", "<eos>", "<end_of_turn>", GEMMA_TEMPLATE, "<unk>", True
+)
+
+
+def build_chat_tokenizer(out_dir: Path, tokens: ChatTokens, *, instruct: bool):
+    """The base or the instruct variant's tokenizer of a family, saved to ``out_dir``."""
+    return build_tokenizer(
+        out_dir,
+        tokens.specials,
+        bos=tokens.bos,
+        eos=tokens.instruct_eos if instruct else tokens.base_eos,
+        pad=tokens.pad,
+        unk=tokens.unk,
+        chat_template=tokens.template if instruct else None,
+        add_bos=tokens.add_bos,
+    )
+
+
 def _save_model(model, tokenizer, out_dir: Path, eos_ids: list[int]) -> None:
     from transformers import GenerationConfig
 
@@ -131,14 +179,7 @@ def build_qwen3(out_dir: Path, *, instruct: bool, seed: int = 0) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(
-        out_dir,
-        QWEN_SPECIALS,
-        bos=None,
-        eos="<|im_end|>" if instruct else "<|endoftext|>",
-        pad="<|endoftext|>",
-        chat_template=QWEN_TEMPLATE if instruct else None,
-    )
+    tokenizer = build_chat_tokenizer(out_dir, QWEN_TOKENS, instruct=instruct)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         **TINY,
@@ -158,15 +199,7 @@ def build_llama31(out_dir: Path, *, instruct: bool, seed: int = 1) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(
-        out_dir,
-        LLAMA_SPECIALS,
-        bos="<|begin_of_text|>",
-        eos="<|eot_id|>" if instruct else "<|end_of_text|>",
-        pad="<|end_of_text|>",
-        chat_template=LLAMA_TEMPLATE if instruct else None,
-        add_bos=True,
-    )
+    tokenizer = build_chat_tokenizer(out_dir, LLAMA_TOKENS, instruct=instruct)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         **TINY,
@@ -198,16 +231,7 @@ def build_gemma3(out_dir: Path, *, instruct: bool, seed: int = 2) -> None:
     )
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(
-        out_dir,
-        GEMMA_SPECIALS,
-        bos="<bos>",
-        eos="<end_of_turn>" if instruct else "<eos>",
-        pad="<pad>",
-        unk="<unk>",
-        chat_template=GEMMA_TEMPLATE if instruct else None,
-        add_bos=True,
-    )
+    tokenizer = build_chat_tokenizer(out_dir, GEMMA_TOKENS, instruct=instruct)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA_SPECIALS}
     text = Gemma3TextConfig(
         vocab_size=len(tokenizer),
