@@ -98,7 +98,7 @@ def test_ablations_merged_onto_the_paper_config_are_valid() -> None:
 
 def test_the_defaults_sweep_points_merged_onto_it_are_valid(default_config) -> None:
     config = validate_config(merged("config.yaml", "config/sweeps.yaml"))
-    assert list(config["sampling"]) == ["default", "topk20"]
+    assert list(config["sampling"]) == ["default", "topk20", "minp10"]
     assert list(config["embedders"]) == ["minilm", "minilm_prefixed"]
     assert config["tasks"]["math_1shot"]["few_shot"]["k"] == 1
     # The overlay adds sweep points only: the main setting is the default's own.

@@ -110,14 +110,15 @@ def test_the_defaults_sweep_points_add_only_what_depends_on_them(recorded_defaul
     configs = [str(REPO / "config.yaml"), str(DEFAULT_SWEEPS)]
     jobs = planned_jobs(snakemake(recorded_default, "-n", "--configfile", *configs).stdout)
     models = 2 * 2
-    # math_1shot for every model at the main setting, topk20 on sweeps.tasks (math, completion)
-    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == models + models * 2
+    # math_1shot for every model at the main setting, topk20 and minp10 on sweeps.tasks (math,
+    # completion)
+    assert jobs["sample_rollouts"] == jobs["prompt_metrics"] == models + 2 * models * 2
     # the main embedding job of each model gains math_1shot; one job per model and sweep pair
-    assert jobs["embed_rollouts"] == 3 * models
-    assert jobs["diversity"] == models * 5 + 2 * models * 2
-    assert jobs["fit_glmm"] == jobs["panel"] == 3
+    assert jobs["embed_rollouts"] == 4 * models
+    assert jobs["diversity"] == models * 5 + 3 * models * 2
+    assert jobs["fit_glmm"] == jobs["panel"] == 4
     assert jobs["ablation_summary"] == jobs["figure_forest"] == 1
-    assert jobs["figure_slopes"] == 3
+    assert jobs["figure_slopes"] == 4
     # Only the main pair is checked (sweeps.checks: main): a sweep point's row needs its fit only.
     assert jobs["glmm_diagnostics"] == jobs["robustness_lmm"] == jobs["figure_residuals"] == 1
     assert "pretrain_base_model" not in jobs and "finetune_model" not in jobs
@@ -130,8 +131,8 @@ def test_sweeps_checks_every_pair_checks_each_pair(tmp_path: Path) -> None:
     configs = [str(REPO / "config.yaml"), str(tmp_path / "every_pair.yaml")]
     jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", *configs).stdout)
     for rule in ("glmm_diagnostics", "robustness_lmm", "robustness_fixed_effects"):
-        assert jobs[rule] == jobs["fit_glmm"] == 3, rule
-    assert jobs["figure_residuals"] == 3
+        assert jobs[rule] == jobs["fit_glmm"] == 4, rule
+    assert jobs["figure_residuals"] == 4
 
 
 @pytest.mark.parametrize(
@@ -311,6 +312,18 @@ def test_a_setting_change_reruns_only_the_rules_that_read_it(
     reruns the GLMM fit, its diagnostics, two figures and the headline table."""
     planned = _plan_after(recorded_run, edit)
     assert set(planned) - {"all"} == rerun
+
+
+def test_a_sampling_key_added_later_enters_the_params_only_when_set(recorded_run: Path) -> None:
+    """min_p came after finished runs existed: at its default it is not in the sampling jobs'
+    params, which those runs recorded without it (a new key there would rerun every finished
+    sampling job); set, it is, and the sampling reruns."""
+    records = _recorded_outputs(recorded_run).values()
+    sampling = [r for r in records if r.get("rule") == "sample_rollouts"]
+    params = [p for r in sampling for p in r["params"]]
+    assert any("'top_k'" in p for p in params) and not any("min_p" in p for p in params)
+    planned = _plan_after(recorded_run, lambda c: c["sampling"]["default"].update(min_p=0.2))
+    assert planned["sample_rollouts"] == len(sampling)
 
 
 def test_one_tasks_framing_resamples_only_that_variant_and_task(recorded_run: Path) -> None:

@@ -26,7 +26,7 @@ rule sample_rollouts:
         max_batch_rows=config_value("sampling.{sampling}.max_batch_rows"),
         max_batch_tokens=config_value("sampling.{sampling}.max_batch_tokens"),
     params:
-        settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
+        settings=sampling_params,
         chat=chat_params,
         framing=framing_params,
         chunk=None,
@@ -56,7 +56,7 @@ rule sample_rollouts_chunk:
         max_batch_rows=config_value("sampling.{sampling}.max_batch_rows"),
         max_batch_tokens=config_value("sampling.{sampling}.max_batch_tokens"),
     params:
-        settings=config_provider("sampling.{sampling}", *SAMPLING_KEYS),
+        settings=sampling_params,
         chat=chat_params,
         framing=framing_params,
         chunk=lambda wildcards: int(wildcards.chunk),
