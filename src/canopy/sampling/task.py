@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pandas as pd
 import pyarrow as pa
@@ -73,6 +73,7 @@ __all__ = [
     "read_prompts",
     "chunk_prompts",
     "chunk_table_path",
+    "Framing",
     "PreparedTask",
     "prepare_task",
     "resume_task",
@@ -157,6 +158,17 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+class Framing(TypedDict, total=False):
+    """How a variant's prompts are framed and where its rollouts stop, as the family's and the
+    task's config give them (every key optional; see :func:`sample_task`)."""
+
+    chat_template_kwargs: Mapping[str, Any] | None
+    system_prompt: str | None
+    prompt_template: str | None
+    stop_tokens_containing: Sequence[str]
+    stop_sequences: Sequence[str]
+
+
 @dataclass(frozen=True)
 class PreparedTask:
     """What a job settles before it samples: its prompts formatted for the model, where their
@@ -177,18 +189,22 @@ def prepare_task(
     settings: SamplingSettings,
     *,
     chunk: int | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-    system_prompt: str | None = None,
-    prompt_template: str | None = None,
-    stop_tokens_containing: Sequence[str] = (),
-    stop_sequences: Sequence[str] = (),
+    **framing: Unpack[Framing],
 ) -> PreparedTask:
     """Read the model's small files, format every prompt of the task (or of its ``chunk``) and
     check it fits the context, and fingerprint each one; no weight is loaded (arguments as for
     :func:`sample_task`)."""
+    import transformers
+
+    unknown = sorted(set(framing) - Framing.__optional_keys__)
+    if unknown:  # a misspelt key would otherwise be dropped without a word
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    chat_template_kwargs = framing.get("chat_template_kwargs")
+    system_prompt = framing.get("system_prompt")
+    stop_tokens_containing = framing.get("stop_tokens_containing", ())
+    stop_sequences = framing.get("stop_sequences", ())
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    import transformers
 
     files = read_model_files(model_dir)
     prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
@@ -221,7 +237,7 @@ def prepare_task(
             record["prompt"],
             variant,
             prompt_id=record["prompt_id"],
-            prompt_template=prompt_template,
+            prompt_template=framing.get("prompt_template"),
             document=record.get("document"),
             **chat,
         )
@@ -364,12 +380,8 @@ def sample_task(
     output: str | Path,
     *,
     chunk: int | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-    system_prompt: str | None = None,
-    prompt_template: str | None = None,
-    stop_tokens_containing: Sequence[str] = (),
-    stop_sequences: Sequence[str] = (),
     progress: logging.Logger | None = None,
+    **framing: Unpack[Framing],
 ) -> pd.DataFrame:
     """Sample every prompt of a task (or of its ``chunk``-th of ``settings.chunks`` slices) and
     write the rollout table to ``output`` (atomically): :func:`prepare_task`, then
@@ -391,18 +403,7 @@ def sample_task(
     output = Path(output)
     chunks = settings.chunks if chunk is not None else 1
     task_table = _task_table_of(output, chunk, chunks)
-    task = prepare_task(
-        model_dir,
-        prompts_path,
-        variant,
-        settings,
-        chunk=chunk,
-        chat_template_kwargs=chat_template_kwargs,
-        system_prompt=system_prompt,
-        prompt_template=prompt_template,
-        stop_tokens_containing=stop_tokens_containing,
-        stop_sequences=stop_sequences,
-    )
+    task = prepare_task(model_dir, prompts_path, variant, settings, chunk=chunk, **framing)
     tables = resume_task(task, output, task_table, chunks, log)
     shard_dir = shard_dir_for(output)
     run_task(task, settings, tables, shard_dir, log)
