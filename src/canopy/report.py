@@ -64,10 +64,15 @@ def headline_table(
         means["entropy_rate_slope"] = means["variant"].map(slope_of)
         if len(ratio):
             means["slope_ratio"] = float(ratio["slope"].iloc[0])
-            means["slope_ratio_ci_low"] = float(ratio["ci_low"].iloc[0])
-            means["slope_ratio_ci_high"] = float(ratio["ci_high"].iloc[0])
+            for column, bound in _interval(ratio.iloc[0], "slope_ratio").items():
+                means[column] = bound
         rows.append(means)
     return pd.concat(rows, ignore_index=True)
+
+
+def _interval(row: pd.Series, name: str) -> dict[str, float]:
+    """The columns ``<name>_ci_low`` and ``<name>_ci_high`` from a row's ci_low and ci_high."""
+    return {f"{name}_ci_{end}": float(row[f"ci_{end}"]) for end in ("low", "high")}
 
 
 #: Columns of :func:`ablation_table`, one row per sweep point (sampling x embedder).
@@ -143,15 +148,12 @@ def ablation_table(
                 "slope_base": float(base["slope"]),
                 "slope_finetuned": float(finetuned["slope"]),
                 "slope_ratio": float(delta["slope"]),
-                "slope_ratio_ci_low": float(delta["ci_low"]),
-                "slope_ratio_ci_high": float(delta["ci_high"]),
-                "slope_ratio_boot_ci_low": float(boot["ci_low"]),
-                "slope_ratio_boot_ci_high": float(boot["ci_high"]),
+                **_interval(delta, "slope_ratio"),
+                **_interval(boot, "slope_ratio_boot"),
                 "rho_base": float(overall["base_mean"]),
                 "rho_finetuned": float(overall["finetuned_mean"]),
                 "rho_difference": float(overall["difference"]),
-                "rho_difference_ci_low": float(overall["ci_low"]),
-                "rho_difference_ci_high": float(overall["ci_high"]),
+                **_interval(overall, "rho_difference"),
             }
         )
     return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))

@@ -87,8 +87,9 @@ class ArithmeticProblem:
     answer: int
 
 
-def _solution(steps: list[str], answer: int) -> str:
-    return "\n".join(steps + [f"The answer is {answer}."])
+def _worked(question: str, steps: list[str], answer: int) -> ArithmeticProblem:
+    """The problem with its solution: the steps, then the answer sentence."""
+    return ArithmeticProblem(question, "\n".join(steps + [f"The answer is {answer}."]), answer)
 
 
 def _problem_buy_two(rng: random.Random) -> ArithmeticProblem:
@@ -107,7 +108,7 @@ def _problem_buy_two(rng: random.Random) -> ArithmeticProblem:
         f"The {item2}s cost {b} x ${price2} = ${y}.",
         f"In total {name} spends ${x} + ${y} = ${x + y}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, x + y), x + y)
+    return _worked(question, steps, x + y)
 
 
 def _problem_give_and_buy(rng: random.Random) -> ArithmeticProblem:
@@ -126,7 +127,7 @@ def _problem_give_and_buy(rng: random.Random) -> ArithmeticProblem:
         f"After giving some away, {name} has {start} - {given} = {left} {thing}.",
         f"After getting more, {name} has {left} + {bought} = {left + bought} {thing}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, left + bought), left + bought)
+    return _worked(question, steps, left + bought)
 
 
 def _problem_half_as_many(rng: random.Random) -> ArithmeticProblem:
@@ -144,7 +145,7 @@ def _problem_half_as_many(rng: random.Random) -> ArithmeticProblem:
         f"In {_MONTHS[month + 1]} {name} sold {first} / 2 = {half} {thing}.",
         f"Altogether {name} sold {first} + {half} = {first + half} {thing}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, first + half), first + half)
+    return _worked(question, steps, first + half)
 
 
 def _problem_weekly_rate(rng: random.Random) -> ArithmeticProblem:
@@ -162,7 +163,7 @@ def _problem_weekly_rate(rng: random.Random) -> ArithmeticProblem:
         f"Each week {name} manages {per_day} x {days} = {per_week} {unit}.",
         f"In {weeks} weeks that is {per_week} x {weeks} = {per_week * weeks} {unit}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, per_week * weeks), per_week * weeks)
+    return _worked(question, steps, per_week * weeks)
 
 
 def _problem_saving(rng: random.Random) -> ArithmeticProblem:
@@ -181,7 +182,7 @@ def _problem_saving(rng: random.Random) -> ArithmeticProblem:
         f"{name} still needs ${price} - ${saved} = ${price - saved}.",
         f"At ${weekly} a week that takes ${price - saved} / ${weekly} = {weeks} weeks.",
     ]
-    return ArithmeticProblem(question, _solution(steps, weeks), weeks)
+    return _worked(question, steps, weeks)
 
 
 def _problem_rows(rng: random.Random) -> ArithmeticProblem:
@@ -197,7 +198,7 @@ def _problem_rows(rng: random.Random) -> ArithmeticProblem:
         f"There are {rows} x {per_row} = {total} {seat}.",
         f"Free {seat}: {total} - {taken} = {total - taken}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, total - taken), total - taken)
+    return _worked(question, steps, total - taken)
 
 
 def _problem_discount(rng: random.Random) -> ArithmeticProblem:
@@ -214,7 +215,7 @@ def _problem_discount(rng: random.Random) -> ArithmeticProblem:
         f"The discount is {percent}% of ${price} = ${discount}.",
         f"{name} pays ${price} - ${discount} = ${price - discount}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, price - discount), price - discount)
+    return _worked(question, steps, price - discount)
 
 
 def _problem_three_people(rng: random.Random) -> ArithmeticProblem:
@@ -236,7 +237,7 @@ def _problem_three_people(rng: random.Random) -> ArithmeticProblem:
         f"{third} has {b} x {factor} = {c} {thing}.",
         f"Together they have {a} + {b} + {c} = {a + b + c} {thing}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, a + b + c), a + b + c)
+    return _worked(question, steps, a + b + c)
 
 
 def _problem_trip(rng: random.Random) -> ArithmeticProblem:
@@ -255,7 +256,7 @@ def _problem_trip(rng: random.Random) -> ArithmeticProblem:
         f"The way back is {there} - {back} = {there - back} kilometres.",
         f"The whole trip is {there} + {there - back} = {2 * there - back} kilometres.",
     ]
-    return ArithmeticProblem(question, _solution(steps, 2 * there - back), 2 * there - back)
+    return _worked(question, steps, 2 * there - back)
 
 
 def _problem_share(rng: random.Random) -> ArithmeticProblem:
@@ -273,7 +274,7 @@ def _problem_share(rng: random.Random) -> ArithmeticProblem:
         f"{name} shares {total} - {kept} = {total - kept} {thing}.",
         f"Each friend gets {total - kept} / {friends} = {each} {thing}.",
     ]
-    return ArithmeticProblem(question, _solution(steps, each), each)
+    return _worked(question, steps, each)
 
 
 _ARITHMETIC_KINDS: list[Callable[[random.Random], ArithmeticProblem]] = [
