@@ -14,6 +14,7 @@ import yaml
 from docutils.core import publish_parts
 
 from canopy.overview import truncation_rows, write_intro
+from canopy.sources.record import RECORD_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "workflow" / "report" / "workflow.rst"
@@ -57,7 +58,10 @@ def run(tmp_path: Path) -> dict:
             "final_loss": 1.234,
             ("documents" if stage == "pretrain" else "pairs"): 4000,
         }  # fmt: skip
-        (directory / "training_log.json").write_text(json.dumps(record))
+        # The fine-tune holds the one record of a made model; the base is one trained before
+        # it, which kept its training_log.json: both are read.
+        name = RECORD_FILE if variant == "finetuned" else "training_log.json"
+        (directory / name).write_text(json.dumps({"source": "train", **record}))
         models[("tinygpt", variant)] = directory
     return {"rollouts": rollouts, "models": models, "out": tmp_path / "intro.rst"}
 
@@ -80,6 +84,7 @@ def test_intro_states_what_was_measured_and_parses(run) -> None:
     assert "12.5 % of all rollouts were cut" in text
     assert "25.0 % (tinygpt\nbase on math)" in text
     assert "123,456" in text and "pre-training on 4000 documents" in text
+    assert "fine-tuning on 4000 pairs" in text  # from the fine-tune's record
     assert "config/paper.yaml" in text and "not expected to reproduce" in text
     html = strict_html(text)
     assert html.count("<table") == 2

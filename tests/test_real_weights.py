@@ -29,6 +29,7 @@ from canopy.modeling import (
 )
 from canopy.prompts import prepare_prompts, write_prompts
 from canopy.provenance import model_entry
+from canopy.sources.record import RECORD_FILE
 from canopy.sampling import PromptJob, SamplingSettings, sample_prompts, sample_task
 from support.oracle import float64_errors, oracle_distribution, record_sampling_steps
 from support.workflow import GEMMA, REPO, converted, planned_jobs, snakemake
@@ -248,7 +249,7 @@ def test_the_gemma_config_shrunken_runs_end_to_end_with_a_fine_tune_made_here(
     assert (tmp_path / "results/report.html").stat().st_size > 100_000
 
     finetuned = tmp_path / "resources/models/gemma3_270m/finetuned"
-    record = json.loads((finetuned / "training_log.json").read_text())
+    record = json.loads((finetuned / RECORD_FILE).read_text())
     assert record["heldout_loss_after"] < record["heldout_loss_before"]
     lock = yaml.safe_load((tmp_path / "results/provenance/lock.yaml").read_text())
     entry = {e["name"]: e for e in lock["models"]}["gemma3_270m/finetuned"]

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 from canopy.config.models import FinetuneRecipe  # noqa: E402
 from canopy.modeling import end_of_turn_ids, format_prompt  # noqa: E402
 from canopy.training.corpus import sft_pairs  # noqa: E402
-from canopy.training.loop import LOG_FILE  # noqa: E402
+from canopy.sources.record import RECORD_FILE  # noqa: E402
 from canopy.training.chat import CHAT_TEMPLATES, packaged_chat_template  # noqa: E402
 from canopy.training.sft import FinetuneError, finetune  # noqa: E402
 from support.models import build_llama, build_turn_tokenizer, save_model_dir  # noqa: E402
@@ -60,7 +60,8 @@ def test_a_lora_fine_tune_lowers_the_heldout_loss_and_saves_an_ordinary_director
     # an 800-word vocabulary, but steadily: 6.71 -> 6.58 nats.
     assert record["heldout_loss_after"] < record["heldout_loss_before"] - 0.1
     assert record["parameters"] < 20_000  # the adapters, not the model
-    assert json.loads((out / LOG_FILE).read_text())["heldout_pairs"] == 8
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["source"] == "finetune" and record["heldout_pairs"] == 8
     # Merged: no adapter files, the plain architecture, loadable offline.
     assert not any("adapter" in p.name for p in out.iterdir())
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)

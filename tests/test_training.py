@@ -28,6 +28,7 @@ from canopy.training import (  # noqa: E402
     response_loss,
     train_tokenizer,
 )
+from canopy.sources.record import RECORD_FILE  # noqa: E402
 from canopy.training.chat import response_batches  # noqa: E402
 from canopy.training.pretrain import token_stream  # noqa: E402
 
@@ -204,7 +205,7 @@ def test_directories_load_with_local_files_only(trained) -> None:
         assert model.generation_config.eos_token_id == tokenizer.eos_token_id
         assert model.config.vocab_size == len(tokenizer)
         assert (directory / "generation_config.json").is_file()
-        log = json.loads((directory / "training_log.json").read_text())
+        log = json.loads((directory / RECORD_FILE).read_text())
         assert log["stage"] == ("pretrain" if variant == "base" else "finetune")
         assert len(log["loss"]) == (
             TINY["pretrain_steps"] if variant == "base" else TINY["sft_steps"]

@@ -20,6 +20,7 @@ from support.models import build_llama, build_turn_tokenizer, save_model_dir
 from support.workflow import kill_session_when, start_in_session
 
 from canopy.config.models import FinetuneRecipe
+from canopy.sources.record import RECORD_FILE
 from canopy.training import Recipe, pretrain_base
 from canopy.training.checkpoint import Checkpoints, checkpoint_dir_for
 from canopy.training.corpus import (
@@ -138,9 +139,9 @@ def test_killed_pretraining_resumes_bit_identically(data, uninterrupted, tmp_pat
     assert f"pretrain resumed at step {step}/80" in log
     assert "kept the weights, optimizer, scheduler, RNG states and data position" in log
     _assert_identical(out, uninterrupted)
-    record = json.loads((out / "training_log.json").read_text())
+    record = json.loads((out / RECORD_FILE).read_text())
     assert record["resumed_at_steps"] == [step]
-    assert record["loss"] == json.loads((uninterrupted / "training_log.json").read_text())["loss"]
+    assert record["loss"] == json.loads((uninterrupted / RECORD_FILE).read_text())["loss"]
     assert not checkpoint_dir_for(out).exists(), "the checkpoints outlived the output"
 
 
@@ -179,7 +180,7 @@ def turn_base(data: Path) -> Path:
 def test_killed_lora_finetune_resumes_bit_identically(data, turn_base, tmp_path, caplog):
     reference = tmp_path / "uninterrupted"
     _resume("finetune", LORA, data, turn_base, reference, caplog)
-    assert json.loads((reference / "training_log.json").read_text())["turn_tokens"]
+    assert json.loads((reference / RECORD_FILE).read_text())["turn_tokens"]
     out = tmp_path / "finetuned"
     args = ["finetune", json.dumps(LORA), str(data / "sft.jsonl"), str(out), str(turn_base)]
     step, _ = _killed_run(args, out, at_step=30)[-1]

@@ -1,20 +1,20 @@
 """The report's opening section, rendered from the run's own results.
 
-The text is ``workflow/report/workflow.rst``, a Jinja template that Snakemake's report also
-renders (with ``snakemake.config`` only, before a run has produced anything). Rendered here, it
-also gets what the run measured: how each model was made (its ``training_log.json``) and the share
-of rollouts that hit ``max_new_tokens`` per model and task, read from the rollout tables.
+The text is ``workflow/report/workflow.rst``, a Jinja template that Snakemake's report also renders
+(with ``snakemake.config`` only, before a run has produced anything). Rendered here, it also gets
+what the run measured: how each model was made (its record, :mod:`canopy.sources`) and the share of
+rollouts that hit ``max_new_tokens`` per model and task, read from the rollout tables.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from canopy.io import atomic_path
+from canopy.sources.registry import SOURCES
 
 __all__ = ["truncation_rows", "model_rows", "render_intro", "write_intro"]
 
@@ -58,9 +58,9 @@ def model_rows(
             "variant": variant,
             "source": sources[family, variant],
         }
-        log = Path(directory) / "training_log.json"
-        if log.is_file():
-            record = json.loads(log.read_text())
+        record = SOURCES[sources[family, variant]].read_record(directory)
+        # A training run's record names its stage; a fetch's or a conversion's has none to show.
+        if record is not None and "stage" in record:
             recipe = record.get("recipe", {})
             steps_key = "pretrain_steps" if record.get("stage") == "pretrain" else "sft_steps"
             row.update(

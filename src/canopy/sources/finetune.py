@@ -21,11 +21,12 @@ class Finetune(ModelSource):
     def lock_entry(self, model: Model) -> dict[str, Any]:
         record = self.made_record(model)
         base = dict(model.base_entry or {})
+        recipe = model.spec["recipe"]
         return {
             "name": model.name,
             "source": self.kind,
-            "repository": f"fine-tuned here from {model.family}/base (recipe {model.spec['recipe']})",
-            "revision": model.spec["recipe"],
+            "repository": f"fine-tuned here from {model.family}/base (recipe {recipe})",
+            "revision": recipe,
             # What pins the fine-tune is what pins its base: the base's commit or checksum.
             "commit": base.get("commit"),
             "pinned": bool(base.get("pinned")),

@@ -1,6 +1,7 @@
 """``source: train``: both models of a family made by this workflow from its own corpus
-(canopy.training, the embedded default): the base by ``pretrain_base_model``, the fine-tune of it
-by ``finetune_model``, the rule that fine-tunes any base. The training run's record (recipe, loss curve) is its record.
+(canopy.training, the embedded default): the base by ``pretrain_base_model``, the fine-tune of it by
+``finetune_model``, the rule that fine-tunes any base. The training run's record (recipe, loss
+curve) is its record.
 """
 
 from __future__ import annotations

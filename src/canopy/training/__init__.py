@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from canopy.config.models import ARCHITECTURES, TOKENIZER_KINDS, FinetuneRecipe, Recipe
     from canopy.training.chat import CHAT_TEMPLATES, encode_pair, response_loss
-    from canopy.training.loop import LOG_FILE, count_parameters
+    from canopy.training.loop import count_parameters
     from canopy.training.pretrain import pretrain_base
     from canopy.training.sft import finetune
     from canopy.training.tokenizers import ROLE_MARKERS, train_tokenizer
@@ -35,7 +35,7 @@ _HOMES = {
         ["ARCHITECTURES", "TOKENIZER_KINDS", "FinetuneRecipe", "Recipe"], "canopy.config.models"
     ),
     **dict.fromkeys(["CHAT_TEMPLATES", "encode_pair", "response_loss"], "canopy.training.chat"),
-    **dict.fromkeys(["LOG_FILE", "count_parameters"], "canopy.training.loop"),
+    "count_parameters": "canopy.training.loop",
     **dict.fromkeys(["ROLE_MARKERS", "train_tokenizer"], "canopy.training.tokenizers"),
     "pretrain_base": "canopy.training.pretrain",
     "finetune": "canopy.training.sft",
@@ -55,7 +55,6 @@ __all__ = [
     "TOKENIZER_KINDS",
     "CHAT_TEMPLATES",
     "ROLE_MARKERS",
-    "LOG_FILE",
     "train_tokenizer",
     "pretrain_base",
     "finetune",

@@ -4,19 +4,18 @@
 :func:`train` runs AdamW with the recipe's betas and weight decay, transformers' cosine schedule
 with linear warm-up and a floor (``warmup_fraction``, ``min_lr_ratio``), gradients clipped to
 ``max_grad_norm``. It is deterministic for the recipe's seed at a given thread count, logs step,
-loss and tokens/s, and returns the loss curve for the record that :func:`save_model` writes as
-``training_log.json`` into the model directory, itself written atomically (a temporary sibling
-renamed into place). Every ``checkpoint_every`` steps it checkpoints next to the output
-(:func:`run_checkpoints`, :mod:`canopy.training.checkpoint`), so a killed run resumes where it
-was, to the same bits on the CPU. The results are ordinary transformers directories: they load
-with ``AutoModelForCausalLM``/``AutoTokenizer`` and ``local_files_only=True``, and their
-``generation_config.json`` names the EOS id.
+loss and tokens/s, and returns the loss curve for the record that :func:`save_model` writes into the
+model directory (the one record of a made model, :mod:`canopy.sources.record`), itself written
+atomically (a temporary sibling renamed into place). Every ``checkpoint_every`` steps it checkpoints
+next to the output (:func:`run_checkpoints`, :mod:`canopy.training.checkpoint`), so a killed run
+resumes where it was, to the same bits on the CPU. The results are ordinary transformers
+directories: they load with ``AutoModelForCausalLM``/``AutoTokenizer`` and
+``local_files_only=True``, and their ``generation_config.json`` names the EOS id.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -27,11 +26,11 @@ import torch
 
 from canopy.config.models import FinetuneRecipe, Recipe
 from canopy.io import atomic_dir
+from canopy.sources.record import write_record
 from canopy.training.chat import response_batches
 from canopy.training.checkpoint import Checkpoints, rng_state, set_rng_state
 
 __all__ = [
-    "LOG_FILE",
     "Batch",
     "count_parameters",
     "torch_threads",
@@ -41,7 +40,6 @@ __all__ = [
     "save_model",
 ]
 
-LOG_FILE = "training_log.json"
 
 #: One training step's model inputs and the number of tokens it trains on.
 Batch = tuple[dict[str, torch.Tensor], int]
@@ -289,11 +287,14 @@ def save_model(
     out_dir: str | os.PathLike[str],
     record: dict[str, Any],
     generation_config=None,
+    *,
+    source: str,
 ) -> None:
     """Model, tokenizer, generation config (by default the tokenizer's BOS, EOS and padding ids)
-    and the training record, as one atomic directory."""
+    and the training record, as one atomic directory; ``source`` is the model source the record
+    names (``train`` for a family trained here, ``finetune`` for a fine-tune of another base)."""
     model.generation_config = generation_config or _generation_config(tokenizer)
     with atomic_dir(out_dir) as directory:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        (directory / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(directory, source, record)

@@ -107,7 +107,7 @@ def pretrain_base(
     (seeded), so the run is reproducible and independent of document order: ``batch_size``
     windows of ``context_length`` tokens on every fourth step, ``2 * batch_size`` windows of half
     that length on the others (the same tokens per step at lower attention cost; the full windows
-    train every position). Returns the training record also saved as ``training_log.json``.
+    train every position). Returns the training record also saved in the model directory.
     """
     logger = logger or log
     with torch_threads(threads):
@@ -185,7 +185,7 @@ def pretrain_base(
             "corpus_tokens": len(stream),
             "uniform_loss": math.log(len(tokenizer)),
         }
-        save_model(model, tokenizer, out_dir, record)
+        save_model(model, tokenizer, out_dir, record, source="train")
         checkpoints.clear()
         logger.info(
             "pretrain done in %.1f s: final loss %.3f (uniform %.3f); saved %s",

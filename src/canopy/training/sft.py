@@ -17,9 +17,9 @@ interrupted run leaves no partial model, and resumes from its last checkpoint
 (:mod:`canopy.training.checkpoint`: the adapters or weights, optimizer, scheduler, RNG states and
 step).
 
-The directory's ``training_log.json`` records the recipe, the loss curve and the response loss
-of held-out pairs before and after training: evidence that the fine-tune changed the model
-rather than an assumption that it did. Its generation config ends generation at the template's
+The directory's record (:mod:`canopy.sources.record`) holds the recipe, the loss curve and the
+response loss of held-out pairs before and after training: evidence that the fine-tune changed the
+model rather than an assumption that it did. Its generation config ends generation at the template's
 end-of-turn token too, so every engine that reads it stops where the sampler does.
 """
 
@@ -149,7 +149,7 @@ def finetune(
     logger: logging.Logger | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the causal LM in ``base_dir`` on ``pairs`` (instruction, response) as ``recipe``
-    says, and save the result to ``out_dir``; returns the record saved as ``training_log.json``.
+    says, and save the result to ``out_dir``; returns the record saved with it.
 
     ``recipe`` is a fine-tuning recipe, or a trained family's :class:`Recipe`, which fine-tunes
     by the recipe it derives and is what the record names (the recipe its family configures).
@@ -270,6 +270,9 @@ def finetune(
             out_dir,
             record,
             _chat_generation_config(model.generation_config, tokenizer, end_id),
+            # A trained family's fine-tune is part of that family's source; any other base's
+            # fine-tune is a source of its own.
+            source="train" if isinstance(recipe, Recipe) else "finetune",
         )
         checkpoints.clear()
         logger.info(
