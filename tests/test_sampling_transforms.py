@@ -63,27 +63,37 @@ def test_min_p_applies_before_top_p() -> None:
 @pytest.mark.parametrize(
     "filters",
     [
+        dict(top_k=0),
+        dict(top_k=0, temperature=0.7),
+        dict(top_k=10),
+        dict(top_k=10, top_p=0.6, temperature=1.5),
+        dict(top_k=0, top_p=0.3, temperature=0.8),
+        dict(top_k=1),
         dict(top_k=0, min_p=0.1),
         dict(top_k=0, min_p=0.3, temperature=0.6),
         dict(top_k=10, min_p=0.05),
         dict(top_k=0, top_p=0.8, min_p=0.02, temperature=1.4),
-        dict(top_k=20, top_p=0.7, min_p=0.01, temperature=0.9),
-        dict(top_k=1, min_p=0.5),
+        dict(top_k=20, top_p=0.9, min_p=0.2, temperature=0.9),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_filters_equal_the_float64_oracle(filters: dict, dtype: torch.dtype) -> None:
+    """From the model's logits in float64: the oracle's distribution to float64 rounding, over
+    top-k's k candidates or the whole vocabulary."""
     generator = torch.Generator().manual_seed(5)
     logits = (3 * torch.randn(6, 300, generator=generator)).to(dtype)
     settings = SamplingSettings(**filters)
     q, ids = processed_distribution(logits, settings)
+    assert q.dtype == torch.float64 and q.shape == ids.shape == (6, settings.top_k or 300)
+    np.testing.assert_allclose(q.sum(1).numpy(), 1.0, atol=1e-12)
     full = np.zeros((6, 300))
     np.put_along_axis(full, ids.numpy(), q.numpy(), axis=1)
     expected, _ = oracle_distribution(logits, settings)
     np.testing.assert_allclose(full, expected, rtol=1e-12, atol=1e-15)
-    # Every case drops tokens: min-p bites where it is the only filter.
-    assert (expected == 0).any(axis=1).all()
+    if settings.min_p:
+        without = oracle_distribution(logits, settings.model_copy(update={"min_p": 0.0}))[0]
+        assert not np.array_equal(expected, without), "min-p drops nothing here: no test of it"
 
 
 def test_min_p_off_leaves_the_sampling_keys_and_so_every_fingerprint_as_they_were() -> None:
