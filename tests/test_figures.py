@@ -674,6 +674,21 @@ def test_rho_summary_means_and_bootstrap_intervals() -> None:
     pd.testing.assert_frame_equal(summary.reset_index()[again.columns], again)
 
 
+def test_rho_figure_names_the_prompts_it_leaves_out_in_its_log(
+    metrics: pd.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = metrics.copy()
+    key = ["family", "variant", "task"]
+    first = frame.iloc[0]
+    same_table = (frame[key] == first[key]).all(axis=1)
+    frame.loc[frame.index[same_table][:2], "rho_pearson"] = np.nan
+    with caplog.at_level("WARNING", logger="canopy.figures.rho"):
+        plot_rho(frame, RhoSettings(**SMALL, resamples=50))
+    warned = [r.getMessage() for r in caplog.records if r.name == "canopy.figures.rho"]
+    where = f"{first['family']}/{first['variant']}/{first['task']}"
+    assert warned == [f"{where}: 2 prompt(s) with an undefined correlation left out"]
+
+
 def test_rho_figure_draws_every_family_and_variant(metrics: pd.DataFrame) -> None:
     settings = RhoSettings(**SMALL, resamples=200)
     figure = plot_rho(metrics, settings)

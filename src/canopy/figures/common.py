@@ -8,6 +8,7 @@ frames; :func:`read_matrix_tables` builds such a frame from the workflow's files
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = [
     "check_variants",
     "ordered_families",
     "ordered_tasks",
+    "drawn_matrix",
+    "warn_left_out",
     "standard_error",
 ]
 
@@ -171,6 +174,36 @@ def ordered_tasks(frame: pd.DataFrame, tasks: Sequence[str] | None, what: str) -
             f"'tasks' setting (tasks present: {', '.join(present)})"
         )
     return list(tasks)
+
+
+def drawn_matrix(
+    frame: pd.DataFrame, tasks: Sequence[str] | None, what: str, columns: Sequence[str] = ()
+) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
+    """The rows of ``frame`` for the tasks to draw, and the variants, tasks and families in
+    drawing order. ``frame`` is a concatenated table with family, variant and task columns and
+    ``columns``; ``tasks`` is the figure's setting (None: every task). Raises for a missing column,
+    an unknown variant or a named task the table lacks."""
+    require_columns(frame, ["family", "variant", "task", *columns], what)
+    variants = check_variants(frame, what)
+    drawn = ordered_tasks(frame, tasks, what)
+    families = ordered_families(frame)
+    return frame[frame["task"].isin(drawn)], variants, drawn, families
+
+
+def warn_left_out(log: logging.Logger, summary: pd.DataFrame, count: str, reason: str) -> None:
+    """Warn, in the figure's own log, of each (family, variant, task) row of ``summary`` whose
+    ``count`` column says how many prompts were left out for ``reason``."""
+    for row in summary.itertuples():
+        left_out = getattr(row, count)
+        if left_out:
+            log.warning(
+                "%s/%s/%s: %d prompt(s) with %s left out",
+                row.family,
+                row.variant,
+                row.task,
+                left_out,
+                reason,
+            )
 
 
 def standard_error(values: np.ndarray | pd.Series) -> float:

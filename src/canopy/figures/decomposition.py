@@ -19,9 +19,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from canopy.config.figures import DecompositionSettings
-from canopy.figures.common import check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, require_columns, standard_error
-from canopy.figures.common import renderer
+from canopy.figures.common import drawn_matrix, renderer, require_columns, standard_error
+from canopy.figures.common import warn_left_out
 from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import figure_style, finish_figure, new_figure
 from canopy.figures.style import set_category_ticks
@@ -95,21 +94,9 @@ def plot_decomposition(metrics: pd.DataFrame, settings: DecompositionSettings) -
     ``metrics`` holds one row per (family, variant, task, prompt) with the columns of
     :data:`DECOMPOSITION_COLUMNS` plus family, variant and task.
     """
-    require_columns(metrics, ["family", "variant", "task"], "metrics")
-    variants = check_variants(metrics, "metrics")
-    tasks = ordered_tasks(metrics, settings.tasks, "metrics")
-    families = ordered_families(metrics)
-    metrics = metrics[metrics["task"].isin(tasks)]
+    metrics, variants, tasks, families = drawn_matrix(metrics, settings.tasks, "metrics")
     summary = decomposition_summary(metrics, settings.error_bars)
-    for row in summary.itertuples():
-        if row.n_dropped:
-            log.warning(
-                "%s/%s/%s: %d prompt(s) with a non-finite CE* or term left out",
-                row.family,
-                row.variant,
-                row.task,
-                row.n_dropped,
-            )
+    warn_left_out(log, summary, "n_dropped", "a non-finite CE* or term")
 
     n_rows = 2 if settings.show_covariance_panel else 1
     height = settings.figure_height(n_rows, 1.45, 0.55)

@@ -15,9 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from canopy.config.figures import LengthsSettings
-from canopy.figures.common import check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, require_columns
-from canopy.figures.common import renderer
+from canopy.figures.common import drawn_matrix, renderer
 from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, VARIANT_LABELS
 from canopy.figures.style import figure_style, finish_figure, new_figure, label_grid
 from canopy.figures.style import variant_handles
@@ -68,11 +66,9 @@ def plot_lengths(
     ``max_new_tokens`` marks the sampling cap; None infers it from truncated rollouts (the
     longest rollout without EOS) and draws no line when there are none.
     """
-    require_columns(rollouts, ["family", "variant", "task", "n_steps", "hit_eos"], "rollouts")
-    variants = check_variants(rollouts, "rollouts")
-    tasks = ordered_tasks(rollouts, settings.tasks, "rollouts")
-    families = ordered_families(rollouts)
-    rollouts = rollouts[rollouts["task"].isin(tasks)]
+    rollouts, variants, tasks, families = drawn_matrix(
+        rollouts, settings.tasks, "rollouts", ["n_steps", "hit_eos"]
+    )
     if (rollouts["n_steps"] < 1).any():
         bad = rollouts.loc[rollouts["n_steps"] < 1].iloc[0]
         raise ValueError(

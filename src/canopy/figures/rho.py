@@ -17,9 +17,7 @@ from matplotlib.figure import Figure
 
 from canopy.bootstrap import BootstrapSettings, mean_intervals
 from canopy.config.figures import RhoSettings
-from canopy.figures.common import check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, require_columns
-from canopy.figures.common import renderer
+from canopy.figures.common import drawn_matrix, renderer, require_columns, warn_left_out
 from canopy.figures.style import NEUTRAL_COLOR, VARIANT_COLORS, interval_marker
 from canopy.figures.style import figure_style, finish_figure, new_figure
 from canopy.figures.style import set_category_ticks, variant_handles
@@ -48,20 +46,9 @@ def rho_summary(metrics: pd.DataFrame, settings: RhoSettings) -> pd.DataFrame:
 def plot_rho(metrics: pd.DataFrame, settings: RhoSettings) -> Figure:
     """Draw the figure from the concatenated per-prompt metric tables (family, variant, task and
     the ``rho_<correlation>`` column)."""
-    require_columns(metrics, ["family", "variant", "task"], "metrics")
-    variants = check_variants(metrics, "metrics")
-    tasks = ordered_tasks(metrics, settings.tasks, "metrics")
-    families = ordered_families(metrics)
-    summary = rho_summary(metrics[metrics["task"].isin(tasks)], settings)
-    for row in summary.itertuples():
-        if row.n_missing:
-            log.warning(
-                "%s/%s/%s: %d prompt(s) with an undefined correlation left out",
-                row.family,
-                row.variant,
-                row.task,
-                row.n_missing,
-            )
+    metrics, variants, tasks, families = drawn_matrix(metrics, settings.tasks, "metrics")
+    summary = rho_summary(metrics, settings)
+    warn_left_out(log, summary, "n_missing", "an undefined correlation")
     symbol = _SYMBOLS[settings.correlation]
     with figure_style():
         figure = new_figure(settings.width, settings.figure_height(1, 1.9, 0.6))

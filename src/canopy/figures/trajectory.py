@@ -14,9 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from canopy.config.figures import TrajectorySettings
-from canopy.figures.common import check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, require_columns
-from canopy.figures.common import renderer
+from canopy.figures.common import drawn_matrix, renderer, require_columns
 from canopy.figures.style import VARIANT_COLORS, VARIANT_LABELS, figure_style
 from canopy.figures.style import finish_figure, new_figure, label_grid, variant_handles
 
@@ -43,11 +41,8 @@ def trajectory_lines(trajectory: pd.DataFrame, settings: TrajectorySettings) -> 
 
 def plot_trajectory(trajectory: pd.DataFrame, settings: TrajectorySettings) -> Figure:
     """Draw the per-step entropy trajectories from the concatenated trajectory tables."""
-    require_columns(trajectory, ["family", "variant", "task"], "trajectory")
-    variants = check_variants(trajectory, "trajectory")
-    tasks = ordered_tasks(trajectory, settings.tasks, "trajectory")
-    families = ordered_families(trajectory)
-    lines = trajectory_lines(trajectory[trajectory["task"].isin(tasks)], settings)
+    trajectory, variants, tasks, families = drawn_matrix(trajectory, settings.tasks, "trajectory")
+    lines = trajectory_lines(trajectory, settings)
 
     height = settings.figure_height(len(families), 1.35, 0.45)
     with figure_style():

@@ -19,9 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterSciNotation
 
 from canopy.config.figures import VarianceSettings
-from canopy.figures.common import check_variants, ordered_families
-from canopy.figures.common import ordered_tasks, require_columns
-from canopy.figures.common import renderer
+from canopy.figures.common import drawn_matrix, renderer, require_columns
 from canopy.figures.style import VARIANT_COLORS, figure_style, finish_figure, new_figure
 from canopy.figures.style import label_grid, set_category_ticks, variant_handles
 
@@ -76,11 +74,8 @@ def within_prompt_variances(rollouts: pd.DataFrame) -> pd.DataFrame:
 
 def plot_variance(rollouts: pd.DataFrame, settings: VarianceSettings) -> Figure:
     """Draw the distributions of within-prompt variances from the concatenated rollout tables."""
-    require_columns(rollouts, ["family", "variant", "task"], "rollouts")
-    variants = check_variants(rollouts, "rollouts")
-    tasks = ordered_tasks(rollouts, settings.tasks, "rollouts")
-    families = ordered_families(rollouts)
-    variances = within_prompt_variances(rollouts[rollouts["task"].isin(tasks)])
+    rollouts, variants, tasks, families = drawn_matrix(rollouts, settings.tasks, "rollouts")
+    variances = within_prompt_variances(rollouts)
 
     height = settings.figure_height(len(families), 1.45, 0.45)
     step = _BOX_WIDTH + 0.04
