@@ -1,7 +1,8 @@
-"""Tiny causal language models with random weights and word-level tokenizers.
+"""Tiny models with random weights and word-level tokenizers.
 
-Real transformers models built from a config under a fixed seed and real ``tokenizers`` word-level
-tokenizers, saved as ordinary model directories; the tests and the benchmarks build theirs here.
+Real transformers models (causal LMs, a reward model's config, an NLI classifier) built from a
+config under a fixed seed, and real ``tokenizers`` word-level tokenizers, saved as ordinary model
+directories; the tests and the benchmarks build theirs here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CHAT_SPECIALS = BASE_SPECIALS + ["<user>", "<assistant>", "<end_turn>"]
 TURN_SPECIALS = BASE_SPECIALS + ["<start_of_turn>", "<end_of_turn>"]
 
 
-#: The smallest vision tower a multimodal Gemma-3 loads with (image and patch sizes set per model).
+#: The vision tower of the tiny multimodal Gemma-3 models (image and patch sizes set per model).
 TINY_VISION = {
     "hidden_size": 16,
     "intermediate_size": 32,
