@@ -3,8 +3,9 @@
 The cluster tests (marked slurm and slow) need root and apt-get: tests/support/slurm_cluster.py
 installs Debian's slurm-wlm and munge when missing and starts private daemons in a scratch
 directory. They run the workflow through a copy of profiles/slurm that differs only where a
-one-node test cluster must: its partition, memory and threads that fit this machine, no retries (a failure should show
-at once), squeue for job status (no accounting database here) and fast status checks.
+one-node test cluster must: its partition, memory and threads that fit this machine, no retries
+(a failure should show at once), squeue for job status (no accounting database here) and fast
+status checks.
 """
 
 from __future__ import annotations
