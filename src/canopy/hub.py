@@ -169,7 +169,6 @@ def _status(error: BaseException) -> int | None:
 
 def explain_fetch_error(
     error: BaseException,
-    *,
     repo_id: str,
     revision: str,
     repo_type: str,
@@ -232,13 +231,7 @@ def _explained(
         yield
     except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
         raise explain_fetch_error(
-            error,
-            repo_id=repo_id,
-            revision=revision,
-            repo_type=repo_type,
-            config_key=config_key,
-            instead=instead,
-            token_env=token_env,
+            error, repo_id, revision, repo_type, config_key, instead, token_env
         ) from error
 
 
