@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from canopy.config.base import Block, _as_tuple
+from canopy.config.base import Block, as_tuple
 from canopy.config.constants import PACKAGE_PREFIX
 from canopy.config.formula import (
     DISPERSION_FUNCTIONS,
@@ -128,12 +128,12 @@ class DiversitySettings(Block):
     where = "diversity"
 
     distinct_n: Annotated[
-        tuple[PositiveInt, ...], BeforeValidator(_as_tuple), AfterValidator(distinct)
+        tuple[PositiveInt, ...], BeforeValidator(as_tuple), AfterValidator(distinct)
     ] = (1, 2)
     """The n of each distinct-n column."""
     vendi_orders: Annotated[
         tuple[Annotated[float, Field(ge=0, allow_inf_nan=True), BeforeValidator(_order)], ...],
-        BeforeValidator(_as_tuple),
+        BeforeValidator(as_tuple),
         AfterValidator(distinct),
     ] = (1.0,)
     """Rényi orders q of the Vendi score: the vendi column is order 1, every other order adds a
@@ -192,7 +192,7 @@ class PowerPlanSettings(Block):
     prompts: Annotated[
         tuple[Annotated[int, Field(ge=2)], ...],
         Field(min_length=1),
-        BeforeValidator(_as_tuple),
+        BeforeValidator(as_tuple),
         AfterValidator(distinct),
     ] = (32, 64, 128, 256, 512)
     """Prompts per (family, task, variant) of each simulated panel size."""

@@ -11,7 +11,16 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Block", "ConfigError", "Problem", "format_key", "plain", "problems_from", "render"]
+__all__ = [
+    "Block",
+    "ConfigError",
+    "Problem",
+    "as_tuple",
+    "format_key",
+    "plain",
+    "problems_from",
+    "render",
+]
 
 _B = TypeVar("_B", bound="Block")
 
@@ -173,8 +182,9 @@ def _block_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _as_tuple(value: Any) -> Any:
-    # YAML gives lists; frozen settings keep tuples so that they stay hashable.
+def as_tuple(value: Any) -> Any:
+    """A before-validator of tuple settings: a list (YAML's sequence) becomes a tuple, since
+    frozen settings must stay hashable; anything else is left to the field's own check."""
     return tuple(value) if isinstance(value, list) else value
 
 

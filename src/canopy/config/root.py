@@ -15,7 +15,7 @@ from canopy.config.analysis import (
     MetricSettings,
     StatsSettings,
 )
-from canopy.config.base import Block, Problem, _as_tuple
+from canopy.config.base import Block, Problem, as_tuple
 from canopy.config.families import FamilySettings
 from canopy.config.figures import FiguresSettings
 from canopy.config.models import TrainingSettings
@@ -44,7 +44,7 @@ class SweepsSettings(Block):
         Annotated[
             tuple[EntryName, ...],
             Field(min_length=2),
-            BeforeValidator(_as_tuple),
+            BeforeValidator(as_tuple),
             AfterValidator(distinct),
         ]
         | None

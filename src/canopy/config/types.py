@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from canopy.config.base import _as_tuple
+from canopy.config.base import as_tuple
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -31,7 +31,7 @@ def distinct(values: tuple) -> tuple:
 
 
 #: A list of task names (at least one); null means every task.
-TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
+TaskNames = Annotated[tuple[NonEmptyStr, ...], BeforeValidator(as_tuple), Field(min_length=1)]
 
 
 def _format_field_names(value: str) -> list[str]:
