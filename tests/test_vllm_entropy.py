@@ -21,10 +21,9 @@ from support.oracle import oracle_distribution
 
 
 def float64_truth(logits: torch.Tensor, drawn: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    log_q = torch.log_softmax(logits.double(), dim=-1)
-    q = log_q.exp()
-    entropy = -torch.where(q > 0, q * log_q, 0.0).sum(-1)
-    return entropy.numpy(), log_q.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).numpy()
+    """The oracle's entropy and log q(drawn) of softmax(processed logits), no filter on top."""
+    q, entropy = oracle_distribution(logits, SamplingSettings(top_k=0))
+    return entropy, np.log(q[np.arange(len(drawn)), drawn.numpy()])
 
 
 def masked(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
