@@ -2,8 +2,8 @@
 
 Exactness: every step's entropy, log-normaliser and drawn token's log-probability equal a float64
 computation from the logits the model produced, to about 1e-8 (the logits stay in the model's
-dtype). Over a filtered distribution (:mod:`canopy.sampling.transforms`) the candidates are few
-and are processed in float64 outright (:func:`entropy_and_logprob`). Over the full vocabulary (no
+dtype). Over a filtered distribution (:mod:`canopy.sampling.transforms`) the candidates are
+processed in float64 outright (:func:`entropy_and_logprob`). Over the full vocabulary (no
 filter on, 262,144 entries for Gemma-3) a float64 copy of every row would cost more than the
 model's forward on a CPU, so :func:`full_vocabulary_step` keeps the elementwise work in float32 and
 accumulates in float64 instead: the float32 exponentials carry a relative rounding of about 1e-7

@@ -76,6 +76,10 @@ class MinP(Filter):
 
     share: float
 
+    # No width: how many tokens survive differs from row to row, and a batch-wide top-K sized by
+    # its rows could order a row's tied logits differently in another batch, changing its draw.
+    # Alone (or with top-p alone), the whole vocabulary is sorted, as for top-p.
+
     def drop(self, values: torch.Tensor) -> torch.Tensor:
         # A ratio of two probabilities is that of their unnormalised weights, so no normaliser.
         largest = values.amax(dim=-1, keepdim=True)
