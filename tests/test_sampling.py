@@ -511,3 +511,33 @@ def test_stop_tokens_end_rollouts_exactly_like_eos_and_the_template_frames_the_b
             tmp_path / "chat.parquet",
             prompt_template="the {text}",
         )
+
+
+def test_a_job_reads_the_tokenizer_and_configs_once(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The canopy backend loads the weights with the tokenizer and configs the job read, so a job
+    reads each once; a misspelt framing key is refused rather than dropped."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    reads: dict[str, int] = {}
+
+    def count(owner: type) -> None:
+        read = owner.from_pretrained  # the real loader, bound to its class
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            reads[owner.__name__] = reads.get(owner.__name__, 0) + 1
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(owner, "from_pretrained", counted)
+
+    for owner in (AutoTokenizer, AutoConfig, GenerationConfig):
+        count(owner)
+    prompts = write_prompts(tmp_path / "p.jsonl", dict(list(PROMPTS.items())[:2]))
+    settings = SamplingSettings(rollouts=2, max_new_tokens=4, top_k=0, device="cpu")
+    sample_task(model_dir, prompts, "finetuned", settings, tmp_path / "t.parquet")
+    assert reads == {"AutoTokenizer": 1, "AutoConfig": 1, "GenerationConfig": 1}
+    with pytest.raises(TypeError, match="stop_sequence"):
+        sample_task(
+            model_dir, prompts, "base", settings, tmp_path / "x.parquet", stop_sequence=["."]
+        )
