@@ -41,9 +41,12 @@ def read_record(
     """The record in ``directory``, or None if it holds none.
 
     ``legacy``: the file names ``source`` wrote its record under before :data:`RECORD_FILE`, read
-    (as a record of ``source``) where the directory holds no record of its own.
+    as a record of ``source`` where the directory holds no :data:`RECORD_FILE`.
     """
-    for name in (RECORD_FILE, *legacy):
+    record = Path(directory) / RECORD_FILE
+    if record.is_file():
+        return dict(json.loads(record.read_text(encoding="utf-8")))
+    for name in legacy:
         path = Path(directory) / name
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
