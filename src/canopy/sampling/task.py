@@ -194,15 +194,9 @@ def prepare_task(
     """Read the model's small files, format every prompt of the task (or of its ``chunk``) and
     check it fits the context, and fingerprint each one; no weight is loaded (arguments as for
     :func:`sample_task`)."""
-    import transformers
-
     unknown = sorted(set(framing) - Framing.__optional_keys__)
     if unknown:  # a misspelt key would otherwise be dropped without a word
         raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
-    chat_template_kwargs = framing.get("chat_template_kwargs")
-    system_prompt = framing.get("system_prompt")
-    stop_tokens_containing = framing.get("stop_tokens_containing", ())
-    stop_sequences = framing.get("stop_sequences", ())
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
 
@@ -210,26 +204,10 @@ def prepare_task(
     prompts = [asdict(prompt) for prompt in read_prompts(prompts_path)]
     if chunk is not None:
         prompts = chunk_prompts(prompts, chunk, settings.chunks)
-    chat = {
-        "chat_template_kwargs": dict(chat_template_kwargs or {}),
-        "system_prompt": system_prompt,
-    }
-    if variant == "finetuned":
-        check_chat_options(files.tokenizer, **chat)
-    elif chat_template_kwargs or system_prompt is not None:
-        raise ValueError(
-            "chat_template_kwargs and system_prompt apply to the finetuned variant only (the base "
-            "variant is sampled from the raw prompt text)"
-        )
-    eos_ids = eos_token_ids(files, files.tokenizer)
-    if variant == "finetuned":
-        # A chat model's answer ends with its template's end-of-turn token, which some
-        # generation configs leave out of eos_token_id.
-        eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(files.tokenizer, **chat)))
-    if stop_tokens_containing:
-        found = tokens_containing(files.tokenizer, stop_tokens_containing)
-        eos_ids = sorted(set(eos_ids) | set(found))
-    stops = StopSequences(files.tokenizer, stop_sequences) if stop_sequences else None
+    chat = _chat_options(files, variant, framing)
+    eos_ids = _end_ids(files, variant, chat, framing.get("stop_tokens_containing", ()))
+    sequences = framing.get("stop_sequences", ())
+    stops = StopSequences(files.tokenizer, sequences) if sequences else None
     token_ids: list[list[int]] = []
     for record in prompts:
         ids = format_prompt(
@@ -244,11 +222,68 @@ def prepare_task(
         check_prompt_fits(files, len(ids), settings, record["prompt_id"])
         token_ids.append(ids)
 
+    shared = _shared_fingerprint(files, variant, settings, eos_ids, chat, stops)
+    fingerprints = [
+        fingerprint(
+            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
+        )
+        for r, ids in zip(prompts, token_ids)
+    ]
+    return PreparedTask(files, prompts, token_ids, eos_ids, stops, fingerprints)
+
+
+def _chat_options(files: ModelFiles, variant: str, framing: Framing) -> dict[str, Any]:
+    """The chat options the prompts are formatted with, checked against the chat template of a
+    finetuned variant; the base variant, sampled from the raw text, may set none."""
+    chat = {
+        "chat_template_kwargs": dict(framing.get("chat_template_kwargs") or {}),
+        "system_prompt": framing.get("system_prompt"),
+    }
+    if variant == "finetuned":
+        check_chat_options(files.tokenizer, **chat)
+    elif chat["chat_template_kwargs"] or chat["system_prompt"] is not None:
+        raise ValueError(
+            "chat_template_kwargs and system_prompt apply to the finetuned variant only (the base "
+            "variant is sampled from the raw prompt text)"
+        )
+    return chat
+
+
+def _end_ids(
+    files: ModelFiles,
+    variant: str,
+    chat: Mapping[str, Any],
+    stop_tokens_containing: Sequence[str],
+) -> list[int]:
+    """The token ids that end a rollout: the model's end-of-sequence ids, a chat template's
+    end-of-turn token, and every token containing one of ``stop_tokens_containing``."""
+    eos_ids = eos_token_ids(files, files.tokenizer)
+    if variant == "finetuned":
+        # A chat model's answer ends with its template's end-of-turn token, which some
+        # generation configs leave out of eos_token_id.
+        eos_ids = sorted(set(eos_ids) | set(end_of_turn_ids(files.tokenizer, **chat)))
+    if stop_tokens_containing:
+        found = tokens_containing(files.tokenizer, stop_tokens_containing)
+        eos_ids = sorted(set(eos_ids) | set(found))
+    return eos_ids
+
+
+def _shared_fingerprint(
+    files: ModelFiles,
+    variant: str,
+    settings: SamplingSettings,
+    eos_ids: list[int],
+    chat: Mapping[str, Any],
+    stops: StopSequences | None,
+) -> dict[str, Any]:
+    """What every prompt's fingerprint holds besides the prompt itself."""
+    import transformers
+
     # Both backends sample on the device and in the dtype these resolve to (the vLLM one asks
     # its engine for them), so the shards' fingerprints name what was really used.
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    shared = {
+    shared: dict[str, Any] = {
         "format": SHARD_FORMAT_VERSION,
         "settings": {
             key: value
@@ -268,13 +303,7 @@ def prepare_task(
     if stops is not None:
         # Only when set, so that the fingerprints of runs without stop sequences stay as they were.
         shared["stop_sequences"] = list(stops.sequences)
-    fingerprints = [
-        fingerprint(
-            {**shared, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": ids}
-        )
-        for r, ids in zip(prompts, token_ids)
-    ]
-    return PreparedTask(files, prompts, token_ids, eos_ids, stops, fingerprints)
+    return shared
 
 
 def resume_task(
