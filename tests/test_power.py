@@ -23,7 +23,7 @@ from canopy.power import (
     resample_prompts,
     summarise_power,
 )
-from canopy.stats import StatsSettings, _run_r, fit_beta_glmm, fit_beta_glmm_many, prepare_panel
+from canopy.stats import StatsSettings, run_r, fit_beta_glmm, fit_beta_glmm_many, prepare_panel
 from simulate_panel import PanelTruth, simulate_panel
 from support.workflow import REPO, planned_jobs, snakemake
 
@@ -123,10 +123,10 @@ def test_new_rows_simulation_draws_what_glmmtmb_simulate_draws(tmp_path):
     ]
     model = str(tmp_path / "fit" / "model.rds")
     job = {"model": model, "slope_term": "R_sc", "effects": {"fitted": None}, "designs": jobs}
-    _run_r("simulate_beta_glmm.R", job, tmp_path, settings.rscript)
+    run_r("simulate_beta_glmm.R", job, tmp_path, settings.rscript)
     ours = np.stack([pd.read_csv(j["out"], sep="\t")["D_fitted"].to_numpy() for j in jobs])
     diag = {"model": model, "nsim": draws, "seed": 7, "out_dir": str(tmp_path / "sim")}
-    _run_r("simulate_beta_glmm.R", {**diag, "use_dharma": False}, tmp_path, settings.rscript)
+    run_r("simulate_beta_glmm.R", {**diag, "use_dharma": False}, tmp_path, settings.rscript)
     theirs = np.fromfile(tmp_path / "sim" / "simulated.f64", dtype="<f8").reshape(draws, -1)
     assert ours.shape == theirs.shape
     # Per row, two-sample z statistics of the mean and of the variance; under one model their

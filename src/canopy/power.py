@@ -50,8 +50,8 @@ from canopy.config.formula import SLOPE_TERM
 from canopy.io import write_tsv
 from canopy.stats import (
     BetaGlmmResult,
-    _panel_for_r,
-    _run_r,
+    panel_for_r,
+    run_r,
     check_r_environment,
     fit_beta_glmm_many,
     prepare_panel,
@@ -212,7 +212,7 @@ def _run_chunk(
         design[["prompt_id", "prompt_uid"]] = index[["prompt_id", "prompt_uid"]].to_numpy()
         name = f"k{prompts}_s{simulation}"
         path = work / f"{name}.design.tsv"
-        _panel_for_r(design, settings).to_csv(path, sep="\t", index=False, na_rep="NaN")
+        panel_for_r(design, settings).to_csv(path, sep="\t", index=False, na_rep="NaN")
         designs[(prompts, simulation)] = (design, raw.iloc[index["_row"].to_numpy()])
         jobs.append(
             {
@@ -221,7 +221,7 @@ def _run_chunk(
                 "seed": int(rng.integers(2**31 - 1)),
             }
         )
-    _run_r(
+    run_r(
         "simulate_beta_glmm.R",
         {
             "model": str(fit_dir / "model.rds"),

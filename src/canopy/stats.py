@@ -61,7 +61,9 @@ __all__ = [
     "fit_beta_glmm",
     "fit_beta_glmm_many",
     "outlier_test",
+    "panel_for_r",
     "prepare_panel",
+    "run_r",
     "scaled_residuals",
     "uniformity_test",
 ]
@@ -171,7 +173,9 @@ def check_r_environment(rscript: str = "Rscript") -> dict[str, Any]:
     return report
 
 
-def _run_r(script: str, job: Mapping[str, Any], workdir: Path, rscript: str) -> None:
+def run_r(script: str, job: Mapping[str, Any], workdir: Path, rscript: str) -> None:
+    """Run one of the package's R scripts (canopy/R/) on a job written as JSON into ``workdir``,
+    raising with R's own message when it fails."""
     job_path = workdir / f"{Path(script).stem}.job.json"
     job_path.write_text(json.dumps(job, indent=2))
     executable = shutil.which(rscript) or rscript
@@ -348,7 +352,9 @@ class BetaGlmmResult:
         return rows.iloc[0]
 
 
-def _panel_for_r(frame: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
+def panel_for_r(frame: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
+    """The panel columns the R fit reads: identifiers, the response, the slope term, the length
+    control and whatever else the formula and dispersion name."""
     extra = _formula_variables(settings.formula + " " + settings.dispersion, list(frame.columns))
     columns = list(dict.fromkeys([*ID_COLUMNS, "D", SLOPE_TERM, "invN_sc", *extra]))
     return frame[columns]
@@ -429,9 +435,9 @@ def fit_beta_glmm_many(
         jobs = []
         for index, frame in enumerate(frames):
             panel_path = work / f"panel{index}.tsv"
-            _panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
+            panel_for_r(frame, settings).to_csv(panel_path, sep="\t", index=False, na_rep="NaN")
             jobs.append({"panel": str(panel_path), "out_dir": str(work / f"fit{index}")})
-        _run_r(
+        run_r(
             "fit_beta_glmm.R",
             {
                 **_job_settings(settings),
@@ -605,7 +611,7 @@ def diagnose(
             "out_dir": str(work / "sim"),
             "use_dharma": settings.use_dharma,
         }
-        _run_r("simulate_beta_glmm.R", job, work, settings.rscript)
+        run_r("simulate_beta_glmm.R", job, work, settings.rscript)
         sim_dir = work / "sim"
         fitted = pd.read_csv(
             sim_dir / "fitted.tsv",
