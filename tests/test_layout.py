@@ -88,6 +88,44 @@ def test_the_import_graph_of_the_library_has_no_cycle() -> None:
     assert _cycles(graph) == []
 
 
+#: The library's layers, bottom first, as docs/architecture.md draws them: a module imports from
+#: its own layer or the ones below.
+LAYERS = [
+    {"canopy.config", "canopy.io", "canopy.sources.record"},
+    {"canopy.modeling", "canopy.hub", "canopy.checkpoints", "canopy.prompts"},
+    {"canopy.sources", "canopy.auxiliary_models"},
+    {"canopy.sampling", "canopy.training", "canopy.filtering"},
+    {"canopy.entropy", "canopy.diversity", "canopy.semantic_entropy", "canopy.bootstrap"},
+    {"canopy.panel", "canopy.stats", "canopy.robustness", "canopy.power"},
+    {"canopy.figures", "canopy.report", "canopy.overview", "canopy.provenance"},
+]
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a module: that of the longest listed name it is or lies under."""
+    owners = [
+        (len(name), level)
+        for level, names in enumerate(LAYERS)
+        for name in names
+        if module == name or module.startswith(name + ".")
+    ]
+    return max(owners)[1] if owners else None
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    unplaced = sorted(m for m in MODULES if m != "canopy" and _layer(m) is None)
+    assert unplaced == [], f"place these modules in LAYERS (and the diagram): {unplaced}"
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, path in MODULES.items()
+        if module != "canopy"
+        for target in _imported(module, path)
+        if _layer(target) > _layer(module)
+    )
+    assert upward == []
+    assert _layer("canopy.sources.record") < _layer("canopy.hub") < _layer("canopy.sources.hub")
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
