@@ -541,3 +541,21 @@ def test_a_job_reads_the_tokenizer_and_configs_once(
         sample_task(
             model_dir, prompts, "base", settings, tmp_path / "x.parquet", stop_sequence=["."]
         )
+
+
+def test_a_models_identity_is_its_files_not_its_provenance_record(tmp_path) -> None:
+    """The same weights made twice (a training record with other wall-clock seconds) have one
+    identity, so their rollout tables carry the same fingerprints; any model file changes it."""
+    from canopy.sampling.shards import model_identity
+    from canopy.sources.record import LEGACY_RECORD_FILES, write_record
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 10}')
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = model_identity(tmp_path)
+    write_record(tmp_path, "train", {"seconds": 1.0})
+    (tmp_path / LEGACY_RECORD_FILES["hub"]).write_text('{"commit": "abc"}')
+    assert model_identity(tmp_path) == before
+    write_record(tmp_path, "train", {"seconds": 2.0})
+    assert model_identity(tmp_path) == before
+    (tmp_path / "config.json").write_text('{"vocab_size": 11}')
+    assert model_identity(tmp_path) != before

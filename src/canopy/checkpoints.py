@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Protocol
 
 from canopy.config import PACKAGE_PREFIX
 from canopy.io import atomic_dir
-from canopy.sources.record import read_record, write_record
+from canopy.sources.record import LEGACY_RECORD_FILES, read_record, write_record
 
 __all__ = [
     "CONVERSION_RECORD",
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: The file a conversion's record had before every made model held one record file: still read.
-CONVERSION_RECORD = "canopy_gguf.json"
+CONVERSION_RECORD = LEGACY_RECORD_FILES["gguf"]
 #: The first four bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
 #: A package's list of whole-file checksums, in the format of ``sha256sum``.
@@ -210,7 +210,19 @@ def locate_gguf(spec: str, *, config_key: str, sha256: str | None = None) -> Ggu
 # ------------------------------------------------------------------------------- reading its header
 
 # GGUF metadata value types (the file format's numbering) and the struct codes of the scalar ones.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -445,4 +457,3 @@ def convert_gguf(
 def read_conversion_record(directory: str | Path) -> dict[str, Any] | None:
     """The record of a finished conversion in ``directory``, or None if it holds none."""
     return read_record(directory, source="gguf", legacy=(CONVERSION_RECORD,))
-

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from canopy.sources.record import RECORD_FILE, read_record, write_record
+from canopy.sources.record import LEGACY_RECORD_FILES, RECORD_FILE, read_record, write_record
 
 __all__ = [
     "ALLOW_PATTERNS",
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: The file a fetch's record had before every made model held one record file: still read.
-FETCH_RECORD = "canopy_fetch.json"
+FETCH_RECORD = LEGACY_RECORD_FILES["hub"]
 
 #: Files fetched from a model repository (weights, config, tokenizer, generation config).
 ALLOW_PATTERNS: tuple[str, ...] = (

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from canopy.io import atomic_path
+from canopy.sources.record import RECORD_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,17 @@ def model_identity(model_dir: str | Path) -> str:
 
     Small files (config, tokenizer, chat template, tiny weights) are hashed by content; large
     weight files by name, size and modification time, so that identifying an 8B model is instant.
+    The directory's provenance record is left out: it says how the model was made (a training
+    record holds wall-clock seconds), not what it computes, so the same weights made twice have
+    one identity and their rollout tables the same fingerprints.
     """
     root = Path(model_dir)
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = file.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
+            continue
+        if relative.as_posix() in RECORD_FILES:
             continue
         stat = file.stat()
         digest.update(f"{relative.as_posix()}\x00{stat.st_size}\x00".encode())

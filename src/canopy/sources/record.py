@@ -18,10 +18,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECORD_FILE", "read_record", "write_record"]
+__all__ = ["LEGACY_RECORD_FILES", "RECORD_FILE", "RECORD_FILES", "read_record", "write_record"]
 
 #: The record a finished model directory (or fetched embedder or classifier) holds.
 RECORD_FILE = "canopy_source.json"
+#: The file each source wrote its record to before :data:`RECORD_FILE`, by source.
+LEGACY_RECORD_FILES = {
+    "hub": "canopy_fetch.json",
+    "gguf": "canopy_gguf.json",
+    "train": "training_log.json",
+    "finetune": "training_log.json",
+}
+#: Every name a record file has had: what a directory says about how it was made, not part of the
+#: model (a model's identity leaves them out: a training record holds wall-clock seconds).
+RECORD_FILES = frozenset({RECORD_FILE, *LEGACY_RECORD_FILES.values()})
 
 
 def write_record(

@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from canopy.config.families import TrainSource
+from canopy.sources.record import LEGACY_RECORD_FILES
 from canopy.sources.source import Model, ModelSource
 
 __all__ = ["SOURCE", "TRAINING_LOG", "Train"]
 
 #: The file a training run's record had before the one record file.
-TRAINING_LOG = "training_log.json"
+TRAINING_LOG = LEGACY_RECORD_FILES["train"]
 
 
 class Train(ModelSource):
