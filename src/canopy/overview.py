@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy.io import atomic_path
-from canopy.sources.registry import SOURCES
+from canopy.sources.record import LEGACY_RECORD_FILES, read_record
 
 __all__ = ["truncation_rows", "model_rows", "render_intro", "write_intro"]
 
@@ -58,7 +58,11 @@ def model_rows(
             "variant": variant,
             "source": sources[family, variant],
         }
-        record = SOURCES[sources[family, variant]].read_record(directory)
+        # The record leaf alone, not the registry: the report's environment has no model
+        # libraries, which the registry's fetching and converting kinds import.
+        kind = sources[family, variant]
+        legacy = [LEGACY_RECORD_FILES[kind]] if kind in LEGACY_RECORD_FILES else []
+        record = read_record(directory, source=kind, legacy=legacy)
         # A training run's record names its stage; a fetch's or a conversion's has none to show.
         if record is not None and "stage" in record:
             recipe = record.get("recipe", {})
